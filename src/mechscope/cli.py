@@ -1,0 +1,161 @@
+"""`mechscope <command> ...`: the command registry and the conventions every command follows.
+
+- `--help` never imports torch: command modules import heavy libraries inside `run`.
+- Bad input raises `BadInput` -> one line on stderr, exit 2. Any other error -> one line, exit 1
+  (`MECHSCOPE_DEBUG=1` shows the traceback).
+- Commands that compute something write a new run directory under `--out` (default `runs/`) with
+  result.json (atomic) and meta.json; stdout gets a short summary, or with `--json` one JSON object
+  `{"command", "run_dir", "summary"}`. Diagnostics and progress bars go to stderr.
+
+A command module defines HELP (one line), `add_arguments(parser)` and `run(ctx) -> dict`; the dict's
+"summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, and the
+whole dict goes to result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mechscope.errors import BadInput
+
+# name -> (module under mechscope.commands, one-line help); a module is imported only when its command runs
+COMMANDS = {
+    "detect": ("detect", "hardware, and which model / library / dtype fits it"),
+    "predict": ("predict", "a model's top next tokens on prompts (the bundled model's examples by default)"),
+    "model-card": ("model_card", "measure the bundled model's behaviour and circuits (MODEL_CARD.md)"),
+    "logit-lens": ("logit_lens", "read the residual stream through the unembedding, layer by layer"),
+    "tuned-lens": ("tuned_lens", "train per-layer affine translators and compare KL with the logit lens"),
+    "dla": ("dla", "direct logit attribution to embeddings, heads, MLPs and neurons"),
+    "patch": ("patch", "activation patching sweeps (resid, attn/mlp out, heads) with a fast exact engine"),
+    "attribution-patch": ("attribution_patch", "attribution patching (AtP): gradient estimates of every patch"),
+    "path-patch": ("path_patch", "path patching: sender heads -> receiver heads (q/k/v) or logits"),
+    "ablate": ("ablate", "zero / mean / resample / noise ablation of heads, layers and neurons"),
+    "heads": ("heads", "attention patterns and previous-token / induction / duplicate / BOS head scores"),
+    "circuits": ("circuits", "QK / OV circuits, copying scores, K/Q/V composition"),
+    "probe": ("probe", "linear probes per layer with controls and confidence intervals"),
+    "steer": ("steer", "activation addition steering with a random-direction control"),
+    "validate-circuit": ("validate_circuit", "necessity, sufficiency / faithfulness and minimality of a circuit"),
+    "new": ("new", "scaffold a new research repository from templates"),
+}
+
+MAX_STDOUT_CHARS = 20_000
+
+
+@dataclass
+class Context:
+    """What a command's run() gets: parsed args, its run directory, and the model (loaded on first use)."""
+    args: argparse.Namespace
+    run_dir: Path | None
+    _model: object = field(default=None, repr=False)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from mechscope.models import load_model
+            self._model = load_model(self.args.model, device=self.args.device, dtype=self.args.dtype)
+        return self._model
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _command_module(name: str):
+    return importlib.import_module(f"mechscope.commands.{COMMANDS[name][0]}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="mechscope", description="Vetted mechanistic-interpretability techniques. "
+                     "Run `mechscope <command> --help` for one command.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    for name, (_, help_line) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_line)  # listed; its arguments are built only when it is asked for
+            continue
+        module = _command_module(name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        if getattr(module, "USES_MODEL", True):
+            p.add_argument("--model", default="mechscope-toy",
+                           help="bundled model, transformer-lens name, or local HF directory (default: %(default)s)")
+            p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: %(default)s)")
+            p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: %(default)s)")
+        if getattr(module, "WRITES_RUN", True):
+            p.add_argument("--out", default="runs", help="parent directory of the new run directory (default: %(default)s)")
+            p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def _print_result(command: str, result: dict, run_dir: Path | None, as_json: bool) -> None:
+    from mechscope.runs import to_json
+
+    summary = result.get("summary", {k: v for k, v in result.items() if k != "text"})
+    if as_json:
+        text = to_json({"command": command, "run_dir": str(run_dir) if run_dir else None, "summary": summary},
+                       indent=None)
+        if len(text) > MAX_STDOUT_CHARS:
+            text = json.dumps({"command": command, "run_dir": str(run_dir) if run_dir else None,
+                               "summary": "too long for stdout; see result.json in run_dir"})
+    else:
+        text = result.get("text") or to_json(summary)
+        if len(text) > MAX_STDOUT_CHARS:
+            text = text[:MAX_STDOUT_CHARS] + "\n... (cut; the full result is in result.json)"
+        if run_dir:
+            text += f"\nresults: {run_dir}"
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    module = _command_module(args.command)
+    started = time.time()
+    try:
+        run_dir = None
+        if getattr(module, "WRITES_RUN", True):
+            from mechscope.runs import new_run_dir
+            run_dir = new_run_dir(args.out, args.command)
+        ctx = Context(args=args, run_dir=run_dir)
+        if hasattr(args, "seed"):
+            import torch
+            torch.manual_seed(args.seed)
+        result = module.run(ctx)
+        if run_dir is not None:
+            from mechscope.models import model_info
+            from mechscope.runs import metadata_for, write_json
+            write_json(run_dir / "result.json", result)
+            info = model_info(ctx._model) if ctx._model is not None else None
+            write_json(run_dir / "meta.json", metadata_for(args.command, vars(args), started, info))
+        _print_result(args.command, result, run_dir, args.json)
+        return 0
+    except BadInput as e:
+        sys.stderr.write(f"mechscope {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line
+        if os.environ.get("MECHSCOPE_DEBUG"):
+            raise
+        sys.stderr.write(f"mechscope {args.command}: internal error: {type(e).__name__}: {e} "
+                         f"(MECHSCOPE_DEBUG=1 for the traceback)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Measure the bundled model's behaviour and circuits: the numbers in MODEL_CARD.md.
+
+IOI (held-out template x name-pair combinations), facts, induction (copy losses, top previous-token
+and induction heads, ablation of the induction head), sentiment continuations.
+
+    mechscope model-card --json
+"""
+HELP = "measure the bundled model's behaviour and circuits (MODEL_CARD.md)"
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(ctx):
+    from mechscope.toy.card import measure
+
+    card = measure(ctx.model)
+    ind = card["induction"]
+    text = "\n".join([
+        f"IOI: accuracy {card['ioi']['accuracy']:.3f}, mean logit diff {card['ioi']['mean_logit_diff']:.2f} "
+        f"(n={card['ioi']['n']}, held out)",
+        f"facts: accuracy {card['facts']['accuracy']:.3f} (n={card['facts']['n']})",
+        f"induction: first-copy loss {ind['first_copy_loss']:.2f}, second-copy loss {ind['second_copy_loss']:.2f}",
+        f"previous-token head L{ind['previous_token_head'][0]}H{ind['previous_token_head'][1]} "
+        f"score {ind['previous_token_score']:.2f}; induction head L{ind['induction_head'][0]}H{ind['induction_head'][1]} "
+        f"score {ind['induction_score']:.2f}",
+        f"ablating the induction head raises second-copy loss by {ind['ablation_loss_increase']['zero']:.2f} (zero), "
+        f"{ind['ablation_loss_increase']['mean']:.2f} (mean) nats",
+        f"sentiment: positive prompts -> positive word {card['sentiment']['positive']:.2f}, "
+        f"negative -> negative {card['sentiment']['negative']:.2f}",
+    ])
+    return {"summary": card, **card, "text": text}

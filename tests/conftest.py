@@ -1,0 +1,32 @@
+"""Shared fixtures: the bundled model is loaded once per test session (folded and unfolded LayerNorm)."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def toy_model():
+    """mechscope-toy with LayerNorm folded (the default load)."""
+    from mechscope.models import load_model
+
+    return load_model("mechscope-toy", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def toy_model_unfolded():
+    """mechscope-toy with its trained LayerNorm weights kept (normalization_type LN)."""
+    from mechscope.models import load_model
+
+    return load_model("mechscope-toy", device="cpu", fold_ln=False)
+
+
+@pytest.fixture(scope="session")
+def toy_card(toy_model):
+    """The model-card measurements (IOI, facts, induction heads, sentiment) of the shipped weights."""
+    from mechscope.toy.card import measure
+
+    return measure(toy_model)
