@@ -84,3 +84,11 @@ def head_scores(model, n_sequences: int = 32, seq_len: int = 20, seed: int = 0) 
     patterns = torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])
     return HeadScores(**scores_from_patterns(patterns, seq_len), n_sequences=n_sequences, seq_len=seq_len,
                       meta={"seed": seed})
+
+
+@torch.no_grad()
+def attention_patterns(model, tokens: torch.Tensor, heads: list[tuple[int, int]]) -> torch.Tensor:
+    """Attention of the given (layer, head)s on one prompt. tokens: [1, seq] -> [n_heads, seq (dest), seq (src)]."""
+    layers = sorted({layer for layer, _ in heads})
+    _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.attn.hook_pattern" for layer in layers])
+    return torch.stack([cache["pattern", layer][0, head] for layer, head in heads]).float().cpu()

@@ -15,11 +15,13 @@ from mechscope.toy import corpus
 
 
 def _next_token_logits(model, prompts: list[str]) -> torch.Tensor:
-    """[n_prompts, d_vocab] logits at each prompt's last token (prompts may differ in length)."""
-    out = []
-    for p in prompts:
-        out.append(model(model.to_tokens(p))[0, -1])
-    return torch.stack(out)
+    """[n_prompts, d_vocab] logits at each prompt's last token; prompts of equal length share a forward."""
+    rows = [model.to_tokens(p)[0] for p in prompts]
+    out = torch.empty(len(rows), model.cfg.d_vocab)
+    for length in {len(r) for r in rows}:
+        index = [i for i, r in enumerate(rows) if len(r) == length]
+        out[index] = model(torch.stack([rows[i] for i in index]))[:, -1].float().cpu()
+    return out
 
 
 def _token_id(model, word: str) -> int:

@@ -103,8 +103,8 @@ def ioi_is_held_out(template: int, name1: str, name2: str) -> bool:
     return zlib.crc32(key.encode()) % 5 == 0
 
 
-def ioi_prompt(rng: random.Random, held_out: bool) -> tuple[str, str, str]:
-    """(prompt, indirect object, subject) from a train (held_out=False) or test combination."""
+def ioi_example(rng: random.Random, held_out: bool) -> tuple[int, str, str, str]:
+    """(template index, prompt, indirect object, subject) from a train (held_out=False) or test combination."""
     while True:
         t = rng.randrange(len(IOI_TEMPLATES))
         io, s = rng.sample(NAMES, 2)
@@ -112,11 +112,16 @@ def ioi_prompt(rng: random.Random, held_out: bool) -> tuple[str, str, str]:
             break
     a, b = (io, s) if rng.random() < 0.5 else (s, io)
     prompt = IOI_TEMPLATES[t].format(a=a, b=b, s=s, place=rng.choice(PLACES), obj=rng.choice(OBJECTS))
-    return prompt, io, s
+    return t, prompt, io, s
+
+
+def ioi_prompt(rng: random.Random, held_out: bool) -> tuple[str, str, str]:
+    """(prompt, indirect object, subject); held_out=True draws only combinations never trained on."""
+    return ioi_example(rng, held_out)[1:]
 
 
 def ioi_sentence(rng: random.Random) -> list[str]:
-    prompt, io, _ = ioi_prompt(rng, held_out=False)
+    _, prompt, io, _ = ioi_example(rng, held_out=False)
     return _words(prompt) + [io, "."]
 
 
@@ -191,7 +196,7 @@ def mixed_document(rng: random.Random, n_ctx: int) -> list[str]:
 
 
 def training_batch(rng: random.Random, vocab: dict[str, int], batch: int, n_ctx: int,
-                   induction_fraction: float = 0.5) -> list[list[int]]:
+                   induction_fraction: float = 0.6) -> list[list[int]]:
     """`batch` token-id rows, each [BOS, document...], at most n_ctx long (not padded)."""
     words = [w for w in vocab if w not in SPECIAL_TOKENS]
     rows = []

@@ -18,12 +18,13 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=3500)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is robust when other work shares the CPU)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None, help="weights directory (default: the bundled one)")
     args = parser.parse_args(argv)
@@ -46,8 +47,14 @@ def main(argv: list[str] | None = None) -> None:
                                   default_prepend_bos=True)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup) *
-                                                 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    decay_start = int(0.7 * args.steps)  # constant LR (after warmup) for 70% of the steps, then cosine to 0
+
+    def lr_factor(s: int) -> float:
+        if s < decay_start:
+            return min(1.0, (s + 1) / args.warmup)
+        return 0.5 * (1 + math.cos(math.pi * (s - decay_start) / (args.steps - decay_start)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     pad = vocab["<pad>"]
     start = time.time()
     for step in range(1, args.steps + 1):

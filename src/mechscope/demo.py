@@ -1,0 +1,53 @@
+"""`make demo`: every vetted technique once on the bundled model, offline, each into its own run directory.
+
+    python -m mechscope.demo [--out runs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+
+STEPS = [
+    ("what this machine can run", ["detect"]),
+    ("the bundled model's predictions", ["predict"]),
+    ("the bundled model's measured circuits", ["model-card"]),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mechscope.cli import main as cli
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="runs")
+    args = parser.parse_args(argv)
+    start = time.time()
+    rows = []
+    for title, command in STEPS:
+        t0 = time.time()
+        buffer = StringIO()
+        with redirect_stdout(buffer):
+            code = cli([*command, "--json", "--out", args.out])
+        if code != 0:
+            print(f"demo step failed ({code}): mechscope {' '.join(command)}", file=sys.stderr)
+            return code
+        run_dir = json.loads(buffer.getvalue())["run_dir"]
+        rows.append((title, "mechscope " + " ".join(command), run_dir, time.time() - t0))
+        print(f"[{time.time() - start:5.1f}s] {title}: {run_dir or '(printed only)'}", file=sys.stderr)
+    print(f"\nmechscope demo: {len(rows)} runs in {time.time() - start:.0f} s. Results:")
+    for title, command, run_dir, seconds in rows:
+        print(f"  {title:<40} {run_dir or '-'}")
+    print(f"Each run directory holds result.json, meta.json and plots; re-run one with the command in its meta.json.\n"
+          f"Everything is under {Path(args.out).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""QK / OV circuits through the embedding and unembedding, copying scores, and K/Q/V composition.
+
+Conventions (transformer-lens, row vectors: x @ W):
+- full OV circuit of head (l, h):  W_E W_V W_O W_U    [d_vocab (source token), d_vocab (output logit)]
+- full QK circuit of head (l, h):  W_E W_Q W_K^T W_E^T [d_vocab (query token), d_vocab (key token)]
+Both stay factored (`FactoredMatrix`, inner size d_head): nothing d_vocab x d_vocab is built unless
+`full_matrix` is called. They read the token embedding directly: positional embeddings, biases, the
+LayerNorm scale and (for layers > 0) everything earlier layers write are left out, as in Elhage et al. 2021.
+
+Copying scores come from the eigenvalues of the full OV circuit (`FactoredMatrix.eigenvalues`, the
+d_head non-zero ones):
+- `eig_ratio` = Re(sum lambda) / sum |lambda|, the statistic of Elhage et al. 2021 (in [-1, 1]; 1 = copying);
+- `positive_fraction` = fraction of eigenvalues with Re(lambda) > 0 (in [0, 1]).
+
+Composition of an earlier head A into a later head B (Elhage et al. 2021), for W_OV^A = W_V^A W_O^A:
+- Q: ||W_OV^A W_QK^B||_F / (||W_OV^A||_F ||W_QK^B||_F), W_QK^B = W_Q^B W_K^B^T (A writes what B's query reads)
+- K: same with W_QK^B^T (A writes what B's key reads); V: with W_OV^B.
+Computed from d_head x d_head Gram matrices (float64), no d_model x d_model product;
+equal to `model.all_composition_scores(mode)`. Pairs with layer_B <= layer_A are 0, as there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformer_lens import FactoredMatrix
+
+MODES = ("Q", "K", "V")
+
+
+def ov_circuit(model, layer: int) -> FactoredMatrix:
+    """Full OV circuits of every head of `layer`: W_E W_V W_O W_U, [n_heads, d_vocab, d_vocab] factored."""
+    return model.W_E.float() @ _float(model.OV[layer]) @ model.W_U.float()
+
+
+def qk_circuit(model, layer: int) -> FactoredMatrix:
+    """Full QK circuits of every head of `layer`: W_E W_Q W_K^T W_E^T, [n_heads, d_vocab, d_vocab] factored."""
+    return model.W_E.float() @ _float(model.QK[layer]) @ model.W_E.float().T
+
+
+def _float(fm: FactoredMatrix) -> FactoredMatrix:
+    return FactoredMatrix(fm.A.float(), fm.B.float())
+
+
+@dataclass
+class CopyingScores:
+    """Both tensors are [n_layers, n_heads]; see the module docstring for the definitions."""
+    eig_ratio: torch.Tensor
+    positive_fraction: torch.Tensor
+
+
+def eigenvalue_copying(circuit: FactoredMatrix) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eig_ratio, positive_fraction) of a factored matrix [..., n, n] -> each [...]."""
+    eig = _float(circuit).eigenvalues  # [..., mdim] complex
+    return eig.sum(-1).real / eig.abs().sum(-1), (eig.real > 0).float().mean(-1)
+
+
+@torch.no_grad()
+def copying_scores(model) -> CopyingScores:
+    """Copying scores of every head's full OV circuit, one layer at a time (memory: n_heads * d_vocab * d_head)."""
+    per_layer = [eigenvalue_copying(ov_circuit(model, layer)) for layer in range(model.cfg.n_layers)]
+    return CopyingScores(eig_ratio=torch.stack([r for r, _ in per_layer]).cpu(),
+                         positive_fraction=torch.stack([f for _, f in per_layer]).cpu())
+
+
+@torch.no_grad()
+def top_tokens(circuit: FactoredMatrix, rows: torch.Tensor, allowed: torch.Tensor, k: int = 5):
+    """Top-k columns of the given rows of one head's circuit [d_vocab, d_vocab], among the `allowed` column ids.
+
+    rows: [n] token ids -> (values [n, k], column token ids [n, k]).
+    """
+    values = (circuit.A[rows.to(circuit.A.device)].float() @ circuit.B.float())[:, allowed.to(circuit.B.device)]
+    top = values.topk(min(k, len(allowed)), dim=-1)
+    return top.values.cpu(), allowed[top.indices.cpu()]
+
+
+@torch.no_grad()
+def self_copy_fractions(circuit: FactoredMatrix, tokens: torch.Tensor, chunk: int = 1024) -> dict[str, float]:
+    """Fraction of source tokens whose own logit is the top-1 / in the top-5 of their OV row (among `tokens`).
+
+    circuit: one head's full OV circuit [d_vocab, d_vocab]; tokens: [n] ids (rows and columns considered).
+    Rows are built `chunk` at a time, never the whole d_vocab x d_vocab matrix.
+    """
+    tokens = tokens.to(circuit.A.device)
+    ranks = []
+    for start in range(0, len(tokens), chunk):
+        ids = tokens[start:start + chunk]
+        rows = (circuit.A[ids].float() @ circuit.B.float())[:, tokens]          # [chunk, n]
+        own = rows[torch.arange(len(ids)), torch.arange(start, start + len(ids))]
+        ranks.append((rows > own[:, None]).sum(-1))                           # 0 = own logit is the top
+    ranks = torch.cat(ranks)
+    return {"top1": float((ranks == 0).float().mean()), "top5": float((ranks < 5).float().mean())}
+
+
+def full_matrix(circuit: FactoredMatrix, max_bytes: float) -> torch.Tensor:
+    """The product A @ B of a factored circuit, refused (ValueError) when it would exceed `max_bytes` in float32."""
+    size = 4 * torch.Size(circuit.shape).numel()
+    if size > max_bytes:
+        raise ValueError(f"the full matrix {tuple(circuit.shape)} needs {size / 1e9:.2f} GB (limit {max_bytes / 1e9:.2f} GB)")
+    return _float(circuit).AB
+
+
+def _gram(weight: torch.Tensor) -> torch.Tensor:
+    """W^T W of [..., d_model, d_head] -> [..., d_head, d_head] (float64): ||W X||_F^2 = tr(X^T W^T W X)."""
+    weight = weight.double()
+    return weight.transpose(-1, -2) @ weight
+
+
+def _factors(W_Q, W_K, W_V, W_O, mode: str):
+    """The receiving head's (middle, trailing) d_model x d_head factors: right matrix = middle @ trailing^T."""
+    return {"Q": (W_Q, W_K), "K": (W_K, W_Q), "V": (W_V, W_O.transpose(-1, -2))}[mode]
+
+
+def _composition(W_Q, W_K, W_V, W_O, mode: str) -> torch.Tensor:
+    """Scores of every head A into every head B, unmasked: weights [L, H, d_model, d_head] (W_O: [L, H, d_head, d_model])
+    -> [L, H, L, H] (float32).
+
+    ||W_V^A M W_t^B^T||_F^2 with M = W_O^A W_m^B [d_head, d_head] is sum((G_V^A M) * (M G_t^B)), G = W^T W.
+    """
+    middle, trailing = _factors(W_Q, W_K, W_V, W_O, mode)
+    g_v, g_o = _gram(W_V), _gram(W_O.transpose(-1, -2))
+    g_m, g_t = _gram(middle), _gram(trailing)
+    left_sq = (g_v * g_o).sum(dim=(-2, -1))                # ||W_V W_O||^2 = tr(G_V G_O)   [L, H]
+    right_sq = (g_m * g_t).sum(dim=(-2, -1))               # ||W_m W_t^T||^2               [L, H]
+    rows = []
+    for layer in range(W_O.shape[0]):                       # one source layer at a time bounds memory
+        link = torch.einsum("hdm,lkme->hlkde", W_O[layer].double(), middle.double())   # M: [H, L, H, dh, dh]
+        product_sq = ((g_v[layer][:, None, None] @ link) * (link @ g_t[None])).sum(dim=(-2, -1))
+        rows.append(product_sq / left_sq[layer][:, None, None] / right_sq[None])
+    return torch.stack(rows).clamp(min=0).sqrt().float()
+
+
+def _later_layer_mask(n_layers: int, n_heads: int) -> torch.Tensor:
+    """[L, H, L, H] True where head B's layer is after head A's."""
+    layers = torch.arange(n_layers)
+    return (layers[:, None] < layers[None, :])[:, None, :, None].expand(n_layers, n_heads, n_layers, n_heads)
+
+
+@dataclass
+class CompositionScores:
+    """scores: [n_layers, n_heads (A, writer), n_layers, n_heads (B, reader)], 0 where layer_B <= layer_A.
+    baseline: the mean score of Gaussian weights of the same shapes; baseline_std: its spread over seeds."""
+    mode: str
+    scores: torch.Tensor
+    baseline: float
+    baseline_std: float
+
+    @property
+    def excess(self) -> torch.Tensor:
+        """scores - baseline on valid pairs, 0 elsewhere. [L, H, L, H]"""
+        mask = _later_layer_mask(*self.scores.shape[:2])
+        return torch.where(mask, self.scores - self.baseline, torch.zeros_like(self.scores))
+
+    def top(self, k: int = 5) -> list[tuple[int, int, int, int, float]]:
+        """The k pairs with the highest score - baseline as (layer_A, head_A, layer_B, head_B, excess)."""
+        excess = self.excess
+        L, H = excess.shape[:2]
+        flat = excess.flatten().topk(min(k, int(_later_layer_mask(L, H).sum())))
+        out = []
+        for v, i in zip(flat.values, flat.indices):
+            la, ha, lb, hb = torch.unravel_index(i, excess.shape)
+            out.append((int(la), int(ha), int(lb), int(hb), float(v)))
+        return out
+
+
+def random_baseline(d_model: int, d_head: int, mode: str, n_seeds: int = 5, n_heads: int = 8) -> tuple[float, float]:
+    """(mean, std over seeds) of the composition score of Gaussian heads with these shapes.
+
+    Each seed draws two layers of `n_heads` heads and averages the n_heads^2 scores from layer 0 into layer 1."""
+    means = []
+    for seed in range(n_seeds):
+        gen = torch.Generator().manual_seed(seed)
+        W_Q, W_K, W_V = (torch.randn(2, n_heads, d_model, d_head, generator=gen) for _ in range(3))
+        W_O = torch.randn(2, n_heads, d_head, d_model, generator=gen)
+        means.append(_composition(W_Q, W_K, W_V, W_O, mode)[0, :, 1, :].mean())
+    means = torch.stack(means)
+    return float(means.mean()), float(means.std()) if n_seeds > 1 else 0.0
+
+
+@torch.no_grad()
+def composition_scores(model, mode: str, n_seeds: int = 5) -> CompositionScores:
+    """Q-, K- or V-composition scores of every pair of heads (A in an earlier layer than B), with a random baseline."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    scores = _composition(model.W_Q, model.W_K, model.W_V, model.W_O, mode).cpu()
+    scores = torch.where(_later_layer_mask(*scores.shape[:2]), scores, torch.zeros_like(scores))
+    mean, std = random_baseline(model.cfg.d_model, model.cfg.d_head, mode, n_seeds)
+    return CompositionScores(mode=mode, scores=scores, baseline=mean, baseline_std=std)

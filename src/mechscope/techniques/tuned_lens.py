@@ -1,0 +1,121 @@
+"""Tuned lens (Belrose et al. 2023): one affine translator per residual-stream entry, trained so that
+ln_final + unembed of the translated stream matches the model's final next-token distribution.
+
+    translated(h) = h + h @ weight + bias      (weight = 0, bias = 0 at init: the logit lens)
+
+Training minimises the sum over entries of KL(final || translated), averaged over token positions
+(BOS excluded), with Adam on residual streams computed once (the model is frozen). The last entry
+("final_post") is the model's output and keeps the identity. The tuned-lens package's own training
+code does not run with the installed torchdata, hence this small loop.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from mechscope.techniques.logit_lens import lens_logits, residual_stack, stack_labels
+
+
+@dataclass
+class TunedLens:
+    labels: list[str]        # n entries with a translator (every stack entry but "final_post")
+    weight: torch.Tensor     # [n, d_model, d_model]
+    bias: torch.Tensor       # [n, d_model]
+    losses: list[float] = field(default_factory=list)  # training loss per step (sum over entries of mean KL)
+
+    def translate(self, stack: torch.Tensor) -> torch.Tensor:
+        """stack [n + 1, ..., d_model] (all entries, final last) -> the same with entries 0..n-1 translated."""
+        h = stack[:-1]
+        shape = h.shape
+        flat = h.reshape(shape[0], -1, shape[-1])
+        out = flat + flat @ self.weight.to(flat.dtype) + self.bias.to(flat.dtype)[:, None]
+        return torch.cat([out.reshape(shape), stack[-1:]])
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path),
+                  metadata={"labels": ",".join(self.labels)})
+
+    @classmethod
+    def load(cls, path) -> "TunedLens":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            labels = f.metadata()["labels"].split(",")
+            return cls(labels=labels, weight=f.get_tensor("weight"), bias=f.get_tensor("bias"))
+
+
+def corpus_tokens(model, text: str, seq_len: int = 64) -> torch.Tensor:
+    """[rows, seq_len] token ids: the text tokenized once, cut into rows of seq_len - 1 tokens, BOS first."""
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
+    rows = len(ids) // (seq_len - 1)
+    body = torch.tensor(ids[: rows * (seq_len - 1)], dtype=torch.long).reshape(rows, seq_len - 1)
+    return torch.cat([torch.full((rows, 1), bos), body], dim=1).to(model.cfg.device)
+
+
+@torch.no_grad()
+def token_streams(model, tokens: torch.Tensor, batch_rows: int = 32) -> torch.Tensor:
+    """[n_entries, rows * (seq - 1), d_model] residual streams at every non-BOS position of tokens [rows, seq]."""
+    parts = [residual_stack(model, tokens[i:i + batch_rows])[0][:, :, 1:] for i in range(0, len(tokens), batch_rows)]
+    stack = torch.cat(parts, dim=1)
+    return stack.reshape(stack.shape[0], -1, stack.shape[-1])
+
+
+def _kl(final_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(final || lens) over the last dim. final_logits [..., V], logits [n, ..., V] -> [n, ...]."""
+    ref = final_logits.float().log_softmax(-1)
+    return (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1)
+
+
+@contextmanager
+def _frozen(model):
+    """The model's parameters without gradients inside the block (restored after)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_tokens: int = 512,
+                     seed: int = 0) -> TunedLens:
+    """Translators for every entry of the residual stack, trained on tokens [rows, seq]. Deterministic
+    for a given seed on a given device."""
+    stream = token_streams(model, tokens)                    # [n + 1, N, d_model]
+    n, d = stream.shape[0] - 1, stream.shape[-1]
+    weight = torch.zeros(n, d, d, device=stream.device, requires_grad=True)
+    bias = torch.zeros(n, d, device=stream.device, requires_grad=True)
+    lens = TunedLens(labels=stack_labels(model)[:-1], weight=weight, bias=bias)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    with _frozen(model):
+        for _ in range(steps):
+            idx = torch.randint(0, stream.shape[1], (batch_tokens,), generator=gen).to(stream.device)
+            batch = stream[:, idx]                               # [n + 1, B, d_model]
+            logits = lens_logits(model, lens.translate(batch))  # [n + 1, B, d_vocab]
+            loss = _kl(logits[-1].detach(), logits[:-1]).mean(-1).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            lens.losses.append(float(loss))
+    lens.weight, lens.bias = weight.detach(), bias.detach()
+    return lens
+
+
+@torch.no_grad()
+def kl_per_entry(model, tokens: torch.Tensor, lens: TunedLens | None = None, batch_tokens: int = 2048) -> torch.Tensor:
+    """[n + 1] mean KL(final || lens) in nats per stack entry on tokens [rows, seq] (BOS positions excluded);
+    the logit lens when `lens` is None. The last entry ("final_post") is 0 for both."""
+    stream = token_streams(model, tokens)
+    total = torch.zeros(stream.shape[0], device=stream.device)
+    for i in range(0, stream.shape[1], batch_tokens):
+        batch = stream[:, i:i + batch_tokens]
+        logits = lens_logits(model, lens.translate(batch) if lens is not None else batch)
+        total += _kl(logits[-1], logits).sum(-1)
+    return (total / stream.shape[1]).cpu()

@@ -1,0 +1,69 @@
+"""load_model: the bundled model, local Hugging Face directories (logits match HF), and clear errors."""
+import pytest
+import torch
+
+from mechscope.errors import BadInput
+from mechscope.models import load_model
+
+
+def _save_tiny(kind: str, directory):
+    """A tiny random HF causal LM + a GPT-2 tokenizer-free word tokenizer, saved with save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from mechscope.toy import model as toy
+
+    if kind == "gpt2":
+        from transformers import GPT2Config
+        cfg = GPT2Config(vocab_size=320, n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4)
+    elif kind == "llama":
+        from transformers import LlamaConfig
+        cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    else:
+        from transformers import GPTNeoXConfig
+        cfg = GPTNeoXConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf.save_pretrained(directory)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(str(toy.WEIGHTS_DIR)).save_pretrained(directory)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "neox"])
+def test_local_hf_directory_matches_hf_logits(tmp_path, kind):
+    hf = _save_tiny(kind, tmp_path)
+    model = load_model(str(tmp_path), device="cpu")
+    tokens = torch.tensor([[1, 17, 42, 99, 7, 250]])
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = model(tokens)
+    # folding LN / centering the unembedding shifts all logits of a position by a constant: compare log-probs
+    torch.testing.assert_close(got.log_softmax(-1), expected.log_softmax(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_bundled_model_loads_offline_folded_and_unfolded(toy_model, toy_model_unfolded):
+    assert toy_model.cfg.normalization_type == "LNPre"
+    assert toy_model_unfolded.cfg.normalization_type == "LN"
+    tokens = toy_model.to_tokens("the capital of france is")
+    with torch.no_grad():
+        a, b = toy_model(tokens), toy_model_unfolded(tokens)
+    torch.testing.assert_close(a.log_softmax(-1), b.log_softmax(-1), atol=1e-4, rtol=1e-4)
+    assert toy_model.to_single_str_token(int(a[0, -1].argmax())) == "paris"
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(BadInput, match="gpt2-small"):
+        load_model("gpt2-smal", device="cpu")
+
+
+def test_missing_directory_and_bad_options(tmp_path):
+    with pytest.raises(BadInput, match="does not exist"):
+        load_model(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(BadInput, match="config.json"):
+        load_model(str(tmp_path), device="cpu")
+    with pytest.raises(BadInput, match="dtype"):
+        load_model("mechscope-toy", device="cpu", dtype="float8")
+    with pytest.raises(BadInput, match="device"):
+        load_model("mechscope-toy", device="tpu")

@@ -1,0 +1,51 @@
+"""The bundled model meets its model card (MODEL_CARD.md): these are the ground truths other tests use."""
+import random
+
+from mechscope.toy import corpus
+
+
+def test_ioi_on_held_out_combinations(toy_card):
+    assert toy_card["ioi"]["accuracy"] >= 0.95
+    assert toy_card["ioi"]["mean_logit_diff"] >= 3.0
+
+
+def test_facts(toy_card):
+    assert toy_card["facts"]["accuracy"] >= 0.9
+
+
+def test_induction_copying_and_heads(toy_card):
+    ind = toy_card["induction"]
+    assert ind["second_copy_loss"] <= 1.0
+    assert ind["first_copy_loss"] >= 4.0
+    assert ind["previous_token_score"] >= 0.5
+    assert ind["induction_score"] >= 0.5
+    # the previous-token head must sit in an earlier layer than the induction head it feeds
+    assert ind["previous_token_head"][0] < ind["induction_head"][0]
+    assert ind["ablation_loss_increase"]["zero"] >= 1.0
+    assert ind["ablation_loss_increase"]["mean"] >= 1.0
+
+
+def test_sentiment_continuations(toy_card):
+    assert toy_card["sentiment"]["positive"] >= 0.9
+    assert toy_card["sentiment"]["negative"] >= 0.9
+
+
+def test_held_out_ioi_combinations_never_appear_in_training():
+    rng = random.Random(1)
+    train = [corpus.ioi_example(rng, held_out=False) for _ in range(3000)]
+    test = [corpus.ioi_example(rng, held_out=True) for _ in range(3000)]
+    train_keys = {(t, frozenset((io, s))) for t, _, io, s in train}
+    test_keys = {(t, frozenset((io, s))) for t, _, io, s in test}
+    assert not train_keys & test_keys
+    assert len({t for t, *_ in test}) == len(corpus.IOI_TEMPLATES)  # every template is tested
+
+
+def test_tokenizer_matches_corpus_ids(toy_model):
+    rng = random.Random(0)
+    vocab = {w: i for i, w in enumerate(corpus.vocabulary())}
+    for _ in range(50):
+        words = corpus.random_sentence(rng)
+        ids = toy_model.to_tokens(" ".join(words), prepend_bos=False)[0].tolist()
+        assert ids == [vocab[w] for w in words]
+    assert toy_model.to_str_tokens("I love this! It's absolutely wonderful and", prepend_bos=False)[:6] == \
+        ["i", "love", "this", "!", "it", "'"]
