@@ -114,8 +114,13 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, ma
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few hundred tiny ops: thread hand-offs cost more than they save
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return W.detach(), b.detach()
 
 
