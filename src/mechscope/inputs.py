@@ -10,7 +10,7 @@ def tokens(model, prompt: str, prepend_bos: bool = True):
     """[1, seq] token ids of a non-empty prompt that fits the model's context."""
     if not prompt or not prompt.strip():
         raise BadInput("the prompt is empty; pass some text")
-    toks = model.to_tokens(prompt, prepend_bos=prepend_bos)
+    toks = model.to_tokens(prompt, prepend_bos=prepend_bos, truncate=False)
     if toks.shape[1] > model.cfg.n_ctx:
         raise BadInput(f"the prompt is {toks.shape[1]} tokens; this model's context is {model.cfg.n_ctx}. "
                        f"Shorten it")
