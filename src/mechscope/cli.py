@@ -14,6 +14,7 @@ whole dict goes to result.json. Set USES_MODEL = False / WRITES_RUN = False wher
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "seed"):
             import torch
             torch.manual_seed(args.seed)
-        result = module.run(ctx)
+        with contextlib.redirect_stdout(sys.stderr):  # libraries that print must not corrupt --json
+            result = module.run(ctx)
         if run_dir is not None:
             from mechscope.models import model_info
             from mechscope.runs import metadata_for, write_json

@@ -16,14 +16,14 @@ IOI = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
 STEPS = [
-    ("what this machine can run", ["detect"]),
+    ("what this machine can run", ["detect", "--model", "mechscope-toy"]),
     ("the bundled model's predictions", ["predict"]),
     ("the bundled model's measured circuits", ["model-card"]),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mechscope.cli import main as cli
+    from mechscope.cli import _command_module, main as cli
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs")
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     for title, command in STEPS:
         t0 = time.time()
         buffer = StringIO()
+        writes_run = getattr(_command_module(command[0]), "WRITES_RUN", True)
         with redirect_stdout(buffer):
-            code = cli([*command, "--json", "--out", args.out])
+            code = cli([*command, "--json"] + (["--out", args.out] if writes_run else []))
         if code != 0:
             print(f"demo step failed ({code}): mechscope {' '.join(command)}", file=sys.stderr)
             return code

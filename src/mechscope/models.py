@@ -86,7 +86,7 @@ def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     state = loading.get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=dtype)
     model.load_and_process_state_dict(state, fold_ln=fold_ln, center_writing_weights=fold_ln,
                                       center_unembed=fold_ln, fold_value_biases=fold_ln)
-    return model.to(device).to(dtype).eval()
+    return model.to(device, print_details=False).to(dtype, print_details=False).eval()
 
 
 def load_model(spec: str = BUNDLED, device: str = "auto", dtype: str = "auto", fold_ln: bool = True):

@@ -62,8 +62,8 @@ def load(directory: Path = WEIGHTS_DIR, device: str = "cpu", dtype=None, fold_ln
     state = load_file(str(directory / "model.safetensors"))
     model.load_and_process_state_dict(state, fold_ln=fold_ln, center_writing_weights=fold_ln,
                                       center_unembed=fold_ln, fold_value_biases=fold_ln)
-    model.to(device)
+    model.to(device, print_details=False)
     if dtype is not None:
-        model.to(dtype)
+        model.to(dtype, print_details=False)
     model.eval()
     return model
