@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             from mechscope.runs import metadata_for, write_json
             write_json(run_dir / "result.json", result)
             info = model_info(ctx._model) if ctx._model is not None else None
-            write_json(run_dir / "meta.json", metadata_for(args.command, vars(args), started, info))
+            write_json(run_dir / "meta.json", metadata_for(args.command, vars(args), started, info, argv))
         _print_result(args.command, result, run_dir, args.json)
         return 0
     except BadInput as e:

@@ -84,3 +84,174 @@ def bars(values, labels: Sequence[str], path: Path, title: str = "", xlabel: str
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     return _save(fig, path)
+
+
+def curves_with_bands(x: Sequence[float], curves: dict[str, tuple], path: Path, x_labels: Sequence[str] | None = None,
+                      reference: float | None = None, reference_label: str = "", title: str = "",
+                      xlabel: str = "", ylabel: str = "") -> Path:
+    """One line per named curve over numeric x; curves[name] = (values,) or (values, low, high), the
+    band shaded between low and high (e.g. a 95% CI). `reference`: a dashed horizontal line (e.g. chance)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = _array(x)
+    for name, (values, *band) in curves.items():
+        line, = ax.plot(xs, _array(values), marker="o", label=name)
+        if band:
+            ax.fill_between(xs, _array(band[0]), _array(band[1]), color=line.get_color(), alpha=0.2)
+    if reference is not None:
+        ax.axhline(reference, color="gray", ls="--", lw=1, label=reference_label or None)
+    if x_labels is not None:
+        ax.set_xticks(xs)
+        ax.set_xticklabels(x_labels, rotation=30, ha="right", fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def attention_patterns(patterns, tokens: Sequence[str], titles: Sequence[str], path: Path) -> Path:
+    """patterns: [n_heads, seq (dest), seq (src)]: one panel per head, token labels on both axes (rows attend to columns)."""
+    data = _array(patterns)
+    n, seq = data.shape[0], data.shape[1]
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    side = max(3.0, 0.22 * seq + 1.5)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, pattern, title in zip(axes.flat, data, titles):
+        im = ax.imshow(pattern, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(seq))
+        ax.set_xticklabels(tokens, rotation=90, fontsize=7)
+        ax.set_yticks(range(seq))
+        ax.set_yticklabels(tokens, fontsize=7)
+        ax.set_title(title)
+        ax.set_xlabel("source (key) token")
+        ax.set_ylabel("destination (query) token")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="attention")
+    return _save(fig, path)
+
+
+_ATTENTION_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body{font-family:sans-serif;margin:1.5em;color:#222}
+#heads button{margin:2px;padding:3px 8px;border:1px solid #888;background:#fff;cursor:pointer}
+#heads button.on{background:#2e86c1;color:#fff}
+#tokens span{display:inline-block;margin:2px 1px;padding:2px 4px;border:1px solid #ddd;border-radius:3px;cursor:default}
+#tokens span.hover{outline:2px solid #c0392b}
+#grid td{width:12px;height:12px;padding:0}
+#grid th{font-weight:normal;font-size:10px;white-space:nowrap}
+#grid th.col{writing-mode:vertical-rl}
+#info{margin:.5em 0;min-height:1.2em;font-size:14px}
+</style></head><body>
+<h3>__TITLE__</h3>
+<div>head: <span id="heads"></span></div>
+<div style="margin:.5em 0">hover a token to show <label><input type="radio" name="dir" value="from" checked>
+what it attends to (it as destination)</label> <label><input type="radio" name="dir" value="to">
+what attends to it (it as source)</label></div>
+<div id="tokens"></div><div id="info"></div><table id="grid"></table>
+<script>
+const DATA = __DATA__;
+let head = 0;
+const tokensEl = document.getElementById("tokens"), info = document.getElementById("info");
+function shade(v){return "rgba(46,134,193,"+Math.min(1,Math.max(0,v)).toFixed(3)+")";}
+function direction(){return document.querySelector("input[name=dir]:checked").value;}
+function clearTokens(){for(const s of tokensEl.children){s.style.background="";s.classList.remove("hover");s.title="";}}
+function hoverToken(i){
+  clearTokens(); const p = DATA.patterns[head], from = direction()==="from";
+  tokensEl.children[i].classList.add("hover");
+  DATA.tokens.forEach((_, j) => {
+    const v = from ? (j <= i ? p[i][j] : 0) : (j >= i ? p[j][i] : 0);
+    tokensEl.children[j].style.background = shade(v);
+    tokensEl.children[j].title = v.toFixed(3);
+  });
+  info.textContent = DATA.heads[head] + ": token " + i + " " + JSON.stringify(DATA.tokens[i]) +
+    (from ? " attends to the shaded tokens" : " is attended to by the shaded tokens");
+}
+function drawGrid(){
+  const grid = document.getElementById("grid"), p = DATA.patterns[head]; grid.innerHTML = "";
+  const top = grid.insertRow(); top.appendChild(document.createElement("th"));
+  DATA.tokens.forEach(t => {const th = document.createElement("th"); th.className = "col"; th.textContent = t; top.appendChild(th);});
+  DATA.tokens.forEach((t, i) => {
+    const row = grid.insertRow(), th = document.createElement("th"); th.textContent = t; row.appendChild(th);
+    DATA.tokens.forEach((_, j) => {
+      const td = row.insertCell(); td.style.background = shade(p[i][j]);
+      td.title = JSON.stringify(t) + " -> " + JSON.stringify(DATA.tokens[j]) + ": " + p[i][j].toFixed(3);
+    });
+  });
+}
+function selectHead(h){
+  head = h; clearTokens(); info.textContent = "";
+  document.querySelectorAll("#heads button").forEach((b, k) => b.classList.toggle("on", k === h));
+  drawGrid();
+}
+DATA.heads.forEach((name, h) => {
+  const b = document.createElement("button"); b.textContent = name; b.onclick = () => selectHead(h);
+  document.getElementById("heads").appendChild(b);
+});
+DATA.tokens.forEach((t, i) => {
+  const s = document.createElement("span"); s.textContent = t; s.onmouseenter = () => hoverToken(i);
+  tokensEl.appendChild(s);
+});
+selectHead(0);
+</script></body></html>
+"""
+
+
+def attention_html(patterns, tokens: Sequence[str], titles: Sequence[str], path: Path, title: str = "attention") -> Path:
+    """A self-contained interactive page (inline JS/CSS, no network): pick a head, hover a token to shade what it
+    attends to (or what attends to it); a dest x src grid of the head below. patterns: [n_heads, seq, seq]."""
+    import html
+    import json
+
+    data = {"tokens": list(tokens), "heads": list(titles),
+            "patterns": np.round(_array(patterns), 4).tolist()}
+    text = json.dumps(data).replace("</", "<\\/")  # keep token text from closing the <script> element
+    page = _ATTENTION_PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", text)
+    Path(path).write_text(page, encoding="utf-8")
+    return Path(path)
+
+
+def scatter_agreement(points: dict[str, tuple], path: Path, title: str = "", xlabel: str = "exact",
+                      ylabel: str = "estimate") -> Path:
+    """One scatter per named (x, y) pair of equal-length vectors (e.g. exact effect vs AtP estimate), with y = x."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    low, high = 0.0, 0.0
+    for name, (x, y) in points.items():
+        x, y = _array(x).ravel(), _array(y).ravel()
+        ax.scatter(x, y, s=12, alpha=0.7, label=name)
+        low, high = min(low, np.nanmin(x), np.nanmin(y)), max(high, np.nanmax(x), np.nanmax(y))
+    ax.plot([low, high], [low, high], color="black", lw=0.8, ls="--", label="y = x")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def token_heatmap(values, cell_text: Sequence[Sequence[str]], path: Path, row_labels: Sequence[str] | None = None,
+                  col_labels: Sequence[str] | None = None, title: str = "", xlabel: str = "", ylabel: str = "",
+                  colorbar_label: str = "", annotate: bool | None = None) -> Path:
+    """values: [rows, cols] in [0, 1] (e.g. the logit lens' top-token probability), each cell labelled with
+    cell_text[row][col] (e.g. that token) when the grid is small enough to read (<= 300 cells)."""
+    data = _array(values)
+    rows, cols = data.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * cols + 2), max(3.0, 0.45 * rows + 1.5)))
+    im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(cols))
+    ax.set_xticklabels(col_labels if col_labels is not None else range(cols), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels(row_labels if row_labels is not None else range(rows), fontsize=8)
+    if annotate if annotate is not None else rows * cols <= 300:
+        for i in range(rows):
+            for j in range(cols):
+                ax.text(j, i, str(cell_text[i][j])[:8], ha="center", va="center", fontsize=6,
+                        color="white" if data[i, j] > 0.6 else "black")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(im, ax=ax, label=colorbar_label)
+    return _save(fig, path)

@@ -86,13 +86,14 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def metadata_for(command: str, args: dict, started: float, model_info: dict | None = None) -> dict:
+def metadata_for(command: str, args: dict, started: float, model_info: dict | None = None,
+                 argv: list[str] | None = None) -> dict:
     """meta.json: what ran, on which model and library versions, when, and for how long (`started`: time.time())."""
     import time
 
     return {
         "command": command,
-        "argv": sys.argv,
+        "argv": ["mechscope", *argv] if argv is not None else sys.argv,
         "args": args,
         "model": model_info,
         "seed": args.get("seed"),

@@ -155,43 +155,47 @@ def attribution_patch(model, clean_tokens: torch.Tensor, corrupted_tokens: torch
 
 
 # ------------------------------------------------------------------------------------------- exact patching
-_EXACT = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out",
-          "head_out": "attn_head_out_all_pos", "head_out_by_pos": "attn_head_out_by_pos",
-          "head_q": "attn_head_q_all_pos", "head_q_by_pos": "attn_head_q_by_pos",
-          "head_k": "attn_head_k_all_pos", "head_k_by_pos": "attn_head_k_by_pos",
-          "head_v": "attn_head_v_all_pos", "head_v_by_pos": "attn_head_v_by_pos"}
+# score name -> (patching.patch_sweep component, by_position)
+EXACT = {"resid_pre": ("resid_pre", True), "attn_out": ("attn_out", True), "mlp_out": ("mlp_out", True),
+         "head_out": ("z", False), "head_out_by_pos": ("z", True), "head_q": ("q", False),
+         "head_q_by_pos": ("q", True), "head_k": ("k", False), "head_k_by_pos": ("k", True),
+         "head_v": ("v", False), "head_v_by_pos": ("v", True)}
 
 
-def exact_effects(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric: Metric,
-                  score_names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Exact metric(corrupted + clean patch) - metric(corrupted) for the named score grids (not neurons).
+def exact_effects(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric,
+                  score_names: Sequence[str], lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Exact metric(corrupted + clean patch) - metric(corrupted) for the named score grids (not neurons),
+    shaped like the AtP scores, from the exact engine `patching.patch_sweep` (metric: a `patching.Metric`).
 
-    Uses transformer_lens.patching (one forward per cell): fine on small models, slow on big ones.
+    With right-padded prompts (`lengths` [batch]) a padding cell counts as 0 effect, as in AtP.
     """
-    from transformer_lens import patching
+    from mechscope.techniques.patching import patch_sweep
 
-    def scalar(logits):
-        return metric(logits).mean()
-
-    wanted = [n for n in score_names if n in _EXACT]
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean_tokens)
-        base = scalar(model(corrupted_tokens))
-        return {n: getattr(patching, f"get_act_patch_{_EXACT[n]}")(model, corrupted_tokens, clean_cache, scalar)
-                - base for n in wanted}
+    out = {}
+    for name in [n for n in score_names if n in EXACT]:
+        component, by_position = EXACT[name]
+        result = patch_sweep(model, clean_tokens, corrupted_tokens, component, metric, mode="denoise",
+                             by_position=by_position, lengths=lengths)
+        corrupted = result.corrupted.view(-1, *[1] * (result.per_prompt.ndim - 1))
+        effect = (result.per_prompt - corrupted).nan_to_num(0.0).mean(0)
+        out[name] = effect.transpose(1, 2) if result.axes == ("layer", "head", "pos") else effect
+    return out
 
 
 @torch.no_grad()
-def exact_neuron_effects(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric: Metric,
-                         neurons: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Exact effect of patching each (layer, neuron)'s clean hook_post (all positions) into the corrupted run.
-
-    One batched forward, one row per neuron -> [len(neurons)].
-    """
-    n, rows = corrupted_tokens.shape[0], len(neurons)
+def exact_neuron_effects(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric,
+                         neurons: Sequence[tuple[int, int]], lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact effect of patching each (layer, neuron)'s clean hook_post (all positions) into the corrupted run,
+    mean over prompts; metric: a `patching.Metric`. One batched forward, one row per neuron -> [len(neurons)]."""
+    n, seq = corrupted_tokens.shape
+    read = torch.full((n,), seq - 1, device=corrupted_tokens.device) if lengths is None else lengths - 1
+    rows = len(neurons)
     names = sorted({f"blocks.{layer}.mlp.hook_post" for layer, _ in neurons})
-    _, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
-    base = metric(model(corrupted_tokens)).mean()
+    clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
+    at_read = lambda logits: logits[torch.arange(len(logits)), read.repeat(len(logits) // n)].float()  # noqa: E731
+    prompt = torch.arange(n, device=corrupted_tokens.device)
+    clean_logits = at_read(clean_logits)
+    base = metric(at_read(model(corrupted_tokens)), prompt, clean_logits)
 
     def patch(post, hook):  # post: [rows * n, pos, d_mlp]; row i*n + j = neuron i on prompt j
         for i, (layer, unit) in enumerate(neurons):
@@ -200,7 +204,7 @@ def exact_neuron_effects(model, clean_tokens: torch.Tensor, corrupted_tokens: to
         return post
 
     logits = model.run_with_hooks(corrupted_tokens.repeat(rows, 1), fwd_hooks=[(name, patch) for name in names])
-    return metric(logits).view(rows, n).mean(1) - base
+    return (metric(at_read(logits), prompt.repeat(rows), clean_logits).view(rows, n) - base).mean(1)
 
 
 def agreement(estimate: torch.Tensor, exact: torch.Tensor, k: int = 10) -> dict:

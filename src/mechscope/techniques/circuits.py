@@ -6,6 +6,8 @@ Conventions (transformer-lens, row vectors: x @ W):
 Both stay factored (`FactoredMatrix`, inner size d_head): nothing d_vocab x d_vocab is built unless
 `full_matrix` is called. They read the token embedding directly: positional embeddings, biases, the
 LayerNorm scale and (for layers > 0) everything earlier layers write are left out, as in Elhage et al. 2021.
+`effective_embedding(model, layer)` replaces W_E by what the layer's heads actually read for each token
+(ln1 of the residual stream after [BOS, token]), which matters for heads after layer 0.
 
 Copying scores come from the eigenvalues of the full OV circuit (`FactoredMatrix.eigenvalues`, the
 d_head non-zero ones):
@@ -28,18 +30,42 @@ from transformer_lens import FactoredMatrix
 MODES = ("Q", "K", "V")
 
 
-def ov_circuit(model, layer: int) -> FactoredMatrix:
-    """Full OV circuits of every head of `layer`: W_E W_V W_O W_U, [n_heads, d_vocab, d_vocab] factored."""
-    return model.W_E.float() @ _float(model.OV[layer]) @ model.W_U.float()
-
-
-def qk_circuit(model, layer: int) -> FactoredMatrix:
-    """Full QK circuits of every head of `layer`: W_E W_Q W_K^T W_E^T, [n_heads, d_vocab, d_vocab] factored."""
-    return model.W_E.float() @ _float(model.QK[layer]) @ model.W_E.float().T
-
-
 def _float(fm: FactoredMatrix) -> FactoredMatrix:
     return FactoredMatrix(fm.A.float(), fm.B.float())
+
+
+@torch.no_grad()
+def effective_embedding(model, layer: int, batch_size: int = 512) -> torch.Tensor:
+    """[d_vocab, d_model] what the heads of `layer` read for each token: ln1 of the residual stream at position 1
+    of `[BOS, token]` (token + position embedding + everything earlier layers add). Special tokens' rows are 0."""
+    from mechscope.techniques.heads import non_special_token_ids
+
+    tokens = non_special_token_ids(model).to(model.cfg.device)
+    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
+    hook = f"blocks.{layer}.hook_resid_pre"
+    out = torch.zeros(model.cfg.d_vocab, model.cfg.d_model, device=model.cfg.device)
+    for start in range(0, len(tokens), batch_size):
+        ids = tokens[start:start + batch_size]
+        batch = torch.stack([torch.full_like(ids, bos), ids], dim=1)
+        _, cache = model.run_with_cache(batch, names_filter=hook, stop_at_layer=layer + 1)
+        out[ids] = model.blocks[layer].ln1(cache[hook][:, 1:2])[:, 0].float()
+    return out
+
+
+def ov_circuit(model, layer: int, head: int | None = None, embedding: torch.Tensor | None = None) -> FactoredMatrix:
+    """Full OV circuit E W_V W_O W_U of one head [d_vocab, d_vocab], or of every head of `layer`
+    [n_heads, d_vocab, d_vocab]; factored, float32. E = W_E unless `embedding` [d_vocab, d_model] is given."""
+    ov = model.OV[layer] if head is None else model.OV[layer, head]
+    embed = model.W_E if embedding is None else embedding
+    return embed.float() @ _float(ov) @ model.W_U.float()
+
+
+def qk_circuit(model, layer: int, head: int | None = None, embedding: torch.Tensor | None = None) -> FactoredMatrix:
+    """Full QK circuit E W_Q W_K^T E^T (query token, key token) of one head [d_vocab, d_vocab], or of every
+    head of `layer` [n_heads, d_vocab, d_vocab]; factored, float32. E = W_E unless `embedding` is given."""
+    qk = model.QK[layer] if head is None else model.QK[layer, head]
+    embed = (model.W_E if embedding is None else embedding).float()
+    return embed @ _float(qk) @ embed.T
 
 
 @dataclass
@@ -56,9 +82,12 @@ def eigenvalue_copying(circuit: FactoredMatrix) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def copying_scores(model) -> CopyingScores:
-    """Copying scores of every head's full OV circuit, one layer at a time (memory: n_heads * d_vocab * d_head)."""
-    per_layer = [eigenvalue_copying(ov_circuit(model, layer)) for layer in range(model.cfg.n_layers)]
+def copying_scores(model, effective: bool = False) -> CopyingScores:
+    """Copying scores of every head's full OV circuit, one layer at a time (memory: n_heads * d_vocab * d_head);
+    `effective` reads tokens through `effective_embedding` of each layer instead of W_E."""
+    per_layer = [eigenvalue_copying(ov_circuit(model, layer, embedding=effective_embedding(model, layer)
+                                               if effective else None))
+                 for layer in range(model.cfg.n_layers)]
     return CopyingScores(eig_ratio=torch.stack([r for r, _ in per_layer]).cpu(),
                          positive_fraction=torch.stack([f for _, f in per_layer]).cpu())
 

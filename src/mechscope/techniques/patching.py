@@ -40,6 +40,7 @@ import torch
 
 from mechscope import metrics
 from mechscope.errors import BadInput
+from mechscope.progress import progress
 
 COMPONENTS = {
     "resid_pre": "blocks.{}.hook_resid_pre",
@@ -329,7 +330,7 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     cells_per_call = max(1, batch_size // n_prompts)
 
     out = target_value.repeat(len(layers), n_heads * n_pos, 1)  # [layers, cells, prompts]
-    for li, layer in enumerate(layers):
+    for li, layer in enumerate(progress(layers, desc=f"patching {component}")):
         src = source_cache[COMPONENTS[component].format(layer)]
         for group in groups:
             p0 = min(group[0], max_p0) if prefix_ok else 0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from mechscope.errors import BadInput
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-TASKS = ("ioi-order", "sentiment")
+TASKS = ("sentiment", "ioi-io", "ioi-order")
 
 
 # ------------------------------------------------------------------------------------- activations
@@ -101,12 +101,12 @@ def stratified_split(labels: torch.Tensor, fractions=(0.6, 0.2, 0.2), seed: int 
     return tuple(torch.cat(p).sort().values for p in parts)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 100):
-    """Multinomial logistic regression: min mean cross-entropy + l2/2 |W|^2 by L-BFGS.
-    x: [n, d], y: [n] class ids -> (W [d, n_classes], b [n_classes])."""
-    W = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 100, init=None):
+    """Multinomial logistic regression: min mean cross-entropy + l2/2 |W|^2 by L-BFGS, from `init` (W, b)
+    or zeros. x: [n, d], y: [n] class ids -> (W [d, n_classes], b [n_classes])."""
+    W0, b0 = init if init is not None else (torch.zeros(x.shape[1], n_classes), torch.zeros(n_classes))
+    W, b = W0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-5, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -115,8 +115,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, ma
         return loss
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a few hundred tiny ops: thread hand-offs cost more than they save
-    try:
+    torch.set_num_threads(1)  # hundreds of tiny ops: thread hand-offs cost more than they save (and much
+    try:                      # more when other processes share the cores)
         with torch.enable_grad():
             opt.step(closure)
     finally:
@@ -145,7 +145,9 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, split, l2_grid
     mean, std = x[train].mean(0), x[train].std(0)
     std = torch.where(std > 1e-6 * std.max(), std, torch.ones_like(std))
     z = (x - mean) / std
-    fits = [fit_logistic(z[train], y[train], n_classes, l2) for l2 in sorted(l2_grid, reverse=True)]
+    fits = []  # strongest L2 first, each fit starting from the previous one (a regularisation path)
+    for l2 in sorted(l2_grid, reverse=True):
+        fits.append(fit_logistic(z[train], y[train], n_classes, l2, init=fits[-1] if fits else None))
     val_acc = torch.stack([((z[val] @ W + b).argmax(-1) == y[val]).float().mean() for W, b in fits])
     best = int(val_acc.argmax())
     W, b = fits[best]
@@ -211,7 +213,8 @@ class ProbeResult:
 def _probe_sites(features: torch.Tensor, y: torch.Tensor, n_classes: int, split, l2_grid, ci: str, seed: int):
     """features: [n_sites, n, d] -> per-site (fits, accuracies, intervals)."""
     fits = [train_probe(f, y, n_classes, split, l2_grid) for f in features]
-    return fits, [float(f.test_correct.float().mean()) for f in fits], [interval(f.test_correct, ci, seed) for f in fits]
+    accuracy = torch.stack([f.test_correct.float().mean() for f in fits]).tolist()
+    return fits, accuracy, [interval(f.test_correct, ci, seed) for f in fits]
 
 
 def random_init_like(model, seed: int = 0):
@@ -249,30 +252,41 @@ def probe_layers(model, rows: list[torch.Tensor], positions: list[int], labels: 
 
 
 # ----------------------------------------------------------------------------- built-in datasets
-def task_dataset(name: str, n: int = 400, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(prompts, labels) of a built-in task for the bundled model; read at the last position.
+IOI_IO_NAMES = ("mary", "john", "alice", "bob")
 
-    ioi-order: IOI prompts; label "io_first" (ABBA: "A and B ..., B gave ... to" -> A) or "io_second"
-      (BABA). The last token is always "to", so the label is invisible there before attention moves it.
+
+def task_dataset(name: str, n: int = 400, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(prompts, labels) of a built-in task for the bundled model; read at the last position, whose token
+    never depends on the label (so resid_pre 0 there is at chance by construction).
+
     sentiment: a filler sentence, then a positive or negative opener ("i love this !" / "i hate this !"),
-      then "it ' s <intensifier>"; label "positive" / "negative". The last token does not depend on the label.
+      then "it ' s <intensifier>"; label "positive" / "negative".
+    ioi-io: IOI prompts over four names (IOI_IO_NAMES); label = the indirect object, the name the model
+      must say next ("when mary and john went to the store , john gave a drink to" -> "mary").
+    ioi-order: IOI prompts; label "io_first" (ABBA: "A and B ..., B gave ... to" -> A) or "io_second" (BABA).
     """
     from mechscope.toy import corpus
 
+    if name not in TASKS:
+        raise BadInput(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     rng = random.Random(seed)
     prompts, labels = [], []
     for _ in range(n):
-        if name == "ioi-order":
-            prompt, io, s = corpus.ioi_prompt(rng, held_out=rng.random() < 0.5)
-            words = prompt.split()
-            prompts.append(prompt)
-            labels.append("io_first" if words.index(io) < words.index(s) else "io_second")
-        elif name == "sentiment":
+        if name == "sentiment":
             positive = rng.random() < 0.5
             opener = rng.choice(corpus.POSITIVE_OPENERS if positive else corpus.NEGATIVE_OPENERS)
             filler = " ".join(corpus.filler_sentence(rng))
             prompts.append(f"{filler} {opener} it ' s {rng.choice(corpus.INTENSIFIERS)}")
             labels.append("positive" if positive else "negative")
+        elif name == "ioi-io":
+            io, s = rng.sample(IOI_IO_NAMES, 2)
+            a, b = (io, s) if rng.random() < 0.5 else (s, io)
+            place, obj = rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
+            prompts.append(rng.choice(corpus.IOI_TEMPLATES).format(a=a, b=b, s=s, place=place, obj=obj))
+            labels.append(io)
         else:
-            raise BadInput(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+            prompt, io, s = corpus.ioi_prompt(rng, held_out=rng.random() < 0.5)
+            words = prompt.split()
+            prompts.append(prompt)
+            labels.append("io_first" if words.index(io) < words.index(s) else "io_second")
     return prompts, labels

@@ -103,7 +103,7 @@ def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            lens.losses.append(float(loss))
+            lens.losses.append(loss.item())
     lens.weight, lens.bias = weight.detach(), bias.detach()
     return lens
 

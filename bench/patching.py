@@ -1,0 +1,160 @@
+"""Activation-patching speed: mechscope's engine vs transformer_lens.patching vs the tutorial loop.
+
+    python bench/patching.py            # everything (about 15 minutes on 2 CPU cores)
+    python bench/patching.py --quick    # no tutorial loop, no TL per-head-by-position sweep, no large shapes
+
+Random-weight HookedTransformers (the arithmetic of real weights), CPU, float32. For each sweep it
+prints seconds for mechscope, transformer-lens and the tutorial loop, the ratios, and the largest
+|difference| between mechscope's cells and transformer-lens' (and the tutorial's). Each timing includes
+the clean / corrupted runs that the method needs. The tutorial loop is the widely copied per-cell
+function (/work/shared/bench/patching_anchor.py): it re-runs the clean cache and the corrupted
+baseline for every cell. "TL (est.)" in the scaling table times transformer-lens on 16 cells and
+multiplies by the number of cells (its cost per cell is constant: one full forward).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+import torch
+import transformer_lens as tl
+from transformer_lens import patching as tlp
+
+from mechscope.techniques import patching
+
+A, B = 1234, 4321
+
+
+def make_model(n_layers: int, d_model: int):
+    cfg = tl.HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=d_model // 64, d_head=64,
+                                     d_mlp=4 * d_model, n_ctx=1024, d_vocab=50257, act_fn="gelu_new",
+                                     normalization_type="LN", seed=0)
+    return tl.HookedTransformer(cfg).eval()
+
+
+def make_tokens(seq: int):
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(1000, 20000, (1, seq), generator=gen)
+    corrupted = clean.clone()
+    corrupted[0, 2], corrupted[0, 4] = 777, 888
+    return clean, corrupted
+
+
+def tl_metric(logits):
+    return logits[0, -1, A] - logits[0, -1, B]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def tutorial_sweep(model, clean, corrupted):
+    """The tutorial's per-cell loop (3 forwards per cell), same code shape as the anchor."""
+    n_layers, seq = model.cfg.n_layers, clean.shape[1]
+
+    def tutorial_cell(hook_point, position):
+        _, clean_cache = model.run_with_cache(clean)
+        clean_act = clean_cache[hook_point]
+        baseline = tl_metric(model(corrupted))
+
+        def patch_hook(activation, hook):
+            activation[:, position, :] = clean_act[:, position, :]
+            return activation
+        patched = model.run_with_hooks(corrupted, fwd_hooks=[(hook_point, patch_hook)])
+        return tl_metric(patched) - baseline
+
+    out = torch.zeros(n_layers, seq)
+    for layer in range(n_layers):
+        for p in range(seq):
+            out[layer, p] = tutorial_cell(f"blocks.{layer}.hook_resid_pre", p)
+    return out + tl_metric(model(corrupted))  # back to metric values, comparable cell for cell
+
+
+def tl_sweep(model, clean, corrupted, fn):
+    _, clean_cache = model.run_with_cache(clean)
+    return fn(model, corrupted, clean_cache, tl_metric)
+
+
+def ours(model, clean, corrupted, component, by_position=True, **kw):
+    return patching.patch_sweep(model, clean, corrupted, component, patching.logit_diff_metric(A, B),
+                                by_position=by_position, **kw).values
+
+
+def row(name, t_ours, t_tl, t_tut=None, diff=None, diff_tut=None, est=False):
+    tl_txt = f"{t_tl:8.2f}" + ("*" if est else " ")
+    tut_txt = f"{t_tut:9.2f}" if t_tut is not None else "        -"
+    ratio_tut = f"{t_tut / t_ours:8.1f}x" if t_tut is not None else "        -"
+    diffs = (f"{diff:.1e}" if diff is not None else "-") + (f" / {diff_tut:.1e}" if diff_tut is not None else "")
+    print(f"{name:34s} {t_ours:8.2f} {tl_txt} {tut_txt}  {t_tl / t_ours:7.1f}x {ratio_tut}   {diffs}", flush=True)
+
+
+def header(title):
+    print(f"\n{title}")
+    print(f"{'sweep':34s} {'mechscope':>8s} {'TL':>9s} {'tutorial':>9s}  {'TL/ms':>8s} {'tut/ms':>9s}   max|ms-TL| / |ms-tut|")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip the tutorial loop, TL's head-by-position sweep and the large shapes")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, transformer-lens patching vs mechscope")
+
+    model = make_model(12, 768)
+    clean, corrupted = make_tokens(15)
+    model(clean)  # warm-up
+    header("GPT-2-small shape (12 layers, d_model 768, 12 heads, d_mlp 3072, vocab 50257), 15 tokens, CPU fp32")
+    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "resid_pre"))
+    t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
+    t_tut = d_tut = None
+    if not args.quick:
+        t_tut, v_tut = timed(lambda: tutorial_sweep(model, clean, corrupted))
+        d_tut = (v_ms - v_tut).abs().max().item()
+    row("resid_pre layer x pos (180 cells)", t_ms, t_tl, t_tut, (v_ms - v_tl).abs().max().item(), d_tut)
+    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z", by_position=False))
+    t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
+    row("head out all_pos (144 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
+    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z"))
+    if not args.quick:
+        t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
+        row("head out by_pos (2160 cells)", t_ms, t_tl, None, (v_ms - v_tl.permute(0, 2, 1)).abs().max().item())
+    t_one, _ = timed(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1))
+    t_def, _ = timed(lambda: ours(model, clean, corrupted, "resid_pre"))
+    print(f"suffix-only groups: resid_pre sweep {t_def:.2f} s with the default groups, {t_one:.2f} s running every position")
+
+    if args.quick:
+        return
+    model = make_model(4, 256)
+    clean, corrupted = make_tokens(64)
+    header("4 layers, d_model 256, 4 heads, d_mlp 1024, vocab 50257, 64 tokens, CPU fp32")
+    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "resid_pre"))
+    t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
+    row("resid_pre layer x pos (256 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
+    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z", by_position=False))
+    t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
+    row("head out all_pos (16 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
+
+    print("\nscaling with sequence length: resid_pre layer x pos, 4 layers, d_model 256 (* = TL timed on 16 cells x n_cells / 16)")
+    print(f"{'tokens':>6s} {'cells':>6s} {'mechscope':>10s} {'no suffix':>10s} {'TL (est.)':>10s} {'TL/ms':>7s}")
+    for seq in (16, 64, 256):
+        clean, corrupted = make_tokens(seq)
+        n_cells = 4 * seq
+        t_ms, _ = timed(lambda: ours(model, clean, corrupted, "resid_pre"))
+        t_one, _ = timed(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1))
+        sample = pd.DataFrame({"layer": [i % 4 for i in range(16)], "pos": [(i * 7) % seq for i in range(16)]})
+        t_cache, (_, clean_cache) = timed(lambda: model.run_with_cache(clean))
+        t_cells, _ = timed(lambda: tlp.generic_activation_patch(
+            model, corrupted, clean_cache, tl_metric, patch_setter=tlp.layer_pos_patch_setter,
+            activation_name="resid_pre", index_df=sample))
+        t_tl = t_cache + t_cells * n_cells / 16
+        print(f"{seq:6d} {n_cells:6d} {t_ms:10.2f} {t_one:10.2f} {t_tl:10.2f} {t_tl / t_ms:6.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

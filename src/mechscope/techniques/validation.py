@@ -1,0 +1,108 @@
+"""Circuit validation: necessity, sufficiency / faithfulness and minimality of a set of components.
+
+The universe is every attention head (and, with ablate_mlps, every MLP layer). With m the metric averaged
+over the batch:
+- m_clean:        nothing ablated
+- m_all_ablated:  every component of the universe ablated (the baseline)
+- m_circuit_only: everything in the universe but the circuit ablated
+- m_circuit_ablated: only the circuit ablated
+
+faithfulness = (m_circuit_only - m_all_ablated) / (m_clean - m_all_ablated): the fraction of the clean
+behaviour the circuit recovers on its own (0 for the empty circuit, 1 for the whole universe).
+necessity = (m_clean - m_circuit_ablated) / (m_clean - m_all_ablated): how much of the behaviour is lost
+when only the circuit is ablated. minimality[c] = faithfulness(circuit) - faithfulness(circuit without c):
+a component whose removal costs ~0 is not needed. Both ratios work whether the metric rises (logit diff)
+or falls (loss) with the behaviour. Random circuits of the same make-up give the baseline to beat.
+All runs (clean, baselines, minimality, random circuits) share one reference forward and batch together.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mechscope.errors import BadInput
+from mechscope.techniques.ablation import Component, ablated_metric, all_heads, all_mlps, group_label
+
+
+@dataclass
+class CircuitValidation:
+    """Metric values are batch means; minimality: label -> drop in faithfulness when that component is removed."""
+    circuit: list[str]
+    method: str
+    clean: float
+    all_ablated: float
+    circuit_only: float
+    circuit_ablated: float
+    faithfulness: float
+    necessity: float
+    minimality: dict[str, float]
+    random_circuits: list[dict] = field(default_factory=list)  # {"circuit", "faithfulness", "necessity"}
+
+
+def universe(model, ablate_mlps: bool) -> list[Component]:
+    """Every component that the faithfulness run may ablate: all heads (+ all MLP layers)."""
+    return all_heads(model) + (all_mlps(model) if ablate_mlps else [])
+
+
+def check_circuit(model, circuit: list[Component], ablate_mlps: bool) -> None:
+    for c in circuit:
+        if c.kind not in ("head", "mlp"):
+            raise BadInput(f"circuit component {c.label!r}: a circuit is made of heads (LAYER.HEAD) and MLP layers "
+                           f"(mlpL); split an attention layer into its heads (e.g. {c.layer}.*)")
+        if c.kind == "mlp" and not ablate_mlps:
+            raise BadInput(f"the circuit names {c.label} but MLPs are not ablated; add --ablate-mlps "
+                           f"(or drop the MLPs from the circuit)")
+
+
+def random_circuits(model, circuit: list[Component], n: int, ablate_mlps: bool, seed: int = 0) -> list[list[Component]]:
+    """n random sets with as many heads (and MLPs) as `circuit`, drawn from components outside it."""
+    rng = random.Random(seed)
+    pools = {kind: [c for c in universe(model, ablate_mlps) if c.kind == kind and c not in circuit]
+             for kind in ("head", "mlp")}
+    counts = {kind: sum(c.kind == kind for c in circuit) for kind in pools}
+    for kind, k in counts.items():
+        if n and k > len(pools[kind]):
+            raise BadInput(f"too few {kind}s outside the circuit to draw random circuits of the same size "
+                           f"(use --random 0)")
+    return [[c for kind in pools for c in rng.sample(pools[kind], counts[kind])] for _ in range(n)]
+
+
+def _normalized(values: torch.Tensor, clean: float, baseline: float) -> list[float]:
+    return [float((v - baseline) / (clean - baseline)) for v in values]
+
+
+def validate_circuit(model, tokens: torch.Tensor, circuit: list[Component],
+                     metric: Callable[[torch.Tensor], torch.Tensor], method: str = "mean",
+                     ablate_mlps: bool = False, n_random: int = 0, seed: int = 0, **kwargs) -> CircuitValidation:
+    """Necessity, faithfulness and minimality of `circuit` on tokens [batch, seq] under `metric` ([batch]).
+
+    kwargs go to `ablated_metric` (reference, donors, per_position, rows_per_forward).
+    """
+    check_circuit(model, circuit, ablate_mlps)
+    everything = universe(model, ablate_mlps)
+
+    def without(keep: list[Component]) -> list[Component]:
+        return [c for c in everything if c not in keep]
+
+    randoms = random_circuits(model, circuit, n_random, ablate_mlps, seed)
+    groups = [[], everything, without(circuit), list(circuit)]
+    groups += [without([k for k in circuit if k != c]) for c in circuit]
+    groups += [g for r in randoms for g in (without(r), r)]
+    means = ablated_metric(model, tokens, groups, metric, method, seed=seed, **kwargs).mean(1)
+    clean, baseline = float(means[0]), float(means[1])
+    if abs(clean - baseline) < 1e-6 * max(1.0, abs(clean)):
+        raise BadInput(f"ablating every component leaves the metric unchanged ({clean:.4g}); faithfulness is "
+                       f"undefined: pick a task the model does, or another ablation method")
+    faithful, circuit_only = _normalized(means[2:3], clean, baseline)[0], float(means[2])
+    necessity = 1 - _normalized(means[3:4], clean, baseline)[0]
+    minimal = _normalized(means[4:4 + len(circuit)], clean, baseline)
+    rest = means[4 + len(circuit):].view(-1, 2) if randoms else torch.zeros(0, 2)
+    random_rows = [{"circuit": group_label(r), "faithfulness": _normalized(v[:1], clean, baseline)[0],
+                    "necessity": 1 - _normalized(v[1:], clean, baseline)[0]} for r, v in zip(randoms, rest)]
+    return CircuitValidation(
+        circuit=[c.label for c in circuit], method=method, clean=clean, all_ablated=baseline,
+        circuit_only=circuit_only, circuit_ablated=float(means[3]), faithfulness=faithful, necessity=necessity,
+        minimality={c.label: faithful - f for c, f in zip(circuit, minimal)}, random_circuits=random_rows)

@@ -1,0 +1,113 @@
+"""Circuit validation on the bundled model's induction circuit (heads found here with head_scores): it is
+faithful and necessary, random circuits of the same size are not; the identities (empty circuit 0, full
+model 1); minimality; the `validate-circuit` command and its bad inputs."""
+import json
+
+import pytest
+
+from mechscope.cli import main
+from mechscope.techniques.ablation import Component, all_heads, all_mlps, second_copy_loss
+from mechscope.techniques.heads import head_scores, repeated_random_tokens
+from mechscope.techniques.validation import validate_circuit
+
+L = 20
+
+
+@pytest.fixture(scope="module")
+def task(toy_model):
+    tokens = repeated_random_tokens(toy_model, 16, L, seed=0)
+    return tokens, (lambda logits: second_copy_loss(logits, tokens, L))
+
+
+@pytest.fixture(scope="module")
+def induction_circuit(toy_model):
+    """The top induction head and the previous-token heads below it (score > 0.3).
+
+    Measured: induction head 2.1 (score 0.94); previous-token scores 1.2 0.91, 1.0 0.52, 0.2 0.48, 0.1 0.41,
+    every other head <= 0.21 - a clear gap around 0.3.
+    """
+    scores = head_scores(toy_model)
+    layer, head, _ = scores.top("induction", 1)[0]
+    previous = [Component("head", l, h) for l in range(layer) for h in range(toy_model.cfg.n_heads)
+                if scores.previous_token[l, h] > 0.3]
+    top_previous = scores.top("previous_token", 1)[0]
+    return previous + [Component("head", layer, head)], Component("head", *top_previous[:2])
+
+
+@pytest.mark.parametrize("method", ["mean", "zero", "resample"])
+def test_induction_circuit_is_faithful_and_random_circuits_are_not(toy_model, task, induction_circuit, method):
+    tokens, metric = task
+    circuit, _ = induction_circuit
+    v = validate_circuit(toy_model, tokens, circuit, metric, method, n_random=5, seed=0)
+    # measured (16 sequences): faithfulness 0.90 mean / 0.94 zero / 0.94 resample; random 5-head sets <= 0.21
+    assert v.faithfulness > 0.75, v
+    assert max(r["faithfulness"] for r in v.random_circuits) < 0.3, v.random_circuits
+    # necessity 1.08 / 0.86 / 0.87; random sets <= 0.09
+    assert v.necessity > max(r["necessity"] for r in v.random_circuits) + 0.5, v
+
+
+def test_minimality_finds_the_induction_head_essential(toy_model, task, induction_circuit):
+    tokens, metric = task
+    circuit, _ = induction_circuit
+    v = validate_circuit(toy_model, tokens, circuit, metric, "mean")
+    induction_head = circuit[-1].label
+    # measured: dropping the induction head costs 0.91 of faithfulness; dropping head 1.0 (previous-token
+    # score 0.52, but its output is not used) costs 0.002
+    assert max(v.minimality, key=v.minimality.get) == induction_head and v.minimality[induction_head] > 0.5
+    assert min(v.minimality.values()) < 0.05, v.minimality
+
+
+def test_top_previous_token_and_induction_pair_alone_is_not_sufficient(toy_model, task, induction_circuit):
+    """The previous-token signal is spread over layer-0 and layer-1 heads: the top pair alone (1.2, 2.1) is not
+    sufficient under mean ablation (measured faithfulness -0.27: 2.1 attends with a broken key signal)."""
+    tokens, metric = task
+    circuit, top_previous = induction_circuit
+    pair = validate_circuit(toy_model, tokens, [top_previous, circuit[-1]], metric, "mean")
+    assert pair.faithfulness < 0.2, pair
+    assert pair.necessity > 0.7, pair    # but ablating it still destroys copying (measured 0.90)
+
+
+@pytest.mark.parametrize("ablate_mlps", [False, True])
+def test_empty_circuit_is_0_and_the_full_model_is_1(toy_model, task, ablate_mlps):
+    tokens, metric = task
+    full = all_heads(toy_model) + (all_mlps(toy_model) if ablate_mlps else [])
+    empty = validate_circuit(toy_model, tokens, [], metric, "mean", ablate_mlps=ablate_mlps)
+    whole = validate_circuit(toy_model, tokens, full, metric, "mean", ablate_mlps=ablate_mlps)
+    assert empty.faithfulness == pytest.approx(0.0, abs=1e-5) and empty.necessity == pytest.approx(0.0, abs=1e-5)
+    assert whole.faithfulness == pytest.approx(1.0, abs=1e-5) and whole.necessity == pytest.approx(1.0, abs=1e-5)
+    assert whole.all_ablated - whole.clean > 3.0      # everything ablated: no copying (loss ~5.8 vs 0.1 nats)
+
+
+def test_validate_circuit_command(toy_model, tmp_path, capsys):
+    code = main(["validate-circuit", "--circuit", "0.1,0.2,1.2,2.1", "--n", "8", "--random", "3",
+                 "--out", str(tmp_path), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    summary = out["summary"]
+    run_dir = tmp_path / out["run_dir"].split("/")[-1]
+    for name in ("result.json", "meta.json", "faithfulness.png", "minimality.png"):
+        assert (run_dir / name).exists(), name
+    assert len(json.loads((run_dir / "result.json").read_text())["random_circuits"]) == 3
+    assert summary["circuit"] == ["0.1", "0.2", "1.2", "2.1"] and set(summary["minimality"]) == set(summary["circuit"])
+    assert summary["faithfulness"] > 0.75 and summary["random_faithfulness_mean"] < 0.3, summary  # measured 0.90
+
+
+def test_validate_circuit_command_full_model_is_1(tmp_path, capsys):
+    code = main(["validate-circuit", "--circuit", "heads,mlps", "--random", "0", "--n", "4", "--out", str(tmp_path),
+                 "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["ablate_mlps"] and summary["faithfulness"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--circuit", "0.1,mlp1.3"], "a circuit is made of heads"),
+    (["--circuit", "attn1"], "a circuit is made of heads"),
+    (["--circuit", "3.1"], "out of range"),
+    (["--circuit", "heads", "--random", "1"], "too few heads"),
+    (["--circuit", "2.1", "--random", "-1"], "--random"),
+])
+def test_validate_circuit_bad_input(args, words, tmp_path, capsys):
+    code = main(["validate-circuit", *args, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err, err
