@@ -44,7 +44,8 @@ def test_head_with_no_direct_or_patching_effect_barely_matters(toy_model):
     tokens, io, s = ioi_tokens(model, 16, seed=0)
     metric = lambda lg: metrics.logit_diff(lg, io, s)  # noqa: E731
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z") or n == "ln_final.hook_scale")
+        names = lambda n: n.endswith("hook_z") or n == "ln_final.hook_scale"  # noqa: E731
+        logits, cache = model.run_with_cache(tokens, names_filter=names)
         stack = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)        # [n_heads_total, batch, d_model]
         dla = (stack * (model.W_U[:, io] - model.W_U[:, s]).T).sum(-1).mean(-1)       # [n_heads_total]
         clean = metric(logits)

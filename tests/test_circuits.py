@@ -105,7 +105,7 @@ def test_induction_head_k_composes_with_the_previous_token_head(toy_model, card_
     k = circuits.composition_scores(toy_model, "K")
     pair = k.scores[pl, ph, il, ih].item()
     assert pair - k.baseline > 0.03 and k.baseline_std < 0.002
-    valid = k.scores[circuits._later_layer_mask(*k.scores.shape[:2])]
+    valid = k.scores[circuits.later_layer_mask(*k.scores.shape[:2])]
     assert (valid < pair).float().mean() >= 0.95
     assert k.top(1)[0][:4] == (pl, ph, il, ih)
     for mode in ("Q", "V"):

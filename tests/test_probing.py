@@ -1,10 +1,10 @@
 """Linear probes: known answers on a planted direction, on shuffled labels, and on the bundled model.
 
-Ground truth on mechscope-toy: at the last position of "<filler> i love/hate this ! it ' s <intensifier>",
-patching the last-position residual from a positive into a negative prompt moves the sentiment logit
-difference by 0 at resid_pre 0 (same token, same position: nothing to decode there) and fully at the
-final resid_post. The probe must be at chance where patching finds nothing, and far above its
-controls where patching finds the sentiment.
+Ground truth on mechscope-toy comes from patching only the last position's residual from a clean prompt
+into its corrupted twin (positive -> negative sentiment opener; IO name A -> C). Measured fraction of
+the output moved at resid_pre 0 / 1 / 2 / resid_post 2: sentiment 0 / 0.01 / 1.01 / 1.00, IO name
+0 / -0.03 / 0.44 / 1.00 (0 and 1 at the ends are exact identities). Where patching places the label,
+the probe must be far above both controls; at resid_pre 0 (only the last token) it must be at chance.
 """
 import json
 import random
@@ -76,7 +76,7 @@ def ioi_pairs(model, n=40):
 
 def test_planted_direction_is_recovered():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1200, 32, generator=gen) * torch.linspace(0.5, 3, 32)  # features of unequal scale
+    x = torch.randn(800, 32, generator=gen) * torch.linspace(0.5, 3, 32)  # features of unequal scale
     w = torch.randn(32, generator=gen)
     score = x @ w
     keep = score.abs() > 0.2 * score.std()  # a margin, so that a linear probe can be perfect
@@ -130,9 +130,10 @@ def test_shuffled_labels_give_chance(sentiment_probe):
 
 def test_ioi_indirect_object_decodable_where_patching_places_it(toy_model):
     fractions = last_position_patch_fraction(toy_model, ioi_pairs(toy_model))  # measured [0, -0.03, 0.44, 1]
-    prompts, labels = probing.task_dataset("ioi-io", 300, seed=0)
+    prompts, labels = probing.task_dataset("ioi-io", 240, seed=0)
     rows = [toy_model.to_tokens(p)[0] for p in prompts]
-    result = probing.probe_layers(toy_model, rows, [len(r) - 1 for r in rows], labels, seed=0, random_model=True)
+    result = probing.probe_layers(toy_model, rows, [len(r) - 1 for r in rows], labels, seed=0, random_model=True,
+                                  l2_grid=(1e-2, 1e-1, 1.0))
     assert result.ci[0][0] <= result.chance  # pre 0 reads the token "to": not above chance (4 names)
     for site, fraction in enumerate(fractions):
         if fraction > 0.3:  # measured: probe 1.00, shuffled ~0.25, random-init model <= 0.8

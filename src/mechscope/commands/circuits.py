@@ -25,11 +25,12 @@ def add_arguments(parser):
     parser.add_argument("--tokens", default=DEFAULT_TOKENS, help="comma-separated words, each one token: OV source "
                         "tokens and QK query tokens (default: %(default)s)")
     parser.add_argument("--embedding", choices=("raw", "effective"), default="raw",
-                        help="token vectors the circuits start from: raw = W_E (Elhage et al.), effective = what the "
-                        "head's layer reads for each token after BOS (ln1 of the residual stream; better for layers > 0) "
-                        "(default: %(default)s)")
+                        help="token vectors the circuits start from: raw = W_E (Elhage et al.), effective = what "
+                        "the head's layer reads for each token after BOS (ln1 of the residual stream; better for "
+                        "layers > 0) (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=5, help="tokens per row (default: %(default)s)")
-    parser.add_argument("--baseline-seeds", type=int, default=5, help="seeds of the random composition baseline (default: %(default)s)")
+    parser.add_argument("--baseline-seeds", type=int, default=5,
+                        help="seeds of the random composition baseline (default: %(default)s)")
     parser.add_argument("--save-full", action="store_true", help="also write the chosen heads' full d_vocab x d_vocab "
                         "OV and QK circuits to full_circuits.safetensors")
     parser.add_argument("--max-gb", type=float, default=1.0, help="memory limit for --save-full (default: %(default)s)")
@@ -44,109 +45,133 @@ def _rows_for(model, circuit, tokens, allowed, k):
                                                for v, i in zip(vs, row)] for t, vs, row in zip(tokens, values, ids)}
 
 
-def run(ctx):
+def _check_args(args, model):
+    """-> (token ids [n], chosen heads or None), raising BadInput for anything the user can fix."""
     import torch
 
-    from mechscope import inputs, plotting
+    from mechscope import inputs
     from mechscope.errors import BadInput
-    from mechscope.techniques import circuits
-    from mechscope.techniques.heads import non_special_token_ids
 
-    args, model = ctx.args, ctx.model
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
     if args.baseline_seeds < 2:
         raise BadInput("--baseline-seeds must be at least 2 (the baseline reports a spread over seeds)")
     if model.cfg.n_layers < 2:
         raise BadInput("composition needs at least 2 layers; this model has 1")
-    words = [w for w in args.tokens.split(",") if w.strip()]
+    words = [w.strip() for w in args.tokens.split(",") if w.strip()]
     if not words:
         raise BadInput("--tokens is empty: pass comma-separated words, e.g. mary,paris")
-    tokens = torch.tensor([inputs.single_token(model, w.strip()) for w in words])
+    tokens = torch.tensor([inputs.single_token(model, w) for w in words])
     heads = inputs.parse_heads(model, args.heads) if args.heads else None
     if heads and args.save_full:
         needed = len(heads) * 2 * 4 * model.cfg.d_vocab ** 2
         if needed > args.max_gb * 1e9:
-            raise BadInput(f"--save-full needs {needed / 1e9:.2f} GB for {len(heads)} heads (d_vocab {model.cfg.d_vocab}); "
-                           f"raise --max-gb or pass fewer --heads")
+            raise BadInput(f"--save-full needs {needed / 1e9:.2f} GB for {len(heads)} heads "
+                           f"(d_vocab {model.cfg.d_vocab}); raise --max-gb or pass fewer --heads")
+    return tokens, heads
 
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    effective = args.embedding == "effective"
-    copying = circuits.copying_scores(model, effective=effective)
-    if heads is None:
-        flat = copying.eig_ratio.flatten().topk(min(3, L * H)).indices
-        heads = [(int(i) // H, int(i) % H) for i in flat]
-    layer_labels, head_labels = [f"L{la}" for la in range(L)], [f"H{h}" for h in range(H)]
+
+def _copying(ctx, copying) -> list[dict]:
+    """copying.csv + two layer x head heatmaps; returns the 3 heads with the highest eig_ratio."""
+    from mechscope import plotting
+
+    L, H = copying.eig_ratio.shape
     rows = ["layer,head,eig_ratio,positive_fraction"] + [
         f"{la},{h},{float(copying.eig_ratio[la, h]):.6f},{float(copying.positive_fraction[la, h]):.6f}"
         for la in range(L) for h in range(H)]
     (ctx.run_dir / "copying.csv").write_text("\n".join(rows) + "\n")
-    plotting.heatmap(copying.eig_ratio, ctx.run_dir / "copying_eig_ratio.png", layer_labels, head_labels,
-                     title=f"OV copying ({args.embedding} embedding): Re(sum eig) / sum |eig| of E W_OV W_U", xlabel="head", ylabel="layer")
-    plotting.heatmap(copying.positive_fraction, ctx.run_dir / "copying_positive_fraction.png", layer_labels, head_labels,
-                     title=f"OV copying ({args.embedding} embedding): fraction of eigenvalues with Re > 0", xlabel="head", ylabel="layer",
-                     diverging=False)
+    labels = dict(row_labels=[f"L{la}" for la in range(L)], col_labels=[f"H{h}" for h in range(H)],
+                  xlabel="head", ylabel="layer")
+    embedding = ctx.args.embedding
+    plotting.heatmap(copying.eig_ratio, ctx.run_dir / "copying_eig_ratio.png",
+                     title=f"OV copying, {embedding} embedding: Re(sum eig) / sum |eig|", **labels)
+    plotting.heatmap(copying.positive_fraction, ctx.run_dir / "copying_positive_fraction.png", diverging=False,
+                     title=f"OV copying, {embedding} embedding: fraction of eigenvalues with Re > 0", **labels)
+    top = copying.eig_ratio.flatten().topk(min(3, L * H)).indices.tolist()
+    return [{"head": f"L{i // H}H{i % H}", "eig_ratio": round(float(copying.eig_ratio.flatten()[i]), 4),
+             "positive_fraction": round(float(copying.positive_fraction.flatten()[i]), 4)} for i in top]
 
+
+def _head_tables(ctx, heads, tokens) -> dict:
+    """Top OV outputs / QK keys of each token and self-copy fractions per chosen head (+ full matrices on request)."""
+    from mechscope.techniques import circuits
+    from mechscope.techniques.heads import non_special_token_ids
+
+    model, args = ctx.model, ctx.args
     allowed = non_special_token_ids(model)
-    per_head = {}
-    full = {}
-    for la, h in heads:
-        embedding = circuits.effective_embedding(model, la) if effective else None
-        ov, qk = circuits.ov_circuit(model, la, h, embedding), circuits.qk_circuit(model, la, h, embedding)
-        name = f"L{la}H{h}"
-        per_head[name] = {"ov_top_outputs": _rows_for(model, ov, tokens, allowed, args.top_k),
-                          "qk_top_keys": _rows_for(model, qk, tokens, allowed, args.top_k),
-                          "self_copy": circuits.self_copy_fractions(ov, allowed),
-                          "eig_ratio": round(float(copying.eig_ratio[la, h]), 4),
-                          "positive_fraction": round(float(copying.positive_fraction[la, h]), 4)}
+    tables, full = {}, {}
+    for layer, head in heads:
+        embedding = circuits.effective_embedding(model, layer) if args.embedding == "effective" else None
+        ov, qk = circuits.ov_circuit(model, layer, head, embedding), circuits.qk_circuit(model, layer, head, embedding)
+        name = f"L{layer}H{head}"
+        tables[name] = {"ov_top_outputs": _rows_for(model, ov, tokens, allowed, args.top_k),
+                        "qk_top_keys": _rows_for(model, qk, tokens, allowed, args.top_k),
+                        "self_copy": circuits.self_copy_fractions(ov, allowed)}
         if args.save_full:
-            limit = args.max_gb * 1e9
-            full[f"ov.{name}"] = circuits.full_matrix(ov, limit).contiguous().cpu()
-            full[f"qk.{name}"] = circuits.full_matrix(qk, limit).contiguous().cpu()
+            full[f"ov.{name}"] = circuits.full_matrix(ov, args.max_gb * 1e9).contiguous().cpu()
+            full[f"qk.{name}"] = circuits.full_matrix(qk, args.max_gb * 1e9).contiguous().cpu()
     if full:
         from safetensors.torch import save_file
         save_file(full, str(ctx.run_dir / "full_circuits.safetensors"))
+    return tables
 
-    comp_rows = ["mode,layer_a,head_a,layer_b,head_b,score,baseline,excess"]
-    composition = {}
-    pair_labels = [f"L{la}H{h}" for la in range(L) for h in range(H)]
+
+def _composition(ctx) -> dict:
+    """composition.csv (every valid pair, 3 modes) + one heatmap per mode; returns baseline, top pairs, scores."""
+    from mechscope import plotting
+    from mechscope.techniques import circuits
+
+    L, H = ctx.model.cfg.n_layers, ctx.model.cfg.n_heads
+    rows = ["mode,layer_a,head_a,layer_b,head_b,score,baseline,excess"]
+    labels = [f"L{la}H{h}" for la in range(L) for h in range(H)]
+    out = {}
     for mode in circuits.MODES:
-        comp = circuits.composition_scores(model, mode, n_seeds=args.baseline_seeds)
-        for la in range(L):
-            for lb in range(la + 1, L):
-                for ha in range(H):
-                    for hb in range(H):
-                        s = float(comp.scores[la, ha, lb, hb])
-                        comp_rows.append(f"{mode},{la},{ha},{lb},{hb},{s:.6f},{comp.baseline:.6f},{s - comp.baseline:.6f}")
-        excess = comp.excess[:-1, :, 1:, :].reshape((L - 1) * H, (L - 1) * H)   # writers in 0..L-2, readers in 1..L-1
-        plotting.heatmap(excess, ctx.run_dir / f"composition_{mode}.png", pair_labels[:-H], pair_labels[H:],
+        comp = circuits.composition_scores(ctx.model, mode, n_seeds=ctx.args.baseline_seeds)
+        for la, ha, lb, hb in circuits.later_layer_mask(L, H).nonzero().tolist():
+            s = float(comp.scores[la, ha, lb, hb])
+            rows.append(f"{mode},{la},{ha},{lb},{hb},{s:.6f},{comp.baseline:.6f},{s - comp.baseline:.6f}")
+        excess = comp.excess[:-1, :, 1:, :].reshape((L - 1) * H, (L - 1) * H)   # writers 0..L-2, readers 1..L-1
+        plotting.heatmap(excess, ctx.run_dir / f"composition_{mode}.png", labels[:-H], labels[H:],
                          title=f"{mode}-composition minus random baseline ({comp.baseline:.3f})",
                          xlabel="reading head B (later layer)", ylabel="writing head A", colorbar_label="score - baseline")
-        composition[mode] = {"baseline": round(comp.baseline, 4), "baseline_std": round(comp.baseline_std, 5),
-                             "top_pairs": [{"A": f"L{a}H{b}", "B": f"L{c}H{d}", "excess": round(v, 4),
-                                            "score": round(v + comp.baseline, 4)} for a, b, c, d, v in comp.top(5)],
-                             "scores": comp.scores}
-    (ctx.run_dir / "composition.csv").write_text("\n".join(comp_rows) + "\n")
+        out[mode] = {"baseline": round(comp.baseline, 4), "baseline_std": round(comp.baseline_std, 5),
+                     "top_pairs": [{"A": f"L{a}H{b}", "B": f"L{c}H{d}", "excess": round(v, 4),
+                                    "score": round(v + comp.baseline, 4)} for a, b, c, d, v in comp.top(5)],
+                     "scores": comp.scores}
+    (ctx.run_dir / "composition.csv").write_text("\n".join(rows) + "\n")
+    return out
+
+
+def run(ctx):
+    from mechscope.techniques import circuits
+
+    tokens, heads = _check_args(ctx.args, ctx.model)
+    copying = circuits.copying_scores(ctx.model, effective=ctx.args.embedding == "effective")
+    top_copying = _copying(ctx, copying)
+    if heads is None:
+        n_heads = ctx.model.cfg.n_heads
+        heads = [(i // n_heads, i % n_heads) for i in copying.eig_ratio.flatten().topk(len(top_copying)).indices.tolist()]
+    tables = _head_tables(ctx, heads, tokens)
+    composition = _composition(ctx)
 
     summary = {
-        "embedding": args.embedding,
-        "copying_top_heads": [{"head": f"L{i // H}H{i % H}", "eig_ratio": round(float(copying.eig_ratio.flatten()[i]), 4),
-                               "positive_fraction": round(float(copying.positive_fraction.flatten()[i]), 4)}
-                              for i in copying.eig_ratio.flatten().topk(min(3, L * H)).indices.tolist()],
+        "embedding": ctx.args.embedding,
+        "copying_top_heads": top_copying,
         "composition": {m: {k: v for k, v in c.items() if k != "scores"} for m, c in composition.items()},
-        "heads": {name: {"self_copy": d["self_copy"], "eig_ratio": d["eig_ratio"],
-                         "ov_top_outputs": {t: [w for w, _ in r] for t, r in d["ov_top_outputs"].items()},
-                         "qk_top_keys": {t: [w for w, _ in r] for t, r in d["qk_top_keys"].items()}}
-                  for name, d in per_head.items()},
+        "heads": {name: {"self_copy": t["self_copy"],
+                         "ov_top_outputs": {tok: [w for w, _ in r] for tok, r in t["ov_top_outputs"].items()},
+                         "qk_top_keys": {tok: [w for w, _ in r] for tok, r in t["qk_top_keys"].items()}}
+                  for name, t in tables.items()},
         "files": ["copying.csv", "copying_eig_ratio.png", "copying_positive_fraction.png", "composition.csv"]
-                 + [f"composition_{m}.png" for m in circuits.MODES] + (["full_circuits.safetensors"] if full else []),
+                 + [f"composition_{m}.png" for m in circuits.MODES]
+                 + (["full_circuits.safetensors"] if ctx.args.save_full else []),
     }
     text = "\n".join(
-        ["copying (eig_ratio, positive_fraction): " + ", ".join(f"{c['head']} {c['eig_ratio']:.2f}/{c['positive_fraction']:.2f}"
-                                                               for c in summary["copying_top_heads"])]
+        ["copying (eig_ratio/positive_fraction): " + ", ".join(
+            f"{c['head']} {c['eig_ratio']:.2f}/{c['positive_fraction']:.2f}" for c in top_copying)]
         + [f"{m}-composition (baseline {c['baseline']:.3f}): " + ", ".join(
-            f"{p['A']}->{p['B']} +{p['excess']:.3f}" for p in c["top_pairs"][:3]) for m, c in summary["composition"].items()]
-        + [f"{name} OV: " + "; ".join(f"{t} -> {' '.join(ws[:3])}" for t, ws in d["ov_top_outputs"].items())
-           + f" | copies itself top-1 {d['self_copy']['top1']:.2f}" for name, d in summary["heads"].items()])
-    return {"summary": summary, "text": text, "copying": {"eig_ratio": copying.eig_ratio,
-            "positive_fraction": copying.positive_fraction}, "heads": per_head, "composition": composition}
+            f"{p['A']}->{p['B']} {p['excess']:+.3f}" for p in c["top_pairs"][:3]) for m, c in composition.items()]
+        + [f"{name} OV: " + "; ".join(f"{tok} -> {' '.join(ws[:3])}" for tok, ws in t["ov_top_outputs"].items())
+           + f" | copies itself top-1 {t['self_copy']['top1']:.2f}" for name, t in summary["heads"].items()])
+    return {"summary": summary, "text": text, "heads": tables, "composition": composition,
+            "copying": {"eig_ratio": copying.eig_ratio, "positive_fraction": copying.positive_fraction}}

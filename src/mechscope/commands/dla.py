@@ -39,7 +39,8 @@ def run(ctx):
     if args.prompt is None and args.answer is None and args.wrong is None:
         prompt, answer_word, wrong_word = DEFAULT_PROMPT, DEFAULT_ANSWER, DEFAULT_WRONG
     else:
-        prompt, answer_word, wrong_word = args.prompt or DEFAULT_PROMPT, args.answer, args.wrong
+        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        answer_word, wrong_word = args.answer, args.wrong
     toks = inputs.tokens(model, prompt)
     if answer_word is None:
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """Attention patterns of chosen heads on a prompt, and every head's previous-token / induction /
 duplicate-token / BOS score from one batched pass over random repeated sequences [BOS, r, r].
 
-    mechscope heads                                  # scores; patterns of the top prev-token / induction / duplicate heads
+    mechscope heads                        # scores; patterns of the top prev-token / induction / duplicate heads
     mechscope heads --heads 1.2,0.3 --prompt "When Mary and John went to the store, John gave a drink to"
     mechscope heads --layer 1 --n-sequences 64 --seq-len 25
 
@@ -16,14 +16,18 @@ DEFAULT_PROMPT = "the quick brown fox jumps over the lazy dog . the quick brown 
 
 
 def add_arguments(parser):
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the attention plots (default: a repeated sentence)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
+                        help="prompt for the attention plots (default: a repeated sentence)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--heads", help="heads to plot, LAYER.HEAD[,LAYER.HEAD...] e.g. 1.2,0.3 "
                        "(default: the top previous-token, induction and duplicate-token heads)")
     which.add_argument("--layer", type=int, help="plot every head of this layer")
-    parser.add_argument("--n-sequences", type=int, default=32, help="random sequences for the scores (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=20, help="length L of the repeated part r (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=3, help="top heads per score in the summary (default: %(default)s)")
+    parser.add_argument("--n-sequences", type=int, default=32,
+                        help="random sequences for the scores (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=20,
+                        help="length L of the repeated part r (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=3,
+                        help="top heads per score in the summary (default: %(default)s)")
 
 
 def _check_args(args, model):
@@ -33,7 +37,8 @@ def _check_args(args, model):
         raise BadInput("--n-sequences must be at least 1")
     max_len = (model.cfg.n_ctx - 1) // 2
     if not 2 <= args.seq_len <= max_len:
-        raise BadInput(f"--seq-len must be in 2..{max_len} (BOS + two copies must fit the context of {model.cfg.n_ctx})")
+        raise BadInput(f"--seq-len must be in 2..{max_len} (BOS + two copies must fit the context of "
+                       f"{model.cfg.n_ctx})")
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
 
@@ -71,13 +76,12 @@ def run(ctx):
         for head in range(model.cfg.n_heads):
             lines.append(f"{layer},{head}," + ",".join(f"{float(values[n][layer, head]):.6f}" for n in SCORE_NAMES))
     (ctx.run_dir / "head_scores.csv").write_text("\n".join(lines) + "\n")
-    head_labels = [f"H{h}" for h in range(model.cfg.n_heads)]
-    layer_labels = [f"L{layer}" for layer in range(model.cfg.n_layers)]
     for name in SCORE_NAMES:
-        plotting.heatmap(values[name], ctx.run_dir / f"scores_{name}.png", row_labels=layer_labels,
-                         col_labels=head_labels, title=f"{name.replace('_', '-')} score ({args.n_sequences} x [BOS, r, r], "
-                         f"L={args.seq_len})", xlabel="head", ylabel="layer", colorbar_label="mean attention",
-                         diverging=False)
+        plotting.heatmap(values[name], ctx.run_dir / f"scores_{name}.png",
+                         row_labels=[f"L{layer}" for layer in range(model.cfg.n_layers)],
+                         col_labels=[f"H{h}" for h in range(model.cfg.n_heads)],
+                         title=f"{name.replace('_', '-')} score ({args.n_sequences} x [BOS, r, r], L={args.seq_len})",
+                         xlabel="head", ylabel="layer", colorbar_label="mean attention", diverging=False)
 
     patterns = attention_patterns(model, tokens, heads)
     str_tokens = model.to_str_tokens(tokens[0])
@@ -88,10 +92,11 @@ def run(ctx):
 
     top = {name: [{"head": f"L{la}H{he}", "score": round(v, 4)} for la, he, v in scores.top(name, args.top_k)]
            for name in SCORE_NAMES}
+    files = ["head_scores.csv"] + [f"scores_{n}.png" for n in SCORE_NAMES] + ["attention.png", "attention.html"]
     summary = {"top_heads": top, "plotted_heads": names, "n_prompt_tokens": len(str_tokens),
-               "n_sequences": args.n_sequences, "seq_len": args.seq_len,
-               "files": ["head_scores.csv"] + [f"scores_{n}.png" for n in SCORE_NAMES] + ["attention.png", "attention.html"]}
-    text = "\n".join([f"{name}: " + ", ".join(f"{t['head']} {t['score']:.2f}" for t in top[name]) for name in SCORE_NAMES]
+               "n_sequences": args.n_sequences, "seq_len": args.seq_len, "files": files}
+    text = "\n".join([f"{name}: " + ", ".join(f"{t['head']} {t['score']:.2f}" for t in top[name])
+                      for name in SCORE_NAMES]
                      + [f"attention plotted for {', '.join(names)} on {len(str_tokens)} tokens"])
     return {"summary": summary, "scores": {n: values[n] for n in SCORE_NAMES}, "prompt": args.prompt,
             "str_tokens": str_tokens, "plotted_heads": [list(h) for h in heads], "text": text}

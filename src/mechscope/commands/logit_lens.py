@@ -32,8 +32,8 @@ def run(ctx):
     args, model = ctx.args, ctx.model
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
-    prompt = args.prompt or DEFAULT_PROMPT
-    targets = args.target or ([] if args.prompt else DEFAULT_TARGETS)
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    targets = args.target or (DEFAULT_TARGETS if args.prompt is None else [])
     toks = inputs.tokens(model, prompt)
     if not -toks.shape[1] <= args.pos < toks.shape[1]:
         raise BadInput(f"--pos {args.pos} is out of range: the prompt has {toks.shape[1]} tokens (BOS included)")

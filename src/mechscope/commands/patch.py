@@ -128,7 +128,8 @@ def run(ctx):
         rows, cols = _labels(model, first_tokens, values.shape[1] if "head" in result.axes else 0, result)
         cols = cols[:grid.shape[1]] + [f"{i}" for i in range(len(cols), grid.shape[1])]
         png = plotting.heatmap(grid, ctx.run_dir / f"{component}.png", row_labels=rows, col_labels=cols,
-                               title=f"{args.mode} {component}: {args.metric}", xlabel=" x ".join(result.axes[1:]),
+                               title=f"{args.mode} {component}: {args.metric}",
+                               xlabel="position" if "pos" in result.axes else "head",
                                ylabel="layer" if len(result.axes) < 3 else "layer.head", colorbar_label=args.metric)
         with open(ctx.run_dir / f"{component}.csv", "w", newline="") as f:
             writer = csv.writer(f)

@@ -141,5 +141,5 @@ def run(ctx):
                "sweep": args.sweep, "freeze_mlps": args.freeze_mlps, "top": top, "plot": "effects.png"}
     text = (f"path patching -> {label(receivers)} ({metric_name}): clean {result.target_metric:.3f}, corrupted "
             f"{result.source_metric:.3f}\n" + "\n".join(
-                f"  {t['path']}: {t['effect']:+.3f} ({t['fraction']:.0%} of corrupted - clean)" for t in top))
+                f"  {t['path']}: {t['effect']:+.3f} (fraction {t['fraction']:+.2f} of corrupted - clean)" for t in top))
     return {"summary": summary, "effects": result.effects, "labels": labels, "text": text}

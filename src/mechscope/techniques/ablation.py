@@ -81,7 +81,7 @@ def parse_components(model, spec: str) -> list[Component]:
             out.append(Component("head", layer, int(m.group(2))))
         elif m.group(5) is not None:
             if cfg.attn_only or m.group(3) != "mlp" or int(m.group(5)) >= cfg.d_mlp:
-                raise BadInput(f"neuron {item!r} is out of range: write mlpLAYER.NEURON with NEURON in 0..{cfg.d_mlp - 1}")
+                raise BadInput(f"neuron {item!r} is out of range: write mlpLAYER.NEURON, NEURON in 0..{cfg.d_mlp - 1}")
             out.append(Component("neuron", layer, int(m.group(5))))
         else:
             if m.group(3) == "mlp" and cfg.attn_only:
@@ -162,12 +162,13 @@ def other_rows(n: int, seed: int = 0) -> torch.Tensor:
 def ablated_metric(model, tokens: torch.Tensor, groups: list[list[Component]],
                    metric: Callable[[torch.Tensor], torch.Tensor], method: str = "mean",
                    reference: torch.Tensor | None = None, donors: torch.Tensor | None = None,
-                   per_position: bool = False, seed: int = 0, rows_per_forward: int = 512) -> torch.Tensor:
+                   per_position: bool = False, seed: int = 0, rows_per_forward: int | None = None) -> torch.Tensor:
     """The metric with each group of components ablated. -> [n_groups, batch] (float32, on CPU)
 
     tokens: [batch, seq]; metric(logits [batch, seq, d_vocab]) -> [batch]; an empty group is the clean run.
     reference: [n_ref, seq'] tokens for mean / noise / resample statistics (default: `tokens`);
     donors: [batch] rows of `reference` that resample takes from (default: random other rows, seeded).
+    rows_per_forward: batch rows per forward (default: up to 512, fewer when the logits would pass ~512 MB).
     """
     if method not in METHODS:
         raise BadInput(f"unknown ablation method {method!r}; use one of {', '.join(METHODS)}")
@@ -206,6 +207,8 @@ def ablated_metric(model, tokens: torch.Tensor, groups: list[list[Component]],
             return act
         return hook
 
+    if rows_per_forward is None:
+        rows_per_forward = min(512, 2**27 // (tokens.shape[1] * model.cfg.d_vocab))
     per_chunk = max(1, rows_per_forward // batch)
     out = []
     for start in range(0, len(groups), per_chunk):

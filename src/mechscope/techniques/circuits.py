@@ -75,6 +75,7 @@ class CopyingScores:
     positive_fraction: torch.Tensor
 
 
+@torch.no_grad()
 def eigenvalue_copying(circuit: FactoredMatrix) -> tuple[torch.Tensor, torch.Tensor]:
     """(eig_ratio, positive_fraction) of a factored matrix [..., n, n] -> each [...]."""
     eig = _float(circuit).eigenvalues  # [..., mdim] complex
@@ -130,9 +131,9 @@ def full_matrix(circuit: FactoredMatrix, max_bytes: float) -> torch.Tensor:
 
 
 def _gram(weight: torch.Tensor) -> torch.Tensor:
-    """W^T W of [..., d_model, d_head] -> [..., d_head, d_head] (float64): ||W X||_F^2 = tr(X^T W^T W X)."""
-    weight = weight.double()
-    return weight.transpose(-1, -2) @ weight
+    """W^T W of [L, H, d_model, d_head] -> [L, H, d_head, d_head] (float64, one layer at a time):
+    ||W X||_F^2 = tr(X^T W^T W X)."""
+    return torch.stack([w.double().transpose(-1, -2) @ w.double() for w in weight])
 
 
 def _factors(W_Q, W_K, W_V, W_O, mode: str):
@@ -141,25 +142,29 @@ def _factors(W_Q, W_K, W_V, W_O, mode: str):
 
 
 def _composition(W_Q, W_K, W_V, W_O, mode: str) -> torch.Tensor:
-    """Scores of every head A into every head B, unmasked: weights [L, H, d_model, d_head] (W_O: [L, H, d_head, d_model])
-    -> [L, H, L, H] (float32).
+    """Scores of every head A into every head B in a later layer: weights [L, H, d_model, d_head]
+    (W_O: [L, H, d_head, d_model]) -> [L, H, L, H] (float32), 0 where layer_B <= layer_A.
 
     ||W_V^A M W_t^B^T||_F^2 with M = W_O^A W_m^B [d_head, d_head] is sum((G_V^A M) * (M G_t^B)), G = W^T W.
+    Memory: one writing head at a time, L * H * d_head^2 float64 values.
     """
     middle, trailing = _factors(W_Q, W_K, W_V, W_O, mode)
     g_v, g_o = _gram(W_V), _gram(W_O.transpose(-1, -2))
     g_m, g_t = _gram(middle), _gram(trailing)
     left_sq = (g_v * g_o).sum(dim=(-2, -1))                # ||W_V W_O||^2 = tr(G_V G_O)   [L, H]
     right_sq = (g_m * g_t).sum(dim=(-2, -1))               # ||W_m W_t^T||^2               [L, H]
-    rows = []
-    for layer in range(W_O.shape[0]):                       # one source layer at a time bounds memory
-        link = torch.einsum("hdm,lkme->hlkde", W_O[layer].double(), middle.double())   # M: [H, L, H, dh, dh]
-        product_sq = ((g_v[layer][:, None, None] @ link) * (link @ g_t[None])).sum(dim=(-2, -1))
-        rows.append(product_sq / left_sq[layer][:, None, None] / right_sq[None])
-    return torch.stack(rows).clamp(min=0).sqrt().float()
+    n_layers, n_heads = W_O.shape[:2]
+    scores = torch.zeros(n_layers, n_heads, n_layers, n_heads, dtype=torch.float64, device=W_O.device)
+    for layer in range(n_layers - 1):
+        later = slice(layer + 1, n_layers)
+        for head in range(n_heads):
+            link = torch.einsum("dm,lkme->lkde", W_O[layer, head].double(), middle[later].double())  # M: [l, H, dh, dh]
+            product_sq = ((g_v[layer, head] @ link) * (link @ g_t[later])).sum(dim=(-2, -1))
+            scores[layer, head, later] = product_sq / left_sq[layer, head] / right_sq[later]
+    return scores.clamp(min=0).sqrt().float()
 
 
-def _later_layer_mask(n_layers: int, n_heads: int) -> torch.Tensor:
+def later_layer_mask(n_layers: int, n_heads: int) -> torch.Tensor:
     """[L, H, L, H] True where head B's layer is after head A's."""
     layers = torch.arange(n_layers)
     return (layers[:, None] < layers[None, :])[:, None, :, None].expand(n_layers, n_heads, n_layers, n_heads)
@@ -177,14 +182,14 @@ class CompositionScores:
     @property
     def excess(self) -> torch.Tensor:
         """scores - baseline on valid pairs, 0 elsewhere. [L, H, L, H]"""
-        mask = _later_layer_mask(*self.scores.shape[:2])
+        mask = later_layer_mask(*self.scores.shape[:2])
         return torch.where(mask, self.scores - self.baseline, torch.zeros_like(self.scores))
 
     def top(self, k: int = 5) -> list[tuple[int, int, int, int, float]]:
         """The k pairs with the highest score - baseline as (layer_A, head_A, layer_B, head_B, excess)."""
-        excess = self.excess
-        L, H = excess.shape[:2]
-        flat = excess.flatten().topk(min(k, int(_later_layer_mask(L, H).sum())))
+        mask = later_layer_mask(*self.scores.shape[:2])
+        excess = torch.where(mask, self.excess, torch.full_like(self.scores, -torch.inf))
+        flat = excess.flatten().topk(min(k, int(mask.sum())))
         out = []
         for v, i in zip(flat.values, flat.indices):
             la, ha, lb, hb = torch.unravel_index(i, excess.shape)
@@ -212,6 +217,5 @@ def composition_scores(model, mode: str, n_seeds: int = 5) -> CompositionScores:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     scores = _composition(model.W_Q, model.W_K, model.W_V, model.W_O, mode).cpu()
-    scores = torch.where(_later_layer_mask(*scores.shape[:2]), scores, torch.zeros_like(scores))
     mean, std = random_baseline(model.cfg.d_model, model.cfg.d_head, mode, n_seeds)
     return CompositionScores(mode=mode, scores=scores, baseline=mean, baseline_std=std)

@@ -57,6 +57,8 @@ COMPONENTS = {
 HEAD_COMPONENTS = ("z", "q", "k", "v", "pattern")
 MODES = ("denoise", "noise")
 MEMORY_BUDGET = 2**29  # bytes of activations per batched call (the default batch size follows from it)
+MAX_GROUPS = 8         # at most this many suffix-only position groups per layer
+CALL_COST_TOKENS = 64  # the fixed cost of one batched call through the blocks, in tokens of work
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -244,9 +246,12 @@ def _run_cells(model, component: str, layer: int, src: torch.Tensor, target: dic
 
 
 def _kv_entry(keys, values):
-    from transformer_lens import TransformerLensKeyValueCacheEntry
-
-    return TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
+    """A frozen cache entry that gives block attention the prefix's keys / values [n, p0, kv_heads, d_head]."""
+    try:
+        from transformer_lens import TransformerLensKeyValueCacheEntry as Entry
+    except ImportError:  # transformer-lens 2.x
+        from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCacheEntry as Entry
+    return Entry(past_keys=keys, past_values=values, frozen=True)
 
 
 def _resid_entering(cache: dict, block: int, n_layers: int) -> torch.Tensor:
@@ -261,6 +266,14 @@ def _position_groups(positions: list[int], n_groups: int) -> list[list[int]]:
     n_groups = max(1, min(n_groups, len(positions)))
     bounds = [round(i * len(positions) / n_groups) for i in range(n_groups + 1)]
     return [positions[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _cheapest_groups(positions: list[int], rows_per_position: int, seq: int) -> list[list[int]]:
+    """The grouping (1..MAX_GROUPS groups) with the least estimated work: the tokens run (a group starting at
+    p0 runs rows x (seq - p0) tokens) plus CALL_COST_TOKENS for every extra call through the blocks."""
+    def cost(groups):
+        return sum(len(g) * rows_per_position * (seq - g[0]) + CALL_COST_TOKENS for g in groups)
+    return min((_position_groups(positions, n) for n in range(1, MAX_GROUPS + 1)), key=cost)
 
 
 def default_batch_size(model, seq_len: int) -> int:
@@ -280,7 +293,8 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     clean_tokens, corrupted_tokens: [n_prompts, seq] (right-padded when `lengths` [n_prompts] is given).
     layers: the layers to sweep (default all; `values` then has one row per listed layer).
     batch_size: rows (cells x prompts) per forward call (default: from MEMORY_BUDGET).
-    suffix_groups: how many position groups run suffix-only (default: up to 4; 1 = run every position).
+    suffix_groups: how many position groups run suffix-only (default: the cheapest estimate; 1 = each
+    layer's cells run every position in one group).
     Returns a PatchResult whose values are [layers], [layers, pos], [layers, heads] or [layers, heads, pos].
     """
     if component not in COMPONENTS:
@@ -324,7 +338,12 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     run_positions = list(range(first, n_pos))
     prefix_ok = causal and by_position and model.cfg.original_architecture not in (
         "OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-    groups = _position_groups(run_positions, (suffix_groups or 4) if prefix_ok else 1)
+    if not prefix_ok or suffix_groups == 1:
+        groups = [run_positions]
+    elif suffix_groups:
+        groups = _position_groups(run_positions, suffix_groups)
+    else:
+        groups = _cheapest_groups(run_positions, n_heads * n_prompts, seq)
     max_p0 = int(read.min())
     batch_size = batch_size or default_batch_size(model, seq)
     cells_per_call = max(1, batch_size // n_prompts)

@@ -61,7 +61,7 @@ def _masks(model, rows, device) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _direct_path_logits(model, t_cache, s_cache, send) -> torch.Tensor:
-    """Logits [n_rows * n_prompts, pos, d_vocab] of t with each row's senders' output change added to the final residual."""
+    """Logits [n_rows * n_prompts, pos, d_vocab] of t, each row's senders' output change added to the final residual."""
     n_layers = model.cfg.n_layers
     delta = 0
     for layer in range(n_layers):
@@ -72,14 +72,17 @@ def _direct_path_logits(model, t_cache, s_cache, send) -> torch.Tensor:
     resid = (t_cache[f"blocks.{n_layers - 1}.hook_resid_post"] + delta).flatten(0, 1)
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
-    return model.unembed(resid)
+    logits, cap = model.unembed(resid), model.cfg.output_logits_soft_cap
+    return cap * torch.tanh(logits / cap) if cap is not None and cap > 0 else logits
 
 
 def _receiver_path_logits(model, target, t_cache, s_cache, send, recv, freeze_mlps) -> torch.Tensor:
     """Steps 2 and 3 for a chunk of rows -> logits [n_rows * n_prompts, pos, d_vocab]."""
     n_rows, n = send.shape[0], target.shape[0]
     rows = target.repeat(n_rows, 1)                                  # row r * n + j: path r on prompt j
-    per_row = lambda mask: mask.repeat_interleave(n, 0)              # noqa: E731 - [n_rows, ...] -> [n_rows * n, ...]
+
+    def per_row(mask):  # [n_rows, ...] -> [n_rows * n, ...]
+        return mask.repeat_interleave(n, 0)
     last = int(recv.any(0).any(0).any(-1).nonzero().max())          # the last layer with a receiver
     names = [f"blocks.{layer}.attn.hook_{c}" for layer in range(last + 1) for i, c in enumerate("qkv")
              if recv[:, i, layer].any()]
@@ -87,7 +90,8 @@ def _receiver_path_logits(model, target, t_cache, s_cache, send, recv, freeze_ml
     def freeze_heads(z, hook):
         layer = hook.layer()
         mask = per_row(send[:, layer])[:, None, :, None]
-        return torch.where(mask, s_cache[hook.name].repeat(n_rows, 1, 1, 1), t_cache[hook.name].repeat(n_rows, 1, 1, 1))
+        source, target_z = s_cache[hook.name].repeat(n_rows, 1, 1, 1), t_cache[hook.name].repeat(n_rows, 1, 1, 1)
+        return torch.where(mask, source, target_z)
 
     def freeze_mlp(out, hook):
         return t_cache[hook.name].repeat(n_rows, 1, 1)

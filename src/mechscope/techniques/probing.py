@@ -84,14 +84,16 @@ def residuals_at(model, rows: list[torch.Tensor], positions: list[int], hook_nam
 
 
 # ------------------------------------------------------------------------------------------ probes
-def stratified_split(labels: torch.Tensor, fractions=(0.6, 0.2, 0.2), seed: int = 0):
-    """(train, val, test) index tensors; each class is split by `fractions` (each split gets >= 1)."""
+def stratified_split(labels: torch.Tensor, fractions=(0.6, 0.2, 0.2), seed: int = 0, class_names=None):
+    """(train, val, test) index tensors; each class is split by `fractions` (each split gets >= 1).
+    labels: [n] class ids."""
     gen = torch.Generator().manual_seed(seed)
     parts = ([], [], [])
     for c in labels.unique():
         idx = (labels == c).nonzero().flatten()
         if len(idx) < 3:
-            raise BadInput(f"class {int(c)} has {len(idx)} examples; each label needs at least 3 "
+            name = class_names[int(c)] if class_names else int(c)
+            raise BadInput(f"label {name!r} has {len(idx)} examples; each label needs at least 3 "
                            f"(train, validation, test) — add examples")
         idx = idx[torch.randperm(len(idx), generator=gen)]
         n_train = max(1, min(len(idx) - 2, round(fractions[0] * len(idx))))
@@ -132,10 +134,6 @@ class ProbeFit:
     l2: float
     val_accuracy: float
     test_correct: torch.Tensor   # [n_test] bool
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [n, d] -> [n] class ids."""
-        return (x @ self.weight + self.bias).argmax(-1)
 
 
 def train_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, split, l2_grid=L2_GRID) -> ProbeFit:
@@ -190,6 +188,7 @@ class ProbeResult:
     shuffled_ci: list[tuple[float, float]]
     chance: float                      # majority-class share of the test split
     l2: list[float]
+    val_accuracy: list[float]
     classes: list[str]
     n_train: int
     n_val: int
@@ -203,7 +202,8 @@ class ProbeResult:
         for i, site in enumerate(self.sites):
             row = {"site": site, "accuracy": self.accuracy[i], "ci_low": self.ci[i][0], "ci_high": self.ci[i][1],
                    "shuffled_accuracy": self.shuffled_accuracy[i],
-                   "selectivity": self.accuracy[i] - self.shuffled_accuracy[i], "l2": self.l2[i]}
+                   "selectivity": self.accuracy[i] - self.shuffled_accuracy[i], "l2": self.l2[i],
+                   "val_accuracy": self.val_accuracy[i]}
             if self.random_model_accuracy is not None:
                 row["random_model_accuracy"] = self.random_model_accuracy[i]
             out.append(row)
@@ -233,7 +233,7 @@ def probe_layers(model, rows: list[torch.Tensor], positions: list[int], labels: 
     if len(classes) < 2:
         raise BadInput(f"all {len(labels)} examples have the label {classes[0]!r}; a probe needs two or more labels")
     y = torch.tensor([classes.index(label) for label in labels])
-    split = stratified_split(y, fractions, seed)
+    split = stratified_split(y, fractions, seed, classes)
     names = site_names(model)
     features = residuals_at(model, rows, positions, names, batch_size)
     fits, acc, intervals = _probe_sites(features, y, len(classes), split, l2_grid, ci, seed)
@@ -242,7 +242,7 @@ def probe_layers(model, rows: list[torch.Tensor], positions: list[int], labels: 
     test_labels = y[split[2]]
     result = ProbeResult(sites=names, accuracy=acc, ci=intervals, shuffled_accuracy=shuffled_acc,
                          shuffled_ci=shuffled_ci, chance=float(test_labels.bincount().max() / len(test_labels)),
-                         l2=[f.l2 for f in fits], classes=classes, n_train=len(split[0]), n_val=len(split[1]),
+                         l2=[f.l2 for f in fits], val_accuracy=[f.val_accuracy for f in fits], classes=classes, n_train=len(split[0]), n_val=len(split[1]),
                          n_test=len(split[2]), weights=torch.stack([f.weight for f in fits]))
     if random_model:
         features = residuals_at(random_init_like(model, seed), rows, positions, names, batch_size)

@@ -75,7 +75,8 @@ def next_token_logits(model, rows: list[torch.Tensor], layer: int, vector: torch
     """Steered logits at each prompt's last position. rows: n x [seq_i] -> [n, d_vocab]."""
     tokens = right_padded(rows).to(model.cfg.device)
     logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name(layer), add_vector_hook(vector, from_position))])
-    return logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])].float()
+    last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
+    return logits[torch.arange(len(rows), device=logits.device), last].float()
 
 
 @dataclass
