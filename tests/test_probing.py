@@ -147,8 +147,9 @@ def test_probe_cli_task(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     run_dir = tmp_path / out["run_dir"].split("/")[-1]
     assert {"probe.csv", "accuracy_by_layer.png", "result.json", "meta.json"} <= {p.name for p in run_dir.iterdir()}
-    layers = out["summary"]["layers"]
-    assert len(layers) == 4 and layers[-1]["accuracy"] >= 0.95 and layers[-1]["selectivity"] >= 0.3
+    layers = {row[0]: dict(zip(out["summary"]["columns"], row)) for row in out["summary"]["layers"]}
+    assert list(layers) == ["pre 0", "pre 1", "pre 2", "post 2"]
+    assert layers["post 2"]["accuracy"] >= 0.95 and layers["post 2"]["shuffled_accuracy"] <= 0.7
     assert len((run_dir / "probe.csv").read_text().splitlines()) == 5
 
 

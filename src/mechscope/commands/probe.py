@@ -123,12 +123,14 @@ def run(ctx):
         reference=result.chance, reference_label="chance (majority class)", ylabel=f"test accuracy ({args.ci} 95% CI)",
         xlabel="residual stream site", title=f"linear probe: {args.task or args.data or 'sentiment'}")
     best = max(range(len(labels)), key=lambda i: result.accuracy[i])
+    columns = ["site", "accuracy", "ci_low", "ci_high", "shuffled_accuracy"] + (
+        ["random_model_accuracy"] if result.random_model_accuracy is not None else [])
     summary = {
         "task": args.task or ("sentiment" if not args.data else None), "data": args.data,
         "classes": result.classes[:20], "n_train": result.n_train, "n_val": result.n_val, "n_test": result.n_test,
         "chance": round(result.chance, 4), "best_site": labels[best], "best_accuracy": round(result.accuracy[best], 4),
-        "layers": [{"site": labels[i], **{k: round(v, 4) for k, v in row.items() if k != "site"}}
-                   for i, row in enumerate(table)],
+        "columns": columns,  # one compact row per site (bounded output on 80-layer models); probe.csv has all
+        "layers": [[label] + [round(row[c], 3) for c in columns[1:]] for label, row in zip(labels, table)],
         "files": ["probe.csv", plot.name],
     }
     lines = [f"probe test accuracy (n_test={result.n_test}, chance {result.chance:.2f}, {args.ci} 95% CI):"]
