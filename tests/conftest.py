@@ -1,10 +1,11 @@
 """Shared fixtures: the bundled model is loaded once per test session (folded and unfolded LayerNorm)."""
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("MECHSCOPE_TEST_THREADS", "1")))  # robust when the CPU is shared
 
 

@@ -25,6 +25,9 @@ from pathlib import Path
 
 from mechscope.errors import BadInput
 
+# OpenMP threads that spin while waiting make small forwards 10-50x slower when the CPU is shared
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # name -> (module under mechscope.commands, one-line help); a module is imported only when its command runs
 COMMANDS = {
     "detect": ("detect", "hardware, and which model / library / dtype fits it"),

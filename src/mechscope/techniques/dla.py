@@ -86,15 +86,16 @@ def dla(model, tokens: torch.Tensor, answer: torch.Tensor | int, wrong: torch.Te
     logits, cache = model.run_with_cache(tokens, names_filter=hook_names(model))
     last = lambda name: cache[name][:, -1].float()  # noqa: E731  [batch, ...] at the last position
     answer = torch.as_tensor(answer, device=tokens.device).expand(batch)
+    rows = torch.arange(batch, device=tokens.device)
     W_U = model.W_U.float()
     direction = W_U[:, answer].T                                       # [batch, d_model]
     bias = model.b_U.float()[answer]                                   # [batch]
-    metric = logits[torch.arange(batch), -1, answer].float()
+    metric = logits[rows, -1, answer].float()
     if wrong is not None:
         wrong = torch.as_tensor(wrong, device=tokens.device).expand(batch)
         direction = direction - W_U[:, wrong].T
         bias = bias - model.b_U.float()[wrong]
-        metric = metric - logits[torch.arange(batch), -1, wrong].float()
+        metric = metric - logits[rows, -1, wrong].float()
 
     w, b, centres = _final_ln(model)
     ln_bias = direction @ b.float() if b is not None else torch.zeros(batch, device=direction.device)
