@@ -6,7 +6,8 @@
 Random-weight HookedTransformers (the arithmetic of real weights), CPU, float32. For each sweep it
 prints seconds for mechscope, transformer-lens and the tutorial loop, the ratios, and the largest
 |difference| between mechscope's cells and transformer-lens' (and the tutorial's). Each timing includes
-the clean / corrupted runs that the method needs. The tutorial loop is the widely copied per-cell
+the clean / corrupted runs that the method needs; mechscope's is the median of 3 runs (the others
+take minutes and run once). The tutorial loop is the widely copied per-cell
 function (/work/shared/bench/patching_anchor.py): it re-runs the clean cache and the corrupted
 baseline for every cell. "TL (est.)" in the scaling table times transformer-lens on 16 cells and
 multiplies by the number of cells (its cost per cell is constant: one full forward).
@@ -49,6 +50,12 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def timed_median(fn, repeats=3):
+    """Median of `repeats` timings: a short run on a shared machine is easily hit by another process."""
+    runs = [timed(fn) for _ in range(repeats)]
+    return sorted(t for t, _ in runs)[repeats // 2], runs[0][1]
 
 
 def tutorial_sweep(model, clean, corrupted):
@@ -110,33 +117,37 @@ def main():
     clean, corrupted = make_tokens(15)
     model(clean)  # warm-up
     header("GPT-2-small shape (12 layers, d_model 768, 12 heads, d_mlp 3072, vocab 50257), 15 tokens, CPU fp32")
-    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "resid_pre"))
+    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
     t_tut = d_tut = None
     if not args.quick:
         t_tut, v_tut = timed(lambda: tutorial_sweep(model, clean, corrupted))
         d_tut = (v_ms - v_tut).abs().max().item()
     row("resid_pre layer x pos (180 cells)", t_ms, t_tl, t_tut, (v_ms - v_tl).abs().max().item(), d_tut)
-    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z", by_position=False))
+    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "z", by_position=False))
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
     row("head out all_pos (144 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
-    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z"))
     if not args.quick:
+        t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z"))
         t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
         row("head out by_pos (2160 cells)", t_ms, t_tl, None, (v_ms - v_tl.permute(0, 2, 1)).abs().max().item())
-    t_one, _ = timed(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1))
-    t_def, _ = timed(lambda: ours(model, clean, corrupted, "resid_pre"))
-    print(f"suffix-only groups: resid_pre sweep {t_def:.2f} s with the default groups, {t_one:.2f} s running every position")
+        t_one, _ = timed(lambda: ours(model, clean, corrupted, "z", suffix_groups=1))
+        print(f"suffix-only position groups: head out by_pos {t_ms:.2f} s (default), {t_one:.2f} s with every cell "
+              f"running all positions")
+    t_one, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1))
+    t_def, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
+    print(f"suffix-only position groups: resid_pre layer x pos {t_def:.2f} s (default), {t_one:.2f} s with every "
+          f"cell running all positions")
 
     if args.quick:
         return
     model = make_model(4, 256)
     clean, corrupted = make_tokens(64)
     header("4 layers, d_model 256, 4 heads, d_mlp 1024, vocab 50257, 64 tokens, CPU fp32")
-    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "resid_pre"))
+    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
     row("resid_pre layer x pos (256 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
-    t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z", by_position=False))
+    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "z", by_position=False))
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
     row("head out all_pos (16 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
 
@@ -145,8 +156,9 @@ def main():
     for seq in (16, 64, 256):
         clean, corrupted = make_tokens(seq)
         n_cells = 4 * seq
-        t_ms, _ = timed(lambda: ours(model, clean, corrupted, "resid_pre"))
-        t_one, _ = timed(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1))
+        repeats = 3 if seq < 256 else 1
+        t_ms, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"), repeats)
+        t_one, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1), repeats)
         sample = pd.DataFrame({"layer": [i % 4 for i in range(16)], "pos": [(i * 7) % seq for i in range(16)]})
         t_cache, (_, clean_cache) = timed(lambda: model.run_with_cache(clean))
         t_cells, _ = timed(lambda: tlp.generic_activation_patch(

@@ -50,7 +50,8 @@ def test_training_is_deterministic_for_a_seed(toy_model, corpus):
 
 def test_training_leaves_the_model_alone(toy_model, corpus):
     """No gradients accumulate in the (frozen) model and requires_grad flags come back as they were."""
-    state = lambda: [(p.requires_grad, None if p.grad is None else p.grad.clone()) for p in toy_model.parameters()]  # noqa: E731
+    def state():
+        return [(p.requires_grad, None if p.grad is None else p.grad.clone()) for p in toy_model.parameters()]
     before = state()
     train_tuned_lens(toy_model, corpus[0][:4], steps=2, batch_tokens=32)
     after = state()
@@ -92,6 +93,7 @@ def test_tuned_lens_command_text_file(tmp_path, capsys):
     (["--steps", "0"], "--steps"),
     (["--seq-len", "4"], "--seq-len"),
     (["--sentences", "5"], "--sentences"),
+    (["--sentences", "30", "--seq-len", "128"], "no held-out row"),
 ])
 def test_tuned_lens_bad_input(args, words, tmp_path, capsys):
     assert main(["tuned-lens", "--out", str(tmp_path), *args]) == 2

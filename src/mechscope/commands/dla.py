@@ -1,7 +1,7 @@
 """Direct logit attribution at the last position: what embed, pos_embed, every attention layer and head,
 every MLP layer and its top neurons write directly to the answer's logit (or to answer - wrong).
 
-    mechscope dla                      # IOI example: "When Mary and John went to the store, John gave a drink to", mary - john
+    mechscope dla                      # IOI: "When Mary and John went to the store, John gave a drink to", mary - john
     mechscope dla --prompt "The Eiffel Tower is in the city of" --answer paris --wrong rome
     mechscope dla --prompt "..."       # answer = the model's top prediction
 

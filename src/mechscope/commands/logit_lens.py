@@ -2,7 +2,7 @@
 (resid_pre and resid_mid of each layer, then the final resid_post, which reproduces the model's logits).
 
     mechscope logit-lens                                        # "the eiffel tower is in the city of" -> paris
-    mechscope logit-lens --prompt "When Mary and John went to the store, John gave a drink to" --target mary --target john
+    mechscope logit-lens --prompt "When Mary and John went to the store, John gave a drink to" --target mary
     mechscope logit-lens --prompt "..." --pos 3 --top-k 10
 
 Writes logit_lens.png (layer x position: probability of each entry's top token, labelled with it) and,

@@ -44,6 +44,9 @@ def _split_tokens(ctx, model):
         train = corpus_tokens(model, " ".join(corpus_text(args.sentences, seed=args.seed)), args.seq_len)
         held = corpus_tokens(model, " ".join(corpus_text(max(args.sentences // 3, 10), seed=args.seed + 1000)),
                              args.seq_len)
+        if len(held) == 0:
+            raise BadInput(f"{args.sentences} sentences give no held-out row of {args.seq_len} tokens; "
+                           f"raise --sentences or lower --seq-len")
         return train, held
     path = Path(args.text_file)
     if not path.is_file():
