@@ -13,15 +13,27 @@ from io import StringIO
 from pathlib import Path
 
 IOI = "When Mary and John went to the store, John gave a drink to"
-IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
 STEPS = [
     ("what this machine can run", ["detect", "--model", "mechscope-toy"]),
     ("the bundled model's predictions", ["predict"]),
     ("the bundled model's measured circuits", ["model-card"]),
+    ("attention heads: patterns and scores", ["heads"]),
+    ("QK / OV circuits and composition", ["circuits", "--embedding", "effective"]),
+    ("logit lens on IOI", ["logit-lens", "--prompt", IOI, "--target", "mary", "--target", "john"]),
+    ("tuned lens vs logit lens", ["tuned-lens", "--steps", "50"]),
+    ("direct logit attribution on IOI", ["dla"]),
+    ("activation patching, IOI", ["patch"]),
+    ("activation patching, Louvre / Colosseum", ["patch", "--clean", "The Louvre is in the city of",
+                                                 "--corrupted", "The Colosseum is in the city of",
+                                                 "--answer", "paris", "--wrong", "rome", "--component", "resid_pre"]),
+    ("attribution patching vs exact", ["attribution-patch"]),
+    ("path patching: prev-token -> induction (k)", ["path-patch", "--task", "induction", "--receivers", "2.1:k"]),
+    ("ablation of every head", ["ablate", "--components", "heads", "--method", "zero,mean", "--n", "16"]),
+    ("validating the induction circuit", ["validate-circuit", "--circuit", "0.1,0.2,1.0,1.2,2.1", "--n", "16"]),
+    ("linear probes for sentiment", ["probe", "--task", "sentiment", "--n", "200"]),
+    ("steering with love - hate", ["steer", "--strengths", "0,4"]),
 ]
-
-
 def main(argv: list[str] | None = None) -> int:
     from mechscope.cli import _command_module, main as cli
 
@@ -42,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = json.loads(buffer.getvalue())["run_dir"]
         rows.append((title, "mechscope " + " ".join(command), run_dir, time.time() - t0))
         print(f"[{time.time() - start:5.1f}s] {title}: {run_dir or '(printed only)'}", file=sys.stderr)
+    study = Path(args.out) / f"study-{time.strftime('%Y%m%d-%H%M%S')}"
+    with redirect_stdout(StringIO()):
+        code = cli(["new", str(study), "--json"])
+    if code != 0:
+        return code
+    rows.append(("a new research repo (mechscope new)", f"mechscope new {study}", str(study), 0.0))
     print(f"\nmechscope demo: {len(rows)} runs in {time.time() - start:.0f} s. Results:")
     for title, command, run_dir, seconds in rows:
         print(f"  {title:<40} {run_dir or '-'}")
