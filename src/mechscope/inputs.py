@@ -77,3 +77,13 @@ def parse_heads(model, spec: str) -> list[tuple[int, int]]:
     if not out:
         raise BadInput("no heads given: write LAYER.HEAD[,LAYER.HEAD...], e.g. 1.2,0.3")
     return out
+
+
+def names_from_list(spec: str, allowed, what: str) -> list[str]:
+    """'a,b' (or 'all') -> ['a', 'b'], each one of `allowed`; `what` names the option in the error."""
+    allowed = list(allowed)
+    names = allowed if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise BadInput(f"unknown {what} {', '.join(unknown) or repr(spec)}; use {', '.join(allowed)} or all")
+    return names

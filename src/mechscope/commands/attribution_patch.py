@@ -37,14 +37,10 @@ def add_arguments(parser):
 
 
 def _sites(spec: str) -> list[str]:
-    from mechscope.errors import BadInput
+    from mechscope.inputs import names_from_list
     from mechscope.techniques.attribution_patching import SITES
 
-    names = list(SITES) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SITES]
-    if unknown or not names:
-        raise BadInput(f"unknown site {', '.join(unknown) or spec!r}; use {', '.join(SITES)} or all")
-    return names
+    return names_from_list(spec, SITES, "site")
 
 
 def _grid(name: str, values, tokens: list[str]):
