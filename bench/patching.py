@@ -90,6 +90,12 @@ def ours(model, clean, corrupted, component, by_position=True, **kw):
                                 by_position=by_position, **kw).values
 
 
+def groups(model, clean, corrupted, component):
+    """How many suffix-only position groups the engine chooses for this sweep."""
+    return patching.patch_sweep(model, clean, corrupted, component, patching.logit_diff_metric(A, B),
+                                layers=[model.cfg.n_layers - 1]).meta["position_groups"]
+
+
 def row(name, t_ours, t_tl, t_tut=None, diff=None, diff_tut=None, est=False):
     tl_txt = f"{t_tl:8.2f}" + ("*" if est else " ")
     tut_txt = f"{t_tut:9.2f}" if t_tut is not None else "        -"
@@ -132,12 +138,12 @@ def main():
         t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
         row("head out by_pos (2160 cells)", t_ms, t_tl, None, (v_ms - v_tl.permute(0, 2, 1)).abs().max().item())
         t_one, _ = timed(lambda: ours(model, clean, corrupted, "z", suffix_groups=1))
-        print(f"suffix-only position groups: head out by_pos {t_ms:.2f} s (default), {t_one:.2f} s with every cell "
-              f"running all positions")
+        print(f"suffix-only position groups: head out by_pos {t_ms:.2f} s (default: {groups(model, clean, corrupted, 'z')} "
+              f"groups), {t_one:.2f} s with every cell running all positions")
     t_one, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1))
     t_def, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
-    print(f"suffix-only position groups: resid_pre layer x pos {t_def:.2f} s (default), {t_one:.2f} s with every "
-          f"cell running all positions")
+    print(f"suffix-only position groups: resid_pre layer x pos {t_def:.2f} s (default: {groups(model, clean, corrupted, 'resid_pre')} "
+          f"group(s)), {t_one:.2f} s with every cell running all positions")
 
     if args.quick:
         return
@@ -152,7 +158,7 @@ def main():
     row("head out all_pos (16 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
 
     print("\nscaling with sequence length: resid_pre layer x pos, 4 layers, d_model 256 (* = TL timed on 16 cells x n_cells / 16)")
-    print(f"{'tokens':>6s} {'cells':>6s} {'mechscope':>10s} {'no suffix':>10s} {'TL (est.)':>10s} {'TL/ms':>7s}")
+    print(f"{'tokens':>6s} {'cells':>6s} {'groups':>6s} {'mechscope':>10s} {'no suffix':>10s} {'TL (est.)':>10s} {'TL/ms':>7s}")
     for seq in (16, 64, 256):
         clean, corrupted = make_tokens(seq)
         n_cells = 4 * seq
@@ -165,7 +171,7 @@ def main():
             model, corrupted, clean_cache, tl_metric, patch_setter=tlp.layer_pos_patch_setter,
             activation_name="resid_pre", index_df=sample))
         t_tl = t_cache + t_cells * n_cells / 16
-        print(f"{seq:6d} {n_cells:6d} {t_ms:10.2f} {t_one:10.2f} {t_tl:10.2f} {t_tl / t_ms:6.1f}x", flush=True)
+        print(f"{seq:6d} {n_cells:6d} {groups(model, clean, corrupted, 'resid_pre'):6d} {t_ms:10.2f} {t_one:10.2f} {t_tl:10.2f} {t_tl / t_ms:6.1f}x", flush=True)
 
 
 if __name__ == "__main__":

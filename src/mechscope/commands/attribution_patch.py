@@ -62,7 +62,7 @@ def run(ctx):
     import torch
 
     from mechscope import metrics, plotting
-    from mechscope.commands.patch import _pairs
+    from mechscope.commands.patch import pairs_from_args
     from mechscope.errors import BadInput
     from mechscope.techniques import attribution_patching as atp
     from mechscope.techniques import patching
@@ -71,7 +71,7 @@ def run(ctx):
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
     sites = _sites(args.sites)
-    pairs = _pairs(args)
+    pairs = pairs_from_args(args)
     model = ctx.model
     batch = patching.pair_batch(model, pairs)
     read = batch.lengths - 1

@@ -59,7 +59,9 @@ def _read_pairs(path: str) -> list[dict]:
     return data
 
 
-def _pairs(args) -> list[dict]:
+def pairs_from_args(args) -> list[dict]:
+    """The prompt pairs of --pairs FILE, or of --clean/--corrupted/--answer/--wrong (default: IOI); shared by
+    attribution-patch and path-patch."""
     from mechscope.errors import BadInput
 
     if args.pairs:
@@ -75,14 +77,10 @@ def _pairs(args) -> list[dict]:
 
 
 def _components(spec: str) -> list[str]:
-    from mechscope.errors import BadInput
+    from mechscope.inputs import names_from_list
     from mechscope.techniques.patching import COMPONENTS
 
-    names = list(COMPONENTS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in COMPONENTS]
-    if unknown or not names:
-        raise BadInput(f"unknown component {', '.join(unknown) or spec!r}; use {', '.join(COMPONENTS)} or all")
-    return names
+    return names_from_list(spec, COMPONENTS, "component")
 
 
 def _labels(model, tokens, n_heads: int, result) -> tuple[list[str], list[str]]:
@@ -109,7 +107,7 @@ def run(ctx):
     if args.batch_size is not None and args.batch_size < 1:
         raise BadInput("--batch-size must be at least 1")
     components = _components(args.component)
-    pairs = _pairs(args)
+    pairs = pairs_from_args(args)
     model = ctx.model
     batch = patching.pair_batch(model, pairs)
     metric = {"recovery": patching.logit_diff_metric(batch.answer, batch.wrong),

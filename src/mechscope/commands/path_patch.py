@@ -65,7 +65,7 @@ def _receivers(model, spec: str):
 def _task(model, args):
     """(clean [n, pos], corrupted [n, pos], metric(logits [rows * n, ...]) -> [rows * n], metric name)."""
     from mechscope import metrics
-    from mechscope.commands.patch import _pairs
+    from mechscope.commands.patch import pairs_from_args
     from mechscope.errors import BadInput
     from mechscope.techniques import patching
     from mechscope.techniques.path_patching import induction_task
@@ -75,7 +75,7 @@ def _task(model, args):
             raise BadInput(f"--n must be >= 1 and --seq-len in 2..{(model.cfg.n_ctx - 1) // 2} for this model")
         clean, corrupted, metric = induction_task(model, args.n, args.seq_len, seed=args.seed)
         return clean, corrupted, metric, "second-copy mean log-prob of the correct token"
-    batch = patching.pair_batch(model, _pairs(args))
+    batch = patching.pair_batch(model, pairs_from_args(args))
     n = len(batch.clean)
 
     def metric(logits):  # rows r * n + j belong to prompt j

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from mechscope import metrics
+from mechscope import inputs, metrics
 from mechscope.errors import BadInput
 from mechscope.progress import progress
 
@@ -118,8 +118,6 @@ class PairBatch:
 def pair_batch(model, pairs: list[dict]) -> PairBatch:
     """Tokenise {"clean", "corrupted", "answer", "wrong"} pairs; each pair's two prompts must have the same
     number of tokens (BadInput otherwise); pairs of different lengths are right-padded."""
-    from mechscope import inputs
-
     if not pairs:
         raise BadInput("no prompt pairs given; pass --clean/--corrupted or a --pairs file with one pair per line")
     rows = []
@@ -164,22 +162,30 @@ class PatchResult:
 
 
 # ---------------------------------------------------------------------------------------------- engine
-def _final_logits(model, resid: torch.Tensor) -> torch.Tensor:
-    """[n, d_model] final residual -> [n, d_vocab] logits (ln_final, unembed, soft cap), as model.forward."""
-    x = resid[:, None]
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    logits = model.unembed(x)[:, 0]
+def final_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function [n, d_model] final residual -> [n, d_vocab] logits: ln_final, unembed, soft cap, as
+    model.forward. The unembed's transposed copy (transformer-lens makes one on every call: 154 MB for
+    GPT-2) is made once here."""
+    weight = model.unembed.W_U.T.contiguous()
     cap = model.cfg.output_logits_soft_cap
-    return cap * torch.tanh(logits / cap) if cap is not None and cap > 0 else logits
+
+    def readout(resid):
+        x = model.ln_final(resid[:, None])[:, 0] if model.cfg.normalization_type is not None else resid
+        logits = torch.nn.functional.linear(x, weight, model.unembed.b_U)
+        return cap * torch.tanh(logits / cap) if cap is not None and cap > 0 else logits
+    return readout
 
 
-def cached_run(model, tokens: torch.Tensor, read: torch.Tensor, names: list[str]):
-    """One forward caching `names`. tokens [n, seq], read [n] positions -> (logits [n, d_vocab] float32 at
-    `read`, {name: activation})."""
-    logits, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=torch.ones_like(tokens))
-    rows = torch.arange(len(tokens), device=logits.device)
-    return logits[rows, read.to(logits.device)].float(), dict(cache.items())
+def cached_run(model, tokens: torch.Tensor, read: torch.Tensor, names: list[str], readout=None):
+    """One forward caching `names`, with logits at `read` only. tokens [n, seq], read [n] positions ->
+    (logits [n, d_vocab] float32, {name: activation}). readout: final_logits(model), if already made."""
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    _, cache = model.run_with_cache(tokens, names_filter=list(names) + [final], return_type=None,
+                                    attention_mask=torch.ones_like(tokens))
+    cache = dict(cache.items())
+    rows = torch.arange(len(tokens), device=tokens.device)
+    logits = (readout or final_logits(model))(cache[final][rows, read.to(tokens.device)])
+    return logits.float(), cache
 
 
 def _axes(component: str) -> tuple[int, int | None]:
@@ -208,11 +214,12 @@ def _cell_mask(component: str, shape: torch.Size, n_cells: int, pos: torch.Tenso
 
 def _run_cells(model, component: str, layer: int, src: torch.Tensor, target: dict, read: torch.Tensor,
                p0: int, n_cells: int, pos: torch.Tensor | None, head: torch.Tensor | None, metric: Metric,
-               clean_logits: torch.Tensor) -> torch.Tensor:
+               clean_logits: torch.Tensor, readout: Callable) -> torch.Tensor:
     """Score n_cells patches of one layer in one batched call -> [n_cells, n_prompts].
 
     src: the source activation of this layer [n_prompts, ...]; target: the target run's cache;
-    p0: the first position run (positions < p0 come from the cache); pos / head: [n_cells] or None."""
+    p0: the first position run (positions < p0 come from the cache); pos / head: [n_cells] or None;
+    readout: final_logits(model)."""
     n_layers, n_prompts = model.cfg.n_layers, len(read)
     pos_axis, _ = _axes(component)
     start = layer + 1 if component == "resid_post" else layer
@@ -240,7 +247,7 @@ def _run_cells(model, component: str, layer: int, src: torch.Tensor, target: dic
                                  target[f"blocks.{i}.attn.hook_v"][:, :p0].repeat(n_cells, 1, 1, 1))
             resid = model.blocks[i](resid, past_kv_cache_entry=past, shortformer_pos_embed=pos_embed)
     rows = torch.arange(len(resid), device=resid.device)
-    logits = _final_logits(model, resid[rows, (read - p0).repeat(n_cells)]).float()
+    logits = readout(resid[rows, (read - p0).repeat(n_cells)]).float()
     prompt = torch.arange(n_prompts, device=logits.device).repeat(n_cells)
     return metric(logits, prompt, clean_logits).view(n_cells, n_prompts)
 
@@ -309,14 +316,16 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     device = clean_tokens.device
     lengths = torch.full((n_prompts,), seq, device=device) if lengths is None else lengths.to(device)
     read = lengths - 1
-    layers = list(range(cfg.n_layers)) if layers is None else layers
+    layers = list(range(cfg.n_layers)) if layers is None else [inputs.layer(model, layer) for layer in layers]
     source, target = (clean_tokens, corrupted_tokens) if mode == "denoise" else (corrupted_tokens, clean_tokens)
 
     target_names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]
-    target_names += [f"blocks.{cfg.n_layers - 1}.hook_resid_post", "hook_pos_embed"]
+    target_names += ["hook_pos_embed"]
     target_names += [f"blocks.{i}.attn.hook_{kv}" for i in range(cfg.n_layers) for kv in "kv"]
-    source_logits, source_cache = cached_run(model, source, read, [COMPONENTS[component].format(i) for i in layers])
-    target_logits, target_cache = cached_run(model, target, read, target_names)
+    readout = final_logits(model)
+    source_logits, source_cache = cached_run(model, source, read, [COMPONENTS[component].format(i) for i in layers],
+                                             readout)
+    target_logits, target_cache = cached_run(model, target, read, target_names, readout)
     clean_logits = source_logits if mode == "denoise" else target_logits
     prompt = torch.arange(n_prompts, device=device)
     source_value = metric(source_logits, prompt, clean_logits)
@@ -336,30 +345,32 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     first = int(differs[0]) if causal and len(differs) else 0
     first = first if by_position else 0
     run_positions = list(range(first, n_pos))
-    prefix_ok = causal and by_position and model.cfg.original_architecture not in (
-        "OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+    # suffix-only runs read the prefix's keys from hook_k: not where keys change after it (q/k norm, clipping)
+    prefix_ok = causal and by_position and getattr(cfg, "clip_qkv", None) is None and \
+        cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
     if not prefix_ok or suffix_groups == 1:
         groups = [run_positions]
     elif suffix_groups:
         groups = _position_groups(run_positions, suffix_groups)
     else:
         groups = _cheapest_groups(run_positions, n_heads * n_prompts, seq)
-    max_p0 = int(read.min())
+    max_p0 = int(read.min())  # a prompt's own last position must be run
     batch_size = batch_size or default_batch_size(model, seq)
     cells_per_call = max(1, batch_size // n_prompts)
+    chunks = []  # (first position run, cell indices [n]) for every batched call of a layer
+    for group in groups:
+        in_group = torch.isin(cell_pos, torch.tensor(group, device=device)).nonzero()[:, 0]
+        chunks += [(min(group[0], max_p0) if prefix_ok else 0, chunk) for chunk in in_group.split(cells_per_call)]
 
     out = target_value.repeat(len(layers), n_heads * n_pos, 1)  # [layers, cells, prompts]
     for li, layer in enumerate(progress(layers, desc=f"patching {component}")):
         src = source_cache[COMPONENTS[component].format(layer)]
-        for group in groups:
-            p0 = min(group[0], max_p0) if prefix_ok else 0
-            in_group = torch.isin(cell_pos, torch.tensor(group, device=device)).nonzero()[:, 0]
-            for chunk in in_group.split(cells_per_call):
-                values = _run_cells(model, component, layer, src, target_cache, read, p0, len(chunk),
-                                    cell_pos[chunk] if by_position else None,
-                                    cell_head[chunk] if component in HEAD_COMPONENTS else None,
-                                    metric, clean_logits)
-                out[li, chunk] = values.to(out.dtype)
+        for p0, chunk in chunks:
+            values = _run_cells(model, component, layer, src, target_cache, read, p0, len(chunk),
+                                cell_pos[chunk] if by_position else None,
+                                cell_head[chunk] if component in HEAD_COMPONENTS else None,
+                                metric, clean_logits, readout)
+            out[li, chunk] = values.to(out.dtype)
 
     per_prompt = out.permute(2, 0, 1).float()                    # [prompts, layers, cells]
     if by_position:
