@@ -26,6 +26,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _label_axes(ax, rows: int, cols: int, row_labels, col_labels) -> None:
+    """Every row and column labelled (token labels go on the columns, rotated)."""
+    ax.set_xticks(range(cols))
+    ax.set_xticklabels(col_labels if col_labels is not None else range(cols), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels(row_labels if row_labels is not None else range(rows), fontsize=8)
+
+
 def heatmap(values, path: Path, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
             title: str = "", xlabel: str = "", ylabel: str = "", colorbar_label: str = "",
             diverging: bool = True, annotate: bool | None = None) -> Path:
@@ -38,10 +46,7 @@ def heatmap(values, path: Path, row_labels: Sequence[str] | None = None, col_lab
         im = ax.imshow(data, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
     else:
         im = ax.imshow(data, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(cols))
-    ax.set_xticklabels(col_labels if col_labels is not None else range(cols), rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(rows))
-    ax.set_yticklabels(row_labels if row_labels is not None else range(rows), fontsize=8)
+    _label_axes(ax, rows, cols, row_labels, col_labels)
     if annotate if annotate is not None else rows * cols <= 200:
         for i in range(rows):
             for j in range(cols):
@@ -241,10 +246,7 @@ def token_heatmap(values, cell_text: Sequence[Sequence[str]], path: Path, row_la
     rows, cols = data.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * cols + 2), max(3.0, 0.45 * rows + 1.5)))
     im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(cols))
-    ax.set_xticklabels(col_labels if col_labels is not None else range(cols), rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(rows))
-    ax.set_yticklabels(row_labels if row_labels is not None else range(rows), fontsize=8)
+    _label_axes(ax, rows, cols, row_labels, col_labels)
     if annotate if annotate is not None else rows * cols <= 300:
         for i in range(rows):
             for j in range(cols):

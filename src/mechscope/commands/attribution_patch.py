@@ -22,11 +22,9 @@ EXACT_AUTO_MAX_PARAMS = 2e8  # --compare-exact auto: exact sweeps up to about GP
 
 
 def add_arguments(parser):
-    parser.add_argument("--clean", help="clean prompt (default: an IOI sentence)")
-    parser.add_argument("--corrupted", help="corrupted prompt with the same number of tokens")
-    parser.add_argument("--answer", help="the clean answer (one token; default for IOI: mary)")
-    parser.add_argument("--wrong", help="the corrupted answer (one token; default for IOI: john)")
-    parser.add_argument("--pairs", help="JSON / JSONL file of {clean, corrupted, answer, wrong} pairs (instead of --clean ...)")
+    from mechscope.commands.patch import add_pair_arguments
+
+    add_pair_arguments(parser)
     parser.add_argument("--sites", default="resid,attn_out,mlp_out,heads,neurons",
                         help="comma-separated: resid attn_out mlp_out heads qkv neurons, or all (default: %(default)s)")
     parser.add_argument("--atp-star", action="store_true", help="AtP* for q / k: recompute attention patterns exactly")

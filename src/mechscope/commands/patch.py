@@ -23,12 +23,17 @@ IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 METRICS = ("recovery", "logit_diff", "prob", "kl")
 
 
-def add_arguments(parser):
+def add_pair_arguments(parser):
+    """--clean/--corrupted/--answer/--wrong or --pairs: shared with attribution-patch (read by pairs_from_args)."""
     parser.add_argument("--clean", help="clean prompt (default: an IOI sentence)")
     parser.add_argument("--corrupted", help="corrupted prompt with the same number of tokens")
     parser.add_argument("--answer", help="the clean answer (one token; default for IOI: mary)")
     parser.add_argument("--wrong", help="the corrupted answer (one token; default for IOI: john)")
     parser.add_argument("--pairs", help="JSON / JSONL file of {clean, corrupted, answer, wrong} pairs (instead of --clean ...)")
+
+
+def add_arguments(parser):
+    add_pair_arguments(parser)
     parser.add_argument("--component", default="resid_pre,attn_out,mlp_out",
                         help="comma-separated: resid_pre resid_mid resid_post attn_out mlp_out z q k v pattern, "
                              "or all (default: %(default)s)")
