@@ -58,25 +58,6 @@ def heatmap(values, path: Path, row_labels: Sequence[str] | None = None, col_lab
     return _save(fig, path)
 
 
-def lines(curves: dict[str, Sequence[float]], path: Path, x_labels: Sequence[str] | None = None,
-          title: str = "", xlabel: str = "", ylabel: str = "") -> Path:
-    """One line per named curve over a shared x axis (e.g. per-layer probability of a target)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, ys in curves.items():
-        ys = _array(ys)
-        ax.plot(range(len(ys)), ys, marker="o", label=name)
-    if x_labels is not None:
-        ax.set_xticks(range(len(x_labels)))
-        ax.set_xticklabels(x_labels, rotation=60, ha="right", fontsize=8)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
 def bars(values, labels: Sequence[str], path: Path, title: str = "", xlabel: str = "") -> Path:
     """Horizontal bars, one per label, in the order given (sort before calling)."""
     data = _array(values)
@@ -91,27 +72,29 @@ def bars(values, labels: Sequence[str], path: Path, title: str = "", xlabel: str
     return _save(fig, path)
 
 
-def curves_with_bands(x: Sequence[float], curves: dict[str, tuple], path: Path, x_labels: Sequence[str] | None = None,
-                      reference: float | None = None, reference_label: str = "", title: str = "",
-                      xlabel: str = "", ylabel: str = "") -> Path:
-    """One line per named curve over numeric x; curves[name] = (values,) or (values, low, high), the
-    band shaded between low and high (e.g. a 95% CI). `reference`: a dashed horizontal line (e.g. chance)."""
+def lines(curves: dict, path: Path, x: Sequence[float] | None = None, x_labels: Sequence[str] | None = None,
+          reference: float | None = None, reference_label: str = "", title: str = "",
+          xlabel: str = "", ylabel: str = "") -> Path:
+    """One line per named curve over a shared x axis (default 0..n-1, e.g. layers). curves[name] is the
+    values, or (values, low, high) to shade a band (e.g. a 95% CI). `reference`: a dashed horizontal line."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = _array(x)
-    for name, (values, *band) in curves.items():
+    for name, curve in curves.items():
+        values, *band = curve if isinstance(curve, tuple) else (curve,)
+        xs = _array(x) if x is not None else np.arange(len(_array(values)))
         line, = ax.plot(xs, _array(values), marker="o", label=name)
         if band:
             ax.fill_between(xs, _array(band[0]), _array(band[1]), color=line.get_color(), alpha=0.2)
     if reference is not None:
         ax.axhline(reference, color="gray", ls="--", lw=1, label=reference_label or None)
     if x_labels is not None:
-        ax.set_xticks(xs)
-        ax.set_xticklabels(x_labels, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(_array(x) if x is not None else range(len(x_labels)))
+        ax.set_xticklabels(x_labels, rotation=45, ha="right", fontsize=8)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(curves) > 1 or reference is not None:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

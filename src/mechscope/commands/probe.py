@@ -118,8 +118,8 @@ def run(ctx):
               "shuffled labels": (result.shuffled_accuracy, *zip(*result.shuffled_ci))}
     if result.random_model_accuracy is not None:
         curves["random-init model"] = (result.random_model_accuracy, *zip(*result.random_model_ci))
-    plot = plotting.curves_with_bands(
-        list(range(len(labels))), curves, ctx.run_dir / "accuracy_by_layer.png", x_labels=labels,
+    plot = plotting.lines(
+        curves, ctx.run_dir / "accuracy_by_layer.png", x_labels=labels,
         reference=result.chance, reference_label="chance (majority class)", ylabel=f"test accuracy ({args.ci} 95% CI)",
         xlabel="residual stream site", title=f"linear probe: {args.task or args.data or 'sentiment'}")
     best = max(range(len(labels)), key=lambda i: result.accuracy[i])

@@ -131,10 +131,9 @@ def run(ctx):
     with open(ctx.run_dir / "steering.csv", "w") as f:
         f.write(",".join(table[0]) + "\n")
         f.writelines(",".join(f"{v:.6g}" for v in row.values()) + "\n" for row in table)
-    plots = [plotting.curves_with_bands(
-        strengths, {"steering vector": (getattr(result, key),),
-                    "random direction (same norm)": (getattr(result, "control_" + key),)},
-        ctx.run_dir / f"{key}_vs_strength.png", title=f"steering at resid_pre {layer}", xlabel="strength", ylabel=label)
+    plots = [plotting.lines(
+        {"steering vector": getattr(result, key), "random direction (same norm)": getattr(result, "control_" + key)},
+        ctx.run_dir / f"{key}_vs_strength.png", x=strengths, title=f"steering at resid_pre {layer}", xlabel="strength", ylabel=label)
              for key, label in (("positive_share", "positive share of sentiment words generated"),
                                 ("logit_diff", "next-token logit diff (positive - negative words)"))]
     generations = [{"prompt": p, **{f"{kind} {s:g}": model.to_string(result.generations[kind][i][j])

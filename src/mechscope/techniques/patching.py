@@ -319,9 +319,15 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     layers = list(range(cfg.n_layers)) if layers is None else [inputs.layer(model, layer) for layer in layers]
     source, target = (clean_tokens, corrupted_tokens) if mode == "denoise" else (corrupted_tokens, clean_tokens)
 
+    # suffix-only runs read the prefix's keys from hook_k: not where keys change after it (q/k norm, clipping)
+    causal = cfg.attention_dir == "causal"
+    prefix_ok = causal and by_position and getattr(cfg, "clip_qkv", None) is None and \
+        cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
     target_names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]
-    target_names += ["hook_pos_embed"]
-    target_names += [f"blocks.{i}.attn.hook_{kv}" for i in range(cfg.n_layers) for kv in "kv"]
+    if cfg.positional_embedding_type == "shortformer":
+        target_names += ["hook_pos_embed"]
+    if prefix_ok:  # the keys / values of positions before a run's first position
+        target_names += [f"blocks.{i}.attn.hook_{kv}" for i in range(cfg.n_layers) for kv in "kv"]
     readout = final_logits(model)
     source_logits, source_cache = cached_run(model, source, read, [COMPONENTS[component].format(i) for i in layers],
                                              readout)
@@ -340,14 +346,10 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     cell_pos = torch.arange(n_pos, device=device).repeat(n_heads)
 
     # positions before the first differing token hold identical activations in both runs (causality)
-    causal = cfg.attention_dir == "causal"
     differs = (clean_tokens != corrupted_tokens).any(0).nonzero()
     first = int(differs[0]) if causal and len(differs) else 0
     first = first if by_position else 0
     run_positions = list(range(first, n_pos))
-    # suffix-only runs read the prefix's keys from hook_k: not where keys change after it (q/k norm, clipping)
-    prefix_ok = causal and by_position and getattr(cfg, "clip_qkv", None) is None and \
-        cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
     if not prefix_ok or suffix_groups == 1:
         groups = [run_positions]
     elif suffix_groups:
