@@ -10,19 +10,25 @@ torch.set_num_threads(int(os.environ.get("MECHSCOPE_TEST_THREADS", "1")))  # rob
 
 
 @pytest.fixture(scope="session")
-def toy_model():
-    """mechscope-toy with LayerNorm folded (the default load)."""
+def toy_engine():
+    """mechscope-toy on the transformer-lens engine, LayerNorm folded (the default load)."""
     from mechscope.models import load_model
 
-    return load_model("mechscope-toy", device="cpu")
+    return load_model("mechscope-toy", backend="tl", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def toy_model(toy_engine):
+    """The HookedTransformer under toy_engine (techniques accept it as well as the engine)."""
+    return toy_engine.model
 
 
 @pytest.fixture(scope="session")
 def toy_model_unfolded():
-    """mechscope-toy with its trained LayerNorm weights kept (normalization_type LN)."""
+    """mechscope-toy as a HookedTransformer with its trained LayerNorm weights kept (normalization_type LN)."""
     from mechscope.models import load_model
 
-    return load_model("mechscope-toy", device="cpu", fold_ln=False)
+    return load_model("mechscope-toy", backend="tl", device="cpu", fold_ln=False).model
 
 
 @pytest.fixture(scope="session")

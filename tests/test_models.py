@@ -34,7 +34,7 @@ def _save_tiny(kind: str, directory):
 @pytest.mark.parametrize("kind", ["gpt2", "neox"])
 def test_local_hf_directory_matches_hf_logits(tmp_path, kind):
     hf = _save_tiny(kind, tmp_path)
-    model = load_model(str(tmp_path), device="cpu")
+    model = load_model(str(tmp_path), backend="tl", device="cpu").model
     tokens = torch.tensor([[1, 17, 42, 99, 7, 250]])
     with torch.no_grad():
         expected = hf(tokens).logits

@@ -16,7 +16,7 @@ def both(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("gpt2")
     _save_tiny("gpt2", directory)
-    tl_model = load_model(str(directory), device="cpu", fold_ln=False)  # unprocessed weights: same residual basis
+    tl_model = load_model(str(directory), backend="tl", device="cpu", fold_ln=False).model  # unprocessed weights: same residual basis
     nn_model = TransformersModel(str(directory), tokenizer=AutoTokenizer.from_pretrained(str(directory)),
                                  task="text-generation")
     return tl_model, nn_model

@@ -98,7 +98,7 @@ def ioi(toy_model):
 def test_receiver_path_matches_split_qkv_input_implementation(ioi):
     """A second implementation on the bundled model: transformer-lens' split q/k/v inputs (hook_k_input = the
     residual entering the receiver), with the freezing done by hand, for sender L0H2 -> receiver L2H1 keys."""
-    model = load_model("mechscope-toy", device="cpu")  # its own copy: set_use_split_qkv_input changes the model
+    model = load_model("mechscope-toy", backend="tl", device="cpu").model  # its own copy: set_use_split_qkv_input changes the model
     model.set_use_split_qkv_input(True)
     clean, corrupted, metric = ioi
     (sl, sh), (rl, rh) = (0, 2), (2, 1)

@@ -53,23 +53,62 @@ MAX_STDOUT_CHARS = 20_000
 
 @dataclass
 class Context:
-    """What a command's run() gets: parsed args, its run directory, and the model (loaded on first use)."""
+    """What a command's run() gets: parsed args, its run directory, and the model's engine (loaded on first use)."""
     args: argparse.Namespace
     run_dir: Path | None
-    _model: object = field(default=None, repr=False)
+    _engine: object = field(default=None, repr=False)
+
+    @property
+    def engine(self):
+        """The model on the chosen --backend (mechscope.engines.Engine)."""
+        if self._engine is None:
+            from mechscope.models import load_model
+            a = self.args
+            self._engine = load_model(a.model, backend=a.backend, device=a.device, dtype=a.dtype,
+                                      device_map=a.device_map, max_memory=parse_max_memory(a.max_memory),
+                                      quantization=a.quantization, remote=a.remote)
+        return self._engine
 
     @property
     def model(self):
-        if self._model is None:
-            from mechscope.models import load_model
-            self._model = load_model(self.args.model, device=self.args.device, dtype=self.args.dtype)
-        return self._model
+        """The library object under the engine (a HookedTransformer on --backend tl)."""
+        return self.engine.model
+
+
+def parse_max_memory(spec: str | None) -> dict | None:
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's max_memory)."""
+    if spec is None:
+        return None
+    import re
+
+    out = {}
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        m = re.fullmatch(r"(\d+|cpu|disk|mps)\s*=\s*(\d+(?:\.\d+)?\s*(?:[KMGT]i?B))", item, flags=re.IGNORECASE)
+        if not m:
+            raise BadInput(f"cannot read --max-memory item {item!r}: write DEVICE=SIZE, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+        key = int(m.group(1)) if m.group(1).isdigit() else m.group(1).lower()
+        out[key] = m.group(2).replace(" ", "")
+    if not out:
+        raise BadInput("--max-memory is empty: write DEVICE=SIZE, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(2)
+
+
+def add_engine_arguments(parser) -> None:
+    """--backend and the nnsight loading options, on every command that loads a model."""
+    parser.add_argument("--backend", default="auto", choices=("auto", "tl", "bridge", "nnsight"),
+                        help="engine: transformer-lens HookedTransformer (tl), TransformerBridge (bridge), nnsight, "
+                             "or auto = what `mechscope detect` recommends (default: %(default)s)")
+    parser.add_argument("--remote", action="store_true",
+                        help="nnsight: run on NDIF (a hub model id; needs NDIF_API_KEY and the network)")
+    parser.add_argument("--device-map", help="nnsight: Hugging Face device_map, e.g. auto (several GPUs, offload)")
+    parser.add_argument("--max-memory", help="nnsight with --device-map: per-device limits, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    parser.add_argument("--quantization", choices=("8bit", "4bit"), help="nnsight: bitsandbytes 8- or 4-bit weights")
 
 
 def _command_module(name: str):
@@ -93,6 +132,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                            help="bundled model, transformer-lens name, or local HF directory (default: %(default)s)")
             p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: %(default)s)")
             p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: %(default)s)")
+            add_engine_arguments(p)
         if getattr(module, "WRITES_RUN", True):
             p.add_argument("--out", default="runs", help="parent directory of the new run directory (default: %(default)s)")
             p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -144,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             from mechscope.models import model_info
             from mechscope.runs import metadata_for, write_json
             write_json(run_dir / "result.json", result)
-            info = model_info(ctx._model) if ctx._model is not None else None
+            info = model_info(ctx._engine) if ctx._engine is not None else None
             write_json(run_dir / "meta.json", metadata_for(args.command, vars(args), started, info, argv))
         _print_result(args.command, result, run_dir, args.json)
         return 0

@@ -1,18 +1,25 @@
-"""load_model(spec): one entry point for the bundled model, transformer-lens names and local HF directories.
+"""load_model(spec, backend=...): one entry point for the bundled model, hub names and local HF directories,
+on one of three engines (mechscope.engines):
 
-    load_model("mechscope-toy")            # bundled, offline, trained (see MODEL_CARD.md)
-    load_model("gpt2-small")               # any official transformer-lens name (needs the hub)
-    load_model("/path/to/hf_checkpoint")   # a local Hugging Face directory (config.json + weights), offline
+    load_model("mechscope-toy")                          # bundled, offline, trained (MODEL_CARD.md)
+    load_model("gpt2-small")                             # a transformer-lens / hub name (needs the hub)
+    load_model("/path/to/hf_checkpoint")                 # a local Hugging Face directory, offline
+    load_model("mechscope-toy", backend="nnsight")       # the same weights on nnsight (the bundled HF export)
+    load_model("meta-llama/Llama-2-13b-hf", backend="nnsight", device_map="auto", quantization="8bit")
 
-Every model comes back as a `HookedTransformer` in eval mode, LayerNorm folded unless fold_ln=False.
-The technique functions take the model and token tensors only, so a second backend (nnsight, for
-models above ~2B parameters and NDIF remote runs) can be added here without changing them.
+backend: "tl" (transformer-lens HookedTransformer, LayerNorm folded unless fold_ln=False), "bridge"
+(transformer-lens TransformerBridge in compatibility mode), "nnsight" (the Hugging Face module under
+nnsight: device_map / max_memory / 8- and 4-bit weights / NDIF remote), or "auto": what `mechscope detect`
+recommends (transformer-lens up to 2B parameters, nnsight above, bridge where HookedTransformer is gone).
+Every technique takes the returned engine (or a raw HookedTransformer / TransformerBridge / nnsight model:
+`as_engine` wraps it). Loading never changes torch's global state (grad mode, default dtype).
 """
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
 
+from mechscope.engines.base import BACKENDS
 from mechscope.errors import BadInput
 
 BUNDLED = "mechscope-toy"
@@ -89,12 +96,35 @@ def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     return model.to(device, print_details=False).to(dtype, print_details=False).eval()
 
 
-def load_model(spec: str = BUNDLED, device: str = "auto", dtype: str = "auto", fold_ln: bool = True):
-    """A HookedTransformer for `spec` (bundled name, transformer-lens name, or local HF directory)."""
-    import torch
+def _hooked_transformer_available() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401  (removed in transformer-lens 4)
+    except ImportError:
+        return False
+    return True
 
-    torch.set_grad_enabled(True)  # techniques decide; loading never leaves grad globally off
-    device = resolve_device(device)
+
+def auto_backend(spec: str, remote: bool = False, device_map=None, quantization=None) -> str:
+    """detect's rule: nnsight for remote / split / quantised runs and above 2B parameters; else
+    transformer-lens (the bridge where HookedTransformer no longer exists)."""
+    if remote or device_map is not None or quantization is not None:
+        return "nnsight"
+    from mechscope import compute
+
+    try:
+        n_params = compute.model_shape(spec).n_params
+    except BadInput:
+        n_params = 0
+    if n_params > compute.TL_MAX_PARAMS:
+        return "nnsight"
+    return "tl" if _hooked_transformer_available() else "bridge"
+
+
+def _load_tl(spec: str, device: str, dtype: str, fold_ln: bool):
+    """A HookedTransformer for `spec` (bundled name, transformer-lens name, or local HF directory)."""
+    if not _hooked_transformer_available():
+        raise BadInput("this transformer-lens has no HookedTransformer (removed in transformer-lens 4); "
+                       "use --backend bridge or --backend nnsight")
     if spec in (BUNDLED, "toy"):
         from mechscope.toy import model as toy
 
@@ -104,8 +134,6 @@ def load_model(spec: str = BUNDLED, device: str = "auto", dtype: str = "auto", f
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_local_hf(path, device, resolve_dtype(dtype, device), fold_ln=fold_ln)
-    if any(sep in spec for sep in ("/", ".")) and spec.startswith((".", "/", "~")):
-        raise BadInput(f"model directory {spec} does not exist")
     name = _official_name(spec)
     from transformer_lens import HookedTransformer, loading
 
@@ -120,9 +148,64 @@ def load_model(spec: str = BUNDLED, device: str = "auto", dtype: str = "auto", f
     return model.eval()
 
 
+def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto", dtype: str = "auto",
+               fold_ln: bool = True, device_map: str | None = None, max_memory: dict | None = None,
+               quantization: str | None = None, remote: bool = False):
+    """An engine (mechscope.engines.Engine) for `spec` on `backend`; see the module docstring."""
+    import torch
+
+    if backend not in ("auto",) + BACKENDS:
+        raise BadInput(f"unknown backend {backend!r}; use auto, {', '.join(BACKENDS)}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise BadInput("the model name is empty; pass --model NAME (default mechscope-toy)")
+    path = Path(spec).expanduser()
+    if spec.startswith((".", "/", "~")) and not path.is_dir():
+        raise BadInput(f"model directory {spec} does not exist")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise BadInput(f"{path} has no config.json: pass a directory written by save_pretrained")
+    if backend == "auto":
+        backend = auto_backend(spec, remote, device_map, quantization)
+    if backend != "nnsight" and (remote or device_map is not None or max_memory is not None or quantization):
+        raise BadInput(f"--remote, --device-map, --max-memory and --quantization need --backend nnsight "
+                       f"(not {backend})")
+    device = "auto" if remote else resolve_device(device)
+    grad, default_dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    try:  # libraries toggle grad mode and default dtypes while loading: leave the caller's as they were
+        if backend == "tl":
+            from mechscope.engines.hooked import HookedEngine
+            return HookedEngine(_load_tl(spec, device, dtype, fold_ln))
+        if backend == "bridge":
+            from mechscope.engines.bridge import load_bridge
+            return load_bridge(spec, device=device, dtype=dtype)
+        from mechscope.engines.nnsight import load_nnsight
+        return load_nnsight(spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                            quantization=quantization, remote=remote)
+    finally:
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(default_dtype)
+
+
+def as_engine(model):
+    """An Engine for a loaded model: an Engine as it is, a HookedTransformer, a TransformerBridge or an
+    nnsight model wrapped (so techniques accept what a user already has)."""
+    from mechscope.engines.base import Engine
+
+    if isinstance(model, Engine):
+        return model
+    kind = type(model).__name__
+    if kind == "TransformerBridge":
+        from mechscope.engines.bridge import BridgeEngine
+        return BridgeEngine(model)
+    if hasattr(model, "run_with_hooks") and hasattr(model, "blocks"):
+        from mechscope.engines.hooked import HookedEngine
+        return HookedEngine(model)
+    if hasattr(model, "trace"):
+        from mechscope.engines.nnsight import NNsightEngine
+        return NNsightEngine(model)
+    raise TypeError(f"cannot use a {kind} as a model: pass load_model(...), a HookedTransformer, a "
+                    f"TransformerBridge or an nnsight model")
+
+
 def model_info(model) -> dict:
-    """What meta.json records about a loaded model."""
-    cfg = model.cfg
-    return {"name": cfg.model_name, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model,
-            "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx, "n_params": cfg.n_params,
-            "normalization_type": cfg.normalization_type, "dtype": str(cfg.dtype), "device": str(cfg.device)}
+    """What meta.json records about a loaded model (engine, facts, dtype, device)."""
+    return as_engine(model).info()

@@ -1,0 +1,219 @@
+"""The engine interface: the small surface every technique speaks, in transformer-lens's hook names.
+
+An engine wraps one loaded model of one library (transformer-lens HookedTransformer, TransformerBridge,
+nnsight on a Hugging Face module) and offers the same few things:
+
+    engine.cfg                       ModelConfig: the model's facts (transformer-lens field names)
+    engine.to_tokens(text)           [1, seq] ids, BOS prepended the way transformer-lens does it
+    engine.has_site(name)            whether a site exists here, e.g. "blocks.1.attn.hook_z"
+    engine.run(tokens, read=[...], edits=[...])     -> (logits [batch, seq, d_vocab], {site: activation})
+    engine.run_with_grads(tokens, metric, read=[...]) -> (metric [batch], {site: act}, {site: d sum(metric)/d act})
+    engine.generate(tokens, edits=[...], max_new_tokens=n)  greedy, edits applied at every step
+    engine.W_O(layer), engine.W_U, engine.final_norm ...   weights in transformer-lens's shapes
+    engine.readout(resid)           final norm + unembedding of final-residual vectors
+
+Sites are transformer-lens hook names, and an activation has transformer-lens's shape on every engine:
+    hook_embed, hook_pos_embed, blocks.{l}.hook_resid_pre|resid_mid|resid_post  [batch, pos, d_model]
+    blocks.{l}.hook_attn_out, blocks.{l}.hook_mlp_out                          [batch, pos, d_model]
+    blocks.{l}.attn.hook_z|hook_q                                              [batch, pos, n_heads, d_head]
+    blocks.{l}.attn.hook_k|hook_v                                              [batch, pos, n_kv_heads, d_head]
+    blocks.{l}.attn.hook_pattern                                               [batch, n_heads, dest, src]
+    blocks.{l}.mlp.hook_post                                                   [batch, pos, d_mlp]
+An edit is (site, fn): fn gets the activation and returns its replacement (same shape); a read
+returns the value after the edits at that site. Engines differ in basis, not in meaning: transformer-
+lens centres the residual stream and the unembedding of LayerNorm models, Hugging Face does not, so
+residual vectors agree after centring and logits up to a constant per position; everything the
+techniques report (logit differences, patching recoveries, DLA through the final norm) agrees.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+from mechscope.errors import BadInput
+
+Edit = tuple[str, Callable]           # (site, fn(activation) -> activation)
+Metric = Callable                     # logits [batch, seq, d_vocab] -> [batch]
+
+SITE_KINDS = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+              "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+              "attn.hook_pattern", "mlp.hook_post")
+BACKENDS = ("tl", "bridge", "nnsight")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's facts, named as in transformer-lens's HookedTransformerConfig."""
+    model_name: str
+    original_architecture: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int                          # 0 for attention-only models
+    d_vocab: int
+    n_ctx: int
+    n_params: int
+    n_key_value_heads: int | None = None  # grouped-query attention; None = n_heads
+    attn_only: bool = False
+    parallel_attn_mlp: bool = False
+    gated_mlp: bool = False
+    normalization_type: str | None = "LN"   # LN, LNPre, RMS, RMSPre or None
+    positional_embedding_type: str = "standard"  # standard, rotary, shortformer, alibi
+    attention_dir: str = "causal"
+    device: object = "cpu"
+    dtype: object = None
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if k in ("device", "dtype") else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class FinalNorm:
+    """The final normalisation, x -> (x - centre) / scale * weight + bias, with scale = sqrt(mean(x'^2) + eps)
+    (x' = x - mean(x) when `centres`). weight / bias: [d_model] or None (folded, or absent)."""
+    kind: str | None                    # "LN", "RMS" or None (no final norm)
+    weight: object = None
+    bias: object = None
+    eps: float = 1e-5
+
+    @property
+    def centres(self) -> bool:
+        return self.kind == "LN"
+
+    def scale(self, resid):
+        """[..., d_model] final residual -> [..., 1] the norm's divisor at each position."""
+        import torch
+
+        if self.kind is None:
+            return torch.ones_like(resid[..., :1])
+        x = resid - resid.mean(-1, keepdim=True) if self.centres else resid
+        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+
+def layer_of(site: str) -> int | None:
+    """The layer index in a site name ("blocks.3.attn.hook_z" -> 3), or None."""
+    m = re.match(r"blocks\.(\d+)\.", site)
+    return int(m.group(1)) if m else None
+
+
+class Engine:
+    """The interface (see the module docstring). Subclasses: HookedEngine (transformer-lens hooks, also the
+    bridge's compatibility mode) and NNsightEngine."""
+    name: str = "?"
+    cfg: ModelConfig
+    tokenizer: object
+    model: object                       # the library object underneath
+
+    # ---------------------------------------------------------------- tokens
+    def to_tokens(self, text: str, prepend_bos: bool = True, truncate: bool = False):
+        """[1, seq] token ids of text, with BOS (the tokenizer's, else EOS) first when prepend_bos."""
+        raise NotImplementedError
+
+    def to_str_tokens(self, tokens, prepend_bos: bool = True) -> list[str]:
+        """The text of each token of a [seq] / [1, seq] id tensor or list, or of a string."""
+        raise NotImplementedError
+
+    def to_single_str_token(self, token_id: int) -> str:
+        return self.to_str_tokens([int(token_id)])[0]
+
+    def to_string(self, tokens) -> str:
+        raise NotImplementedError
+
+    @property
+    def bos_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        return set(getattr(self.tokenizer, "all_special_ids", []) or [])
+
+    # ---------------------------------------------------------------- sites
+    def sites(self) -> list[str]:
+        """Every site this engine offers for this model."""
+        raise NotImplementedError
+
+    def has_site(self, site: str) -> bool:
+        return site in self._site_set()
+
+    def _site_set(self) -> set[str]:
+        if getattr(self, "_sites_cache", None) is None:
+            self._sites_cache = set(self.sites())
+        return self._sites_cache
+
+    def require(self, sites: Sequence[str], what: str = "this analysis") -> None:
+        """BadInput naming the first site this engine lacks for this model."""
+        for site in sites:
+            if not self.has_site(site):
+                raise BadInput(f"{what} needs {site}, which the {self.name} engine does not offer for "
+                               f"{self.cfg.model_name} ({self.cfg.original_architecture}); "
+                               f"{self.missing_site_hint(site)}")
+
+    def missing_site_hint(self, site: str) -> str:
+        kind = site.split(".", 2)[-1] if site.startswith("blocks.") else site
+        if kind == "hook_resid_mid" and (self.cfg.parallel_attn_mlp or self.cfg.attn_only):
+            return "parallel-block and attention-only models have no resid_mid; use resid_pre or attn_out"
+        if kind == "hook_mlp_out" and self.cfg.attn_only:
+            return "this model has no MLP layers (attention only)"
+        return "pick another component, or another --backend"
+
+    # ---------------------------------------------------------------- running
+    def run(self, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (), positions=None):
+        """One forward of tokens [batch, seq] with `edits` applied.
+
+        -> (logits, {site: activation} for `read`). logits: [batch, seq, d_vocab], or [batch, d_vocab] at
+        `positions` ([batch] per-row indices) when given. Gradients flow where torch's grad mode is on."""
+        raise NotImplementedError
+
+    def run_with_grads(self, tokens, metric: Metric, read: Sequence[str], edits: Sequence[Edit] = ()):
+        """-> (metric [batch] detached, {site: activation}, {site: d metric.sum() / d activation})."""
+        raise NotImplementedError
+
+    def generate(self, tokens, edits: Sequence[Edit] = (), max_new_tokens: int = 10, use_kv_cache: bool = True):
+        """Greedy generation from tokens [batch, seq] (rows of one length) with `edits` at every forward:
+        with the KV cache an edit sees the whole prompt first, then one position per step.
+        -> [batch, seq + max_new_tokens] (rows that emit EOS continue with EOS)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- weights (transformer-lens shapes)
+    def W_O(self, layer: int):
+        """[n_heads, d_head, d_model]: head h writes z[..., h, :] @ W_O[h] to the residual stream."""
+        raise NotImplementedError
+
+    def b_O(self, layer: int):
+        """[d_model] the attention output bias (zeros where absent)."""
+        raise NotImplementedError
+
+    def W_out(self, layer: int):
+        """[d_mlp, d_model]: neuron n writes post[..., n] * W_out[n]."""
+        raise NotImplementedError
+
+    @property
+    def W_U(self):
+        """[d_model, d_vocab]"""
+        raise NotImplementedError
+
+    @property
+    def b_U(self):
+        """[d_vocab] (zeros where absent)"""
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> FinalNorm:
+        raise NotImplementedError
+
+    def readout(self, resid):
+        """[n, d_model] final residual -> [n, d_vocab] logits (final norm, unembedding, soft cap)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- facts
+    def info(self) -> dict:
+        """What meta.json records about the model and engine."""
+        return {"engine": self.name, "name": self.cfg.model_name, **self.cfg.to_dict()}
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"<{type(self).__name__} {c.model_name}: {c.n_layers} layers x {c.n_heads} heads, d_model {c.d_model}, "
+                f"{c.device}, {c.dtype}>")
