@@ -107,7 +107,7 @@ def train_on_model(engine, hook: str, rows: torch.Tensor, out_dir: Path, archite
     config = LanguageModelSAERunnerConfig(
         sae=sae_config(architecture, d_in, d_sae, sparsity), model_name=engine.cfg.model_name, hook_name=hook,
         dataset_path=dataset_name or "token rows", is_dataset_tokenized=True, streaming=False,
-        context_size=context, prepend_bos=True, exclude_special_tokens=True,
+        context_size=context, prepend_bos=True, exclude_special_tokens=True, sequence_separator_token=None,
         model_from_pretrained_kwargs=saes.weight_processing(engine),
         training_tokens=training_tokens, train_batch_size_tokens=batch_tokens,
         store_batch_size_prompts=max(1, batch_tokens // context),
