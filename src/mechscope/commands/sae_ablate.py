@@ -34,28 +34,44 @@ def add_arguments(parser):
     parser.add_argument("--answer", action="append", help="the expected next token (one for all prompts, or one each)")
     parser.add_argument("--wrong", action="append", help="a wrong next token (one for all, or one each): metric = logit diff")
     parser.add_argument("--features", help="comma-separated feature indices or names to ablate (default: attribution)")
-    parser.add_argument("--positions", default="all", help="all, last, or comma-separated positions (default: %(default)s)")
+    parser.add_argument("--task", choices=("ioi", "facts"), help="a bundled prompt set with its answers and wrong answers "
+                        "(positions: ioi IO S1 S2, facts SUBJECT RELATION)")
+    parser.add_argument("--n", type=int, default=64, help="prompts drawn for --task (default: %(default)s)")
+    parser.add_argument("--positions", default="all", help="all, last, the task's position names, or comma-separated "
+                        "indices (negative: from each prompt's end) (default: %(default)s)")
     parser.add_argument("--controls", type=int, default=8, help="random feature sets for the control (default: %(default)s)")
     parser.add_argument("--top", type=int, default=10, help="attribution: pairs checked exactly (default: %(default)s)")
 
 
 def _prompts(ctx):
-    """(tokens [n, seq], answer ids [n], wrong ids [n] or None, prompts)."""
+    """(tokens [n, seq] right-padded, [n] last positions, answer ids [n], wrong ids [n] or None, prompts,
+    {position name: [n] index} for --task)."""
     import torch
 
-    from mechscope import inputs
+    from mechscope import inputs, tasks
     from mechscope.errors import BadInput
+    from mechscope.techniques.probing import right_padded
     from mechscope.toy import corpus
 
     args, engine = ctx.args, ctx.engine
-    if args.prompt:
-        if not args.answer:
-            raise BadInput("--prompt needs --answer (the expected next token)")
-        prompts, answers, wrongs = args.prompt, args.answer, args.wrong
+    named = {}
+    if args.task:
+        if args.prompt:
+            raise BadInput("pass --task or --prompt, not both")
+        prompt_set = tasks.load_task(engine, args.task, n=args.n, seed=args.seed)
+        rows, named = prompt_set.tokens(engine)
+        prompts = prompt_set.texts
+        answers, wrongs = [p.answer for p in prompt_set.prompts], args.wrong or [p.wrong for p in prompt_set.prompts]
     else:
-        prompts = [f"the capital of {c} is" for c in corpus.CAPITALS]
-        answers = list(corpus.CAPITALS.values())
-        wrongs = args.wrong or answers[1:] + answers[:1]          # another country's capital
+        if args.prompt:
+            if not args.answer:
+                raise BadInput("--prompt needs --answer (the expected next token)")
+            prompts, answers, wrongs = args.prompt, args.answer, args.wrong
+        else:
+            prompts = [f"the capital of {c} is" for c in corpus.CAPITALS]
+            answers = list(corpus.CAPITALS.values())
+            wrongs = args.wrong or answers[1:] + answers[:1]          # another country's capital
+        rows = [inputs.tokens(engine, p)[0] for p in prompts]
     n = len(prompts)
 
     def per_prompt(words, flag):
@@ -63,44 +79,57 @@ def _prompts(ctx):
             raise BadInput(f"give one --{flag} for all prompts or one per prompt ({n} prompts, {len(words)} given)")
         ids = [inputs.single_token(engine, w) for w in words]
         return torch.tensor(ids * n if len(ids) == 1 else ids)
-    tokens = inputs.token_batch(engine, prompts).to(engine.cfg.device)
-    return tokens, per_prompt(answers, "answer"), per_prompt(wrongs, "wrong") if wrongs else None, prompts
+    last = torch.tensor([len(r) - 1 for r in rows])
+    tokens = right_padded(rows).to(engine.cfg.device)   # padding comes after each row's last token: it cannot matter
+    return (tokens, last, per_prompt(answers, "answer"), per_prompt(wrongs, "wrong") if wrongs else None, prompts,
+            named)
 
 
-def make_metric(answer, wrong):
-    """logits [batch, seq, d_vocab] -> [batch] at the last position: logit diff, or the answer's log-probability.
-    answer / wrong: [n] ids; a batch of several copies of the n prompts is matched copy by copy."""
+def make_metric(answer, wrong, last):
+    """logits [batch, seq, d_vocab] -> [batch] at each prompt's last position: logit diff, or the answer's
+    log-probability. answer / wrong / last: [n]; a batch of several copies of the n prompts is matched copy by copy."""
     import torch
 
     def metric(logits):
-        last = logits[:, -1].float()
-        reps = len(last) // len(answer)
-        a = answer.repeat(reps).to(last.device)
-        rows = torch.arange(len(last), device=last.device)
+        reps = len(logits) // len(answer)
+        rows = torch.arange(len(logits), device=logits.device)
+        at = logits[rows, last.repeat(reps).to(logits.device)].float()
+        a = answer.repeat(reps).to(at.device)
         if wrong is None:
-            return last.log_softmax(-1)[rows, a]
-        return last[rows, a] - last[rows, wrong.repeat(reps).to(last.device)]
+            return at.log_softmax(-1)[rows, a]
+        return at[rows, a] - at[rows, wrong.repeat(reps).to(at.device)]
     return metric
 
 
-def _positions(spec: str, seq: int):
+def position_mask(spec: str, last, named: dict, seq: int):
+    """--positions -> [n, seq] bool (None = all): all, last, names of the task's positions, or indices (negative
+    counts back from each prompt's last token)."""
     import torch
 
     from mechscope.errors import BadInput
 
     if spec == "all":
         return None
-    if spec == "last":
-        picks = [seq - 1]
-    else:
-        try:
-            picks = [int(s) for s in spec.split(",") if s.strip()]
-        except ValueError:
-            raise BadInput(f"--positions {spec!r}: write all, last, or comma-separated indices") from None
-    if not picks or any(not -seq <= p < seq for p in picks):
-        raise BadInput(f"--positions must be in {-seq}..{seq - 1} (the prompts have {seq} tokens)")
-    mask = torch.zeros(seq, dtype=torch.bool)
-    mask[[p % seq for p in picks]] = True
+    mask = torch.zeros(len(last), seq, dtype=torch.bool)
+    rows = torch.arange(len(last))
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        if item == "last":
+            mask[rows, last] = True
+        elif item in named:
+            mask[rows, named[item]] = True
+        else:
+            try:
+                index = int(item)
+            except ValueError:
+                known = f", or a position of the task: {', '.join(named)}" if named else ""
+                raise BadInput(f"--positions {spec!r}: write all, last, or comma-separated indices{known}") from None
+            shortest = int(last.min()) + 1
+            if not -shortest <= index < shortest:
+                raise BadInput(f"--positions must be in {-shortest}..{shortest - 1} (the shortest prompt has "
+                               f"{shortest} tokens)")
+            mask[rows, index if index >= 0 else last + 1 + index] = True
+    if not mask.any():
+        raise BadInput("--positions names no position")
     return mask
 
 
@@ -113,19 +142,23 @@ def run(ctx):
     if not 0 <= args.controls <= 100 or not 1 <= args.top <= 1000:
         raise BadInput("--controls must be in 0..100 and --top in 1..1000")
     sae = load_checked_sae(ctx)
-    tokens, answer, wrong, prompts = _prompts(ctx)
-    metric = make_metric(answer, wrong)
+    tokens, last, answer, wrong, prompts, named = _prompts(ctx)
+    metric = make_metric(answer, wrong, last)
     label = "logit diff (answer - wrong)" if wrong is not None else "log P(answer)"
     if args.features:
         features = saes.parse_features(args.features, sae, saes.named_features(args.sae))
-        return _ablation(ctx, sae, tokens, metric, label, features, _positions(args.positions, tokens.shape[1]), prompts)
+        mask = position_mask(args.positions, last, named, tokens.shape[1])
+        return _ablation(ctx, sae, tokens, last, metric, label, features, mask, prompts)
+    if (last != last[0]).any():
+        raise BadInput("attribution compares positions across prompts, so they need one token count; pass --features "
+                       "to ablate, or prompts of one length")
     return _attribution(ctx, sae, tokens, metric, label, prompts)
 
 
-def _ablation(ctx, sae, tokens, metric, label, features, positions, prompts):
+def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompts):
     import torch
 
-    from mechscope import plotting
+    from mechscope import plotting, stats
     from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_interventions as si
 
@@ -134,26 +167,28 @@ def _ablation(ctx, sae, tokens, metric, label, features, positions, prompts):
     clean, ablated = si.ablate(engine, sae, tokens, metric, features, positions)
     effect = ablated - clean
     with torch.no_grad():
-        base = engine.run(tokens)[0][:, -1].float()
-        after = engine.run(tokens, edits=[(hook, saes.splice(sae, tokens, engine, edit=si.zero_features(features, positions)))])[0][:, -1].float()
-        acts = saes.feature_acts(engine, sae, tokens)
+        base = engine.run(tokens, positions=last)[0].float()
+        edit = saes.splice(sae, tokens, engine, edit=si.zero_features(features, positions))
+        after = engine.run(tokens, edits=[(hook, edit)], positions=last)[0].float()
+        inside = torch.arange(tokens.shape[1]) <= last[:, None]          # [n, seq] not padding
+        acts = saes.feature_acts(engine, sae, tokens) * inside[..., None].to(tokens.device)
     flipped = (base.argmax(-1) != after.argmax(-1)).float().mean()
     gain = (after.log_softmax(-1) - base.log_softmax(-1)).mean(0)
     gainers = [(engine.to_single_str_token(int(i)), round(float(gain[i]), 4)) for i in gain.topk(8).indices]
     losers = [(engine.to_single_str_token(int(i)), round(float(gain[i]), 4)) for i in gain.topk(8, largest=False).indices]
-    scope = acts if positions is None else acts[:, positions.to(acts.device)]
+    scope = acts if positions is None else acts[positions.to(acts.device)][None]   # [*, positions, d_sae]
     control_sets = si.random_active_sets(scope, len(features), args.controls, features, seed=args.seed)
     control_means = [float((si.ablate(engine, sae, tokens, metric, s, positions)[1] - clean).mean()) for s in control_sets]
-    stats = si.summary(effect, args.seed)
+    effect_summary = stats.summary(effect, seed=args.seed)
     active = float((scope[..., torch.tensor(features, device=scope.device)] > 0).any(-1).any(-1).float().mean())
     with open(ctx.run_dir / "ablation.csv", "w") as f:
         f.write("prompt,clean,ablated,effect\n")
         f.writelines(f"\"{p}\",{c:.6g},{a:.6g},{e:.6g}\n" for p, c, a, e in zip(prompts, clean, ablated, effect))
-    plot = plotting.bars([stats["mean"]] + control_means, [f"features {','.join(map(str, features))}"] +
+    plot = plotting.bars([effect_summary["mean"]] + control_means, [f"features {','.join(map(str, features))}"] +
                          [f"control {i}" for i in range(len(control_means))], ctx.run_dir / "ablation.png",
                          title=f"zero-ablating SAE features at {hook} (error term kept)", xlabel=f"mean change in {label}")
     summary = {"sae": saes.describe(sae), "features": features, "positions": ctx.args.positions, "metric": label,
-               "n_prompts": len(prompts), "clean_mean": round(float(clean.mean()), 4), "effect": stats,
+               "n_prompts": len(prompts), "clean_mean": round(float(clean.mean()), 4), "effect": effect_summary,
                "prompts_with_feature_active": round(active, 4), "top1_changed": round(float(flipped), 4),
                "tokens_gaining": gainers, "tokens_losing": losers,
                "controls": {"n": len(control_means), "mean": float(torch.tensor(control_means).mean()) if control_means else None,
@@ -162,7 +197,8 @@ def _ablation(ctx, sae, tokens, metric, label, features, positions, prompts):
     c = summary["controls"]
     text = (f"zero-ablating features {features} at positions {ctx.args.positions} ({hook}, error term kept), "
             f"{len(prompts)} prompts:\n  {label}: {float(clean.mean()):.3f} -> {float(ablated.mean()):.3f}, change "
-            f"{stats['mean']:+.3f} [{stats['ci'][0]:+.3f}, {stats['ci'][1]:+.3f}]; top-1 changed on {flipped:.0%}\n"
+            f"{effect_summary['mean']:+.3f} [{effect_summary['ci_low']:+.3f}, {effect_summary['ci_high']:+.3f}]; "
+            f"top-1 changed on {flipped:.0%}\n"
             + (f"  control ({c['n']} random sets of {len(features)} active features): {c['low']:+.3f} to {c['high']:+.3f}\n"
                if control_means else "")
             + f"  gain: {', '.join(t for t, _ in gainers[:5])}; lose: {', '.join(t for t, _ in losers[:5])}")

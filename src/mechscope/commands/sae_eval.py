@@ -66,7 +66,6 @@ def add_arguments(parser):
 
 
 def run(ctx):
-    from mechscope import plotting
     from mechscope.errors import BadInput
     from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_training

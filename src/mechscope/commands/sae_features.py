@@ -31,8 +31,12 @@ def add_arguments(parser):
     add_sae_argument(parser)
     parser.add_argument("--prompt", action="append", help=f'prompt (repeatable; default: "{DEFAULT_PROMPT}" when '
                         f"no --features are given)")
-    parser.add_argument("--position", type=int, help=f"position in each prompt; negative counts from the end "
-                        f"(default: -1, or {DEFAULT_POSITION} for the default prompt)")
+    parser.add_argument("--task", choices=("ioi", "facts", "sentiment"),
+                        help="a bundled prompt set instead of --prompt (its named positions: ioi IO S1 S2 END, facts "
+                             "SUBJECT RELATION END)")
+    parser.add_argument("--n", type=int, default=64, help="prompts drawn for --task (default: %(default)s)")
+    parser.add_argument("--position", help=f"position in each prompt: an index (negative counts from the end) or, with "
+                        f"--task, a position name (default: -1, or {DEFAULT_POSITION} for the default prompt)")
     parser.add_argument("--top", type=int, default=10, help="top features per prompt set (default: %(default)s)")
     parser.add_argument("--features", help="comma-separated feature indices or names, or all (default: the top "
                         "features of the prompts)")
@@ -56,14 +60,47 @@ def _window(spec: str) -> tuple[int, int]:
     return before, after
 
 
+def prompt_positions(ctx, default: str | None):
+    """(rows: n x [seq_i] ids, [n] positions, prompt texts, position label) from --task / --prompt and --position;
+    ([], [], [], None) when neither is given and there is no default prompt."""
+    from mechscope import inputs, tasks
+    from mechscope.errors import BadInput
+
+    args, engine = ctx.args, ctx.engine
+    if args.task and args.prompt:
+        raise BadInput("pass --task or --prompt, not both")
+    spec = args.position
+    if args.task:
+        if not 1 <= args.n <= 10_000:
+            raise BadInput("--n must be in 1..10000")
+        prompt_set = tasks.load_task(engine, args.task, n=args.n, seed=args.seed)
+        rows, named = prompt_set.tokens(engine)
+        spec = spec or tasks.END
+        if spec in named:
+            return rows, named[spec].tolist(), prompt_set.texts, spec
+        prompts = prompt_set.texts
+    else:
+        prompts = args.prompt or ([default] if default else [])
+        if not prompts:
+            return [], [], [], None
+        rows = [inputs.tokens(engine, p)[0] for p in prompts]
+        spec = spec if spec is not None else (str(DEFAULT_POSITION) if not args.prompt else "-1")
+    try:
+        index = int(spec)
+    except ValueError:
+        names = f"; the task's positions are {', '.join(named)}" if args.task else " (names need --task)"
+        raise BadInput(f"--position {spec!r} is neither an index nor a position name{names}") from None
+    if any(not -len(r) <= index < len(r) for r in rows):
+        raise BadInput(f"--position {index} is outside a prompt (the shortest has {min(map(len, rows))} tokens)")
+    return rows, [index % len(r) for r in rows], prompts, index
+
+
 def context_text(example: dict) -> str:
     """'the capital of [france] is' from a context window {tokens, values, at}."""
     return " ".join(f"[{t}]" if i == example["at"] else t for i, t in enumerate(example["tokens"]))
 
 
 def run(ctx):
-    import torch
-
     from mechscope import inputs, plotting
     from mechscope.commands.sae_eval import load_checked_sae, rows_from_args
     from mechscope.errors import BadInput
@@ -84,15 +121,12 @@ def run(ctx):
         saes.parse_features(args.features, sae, names) if args.features else None)
 
     result = {}
-    prompts = args.prompt or ([] if args.features else [DEFAULT_PROMPT])
+    rows, positions, prompts, position = prompt_positions(ctx, default=None if args.features else DEFAULT_PROMPT)
     if prompts:
-        rows = [inputs.tokens(engine, p)[0] for p in prompts]
-        position = args.position if args.position is not None else (DEFAULT_POSITION if not args.prompt else -1)
-        if any(not -len(r) <= position < len(r) for r in rows):
-            raise BadInput(f"--position {position} is outside a prompt (the shortest has {min(map(len, rows))} tokens)")
-        top = sf.top_features(engine, sae, rows, position, args.top, seed=args.seed)
-        at = [engine.to_single_str_token(int(r[position])) for r in rows]
-        result["top_features"] = {"prompts": prompts, "position": position, "tokens_at_position": at, "features": top}
+        ranked = sf.top_features(engine, sae, rows, positions, args.top, seed=args.seed)
+        top = ranked["features"]
+        at = [engine.to_single_str_token(int(r[p])) for r, p in zip(rows, positions)]
+        result["top_features"] = {"prompts": prompts, "position": position, "tokens_at_position": at, **ranked}
         plot = plotting.bars([t["mean"] for t in top], [f"{t['feature']} {label_of.get(t['feature'], '')}" for t in top],
                              ctx.run_dir / "top_features.png", title=f"top features at position {position} "
                              f"({len(prompts)} prompt{'s' * (len(prompts) > 1)})", xlabel="mean activation")
@@ -145,6 +179,7 @@ def run(ctx):
         tf = result["top_features"]
         summary["top_features"] = {"n_prompts": len(tf["prompts"]), "position": tf["position"],
                                    "tokens_at_position": tf["tokens_at_position"][:5],
+                                   "rank_stability": tf["rank_stability"],
                                    "features": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in t.items()
                                                  if k != "per_prompt"} for t in tf["features"]]}
     lines = []
@@ -161,6 +196,4 @@ def run(ctx):
         lines += [f"    {c}" for c in s["top_contexts"][:3]]
     lines.append(f"{search.n_tokens} tokens searched; {len(search.features)} features in features.csv, "
                  f"{len(pages)} in features.html")
-    return {"summary": summary, "text": "\n".join(lines), **result,
-            "features": [{k: v for k, v in p.items()} for p in pages],
-            "density": torch.as_tensor(density).tolist()}
+    return {"summary": summary, "text": "\n".join(lines), **result, "features": pages, "density": density.tolist()}

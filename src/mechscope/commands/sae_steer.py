@@ -115,7 +115,7 @@ def run(ctx):
         row = {"strength": s}
         for metric in ("share", "log_mass", "fluency_cost"):
             row[metric] = eff[metric]["mean"]
-            row[f"{metric}_low"], row[f"{metric}_high"] = eff[metric]["ci"]
+            row[f"{metric}_low"], row[f"{metric}_high"] = eff[metric]["ci_low"], eff[metric]["ci_high"]
             for kind in ctl:
                 for stat in ("mean", "low", "high"):
                     row[f"{kind}_{metric}_{stat}"] = ctl[kind][metric][stat]

@@ -3,7 +3,8 @@ corpus (with examples from lower activation quantiles), and each feature's direc
 
 Top features (`top_features`): over a prompt set, at one position per prompt (negative = from the end),
 each feature's mean activation with a 95% bootstrap interval over prompts, the fraction of prompts it is
-active on, and its rank stability (the fraction of prompts where it is among that prompt's top k).
+active on and of prompts where it is among that prompt's top k, and the ranking's stability over
+bootstrap resamples of the prompts (`stats.rank_stability`).
 
 Max-activating search (`max_activating`): token rows are run in batches; for each chosen feature the k
 largest activations are kept incrementally (one top-k over [kept + this batch] per batch), with the
@@ -31,14 +32,6 @@ BANDS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 
 
 # ------------------------------------------------------------------------------------- top features
-def _bootstrap_means(values: torch.Tensor, n_resamples: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """values: [n, m] -> 95% percentile-bootstrap interval of the mean over n, ([m] low, [m] high)."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, values.shape[0], (n_resamples, values.shape[0]), generator=gen)
-    means = values[idx].mean(1)                                   # [n_resamples, m]
-    return means.quantile(0.025, dim=0), means.quantile(0.975, dim=0)
-
-
 @torch.no_grad()
 def acts_at(engine, sae, rows: list[torch.Tensor], positions: list[int], batch_size: int = 64) -> torch.Tensor:
     """Feature activations of each prompt at its own position. rows: n x [seq_i] -> [n, d_sae] (CPU)."""
@@ -54,19 +47,24 @@ def acts_at(engine, sae, rows: list[torch.Tensor], positions: list[int], batch_s
     return torch.cat(out)
 
 
-def top_features(engine, sae, rows: list[torch.Tensor], position: int = -1, k: int = 10, seed: int = 0) -> list[dict]:
-    """The k features with the largest mean activation at `position` of each prompt (see the module docstring).
-    rows: n x [seq_i] token ids -> [{feature, mean, ci, active_fraction, top_k_fraction, per_prompt}]."""
-    positions = [position % len(r) for r in rows]
+def top_features(engine, sae, rows: list[torch.Tensor], positions: list[int], k: int = 10, seed: int = 0) -> dict:
+    """The k features with the largest mean activation at each prompt's position (see the module docstring).
+    rows: n x [seq_i] token ids; positions: n indices -> {features: [{feature, mean, ci, active_fraction,
+    top_k_fraction, per_prompt}], rank_stability: stats.rank_stability of the ranking over prompts}."""
+    from mechscope import stats
+
     f = acts_at(engine, sae, rows, positions)                     # [n, d_sae]
-    mean = f.mean(0)
     k = min(k, f.shape[1])
+    mean, low, high = stats.interval(f, seed=seed)
     top = mean.topk(k).indices
     in_top = torch.zeros_like(f, dtype=torch.bool).scatter_(1, f.topk(k, dim=1).indices, True) & (f > 0)
-    low, high = _bootstrap_means(f[:, top], seed=seed)
-    return [{"feature": int(i), "mean": float(mean[i]), "ci": (float(lo), float(hi)),
-             "active_fraction": float((f[:, i] > 0).float().mean()), "top_k_fraction": float(in_top[:, i].float().mean()),
-             "per_prompt": f[:, i].tolist()} for i, lo, hi in zip(top.tolist(), low, high)]
+    stability = stats.rank_stability(f, k=k, by="value", seed=seed)
+    stability.pop("in_top_k_frequency")
+    features = [{"feature": int(i), "mean": float(mean[i]), "ci": (float(low[i]), float(high[i])),
+                 "active_fraction": float((f[:, i] > 0).float().mean()),
+                 "top_k_fraction": float(in_top[:, i].float().mean()), "per_prompt": f[:, i].tolist()}
+                for i in top.tolist()]
+    return {"features": features, "rank_stability": stability}
 
 
 # ------------------------------------------------------------------------------- max-activating search

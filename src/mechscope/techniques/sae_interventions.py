@@ -28,23 +28,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mechscope import stats
 from mechscope.techniques import sae as saes
 from mechscope.techniques.steering import add_vector_hook
 
 CONTROL_KINDS = ("random_feature", "random_direction")
-
-
-def _interval(values: torch.Tensor, n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of values [n]."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(values), (n_resamples, len(values)), generator=gen)
-    means = values.float()[idx].mean(1)
-    return float(means.quantile(0.025)), float(means.quantile(0.975))
-
-
-def summary(values: torch.Tensor, seed: int = 0) -> dict:
-    """{mean, ci, n} of per-prompt values [n]."""
-    return {"mean": float(values.float().mean()), "ci": _interval(values, seed=seed), "n": len(values)}
 
 
 # ------------------------------------------------------------------------------------------- steering
@@ -102,10 +90,11 @@ def steer_measure(engine, hook: str, rows: list[torch.Tensor], vector: torch.Ten
 
 @dataclass
 class SteeringResult:
-    """Per strength: the feature's effects ({mean, ci, n}) and the controls' ({mean, low, high} over directions)."""
+    """Per strength: the feature's effects (stats.summary over prompts) and the controls' ({mean, low, high} over
+    directions)."""
     feature: int
     strengths: list[float]
-    effects: list[dict]                 # [n_strengths] {share, log_mass, fluency_cost}: summary dicts
+    effects: list[dict]                 # [n_strengths] {share, log_mass, fluency_cost}: stats.summary dicts
     controls: list[dict]                # [n_strengths] {kind: {metric: {mean, low, high, values}}}
     decoder_norm: float
     generations: list = field(default_factory=list)   # [n_strengths][prompt] new token ids (the feature)
@@ -125,7 +114,7 @@ def steering_sweep(engine, sae, feature: int, rows: list[torch.Tensor], strength
     names = ("share", "log_mass", "fluency_cost")
     for s in progress(strengths, desc="sae-steer"):
         *values, new = steer_measure(engine, hook, rows, s * direction, target, max_new_tokens, from_position)
-        effects.append({k: summary(v, seed) for k, v in zip(names, values)})
+        effects.append({k: stats.summary(v, seed=seed) for k, v in zip(names, values)})
         generations.append(new)
         per_kind = {}
         for kind, dirs in controls.items():
@@ -141,21 +130,21 @@ def steering_sweep(engine, sae, feature: int, rows: list[torch.Tensor], strength
 
 # ------------------------------------------------------------------------------------------- ablation
 def zero_features(features: list[int], positions: torch.Tensor | None = None):
-    """An SAE feature edit f [batch, seq, d_sae] -> f with `features` zeroed at positions ([seq] bool; None = all)."""
+    """An SAE feature edit f [batch, seq, d_sae] -> f with `features` zeroed at positions ([batch, seq] or [seq]
+    bool; None = everywhere)."""
     def edit(f):
         cols = torch.tensor(features, device=f.device)
-        if positions is None:
-            f[..., cols] = 0.0
-        else:
-            where = positions.to(f.device)
-            f[:, where] = f[:, where].index_fill(-1, cols, 0.0)
+        where = torch.ones(f.shape[:2], dtype=torch.bool, device=f.device) if positions is None else \
+            positions.to(f.device).expand(f.shape[:2])
+        f[..., cols] = f[..., cols].masked_fill(where[..., None], 0.0)
         return f
     return edit
 
 
 @torch.no_grad()
 def ablate(engine, sae, tokens: torch.Tensor, metric, features: list[int], positions: torch.Tensor | None = None):
-    """metric [batch] with `features` zeroed at positions (error term kept) -> (clean [batch], ablated [batch])."""
+    """metric [batch] with `features` zeroed at positions ([batch, seq] bool, None = all; error term kept)
+    -> (clean [batch], ablated [batch])."""
     hook = sae.cfg.metadata.hook_name
     clean = metric(engine.run(tokens)[0]).float().cpu()
     edit = saes.splice(sae, tokens, engine, edit=zero_features(features, positions))
