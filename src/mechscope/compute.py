@@ -253,26 +253,27 @@ def _bundled_shape() -> ModelShape:
     return replace(shape, n_params=count_params(shape))
 
 
-def _transformer_lens_shape(spec: str) -> ModelShape:
-    """Any other transformer-lens name (imports transformer-lens and reads the config from the hub or its cache)."""
-    from mechscope.models import _official_name
+def _hub_shape(spec: str) -> ModelShape:
+    """A hub model's shape from its config.json (a transformer-lens name is mapped to its hub id first).
+    Out of reach of the hub with nothing cached, it fails at once (mechscope.hub)."""
+    from mechscope import hub
+    from mechscope.models import _official_name, close_names_hint
 
-    name = _official_name(spec)
-    from transformer_lens import loading
+    with hub.access(spec, close_names_hint(spec)):
+        name = _official_name(spec)
+        from huggingface_hub import errors, hf_hub_download
 
-    try:
-        c = loading.get_pretrained_model_config(name)
-    except OSError as e:
-        raise BadInput(f"cannot read the config of {name!r} ({type(e).__name__}: offline?); pass --params "
-                       f"or a local Hugging Face directory") from None
-    shape = ModelShape(name, c.n_layers, c.d_model, c.n_heads, c.d_head, c.d_mlp or 0, c.d_vocab, c.n_ctx, 0,
-                       n_kv_heads=c.n_key_value_heads, gated_mlp=bool(c.gated_mlp),
-                       rotary=c.positional_embedding_type == "rotary", act_fn=str(c.act_fn))
-    return replace(shape, n_params=count_params(shape, transformer_lens=False))
+        try:
+            config = json.loads(Path(hf_hub_download(name, "config.json")).read_text())
+        except (OSError, ValueError, errors.HfHubHTTPError) as e:
+            raise BadInput(f"cannot read the config of {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                           f"offline, or not a model id?); pass --params or a local Hugging Face directory") from None
+    return shape_from_hf_config(config, name)
 
 
 def model_shape(spec: str) -> ModelShape:
-    """The shape of a common model (table), the bundled model, a local HF directory, or a transformer-lens name."""
+    """The shape of a common model (table), the bundled model, a local HF directory, or a hub id /
+    transformer-lens name (its config.json from the hub or its cache)."""
     if spec in ("mechscope-toy", "toy"):
         return _bundled_shape()
     key = ALIASES.get(spec, spec)
@@ -286,7 +287,7 @@ def model_shape(spec: str) -> ModelShape:
         return replace(shape, n_params=safetensors_params(path) or shape.n_params)
     if spec.startswith((".", "/", "~")):
         raise BadInput(f"model directory {spec} does not exist")
-    return _transformer_lens_shape(spec)
+    return _hub_shape(spec)
 
 
 # ---------------------------------------------------------------- hardware
