@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from mechscope import hub
+from mechscope import hub, models
 from mechscope.errors import BadInput
 from mechscope.models import load_model
+
+needs_hooked = pytest.mark.skipif(not models._hooked_transformer_available(),
+                                  reason="transformer-lens 4 has no HookedTransformer")
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
@@ -43,7 +46,8 @@ def test_detect_with_a_hub_model_fails_in_seconds_with_the_offline_hint(unreacha
     assert elapsed < 5, f"{elapsed:.1f} s: the hub was retried"
 
 
-@pytest.mark.parametrize("backend, spec", [("tl", "gpt2-small"), ("bridge", "EleutherAI/pythia-70m"),
+@pytest.mark.parametrize("backend, spec", [pytest.param("tl", "gpt2-small", marks=needs_hooked),
+                                           ("bridge", "EleutherAI/pythia-70m"),
                                            ("auto", "pythia-160m")])
 def test_load_model_with_a_hub_name_fails_in_seconds(unreachable, backend, spec):
     started = time.monotonic()
@@ -54,7 +58,7 @@ def test_load_model_with_a_hub_name_fails_in_seconds(unreachable, backend, spec)
 
 def test_typo_offline_still_suggests_the_close_name(unreachable):
     with pytest.raises(BadInput, match="Did you mean: gpt2-small"):
-        load_model("gpt2-smal", backend="tl", device="cpu")
+        load_model("gpt2-smal", device="cpu")
 
 
 def test_with_models_cached_it_tries_the_cache_only_and_restores_online_mode(unreachable):

@@ -104,8 +104,8 @@ def access(spec: str, hint: str = ""):
         yield
         return
     if not cached_models():
-        raise BadInput(f"{spec!r} needs the Hugging Face hub, which is out of reach ({reason}), and the hub cache "
-                       f"{cache_dir()} holds no model; pass a local directory saved with save_pretrained, or use "
-                       f"'mechscope-toy'.{hint}")
+        raise BadInput(f"unknown model {spec!r} here: not bundled, not a local directory, and the Hugging Face hub, "
+                       f"which may know it, is out of reach ({reason}) with no model in its cache {cache_dir()}; pass "
+                       f"a local directory saved with save_pretrained, or use 'mechscope-toy'.{hint}")
     with _offline_mode():
         yield
