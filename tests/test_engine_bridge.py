@@ -23,10 +23,11 @@ from mechscope.models import load_model
 
 HAS_HOOKED = models._hooked_transformer_available()
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="transformer-lens 4 has no HookedTransformer")
-KINDS = ["gpt2", "neox", "llama", "qwen2", "toy"]
+KINDS = ["gpt2", "neox", "llama", "qwen2", "gemma2", "toy"]  # gemma2: bridge only (TL 3.9 cannot load it locally)
 # (decoder blocks, attention output projection inside a block) of each Hugging Face architecture
 HF_PATHS = {"gpt2": ("transformer.h", "attn.c_proj"), "neox": ("gpt_neox.layers", "attention.dense"),
-            "llama": ("model.layers", "self_attn.o_proj"), "qwen2": ("model.layers", "self_attn.o_proj")}
+            "llama": ("model.layers", "self_attn.o_proj"), "qwen2": ("model.layers", "self_attn.o_proj"),
+            "gemma2": ("model.layers", "self_attn.o_proj")}
 HF_PATHS["toy"] = HF_PATHS["gpt2"]
 CLEAN = "when mary and john went to the store , john gave a drink to"
 CORRUPT = "when mary and john went to the store , mary gave a drink to"
@@ -62,6 +63,8 @@ def _tiny_config(kind: str):
         return T.GPTNeoXConfig(**common)
     if kind == "llama":
         return T.LlamaConfig(**common, num_key_value_heads=2)
+    if kind == "gemma2":  # soft-capped attention and logits, sliding window, extra norms, scaled embeddings
+        return T.Gemma2Config(**common, num_key_value_heads=2, head_dim=8, sliding_window=8)
     return T.Qwen2Config(**common, num_key_value_heads=2)
 
 
@@ -107,7 +110,7 @@ def engines(tmp_path_factory):
             spec = "mechscope-toy" if kind == "toy" else str(directory)
             bridge = load_model(spec, backend="bridge", device="cpu")
             hooked = None
-            if HAS_HOOKED:  # the toy's reference: its export through transformer-lens's GPT-2 conversion
+            if HAS_HOOKED and kind != "gemma2":  # the toy's reference: its export through TL's GPT-2 conversion
                 hooked = load_model(str(directory), backend="tl", device="cpu")
             out[kind] = (hooked, bridge, hf)
     return out
@@ -118,7 +121,8 @@ def _get(engines, kind, reference):
         pytest.skip("the bundled model's Hugging Face export (toy/hf/) is not shipped yet")
     hooked, bridge, hf = engines[kind]
     if reference == "tl" and hooked is None:
-        pytest.skip("transformer-lens 4 has no HookedTransformer")
+        pytest.skip("transformer-lens 4 has no HookedTransformer" if not HAS_HOOKED else
+                    f"transformer-lens 3.9 cannot convert a local {kind} checkpoint")
     return hooked, bridge, hf
 
 

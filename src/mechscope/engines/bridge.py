@@ -70,10 +70,12 @@ class BridgeEngine(HookedEngine):
         cached step attends to itself alone, and generate() runs without the cache instead (with a warning)."""
         if getattr(self, "_kv_cache_exact", None) is None:
             tokens = torch.full((1, 3), self.bos_token_id, device=self.model.cfg.device)
-            logits = [torch.stack(self.model.generate(tokens, max_new_tokens=3, do_sample=False, stop_at_eos=False,
-                                                      use_past_kv_cache=cached, verbose=False,
-                                                      output_logits=True).logits)
-                      for cached in (True, False)]
+            with warnings.catch_warnings():  # transformers' deprecation of past_key_values, once per check
+                warnings.simplefilter("ignore", FutureWarning)
+                logits = [torch.stack(self.model.generate(tokens, max_new_tokens=3, do_sample=False,
+                                                          stop_at_eos=False, use_past_kv_cache=cached, verbose=False,
+                                                          output_logits=True).logits)
+                          for cached in (True, False)]
             self._kv_cache_exact = bool(torch.allclose(*logits, atol=1e-4, rtol=1e-3))
             if not self._kv_cache_exact:
                 warnings.warn(f"TransformerBridge's KV cache is wrong for {self.cfg.original_architecture} with this "
