@@ -1,8 +1,9 @@
 """The TransformerBridge engine against two references on the same local weights, for tiny random
-checkpoints of GPT-2, GPT-NeoX, Llama and Qwen2 and the bundled model's GPT-2 export:
+checkpoints of GPT-2, GPT-NeoX, Llama, Qwen2 and Gemma 2 and the bundled model's GPT-2 export (toy/hf/):
 
-- the transformer-lens HookedTransformer engine (transformer-lens 3 only): config, tokens, every site,
-  weights, edits, gradients and generation;
+- the transformer-lens HookedTransformer engine (transformer-lens 3 only; not Gemma 2, which it cannot load
+  from a local directory; for the bundled model, the bundled HookedTransformer itself): config, tokens,
+  every site, weights, edits, gradients and generation;
 - the Hugging Face model itself, edited with plain torch hooks on its modules (every environment: `make
   test-tl4` runs this file with transformer-lens 4, which has no HookedTransformer).
 
@@ -10,6 +11,7 @@ Logits are compared up to a constant per position and residual vectors after cen
 centres the unembedding and the writing weights of LayerNorm models; Hugging Face does not), to 1e-4.
 """
 import functools
+import json
 import subprocess
 import sys
 import textwrap
@@ -68,21 +70,6 @@ def _tiny_config(kind: str):
     return T.Qwen2Config(**common, num_key_value_heads=2)
 
 
-def _save_toy_export(directory):
-    """The bundled model as a GPT2LMHeadModel (toy/export.py), from a copy with the unembedding bias zeroed:
-    the shipped weights before the b_U = 0 retrain have no exact GPT-2 export."""
-    from transformers import GPT2LMHeadModel
-
-    from mechscope.toy import export, model as toy
-
-    tl = toy.load(fold_ln=False)
-    tl.unembed.b_U.data.zero_()
-    hf = GPT2LMHeadModel(export.gpt2_config(tl, tl.tokenizer)).eval()
-    hf.load_state_dict(export.gpt2_state_dict(tl), strict=False)
-    hf.save_pretrained(directory)
-    tl.tokenizer.save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     """kind -> (HookedEngine or None, BridgeEngine, Hugging Face model), all on the same weights."""
@@ -91,34 +78,23 @@ def engines(tmp_path_factory):
     from mechscope.toy import export, model as toy
 
     out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for kind in KINDS:
+    for kind in KINDS:
+        if kind == "toy":  # the bundled model's shipped export; its reference is the bundled HookedTransformer
+            directory, spec, reference = export.HF_DIR, "mechscope-toy", "mechscope-toy"
+        else:
             directory = tmp_path_factory.mktemp(f"ckpt{KINDS.index(kind)}")  # no "llama" in the path: TL reads it
-            if kind == "toy":
-                if (export.HF_DIR / "config.json").exists():
-                    directory = export.HF_DIR
-                elif HAS_HOOKED:
-                    _save_toy_export(directory)
-                    mp.setattr(export, "HF_DIR", directory)
-                else:
-                    continue
-            else:
-                torch.manual_seed(0)
-                AutoModelForCausalLM.from_config(_tiny_config(kind)).save_pretrained(directory)
-                AutoTokenizer.from_pretrained(str(toy.WEIGHTS_DIR)).save_pretrained(directory)
-            hf = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
-            spec = "mechscope-toy" if kind == "toy" else str(directory)
-            bridge = load_model(spec, backend="bridge", device="cpu")
-            hooked = None
-            if HAS_HOOKED and kind != "gemma2":  # the toy's reference: its export through TL's GPT-2 conversion
-                hooked = load_model(str(directory), backend="tl", device="cpu")
-            out[kind] = (hooked, bridge, hf)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(_tiny_config(kind)).save_pretrained(directory)
+            AutoTokenizer.from_pretrained(str(toy.WEIGHTS_DIR)).save_pretrained(directory)
+            spec = reference = str(directory)
+        hf = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+        bridge = load_model(spec, backend="bridge", device="cpu")
+        hooked = load_model(reference, backend="tl", device="cpu") if HAS_HOOKED and kind != "gemma2" else None
+        out[kind] = (hooked, bridge, hf)
     return out
 
 
 def _get(engines, kind, reference):
-    if kind not in engines:
-        pytest.skip("the bundled model's Hugging Face export (toy/hf/) is not shipped yet")
     hooked, bridge, hf = engines[kind]
     if reference == "tl" and hooked is None:
         pytest.skip("transformer-lens 4 has no HookedTransformer" if not HAS_HOOKED else
@@ -237,7 +213,8 @@ def test_config_tokens_sites_and_weights_match_hooked_transformer(engines, kind)
     skip = {"model_name", "original_architecture", "n_params"}  # names and parameter counting conventions differ
     assert {k: v for k, v in bridge.cfg.to_dict().items() if k not in skip} == \
         {k: v for k, v in hooked.cfg.to_dict().items() if k not in skip}
-    assert bridge.cfg.original_architecture == hooked.cfg.original_architecture
+    if kind != "toy":  # the bundled model calls its architecture mechscope-toy; its export is a GPT2LMHeadModel
+        assert bridge.cfg.original_architecture == hooked.cfg.original_architecture
     tokens = hooked.to_tokens(CLEAN)
     assert torch.equal(bridge.to_tokens(CLEAN), tokens) and int(tokens[0, 0]) == hooked.bos_token_id
     assert torch.equal(bridge.to_tokens(CLEAN, prepend_bos=False), hooked.to_tokens(CLEAN, prepend_bos=False))
@@ -405,6 +382,36 @@ def test_bundled_model_on_the_bridge_keeps_its_answers(engines):
     assert bridge.to_single_str_token(int(fact.argmax())) == "paris"
 
 
+def _second_copy_loss(engine, tokens, edits=()):
+    """Mean next-token loss over the second copy of [BOS, r, r] (predicting r[1:] from the first copy)."""
+    n = (tokens.shape[1] - 1) // 2
+    with torch.no_grad():
+        logits = engine.run(tokens, edits=edits)[0]
+    logprobs = logits[:, n + 1:-1].log_softmax(-1)
+    return -logprobs.gather(-1, tokens[:, n + 2:, None]).mean()
+
+
+def test_bundled_induction_head_on_the_bridge(engines):
+    """The model card's induction head: zero-ablating L2H1's z raises the second-copy loss by ~5 nats (card:
+    +4.97 on its sequences; here 8 sequences of 20 random words, so at least 1), as on HookedTransformer."""
+    hooked, bridge, _ = _get(engines, "toy", "hf")
+    generator = torch.Generator().manual_seed(0)
+    words = torch.tensor(sorted(set(range(bridge.cfg.d_vocab)) - bridge.special_token_ids))
+    r = words[torch.randint(len(words), (8, 20), generator=generator)]
+    tokens = torch.cat([torch.full((8, 1), bridge.bos_token_id), r, r], 1)
+
+    def zero_l2h1(z):
+        z = z.clone()
+        z[:, :, 1] = 0
+        return z
+
+    ablate = [("blocks.2.attn.hook_z", zero_l2h1)]
+    clean, ablated = _second_copy_loss(bridge, tokens), _second_copy_loss(bridge, tokens, ablate)
+    assert clean < 1 and ablated - clean > 1
+    if hooked is not None:
+        _close(ablated - clean, _second_copy_loss(hooked, tokens, ablate) - _second_copy_loss(hooked, tokens))
+
+
 # ---------------------------------------------------------------- loading, wrapping and refusals
 
 def test_as_engine_wraps_a_compatibility_mode_bridge_and_refuses_a_raw_one(engines):
@@ -444,6 +451,15 @@ def test_cli_refuses_backend_tl_without_hooked_transformer(monkeypatch, capsys, 
     assert main(["predict", "--backend", "tl", "--device", "cpu", "--json", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HookedTransformer" in err and "Traceback" not in err
+
+
+def test_cli_runs_the_bundled_model_on_the_bridge(tmp_path, capsys):
+    """`mechscope predict --backend bridge` (what --backend auto is with transformer-lens 4) gives the card's answers."""
+    from mechscope.cli import main
+
+    assert main(["predict", "--backend", "bridge", "--device", "cpu", "--json", "--out", str(tmp_path)]) == 0
+    top1 = [p["top1"] for p in json.loads(capsys.readouterr().out)["summary"]["predictions"]]
+    assert top1[:2] == ["mary", "paris"]
 
 
 BLOCK_SAE_LENS = """
