@@ -56,27 +56,30 @@ def resolve_dtype(dtype: str, device: str, n_params: float | None = None):
     return getattr(torch, dtype)
 
 
-def known_model_names() -> list[str]:
-    """The bundled model, detect's table, and (transformer-lens 3) every transformer-lens name and alias."""
+def _table_names() -> list[str]:
+    """The bundled model and detect's table (names and hub ids): known without transformer-lens or the hub."""
     from mechscope import compute
 
-    names = [BUNDLED, *compute.COMMON_MODELS, *compute.ALIASES]
+    return [BUNDLED, *compute.COMMON_MODELS, *compute.ALIASES]
+
+
+def known_model_names() -> list[str]:
+    """The bundled model, detect's table, and (transformer-lens 3) every transformer-lens name and alias."""
     try:
         from transformer_lens import loading  # removed in transformer-lens 4
     except ImportError:
-        return names
-    return names + list(loading.OFFICIAL_MODEL_NAMES) + [a for group in loading.MODEL_ALIASES.values() for a in group]
+        return _table_names()
+    return _table_names() + list(loading.OFFICIAL_MODEL_NAMES) + [a for group in loading.MODEL_ALIASES.values()
+                                                                  for a in group]
 
 
 def close_names_hint(spec: str, names: list[str] | None = None) -> str:
     """' Did you mean: a, b?' for names close to spec, or ''. Without `names`: detect's table, and only
     for a short name (a hub id "org/name" is taken as meant)."""
-    from mechscope import compute
-
     if names is None:
         if "/" in spec:
             return ""
-        names = [BUNDLED, *compute.COMMON_MODELS, *compute.ALIASES]
+        names = _table_names()
     close = difflib.get_close_matches(spec, names, n=3, cutoff=0.6)
     return f" Did you mean: {', '.join(close)}?" if close else ""
 

@@ -43,6 +43,7 @@ class BridgeEngine(HookedEngine):
                            original_architecture=str(getattr(cfg, "architecture", None) or cfg.original_architecture
                                                      or name),
                            normalization_type=norm)
+        self._kv_cache_exact: bool | None = None  # kv_cache_exact() finds out on the first cached generate
 
     def sites(self) -> list[str]:
         """The hook names that fire: the bridge also lists aliases its architecture never runs (e.g.
@@ -66,9 +67,9 @@ class BridgeEngine(HookedEngine):
     def kv_cache_exact(self) -> bool:
         """Whether the bridge's cached generation gives the logits of uncached generation (checked once on three
         tokens). transformer-lens 3.9 and 4.3 update the cache only when Hugging Face passes it as
-        `past_key_values`; transformers 5.2x passes it to Llama-family attention as `cache`, so there each
-        cached step attends to itself alone, and generate() runs without the cache instead (with a warning)."""
-        if getattr(self, "_kv_cache_exact", None) is None:
+        `past_key_values`; transformers 5.2x passes it to GPT-2 and Llama-family attention as `cache`, so there
+        each cached step attends to itself alone, and generate() runs without the cache instead (with a warning)."""
+        if self._kv_cache_exact is None:
             tokens = torch.full((1, 3), self.bos_token_id, device=self.model.cfg.device)
             with warnings.catch_warnings():  # transformers' deprecation of past_key_values, once per check
                 warnings.simplefilter("ignore", FutureWarning)
