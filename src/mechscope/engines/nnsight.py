@@ -486,9 +486,30 @@ def _source(spec: str) -> tuple[str, str]:
     return spec, spec
 
 
-def _hub_error(spec: str, error: Exception) -> BadInput:
-    return BadInput(f"could not fetch {spec!r} from the Hugging Face hub ({type(error).__name__}); offline? pass a "
-                    f"local directory saved with save_pretrained, or use mechscope-toy")
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub accepts a connection (huggingface_hub retries an unreachable hub for about
+    35 s per file). With a proxy configured, assume it does."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_error(spec: str, error: Exception, offline: bool) -> BadInput:
+    what = (f"cannot reach the Hugging Face hub and {spec!r} is not in its local cache" if offline else
+            f"could not fetch {spec!r} from the Hugging Face hub ({type(error).__name__}: a typo, or a gated model?)")
+    return BadInput(f"{what}; pass a local directory saved with save_pretrained, or use mechscope-toy")
 
 
 def _quantization_config(quantization: str, dtype):
@@ -517,12 +538,16 @@ def _load_remote(spec: str) -> NNsightEngine:
         raise BadInput("--remote needs an NDIF API key: set NDIF_API_KEY (sign up at https://login.ndif.us)")
     import nnsight
     from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
 
     nnsight.CONFIG.API.APIKEY = key
+    offline = not _hub_reachable()
     try:
-        model = TransformersModel(spec, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
+        model = TransformersModel(spec, task="text-generation", tokenizer=tokenizer, attn_implementation="eager",
+                                  local_files_only=offline)
     except Exception as e:  # noqa: BLE001  (hub errors come as OSError, HTTPError or nnsight's CheckpointUnreachable)
-        raise _hub_error(spec, e) from None
+        raise _hub_error(spec, e, offline) from None
     return NNsightEngine(model, remote=True, model_name=spec)
 
 
@@ -540,16 +565,18 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
     from mechscope.models import resolve_dtype
 
     source, name = _source(spec)
+    offline = not Path(source).is_dir() and not _hub_reachable()
+    hub = {"local_files_only": True} if offline else {}
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **hub)
     except OSError as e:
-        raise _hub_error(spec, e) from None
+        raise _hub_error(spec, e, offline) from None
     try:
         n_params = compute.shape_from_hf_config(config.to_dict(), name).n_params
     except BadInput:
         n_params = None
     torch_dtype = resolve_dtype(dtype, device, n_params) if isinstance(dtype, str) else dtype
-    kwargs = {"dtype": torch_dtype, "attn_implementation": "eager"}
+    kwargs = {"dtype": torch_dtype, "attn_implementation": "eager", **hub}
     if quantization:
         kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
         device_map = device_map or {"": device}
@@ -560,9 +587,9 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
-        raise _hub_error(spec, e) from None
+        raise _hub_error(spec, e, offline) from None
     if device_map is None:
         hf = hf.to(device)
     archs.arch_of(hf)  # BadInput before anything else for an architecture without a module map
-    model = TransformersModel(hf.eval(), tokenizer=AutoTokenizer.from_pretrained(source))
+    model = TransformersModel(hf.eval(), tokenizer=AutoTokenizer.from_pretrained(source, **hub))
     return NNsightEngine(model, model_name=name, quantization=quantization)
