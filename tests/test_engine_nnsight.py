@@ -281,3 +281,41 @@ def test_generation_continues_with_eos_and_stops_like_transformer_lens(nn, tl, e
         a.tokenizer.eos_token = b.tokenizer.eos_token = eos
     assert [a.to_str_tokens(row[tokens.shape[1]:]) for row in expected] == [
         ["paris", ".", ".", ".", "."], ["the", "city", "of", "paris", "."]]
+
+
+def test_gemma3_sites_add_up_and_logits_equal_the_hugging_face_forward(tmp_path):
+    """Gemma 3 (q/k norms, post-norms, scaled embeddings): transformer-lens 3.9 converts it from official names
+    only, so check the engine against Hugging Face's own forward and the residual identities."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+
+    from mechscope.toy import model as toy
+
+    tok = AutoTokenizer.from_pretrained(str(toy.WEIGHTS_DIR))
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(Gemma3TextConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    engine = load_model(str(tmp_path), backend="nnsight", device="cpu")
+    tokens = tokens_for(engine)
+    with torch.no_grad():
+        logits, acts = engine.run(tokens, read=engine.sites())
+        expected = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()(tokens).logits
+        ablated, _ = engine.run(tokens, edits=[("blocks.0.hook_attn_out", torch.zeros_like)])
+    torch.testing.assert_close(logits, expected, **TOL)
+    assert (ablated - logits).abs().max() > 1e-3
+    torch.testing.assert_close(acts["hook_embed"], acts["blocks.0.hook_resid_pre"])
+    for layer in range(2):
+        pre, mid, post = (acts[f"blocks.{layer}.hook_resid_{k}"] for k in ("pre", "mid", "post"))
+        torch.testing.assert_close(mid, pre + acts[f"blocks.{layer}.hook_attn_out"], **TOL)
+        torch.testing.assert_close(post, mid + acts[f"blocks.{layer}.hook_mlp_out"], **TOL)
+    torch.testing.assert_close(acts["blocks.0.hook_resid_post"], acts["blocks.1.hook_resid_pre"])
+    norm = engine.final_norm
+    last = acts["blocks.1.hook_resid_post"]
+    torch.testing.assert_close(last / norm.scale(last) * norm.weight @ engine.W_U, logits, **TOL)

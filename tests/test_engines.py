@@ -2,8 +2,8 @@
 logits, activations at every site both offer, edits, gradients and steered generations as the reference
 (transformer-lens's HookedTransformer with LayerNorm unfolded) to 1e-4 in float32.
 
-Checkpoints: tiny random GPT-2, GPT-NeoX (parallel and sequential blocks), Llama (grouped-query), Qwen2
-(q/k/v biases), Qwen3 (q/k norms) and Gemma 2 (post-norms, soft caps) saved with save_pretrained, with
+Checkpoints: tiny random GPT-2, GPT-NeoX (parallel and sequential blocks), Llama and Mistral (grouped-query),
+Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Gemma 2 (post-norms, soft caps) saved with save_pretrained, with
 random norm weights (unit norms hide missing norm weights), and the bundled model's GPT-2 export.
 
 To add an engine, add a loader to ENGINES (and its name to CENTRED if its residual basis is transformer-lens's
@@ -29,7 +29,7 @@ CENTRED = {"tl_folded"}
 FOLDING_CHANGES = ("attn.hook_v", "attn.hook_z")
 RESIDUAL_KINDS = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
                   "hook_attn_out", "hook_mlp_out")
-CHECKPOINTS = ["gpt2", "neox", "neox_sequential", "llama", "qwen2", "qwen3", "gemma2", "toy"]
+CHECKPOINTS = ["gpt2", "neox", "neox_sequential", "llama", "mistral", "qwen2", "qwen3", "gemma2", "toy"]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -48,6 +48,8 @@ def hf_config(kind: str, tokenizer):
         return tf.GPTNeoXConfig(**small, use_parallel_residual=kind == "neox")
     if kind == "llama":
         return tf.LlamaConfig(**small, num_key_value_heads=2)
+    if kind == "mistral":
+        return tf.MistralConfig(**small, num_key_value_heads=2, head_dim=8, sliding_window=None)
     if kind == "qwen2":
         return tf.Qwen2Config(**small, num_key_value_heads=2)
     if kind == "qwen3":
@@ -177,6 +179,15 @@ def test_logits_agree(pair):
     # a folded, centred unembedding shifts every logit of a position by one constant: compare log-probs
     torch.testing.assert_close(b.log_softmax(-1), a.log_softmax(-1), **TOL)
     torch.testing.assert_close(b_last.log_softmax(-1), a[[0, 1], [8, 5]].log_softmax(-1), **TOL)
+
+
+def test_model_facts_agree(pair):
+    ref, other, _ = pair
+    same = ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_key_value_heads",  # not n_ctx:
+            "parallel_attn_mlp", "gated_mlp", "positional_embedding_type", "original_architecture")  # TL caps it
+    assert {k: getattr(other.cfg, k) for k in same} == {k: getattr(ref.cfg, k) for k in same}
+    assert other.cfg.normalization_type.removesuffix("Pre") == ref.cfg.normalization_type
+    assert other.bos_token_id == ref.bos_token_id
 
 
 def test_every_common_site_agrees(pair):

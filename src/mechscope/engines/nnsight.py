@@ -113,7 +113,8 @@ def _traced_run(model, tokens, steps, unembed, positions, remote):
         if positions is not None:  # unembed only the positions asked for
             lm_head = model.get(unembed)
             hidden = lm_head.input
-            lm_head.input = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions].unsqueeze(1)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            lm_head.input = hidden[rows, positions.to(hidden.device)].unsqueeze(1)
         logits = nnsight.save(model.output.logits)
     return logits, acts
 
@@ -385,19 +386,25 @@ class NNsightEngine(Engine):
         tokens = torch.as_tensor(tokens)
         return tokens if self.remote else tokens.to(self.cfg.device)
 
+    def _here(self, tensor):
+        """On cfg.device (where the embeddings are): with a device_map, later layers live elsewhere."""
+        return tensor.to(self.cfg.device)
+
     def run(self, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (), positions=None):
         steps = self._plan(read, edits)
         tokens = self._tokens(tokens)
         if positions is not None:
             positions = torch.as_tensor(positions, device=tokens.device)
         logits, acts = _traced_run(self.model, tokens, steps, self.arch.unembed, positions, self.remote)
-        return (logits[:, 0] if positions is not None else logits), acts
+        logits = logits[:, 0] if positions is not None else logits
+        return self._here(logits), {site: self._here(act) for site, act in acts.items()}
 
     def run_with_grads(self, tokens, metric: Metric, read: Sequence[str], edits: Sequence[Edit] = ()):
         steps = self._plan(read, edits, grad=True)
         with torch.enable_grad():
             value, acts, grads = _traced_grads(self.model, self._tokens(tokens), steps, metric, list(read), self.remote)
-        return value, dict(zip(read, acts)), dict(zip(read, grads))
+        here = self._here
+        return here(value), {s: here(a) for s, a in zip(read, acts)}, {s: here(g) for s, g in zip(read, grads)}
 
     def generate(self, tokens, edits: Sequence[Edit] = (), max_new_tokens: int = 10, use_kv_cache: bool = True):
         steps = self._plan((), edits)
