@@ -319,3 +319,22 @@ def test_gemma3_sites_add_up_and_logits_equal_the_hugging_face_forward(tmp_path)
     norm = engine.final_norm
     last = acts["blocks.1.hook_resid_post"]
     torch.testing.assert_close(last / norm.scale(last) * norm.weight @ engine.W_U, logits, **TOL)
+
+
+def test_generation_ignores_the_checkpoints_sampling_settings(nn, tl):
+    """Greedy as transformer-lens does it, whatever generation_config.json asks for (sampling, penalties)."""
+    a, b = nn["toy"], tl["toy"]
+    tokens = a.to_tokens("the quick brown fox jumps over the lazy")  # the toy repeats this sentence
+    config = a.hf.generation_config
+    saved = config.to_dict()
+    try:
+        config.update(do_sample=True, temperature=5.0, repetition_penalty=3.0, no_repeat_ngram_size=2,
+                      min_new_tokens=6)
+        with torch.no_grad():
+            got = a.generate(tokens, max_new_tokens=10)
+    finally:
+        config.update(**saved)
+    with torch.no_grad():
+        expected = b.generate(tokens, max_new_tokens=10)
+    assert got.tolist() == expected.tolist()
+    assert a.to_str_tokens(expected[0, tokens.shape[1]:])[:4] == ["dog", ".", "the", "quick"]  # a repeat: penalties would block it

@@ -232,8 +232,9 @@ class NNsightEngine(Engine):
     name = "nnsight"
 
     def __init__(self, model, remote: bool | str = False, model_name: str | None = None, quantization: str | None = None):
-        if not hasattr(model, "_module") or not hasattr(model, "trace"):
-            raise TypeError(f"NNsightEngine wraps an nnsight TransformersModel, not a {type(model).__name__}")
+        if getattr(model, "tokenizer", None) is None or not hasattr(model, "_module"):
+            raise TypeError(f"NNsightEngine wraps an nnsight TransformersModel with a tokenizer, not a "
+                            f"{type(model).__name__}: TransformersModel(hf_model, tokenizer=tokenizer)")
         self.model = model
         self.hf = model._module
         self.arch = archs.arch_of(self.hf)
