@@ -283,6 +283,7 @@ def test_steered_generation_agrees_with_and_without_kv_cache(pair):
     edits = [("blocks.1.hook_resid_pre", steer(4 * torch.randn(ref.cfg.d_model, generator=g)))]
     with torch.no_grad():
         expected = ref.generate(tokens, edits, max_new_tokens=6)
+        assert expected.tolist() != ref.generate(tokens, max_new_tokens=6).tolist()  # the vector steers
         for cache in (True, False):
             got = other.generate(tokens, edits, max_new_tokens=6, use_kv_cache=cache)
             assert got.tolist() == expected.tolist(), f"use_kv_cache={cache}"
