@@ -172,7 +172,8 @@ def test_weights_of_a_model_whose_weights_are_elsewhere_are_bad_input(checkpoint
     from transformers import AutoTokenizer
 
     d = str(checkpoints["gpt2"])
-    meta = as_engine(TransformersModel(d, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(d)))  # not dispatched: a meta-device skeleton
+    # not dispatched: a meta-device skeleton, as a remote model is
+    meta = as_engine(TransformersModel(d, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(d)))
     assert meta.cfg.n_layers == 2
     with pytest.raises(BadInput, match="drop --remote"):
         meta.W_U
@@ -187,7 +188,11 @@ def test_remote_path_through_the_local_stand_in_gives_the_local_results(nn, monk
 
     calls = []
     original = local.LocalSimulationBackend.__call__
-    monkeypatch.setattr(local.LocalSimulationBackend, "__call__", lambda self, tracer: (calls.append(1), original(self, tracer))[1])
+    def counted(self, tracer):
+        calls.append(1)
+        return original(self, tracer)
+
+    monkeypatch.setattr(local.LocalSimulationBackend, "__call__", counted)
     here = nn["gpt2"]
     remote = NNsightEngine(here.model, remote="local")
     tokens = tokens_for(here)
@@ -242,7 +247,8 @@ def test_quantization_without_bitsandbytes_says_how_to_install_it(checkpoints, m
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     for bits in ("8bit", "4bit"):
         with pytest.raises(BadInput, match="pip install bitsandbytes"):
             load_model(str(checkpoints["gpt2"]), backend="nnsight", device="cpu", quantization=bits)
@@ -337,4 +343,5 @@ def test_generation_ignores_the_checkpoints_sampling_settings(nn, tl):
     with torch.no_grad():
         expected = b.generate(tokens, max_new_tokens=10)
     assert got.tolist() == expected.tolist()
-    assert a.to_str_tokens(expected[0, tokens.shape[1]:])[:4] == ["dog", ".", "the", "quick"]  # a repeat: penalties would block it
+    # a repeat of the prompt, which the penalties would have blocked
+    assert a.to_str_tokens(expected[0, tokens.shape[1]:])[:4] == ["dog", ".", "the", "quick"]

@@ -234,7 +234,8 @@ class NNsightEngine(Engine):
     (nnsight's in-process stand-in for the remote path)."""
     name = "nnsight"
 
-    def __init__(self, model, remote: bool | str = False, model_name: str | None = None, quantization: str | None = None):
+    def __init__(self, model, remote: bool | str = False, model_name: str | None = None,
+                 quantization: str | None = None):
         if getattr(model, "tokenizer", None) is None or not hasattr(model, "_module"):
             raise TypeError(f"NNsightEngine wraps an nnsight TransformersModel with a tokenizer, not a "
                             f"{type(model).__name__}: TransformersModel(hf_model, tokenizer=tokenizer)")
@@ -437,7 +438,8 @@ class NNsightEngine(Engine):
 
     def W_O(self, layer: int):
         c = self.cfg
-        return self._linear_weight(f"{self.arch.blocks}.{layer}.{self.arch.o_proj}").reshape(c.n_heads, c.d_head, c.d_model)
+        w = self._linear_weight(f"{self.arch.blocks}.{layer}.{self.arch.o_proj}")
+        return w.reshape(c.n_heads, c.d_head, c.d_model)
 
     def b_O(self, layer: int):
         bias = self._module(f"{self.arch.blocks}.{layer}.{self.arch.o_proj}").bias
