@@ -129,22 +129,6 @@ def _replace_input(module, fn):
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _hf_value_bias(hf, kind, layer, head):
-    """[d_head] what head `head` reads as value when the normalised input is 0: the value projection of the
-    input norm's bias. transformer-lens folds this into b_O (fold_ln + fold_value_biases), so its z is the
-    Hugging Face z minus this bias, and zeroing z there sets the Hugging Face z to it."""
-    cfg, block = hf.config, _hf_block(hf, kind, layer)
-    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    d_head = (getattr(cfg, "hidden_size", None) or cfg.n_embd) // n_heads
-    with torch.no_grad():
-        if kind in ("gpt2", "toy"):  # c_attn: [q | k | v], each the heads concatenated
-            return block.attn.c_attn(block.ln_1.bias).view(3, n_heads, d_head)[2, head]
-        if kind == "neox":  # query_key_value: per head [q, k, v]
-            return block.attention.query_key_value(block.input_layernorm.bias).view(n_heads, 3, d_head)[head, 2]
-        values = block.self_attn.v_proj(torch.zeros(cfg.hidden_size))  # RMSNorm: no bias
-        return values.view(-1, d_head)[head // (n_heads // cfg.num_key_value_heads)]  # grouped-query
-
-
 def _hf_logits(hf, tokens, edits=()):
     """logits of the Hugging Face model with edits [(module, fn(input) -> input)] on module inputs."""
     handles = [_replace_input(module, fn) for module, fn in edits]
@@ -190,11 +174,9 @@ def _edits(kind, engine, hf, tokens, corrupt, reference):
     if reference == "tl":
         return {name: (edit, edit) for name, edit in ours.items()}
 
-    b_V = _hf_value_bias(hf, kind, LAYER, HEAD)
-
-    def zero_head_flat(z):
+    def zero_head_flat(z):  # the engines keep value biases unfolded: their z is this input of the output projection
         z = z.clone()
-        z[..., HEAD * dh:(HEAD + 1) * dh] = b_V
+        z[..., HEAD * dh:(HEAD + 1) * dh] = 0
         return z
 
     hf_source = _hf_resid_pre(hf, corrupt, LAYER)

@@ -11,7 +11,10 @@ backend: "tl" (transformer-lens HookedTransformer, LayerNorm folded unless fold_
 (transformer-lens TransformerBridge in compatibility mode), "nnsight" (the Hugging Face module under
 nnsight: device_map / max_memory / 8- and 4-bit weights / NDIF remote), or "auto": what `mechscope detect`
 recommends (transformer-lens up to 2B parameters, nnsight above, bridge where HookedTransformer is gone).
-Every technique takes the returned engine (or a raw HookedTransformer / TransformerBridge / nnsight model:
+The transformer-lens engines fold LayerNorm and centre weights as HookedTransformer.from_pretrained does,
+but never fold the value biases into b_O: so `attn.hook_z` is the same vector on every engine (the input of
+the attention output projection), and zero-ablating a head or attributing to it means the same thing on all
+three. Every technique takes the returned engine (or a raw HookedTransformer / TransformerBridge / nnsight model:
 `as_engine` wraps it). Loading never changes torch's global state (grad mode, default dtype).
 """
 from __future__ import annotations
@@ -116,7 +119,7 @@ def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state = loading.get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=dtype)
     model.load_and_process_state_dict(state, fold_ln=fold_ln, center_writing_weights=fold_ln,
-                                      center_unembed=fold_ln, fold_value_biases=fold_ln)
+                                      center_unembed=fold_ln, fold_value_biases=False)
     return model.to(device, print_details=False).to(dtype, print_details=False).eval()
 
 
@@ -171,7 +174,8 @@ def _load_tl(spec: str, device: str, dtype: str, fold_ln: bool):
             n_params = loading.get_pretrained_model_config(name).n_params
             model = HookedTransformer.from_pretrained(name, device=device,
                                                       dtype=resolve_dtype(dtype, device, n_params), fold_ln=fold_ln,
-                                                      center_writing_weights=fold_ln, center_unembed=fold_ln)
+                                                      center_writing_weights=fold_ln, center_unembed=fold_ln,
+                                                      fold_value_biases=False)
         except OSError as e:
             raise BadInput(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); offline? "
                            f"pass a local directory saved with save_pretrained, or use {BUNDLED!r}") from None

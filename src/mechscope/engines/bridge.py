@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.engines.base import FinalNorm
+from mechscope.engines.base import FinalNorm, layer_of
 from mechscope.engines.hooked import HookedEngine, config_from_tl
 from mechscope.errors import BadInput
 
@@ -58,6 +58,32 @@ class BridgeEngine(HookedEngine):
         with torch.no_grad(), self.model.hooks(fwd_hooks=[(n, mark(n)) for n in names]):
             self.model(tokens)
         return [n for n in names if n in fired]
+
+    def _hooks(self, edits) -> list:
+        """As HookedEngine's, except resid_mid: the bridge's hook_resid_mid is the input of the second norm,
+        so writing it would reach only the MLP. An edit of resid_mid l is applied to attn_out l instead,
+        as attn_out + (fn(mid) - mid) with mid = resid_pre + attn_out: the residual stream itself changes."""
+        direct = [(site, fn) for site, fn in edits if not site.endswith(".hook_resid_mid")]
+        hooks = super()._hooks(direct)
+        pre = {}
+
+        def keep(layer):
+            def hook(act, hook):
+                pre[layer] = act
+            return hook
+
+        def via_attn_out(layer, fn):
+            def hook(attn_out, hook):
+                mid = pre[layer] + attn_out
+                return attn_out + (fn(mid) - mid)
+            return hook
+
+        for site, fn in edits:
+            if site.endswith(".hook_resid_mid"):
+                layer = layer_of(site)
+                hooks += [(f"blocks.{layer}.hook_resid_pre", keep(layer)),
+                          (f"blocks.{layer}.hook_attn_out", via_attn_out(layer, fn))]
+        return hooks
 
     def generate(self, tokens, edits=(), max_new_tokens: int = 10, use_kv_cache: bool = True):
         if use_kv_cache and not self.kv_cache_exact():
@@ -152,5 +178,5 @@ def load_bridge(spec: str, device: str = "cpu", dtype: str = "auto", fold_ln: bo
                            f"local directory saved with save_pretrained, or use 'mechscope-toy'") from None
         except (ValueError, NotImplementedError, KeyError) as e:
             raise BadInput(f"TransformerBridge cannot load {spec!r}: {str(e).splitlines()[0]}") from None
-    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not fold_ln)
+    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not fold_ln, fold_value_biases=False)
     return BridgeEngine(bridge.eval(), model_name=name)
