@@ -46,6 +46,7 @@ COMMANDS = {
     "steer": ("steer", "activation addition steering with a random-direction control"),
     "validate-circuit": ("validate_circuit", "necessity, sufficiency / faithfulness and minimality of a circuit"),
     "new": ("new", "scaffold a new research repository from templates"),
+    "report": ("report", "one self-contained offline HTML page from run directories"),
 }
 
 MAX_STDOUT_CHARS = 20_000
