@@ -355,6 +355,8 @@ def _environment():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["quote"] = lambda s: json.dumps(s)  # a literal valid in Python, TOML and JSON
+    env.filters["pydoc"] = lambda s: str(s).replace("\\", "\\\\").replace('"""', '\\"\\"\\"')  # inside a docstring
+    env.filters["make"] = lambda s: str(s).replace("$", "$$").replace("#", "\\#")  # a Makefile variable's value
     return env
 
 
@@ -409,6 +411,8 @@ def render(target: str | Path, name: str | None = None, model: str = "mechscope-
     target = check_target(str(target))
     if not model or not model.strip():
         raise BadInput("--model is empty; pass a model name or directory (default: mechscope-toy)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in model):
+        raise BadInput(f"--model {model!r} holds control characters; pass a model name or directory")
     if backend not in BACKENDS:
         raise BadInput(f"unknown --backend {backend!r}; use {', '.join(BACKENDS)}")
     if tracking not in TRACKING:
