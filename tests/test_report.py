@@ -151,7 +151,7 @@ def test_rewriting_its_own_page_is_allowed_and_the_default_path_is_new(runs, tmp
     code, stdout, _ = report(capsys, runs[1])
     default = Path(json.loads(stdout)["summary"]["report"])
     assert default.parent == runs[1].parent.resolve() and default.name.startswith("report-") and default.is_file()
-    assert oct(default.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+    assert oct(default.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     default.unlink()
 
 

@@ -178,8 +178,8 @@ def _embedded_page(path: Path) -> str:
 
 def run_html(run: Run, index: int, page_dir: Path) -> str:
     """The section of the page for one run."""
-    facts = "".join(f"<tr><th>{k}</th><td>{'<code>' + html.escape(str(v)) + '</code>' if k == 'command line' else html.escape(str(v))}</td></tr>"
-                    for k, v in _facts(run).items())
+    facts = "".join(f"<tr><th>{k}</th><td>{f'<code>{html.escape(str(v))}</code>' if k == 'command line' else html.escape(str(v))}"
+                    f"</td></tr>" for k, v in _facts(run).items())
     parts = [f'<section id="run-{index}"><h2>{index}. {html.escape(run.title)}</h2>',
              f'<table class="kv facts">{facts}</table>']
     summary = run.result.get("summary", run.result if run.result else None)
@@ -221,9 +221,9 @@ def report_html(runs: list[Run], page_dir: Path, title: str) -> str:
     from mechscope import __version__
 
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    toc = "".join(f'<li><a href="#run-{i}">{html.escape(r.title)}</a>'
-                  f"{' (' + _facts(r)['wall time'] + ')' if 'wall time' in _facts(r) else ''}</li>"
-                  for i, r in enumerate(runs, 1))
+    walls = [_facts(r).get("wall time") for r in runs]
+    toc = "".join(f'<li><a href="#run-{i}">{html.escape(r.title)}</a>{f" ({wall})" if wall else ""}</li>'
+                  for i, (r, wall) in enumerate(zip(runs, walls), 1))
     total = sum(r.meta.get("wall_seconds") or 0 for r in runs)
     body = "".join(run_html(r, i, page_dir) for i, r in enumerate(runs, 1))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -266,11 +266,7 @@ def write_report(paths: list[str], out: str | None = None, title: str | None = N
         write_atomic(path, report_html(runs, path.parent, title or "mechscope report"))
     except OSError as e:
         raise BadInput(f"cannot write {path}: {e.strerror}; pass --out FILE in a writable directory") from None
-    os.chmod(path, 0o644 & ~_umask())
-    return path, runs
-
-
-def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)  # mkstemp made it private; a page is for sharing
+    return path, runs

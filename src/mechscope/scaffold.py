@@ -42,12 +42,12 @@ BACKENDS = tuple(ENGINES)
 @dataclass(frozen=True)
 class Technique:
     """One mechscope command as a study's experiment: what it answers, the control that makes it evidence,
-    and the mistake to avoid. `data`: which fields of the prompt records it reads."""
+    and the mistake to avoid. `pairs`: it reads corrupted prompts too (else clean prompts and answers, or none)."""
     name: str
     what: str
     control: str
     caution: str
-    data: str            # "pairs" (clean, corrupted, answer, wrong), "answers" (clean, answer, wrong) or "none"
+    pairs: bool = False
 
     @property
     def module(self) -> str:
@@ -57,49 +57,48 @@ class Technique:
 TECHNIQUES = {t.name: t for t in [
     Technique("predict", "whether the model does the task at all: its top next tokens on the study's prompts",
               "accuracy over the whole prompt set before studying a mechanism; a model that fails the task has "
-              "no mechanism for it", "answers must be single tokens (mechscope refuses others, exit 2)", "answers"),
+              "no mechanism for it", "answers must be single tokens (mechscope refuses others, exit 2)"),
     Technique("logit-lens", "from which layer the answer can be read off the residual stream",
               "the final layer's reading equals the model's own prediction; compare early layers with the tuned "
               "lens, which the logit lens underestimates", "a layer where the answer becomes readable is not "
-              "where it is computed: confirm with patching", "answers"),
+              "where it is computed: confirm with patching"),
     Technique("tuned-lens", "per-layer affine translators against the logit lens (KL to the final output)",
               "KL on held-out tokens, never on the training tokens; the final layer reads 0",
-              "train on text like the study's (--text-file) before reading a real model's layers", "none"),
+              "train on text like the study's (--text-file) before reading a real model's layers"),
     Technique("dla", "which heads, MLPs and neurons write answer minus wrong directly to the logits",
               "the parts must sum to the model's logit difference (summary: sum_error ~ 0); confirm the top "
               "components causally with patch or ablate", "direct effects only: what a component does "
-              "through later layers is invisible to DLA", "answers"),
+              "through later layers is invisible to DLA"),
     Technique("patch", "where (layer x position) the information that decides the answer flows: clean "
               "activations patched into the corrupted run", "report recovery with both baselines; at layer 0 "
               "the residual at the one position where the prompts differ recovers exactly 1 and every other "
               "position 0 (the identity the tests check); --mode noise for necessity",
-              "clean and corrupted prompts need the same number of tokens", "pairs"),
+              "clean and corrupted prompts need the same number of tokens", pairs=True),
     Technique("attribution-patch", "gradient estimates of every patch at once (2 forwards + 1 backward)",
               "its agreement with exact patching (reported in the summary); confirm the top cells with patch",
-              "a linear estimate: saturated attention gives false negatives", "pairs"),
+              "a linear estimate: saturated attention gives false negatives", pairs=True),
     Technique("path-patch", "which sender -> receiver paths (via q, k, v or the logits) carry the effect",
               "compare each path with the total effect of its sender (patch); say whether MLPs are frozen",
-              "a path's effect is relative to the receivers chosen: name them", "pairs"),
+              "a path's effect is relative to the receivers chosen: name them", pairs=True),
     Technique("ablate", "what breaks when components are removed (necessity)",
               "mean or resample ablation over the prompt set (zero ablation leaves the training distribution); "
               "compare with other components of the same kind", "backup components can hide a component's "
-              "effect: ablate candidate sets together too", "answers"),
+              "effect: ablate candidate sets together too"),
     Technique("heads", "previous-token, induction, duplicate-token and BOS scores and attention patterns",
               "scores come from random repeated sequences: a high score names a candidate, ablating it on the "
-              "task decides", "the induction source of destination d is d - L + 1, not d - L", "none"),
+              "task decides", "the induction source of destination d is d - L + 1, not d - L"),
     Technique("circuits", "QK / OV circuits, copying scores and K / Q / V composition between heads",
               "composition against its random-matrix baseline (reported)", "weights say what a head can do, "
-              "not what it does on the task", "none"),
+              "not what it does on the task"),
     Technique("probe", "which layers linearly encode a property",
               "a control task and shuffled labels; selectivity = accuracy - control; split by template",
-              "decodable is not used: steer or patch along the probe's direction", "none"),
+              "decodable is not used: steer or patch along the probe's direction"),
     Technique("steer", "whether adding a direction to the residual stream changes the output",
               "same-norm random directions, held-out prompts, and the LM loss on neutral text (side effect)",
-              "never model.generate(fwd_hooks=...): the hooks are ignored; mechscope steer applies them",
-              "none"),
+              "never model.generate(fwd_hooks=...): the hooks are ignored; mechscope steer applies them"),
     Technique("validate-circuit", "necessity, faithfulness and minimality of a candidate circuit",
               "random circuits of the same size (reported); mean ablation as the default",
-              "choose --circuit from patching or path patching, not from DLA alone", "none"),
+              "choose --circuit from patching or path patching, not from DLA alone"),
 ]}
 
 
@@ -240,7 +239,7 @@ def read_prompt_file(path: Path, techniques: list[Technique]) -> list[dict]:
     if not records:
         raise BadInput(f"prompt file {path} holds no prompts")
     needs = ["clean", "answer"]
-    if any(t.data == "pairs" for t in techniques):
+    if any(t.pairs for t in techniques):
         needs += ["corrupted", "wrong"]
     for i, record in enumerate(records, 1):
         if not isinstance(record, dict):
