@@ -201,13 +201,15 @@ def _task_file(tmp_path, text):
     ("none", ["--task", "missing.jsonl"], "neither a bundled task"),
     ("none", ["--task", "BAD-JSON"], "is not JSON / JSONL"),
     ("none", ["--task", "EMPTY"], "holds no prompts"),
-    ("none", ["--task", "NOT-OBJECT"], "record 1: not an object"),
-    ("none", ["--task", "NO-PAIRS", "--technique", "patch"], "missing corrupted, wrong (patching needs pairs)"),
+    ("none", ["--task", "NO-ANSWER", "--technique", "dla"], 'prompt 1 has no "answer"'),
+    ("none", ["--task", "PROMPTS", "--technique", "patch"], "holds prompts, not pairs: patch patches"),
+    ("none", ["--task", "HALF-PAIRS", "--technique", "dla"], "lacks corrupted, wrong"),
 ])
 def test_new_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, extra, message):
     monkeypatch.chdir(tmp_path)
-    files = {"BAD-JSON": '{"clean": "x", \n', "EMPTY": "\n", "NOT-OBJECT": '["just a string"]',
-             "NO-PAIRS": '{"clean": "The capital of France is", "answer": "Paris"}\n'}
+    files = {"BAD-JSON": '{"clean": "x", \n', "EMPTY": "\n", "NO-ANSWER": '["just a string"]',
+             "PROMPTS": '{"prompt": "The capital of France is", "answer": "Paris"}\n',
+             "HALF-PAIRS": '{"clean": "The capital of France is", "answer": "Paris"}\n'}
     extra = [_task_file(tmp_path, files[x]) if x in files else x for x in extra]
     target = _bad_setup(tmp_path, case)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -220,9 +222,25 @@ def test_new_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys
 
 
 def test_a_file_without_pairs_is_enough_for_single_prompt_techniques(tmp_path, capsys):
-    task = _task_file(tmp_path, '{"clean": "The capital of France is", "answer": "Paris"}\n')
-    code, out, err = new(capsys, tmp_path / "s", "--task", task, "--technique", "dla")
+    task = _task_file(tmp_path, '{"prompt": "The capital of France is", "answer": "Paris"}\n')
+    code, out, err = new(capsys, tmp_path / "s", "--task", task, "--technique", "dla", "logit-lens")
     assert code == 0, err
+    record = json.loads((tmp_path / "s/data/prompts.jsonl").read_text())
+    assert record == {"prompt": "The capital of France is", "answer": "Paris"}
+    # the experiments' command lines read prompt records (no wrong token) as well as pairs
+    sys.path.insert(0, str(tmp_path / "s/experiments"))
+    try:
+        import argparse
+        import runpy
+
+        for name, expected in (("01_dla.py", ["dla", "--prompt", record["prompt"], "--answer", "Paris"]),
+                               ("02_logit_lens.py", ["logit-lens", "--prompt", record["prompt"], "--target", "Paris"])):
+            lines = runpy.run_path(str(tmp_path / "s/experiments" / name))["command_lines"](
+                [record], argparse.Namespace(n_prompts=3), tmp_path / "results")
+            assert lines == [expected]
+    finally:
+        sys.path.remove(str(tmp_path / "s/experiments"))
+        sys.modules.pop("common", None)
 
 
 def test_new_has_no_force_flag(capsys):

@@ -176,13 +176,18 @@ def _word(word: str) -> str:
     return word.capitalize() if word in _proper_nouns() else word
 
 
-def _pair(clean: str, corrupted: str, answer: str, wrong: str) -> dict:
-    return {"clean": _sentence(clean), "corrupted": _sentence(corrupted), "answer": _word(answer), "wrong": _word(wrong)}
+def _pair(clean: str, corrupted: str, answer: str, wrong: str, group: str, positions: dict | None = None) -> dict:
+    """A pair record as mechscope.tasks.read_pair_file reads it (named positions by word, a split group)."""
+    out = {"clean": _sentence(clean), "corrupted": _sentence(corrupted), "answer": _word(answer), "wrong": _word(wrong),
+           "group": group}
+    return out | ({"positions": positions} if positions else {})
 
 
 def task_prompts(name: str, n: int = 40, seed: int = 0) -> list[dict]:
-    """A bundled task's prompt pairs {clean, corrupted, answer, wrong}; clean and corrupted differ in one word.
-    IOI draws only (template, name pair) combinations held out of the bundled model's training."""
+    """A bundled task's prompt pairs {clean, corrupted, answer, wrong, group, positions?} in the words of the
+    bundled model's corpus, written as English (any tokenizer reads them); clean and corrupted differ in one
+    word. IOI draws only (template, name pair) combinations held out of the bundled model's training.
+    (mechscope.tasks.load_task builds a task for a given model's tokenizer at run time.)"""
     from mechscope.toy import corpus
 
     rng = random.Random(seed)
@@ -196,59 +201,56 @@ def task_prompts(name: str, n: int = 40, seed: int = 0) -> list[dict]:
             a, b = (io, s) if rng.random() < 0.5 else (s, io)
             fill = {"a": a, "b": b, "place": rng.choice(corpus.PLACES), "obj": rng.choice(corpus.OBJECTS)}
             template = corpus.IOI_TEMPLATES[t]
-            pairs.append(_pair(template.format(s=s, **fill), template.format(s=io, **fill), io, s))
+            pairs.append(_pair(template.format(s=s, **fill), template.format(s=io, **fill), io, s, f"t{t}",
+                               {"IO": [_word(io), 1], "S1": [_word(s), 1], "S2": [_word(s), 2]}))
     elif name == "facts":
         countries = list(corpus.CAPITALS)
         for country in countries:
             other = rng.choice([c for c in countries if c != country])
-            pairs.append(_pair(f"the capital of {country} is", f"the capital of {other} is",
-                               corpus.CAPITALS[country], corpus.CAPITALS[other]))
+            pairs.append(_pair(f"the capital of {country} is", f"the capital of {other} is", corpus.CAPITALS[country],
+                               corpus.CAPITALS[other], country, {"SUBJECT": [_word(country), 1], "RELATION": "capital"}))
         one_word = [m for m in corpus.LANDMARKS if m.startswith("the ") and len(m.split()) == 2]
         for mark in one_word:
             other = rng.choice([m for m in one_word if corpus.LANDMARKS[m] != corpus.LANDMARKS[mark]])
-            pairs.append(_pair(f"{mark} is in the city of", f"{other} is in the city of",
-                               corpus.LANDMARKS[mark], corpus.LANDMARKS[other]))
+            pairs.append(_pair(f"{mark} is in the city of", f"{other} is in the city of", corpus.LANDMARKS[mark],
+                               corpus.LANDMARKS[other], mark, {"SUBJECT": [_word(mark.split()[-1]), 1], "RELATION": "city"}))
     elif name == "induction":
         words = sorted(set(corpus.FILLER_NOUNS + corpus.FILLER_ADJECTIVES + corpus.FILLER_ACTIONS))
         while len(pairs) < n:
             *first, answer, wrong = rng.sample(words, 7)       # 5 words, then the one that follows them
             pairs.append({"clean": " ".join(first + [answer]) + " . " + " ".join(first),
                           "corrupted": " ".join(first + [wrong]) + " . " + " ".join(first),
-                          "answer": answer, "wrong": wrong})
+                          "answer": answer, "wrong": wrong, "group": f"s{len(pairs)}"})
     elif name == "sentiment":
         for good, bad in zip(corpus.POSITIVE_OPENERS, corpus.NEGATIVE_OPENERS):
             for word in corpus.INTENSIFIERS:
-                pairs.append(_pair(f"{good} it ' s {word}", f"{bad} it ' s {word}", "wonderful", "terrible"))
+                pairs.append(_pair(f"{good} it ' s {word}", f"{bad} it ' s {word}", "wonderful", "terrible", good))
     else:
         raise BadInput(f"unknown task {name!r}; use {', '.join(TASKS)} or a prompt file (JSON / JSONL)")
     return pairs[:n]
 
 
 def read_prompt_file(path: Path, techniques: list[Technique]) -> list[dict]:
-    """The records of a JSON list / JSONL prompt file, checked for what the chosen techniques read."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise BadInput(f"prompt file {path} is not JSON / JSONL ({e.msg}, line {e.lineno}); write one "
-                       f'{{"clean": ..., "corrupted": ..., "answer": ..., "wrong": ...}} per line') from None
-    if not records:
-        raise BadInput(f"prompt file {path} holds no prompts")
-    needs = ["clean", "answer"]
+    """The records of the user's prompt file, as mechscope.tasks reads them: pairs {clean, corrupted, answer,
+    wrong} (required when a chosen technique patches) or prompts {prompt, answer, wrong?}."""
+    from mechscope import tasks
+
+    first = tasks._read_objects(str(path))[0]
+    if isinstance(first, dict) and "clean" in first:
+        pairs = tasks.read_pair_file(str(path)).prompts
+        return [{"clean": p.text, "corrupted": p.corrupted, "answer": p.answer, "wrong": p.wrong,
+                 **({"group": p.group} if p.group else {}), **({"positions": p.positions} if p.positions else {})}
+                for p in pairs]
     if any(t.pairs for t in techniques):
-        needs += ["corrupted", "wrong"]
-    for i, record in enumerate(records, 1):
-        if not isinstance(record, dict):
-            raise BadInput(f"prompt file {path}, record {i}: not an object; write {{\"clean\": ..., \"answer\": ...}}")
-        missing = [k for k in needs if not isinstance(record.get(k), str) or not record[k].strip()]
-        if missing:
-            why = " (patching needs pairs)" if {"corrupted", "wrong"} & set(missing) else ""
-            raise BadInput(f"prompt file {path}, record {i}: missing {', '.join(missing)}{why}")
-    return [{k: r[k] for k in ("clean", "corrupted", "answer", "wrong") if k in r} for r in records]
+        raise BadInput(f"prompt file {path} holds prompts, not pairs: {', '.join(t.name for t in techniques if t.pairs)} "
+                       f"patches, so write {{\"clean\", \"corrupted\", \"answer\", \"wrong\"}} per line")
+    prompts = tasks.read_prompt_file(str(path)).prompts
+    missing = [i for i, p in enumerate(prompts, 1) if not p.answer]
+    if missing:
+        raise BadInput(f"prompt file {path}: prompt {missing[0]} has no \"answer\" (the token it should predict)")
+    return [{"prompt": p.text, "answer": p.answer, **({"wrong": p.wrong} if p.wrong else {}),
+             **({"group": p.group} if p.group else {}), **({"positions": p.positions} if p.positions else {})}
+            for p in prompts]
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -339,7 +341,8 @@ def study_variables(name: str, model: str, backend: str, task: str, techniques: 
                  "description": bundled.description if bundled else f"your prompt set ({Path(task).name})",
                  "hypothesis": bundled.hypothesis if bundled else OWN_TASK_HYPOTHESIS,
                  "refutation": bundled.refutation if bundled else OWN_TASK_REFUTATION,
-                 "n_prompts": len(records), "pairs": all("corrupted" in r for r in records), "example": records[0]},
+                 "n_prompts": len(records), "pairs": all("corrupted" in r for r in records),
+                 "example": {"text": records[0].get("clean", records[0].get("prompt")), **records[0]}},
         "techniques": [dict(asdict(t), module=t.module, file=f"{i:02d}_{t.module}.py")
                        for i, t in enumerate(techniques, 1)],
         "mechscope_version": __version__, "mechscope_source": mechscope_source(),
