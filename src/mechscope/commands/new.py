@@ -13,9 +13,10 @@ for the study's own), a Makefile (`make test` creates .venv and installs what it
 `make report`), .gitignore, notes/; then `git init` and a first commit where git is installed.
 
 --task: a bundled task (ioi, facts, induction, sentiment: prompt pairs that differ in one word) or a
-JSON / JSONL file of {"clean", "corrupted", "answer", "wrong"} records (corrupted / wrong may be left
-out unless a pair technique such as patch is chosen). The path must not exist, or be an empty
-directory; links, the current directory and paths with control characters are refused (no --force).
+JSON / JSONL file as mechscope reads --pairs / --prompts files: pairs {"clean", "corrupted", "answer",
+"wrong"}, or prompts {"prompt", "answer", "wrong"?} when no chosen technique patches. The path must not
+exist, or be an empty directory; links, the current directory and paths with control characters are
+refused (no --force).
 """
 HELP = "scaffold a research repository that fits one study"
 USES_MODEL = False
