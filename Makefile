@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-tl4 test-slow bench model card clean
+.PHONY: install demo test test-tl4 test-slow bench model card clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet "torch>=2.2"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
+
+install: $(STAMP)
 
 # A second environment with transformer-lens 4 (no HookedTransformer) and without sae-lens (which still
 # requires transformer-lens < 4): the bridge engine, detect and the CLI must work there, so that moving to

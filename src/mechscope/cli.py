@@ -47,9 +47,13 @@ COMMANDS = {
     "steer": ("steer", "activation addition steering with a random-direction control"),
     "validate-circuit": ("validate_circuit", "necessity, sufficiency / faithfulness and minimality of a circuit"),
     "new": ("new", "scaffold a new research repository from templates"),
+    "report": ("report", "one self-contained offline HTML page from run directories"),
 }
 
 MAX_STDOUT_CHARS = 20_000
+# import names of pyproject's dependencies: a command run from a bare copy of the skill folder says how to install
+DEPENDENCIES = {"torch", "transformer_lens", "sae_lens", "nnsight", "transformers", "tokenizers", "safetensors",
+                "matplotlib", "jinja2", "tqdm", "numpy"}
 
 
 @dataclass
@@ -199,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("interrupted\n")
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in DEPENDENCIES:
+            sys.stderr.write(f"mechscope {args.command}: error: {e.name} is not installed; install mechscope's "
+                             f"dependencies once: python3 -m pip install -e {Path(__file__).resolve().parents[2]}\n")
+            return 2
         if os.environ.get("MECHSCOPE_DEBUG"):
             raise
         sys.stderr.write(f"mechscope {args.command}: internal error: {type(e).__name__}: {e} "
