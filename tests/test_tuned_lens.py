@@ -107,3 +107,11 @@ def test_tuned_lens_text_file_too_short(tmp_path, capsys):
     assert main(["tuned-lens", "--out", str(tmp_path), "--text-file", str(short)]) == 2
     err = capsys.readouterr().err
     assert "longer file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_logit_lens_kl_agrees_across_engines(toy_on, toy_engine, corpus):
+    """The same held-out logit-lens KL per entry on every engine: residuals and the read-out come from the
+    engine API (transformer-lens centres the residual of LayerNorm models, Hugging Face does not; the final
+    LayerNorm removes the difference). Translators are fitted to one engine's basis: train on the engine used."""
+    held = corpus[1][:6]
+    torch.testing.assert_close(kl_per_entry(toy_on, held), kl_per_entry(toy_engine, held), atol=1e-4, rtol=1e-3)

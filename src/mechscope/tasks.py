@@ -119,6 +119,9 @@ def padded(engine, rows):
     Right padding leaves a causal model's real positions unchanged: read each row at its own positions."""
     import torch
 
+    from mechscope.models import as_engine
+
+    engine = as_engine(engine)
     pad = engine.tokenizer.pad_token_id
     pad = engine.bos_token_id if pad is None else pad
     lengths = torch.tensor([len(r) for r in rows])
