@@ -327,18 +327,25 @@ def test_dla_command_prompt_file(tmp_path, capsys):
 
 
 def test_dla_command_backup(tmp_path, capsys):
-    """--with-ablated: the held components are flagged, not listed as changed; the metric change has an
-    interval; a zero-ablated head's own direct effect goes to 0 (in dla_backup.csv)."""
-    summary, run = _run(tmp_path, capsys, "--task", "ioi", "--n", "24", "--with-ablated", "1.2", "--ablation", "zero")
+    """--with-ablated 2.1 (zero): the held head writes 0 and is flagged, not listed as changed; the final norm's
+    scale changes (final_norm_rescale != 1), and at the clean scale every component upstream of the head or
+    beside it in layer 2 writes exactly what it wrote before (change 0): only the layer-2 MLP can change."""
+    summary, run = _run(tmp_path, capsys, "--task", "ioi", "--n", "24", "--with-ablated", "2.1", "--ablation", "zero")
     backup = summary["backup"]
-    assert backup["ablated"] == ["L1H2"] and backup["method"] == "zero"
+    assert backup["ablated"] == ["L2H1"] and backup["method"] == "zero"
     change = backup["metric_change"]
     assert change["ci_low"] <= change["mean"] <= change["ci_high"]
-    assert all(r["name"] != "L1H2" for r in backup["changed"])
+    assert abs(backup["final_norm_rescale"]["mean"] - 1) > 1e-3
+    assert {r["name"] for r in backup["changed"]} <= {"L2 mlp"}
     assert all(r["ci_low"] > 0 or r["ci_high"] < 0 for r in backup["changed"])
     with open(run / "dla_backup.csv") as f:
         rows = {r["component"]: r for r in csv.DictReader(f)}
-    assert float(rows["L1H2"]["ablated"]) == 0.0 and rows["L1H2"]["held_ablated"] == "True"
+    assert float(rows["L2H1"]["ablated"]) == 0.0 and rows["L2H1"]["held_ablated"] == "True"
+    assert rows["L2 attn"]["held_ablated"] == "True"
+    for name, r in rows.items():
+        if name not in ("L2H1", "L2 attn", "L2 mlp"):
+            assert abs(float(r["change"])) < 1e-3, name
+            assert r["held_ablated"] == "False"
     assert (run / "dla_backup_heads.png").exists()
 
 

@@ -12,10 +12,12 @@ The final norm's scale (and, on models whose norm is not folded, its weight; its
 applied to every part, so the parts sum to the model's logit (difference): the summary reports both and
 their largest difference over the prompts. Each prompt is read at its last token (END).
 
---with-ablated reads every part through the ablated run's own final-norm scale: final_norm_rescale
-(clean scale / ablated scale, 1 = unchanged) moves every component's direct effect by that factor, so a
-change near (rescale - 1) x its clean value is rescaling, not a backup taking over. Components that are
-or contain a held one are flagged (held_ablated) and left out of "changed".
+--with-ablated: the ablated run has its own final-norm scale, which alone moves every part by the factor
+final_norm_rescale (clean scale / ablated scale). "change" (with its interval) is each component's direct
+effect in the ablated run at the clean run's scale minus the clean one, i.e. what it writes along the
+answer direction, rescaling removed; raw_change keeps the rescaling. A backup is a component whose change
+is clearly positive. Components that are or contain a held one are flagged (held_ablated) and left out of
+"changed".
 
 Files: dla.csv (the mean table), dla_per_prompt.csv (every prompt x component), dla_top.png (the largest
 rows, with 95% intervals over prompts), dla_heads.png (layer x head, mean). With --with-ablated:
@@ -88,7 +90,7 @@ def _backup(ctx, tokens, lengths, positions, answers, wrongs, clean, metric_name
     """DLA with --with-ablated held ablated: every component's change in direct effect, with intervals."""
     from mechscope import plotting, stats
     from mechscope.techniques.ablation import parse_components
-    from mechscope.techniques.dla import with_ablated
+    from mechscope.techniques.dla import direct_effect_change, with_ablated
 
     engine, args = ctx.engine, ctx.args
     components = parse_components(engine, args.with_ablated)
@@ -96,17 +98,19 @@ def _backup(ctx, tokens, lengths, positions, answers, wrongs, clean, metric_name
                                   clean=clean)
     names, before = clean.components()
     _, after = ablated.components()
-    change = after - before                                                   # [n, m]
+    change, rescale = direct_effect_change(clean, ablated)
     held = {f"L{c.layer}H{c.index}" if c.kind == "head" else f"L{c.layer} {c.kind}" for c in components}
     held_or_holding = held | {f"L{c.layer} {'attn' if c.kind == 'head' else 'mlp'}" for c in components
                               if c.kind in ("head", "neuron")}
-    rows = [dict(r, clean=round(float(b), 4), ablated=round(float(a), 4), held_ablated=r["name"] in held_or_holding)
-            for r, b, a in zip(stats.named_summary(change, names), before.mean(0), after.mean(0))]
-    _write_csv(ctx.run_dir / "dla_backup.csv", ["component", "clean", "ablated", "change", "ci_low", "ci_high",
-                                                "sign_share", "held_ablated"],
-               [[r["name"], r["clean"], r["ablated"], r["mean"], r["ci_low"], r["ci_high"], r["sign_share"],
-                 r["held_ablated"]] for r in rows])
-    grid = (ablated.heads - clean.heads).mean(0)
+    raw = (after - before).mean(0)
+    rows = [dict(r, clean=round(float(b), 4), ablated=round(float(a), 4), raw_change=round(float(c), 4),
+                 held_ablated=r["name"] in held_or_holding)
+            for r, b, a, c in zip(stats.named_summary(change, names), before.mean(0), after.mean(0), raw)]
+    _write_csv(ctx.run_dir / "dla_backup.csv", ["component", "clean", "ablated", "raw_change", "change", "ci_low",
+                                                "ci_high", "sign_share", "held_ablated"],
+               [[r["name"], r["clean"], r["ablated"], r["raw_change"], r["mean"], r["ci_low"], r["ci_high"],
+                 r["sign_share"], r["held_ablated"]] for r in rows])
+    grid = (ablated.heads / rescale[:, None, None] - clean.heads).mean(0)
     plotting.heatmap(grid, ctx.run_dir / "dla_backup_heads.png", row_labels=[f"L{la}" for la in range(grid.shape[0])],
                      col_labels=[f"H{h}" for h in range(grid.shape[1])], xlabel="head", ylabel="layer",
                      title=f"change in direct effect on {metric_name} with {args.with_ablated} {args.ablation}-ablated",
@@ -116,11 +120,12 @@ def _backup(ctx, tokens, lengths, positions, answers, wrongs, clean, metric_name
     excludes_zero.sort(key=lambda r: -abs(r["mean"]))
     keep = ("mean", "ci_low", "ci_high", "sign_share")
     metric_change = stats.summary(ablated.metric - clean.metric)
-    rescale = stats.summary(ablated.read.norm(dim=-1) / clean.read.norm(dim=-1))
+    rescale_summary = stats.summary(rescale)
     return {"ablated": sorted(held), "method": args.ablation,
             "metric_change": {k: metric_change[k] for k in keep},
-            "final_norm_rescale": {k: rescale[k] for k in keep[:3]},
-            "changed": [{k: r[k] for k in ("name", "clean", "ablated", "mean", "ci_low", "ci_high", "sign_share")}
+            "final_norm_rescale": {k: rescale_summary[k] for k in keep[:3]},
+            "changed": [{k: r[k] for k in ("name", "clean", "ablated", "raw_change", "mean", "ci_low", "ci_high",
+                                           "sign_share")}
                         for r in excludes_zero[:args.top]],
             "n_changed": len(excludes_zero), "files": ["dla_backup.csv", "dla_backup_heads.png"]}
 
@@ -214,8 +219,9 @@ def run(ctx):
                     f"resamples; median rank correlation of prompts {rs['median_rank_correlation']:.2f}")
     if args.with_ablated:
         b = summary["backup"]
-        text.append(f"with {', '.join(b['ablated'])} {b['method']}-ablated: metric change {b['metric_change']['mean']:+.3f}; "
-                    f"{b['n_changed']} components' direct effects change (95% CI excludes 0):")
-        text += [f"  {r['name']:>16} {r['clean']:+.3f} -> {r['ablated']:+.3f}  change {r['mean']:+.3f} "
-                 f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" for r in b["changed"][:10]]
+        text.append(f"with {', '.join(b['ablated'])} {b['method']}-ablated: metric change {b['metric_change']['mean']:+.3f}, "
+                    f"final-norm rescale x{b['final_norm_rescale']['mean']:.3f}; {b['n_changed']} components' direct "
+                    f"effects change (95% CI excludes 0):")
+        text += [f"  {r['name']:>16} {r['clean']:+.3f} -> {r['ablated']:+.3f}  change at the clean norm scale "
+                 f"{r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" for r in b["changed"][:10]]
     return {"summary": summary, "text": "\n".join(text), "table": table}

@@ -250,3 +250,15 @@ def with_ablated(model, tokens, answer, wrong, components, method: str = "mean",
     edits = ablation_edits(model, components, method, reference=tokens, lengths=lengths)
     clean = clean if clean is not None else dla(model, tokens, answer, wrong, positions, neurons=False)
     return clean, dla(model, tokens, answer, wrong, positions, edits=edits, neurons=False)
+
+
+def direct_effect_change(clean: DLA, ablated: DLA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(change [n, m] for the columns of `components()`, rescale [n]). The ablated run has its own final-norm
+    scale, which alone multiplies every residual part by rescale = clean scale / ablated scale; change is each
+    part of the ablated run at the clean run's scale minus its clean value (the bias terms do not scale), so a
+    component whose input did not change has change 0 and a backup that writes more has change > 0."""
+    names, before = clean.components()
+    _, after = ablated.components()
+    rescale = ablated.read.norm(dim=-1) / clean.read.norm(dim=-1)
+    scales = torch.tensor([name not in ("ln_final bias", "unembed bias") for name in names])
+    return torch.where(scales, after / rescale[:, None], after) - before, rescale
