@@ -131,9 +131,8 @@ def _backup(ctx, tokens, lengths, positions, answers, wrongs, clean, metric_name
 
 
 def run(ctx):
-    import torch
-
     from mechscope import plotting, stats, tasks
+    from mechscope.commands import prompt_sets
     from mechscope.errors import BadInput
     from mechscope.techniques.dla import dla
 
@@ -141,17 +140,8 @@ def run(ctx):
     if args.neurons < 0 or args.top < 1 or args.top_k < 1:
         raise BadInput("--neurons must be >= 0, --top and --top-k >= 1")
     ps = _prompt_set(ctx)
-    rows, where = ps.tokens(engine)
-    tokens, lengths = tasks.padded(engine, rows)
+    tokens, lengths, where, answers, wrongs = prompt_sets.batch(engine, ps)
     positions = where[tasks.END]
-    answers, wrongs = ps.answer_ids(engine)
-    if answers is None:
-        if wrongs is not None:
-            raise BadInput("prompts with a \"wrong\" need an \"answer\" (the logit difference is answer - wrong)")
-        with torch.no_grad():
-            answers = engine.run(tokens, positions=positions)[0].argmax(-1).cpu()
-    if wrongs is not None and bool((answers == wrongs).any()):
-        raise BadInput("answer and wrong are the same token (for --prompt: --answer and --wrong); pick two different tokens")
     to_str = engine.to_single_str_token
     result = dla(engine, tokens, answers, wrongs, positions, neurons=args.neurons > 0)
 

@@ -88,9 +88,8 @@ def _single(ctx):
 def _prompt_set(ctx, ps):
     import csv
 
-    import torch
-
     from mechscope import plotting, stats, tasks
+    from mechscope.commands import prompt_sets
     from mechscope.errors import BadInput
     from mechscope.techniques.logit_lens import answer_lens
 
@@ -98,16 +97,8 @@ def _prompt_set(ctx, ps):
     if args.target or args.pos != -1:
         raise BadInput("--target / --pos go with --prompt; a prompt set is read at each prompt's last token for "
                        "its own answer")
-    rows, where = ps.tokens(engine)
-    tokens, _ = tasks.padded(engine, rows)
-    positions = where[tasks.END]
-    answers, wrongs = ps.answer_ids(engine)
-    if answers is None:
-        if wrongs is not None:
-            raise BadInput("prompts with a \"wrong\" need an \"answer\"")
-        with torch.no_grad():
-            answers = engine.run(tokens, positions=positions)[0].argmax(-1).cpu()
-    lens = answer_lens(engine, tokens, positions, answers, wrongs)
+    tokens, _, where, answers, wrongs = prompt_sets.batch(engine, ps)
+    lens = answer_lens(engine, tokens, where[tasks.END], answers, wrongs)
     labels = lens.labels
 
     def per_entry(values, digits=4):

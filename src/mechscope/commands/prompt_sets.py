@@ -26,3 +26,25 @@ def load(ctx):
             raise BadInput("--n must be at least 1")
         return tasks.load_task(ctx.engine, args.task, n=args.n, seed=args.seed)
     return None
+
+
+def batch(engine, ps):
+    """(tokens [n, longest] right-padded, lengths [n], positions {name: [n]}, answers [n], wrongs [n] or None)
+    of a PromptSet; answers are the model's top prediction at END where the prompts carry none."""
+    import torch
+
+    from mechscope import tasks
+    from mechscope.errors import BadInput
+
+    rows, where = ps.tokens(engine)
+    tokens, lengths = tasks.padded(engine, rows)
+    answers, wrongs = ps.answer_ids(engine)
+    if answers is None:
+        if wrongs is not None:
+            raise BadInput("prompts with a \"wrong\" need an \"answer\" (the logit difference is answer - wrong)")
+        with torch.no_grad():
+            answers = engine.run(tokens, positions=where[tasks.END])[0].argmax(-1).cpu()
+    if wrongs is not None and bool((answers == wrongs).any()):
+        raise BadInput("answer and wrong are the same token (for --prompt: --answer and --wrong); pick two "
+                       "different tokens")
+    return tokens, lengths, where, answers, wrongs
