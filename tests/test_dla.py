@@ -246,10 +246,11 @@ def test_mean_ablation_writes_the_mean_over_real_positions(toy_engine):
 
 
 def test_ioi_answer_is_written_by_L2_mlp_and_name_copying_heads(toy_on):
-    """On every engine. Measured on held-out IOI prompts (logit diff IO - S, mean ~10): the layer-2 MLP writes
-    most of it directly (~7.6); attention layers' direct total is ~0. No head writes the IO name regardless
-    of name order: L1H2 writes the FIRST name of "A and B" (~+1 when IO is first, ~-1 when it is second)
-    and L2H1 the SECOND (~+0.7 / -0.5)."""
+    """On every engine. Measured on 80 held-out IOI prompts (tasks "ioi", seed 0): the layer-2 MLP writes most
+    of the logit difference IO - S directly; attention layers' direct total is ~0. No head writes the IO name
+    regardless of name order: L1H2 writes the FIRST name of "A and B" (the top head when IO comes first, the
+    most negative when it comes second: +1.16 / -1.17); the second name is spread over several heads (no
+    other head's mean passes 0.6 in either order; measured at most 0.51: L2H2 -0.51 / +0.25, L1H3 -0.44 / +0.32)."""
     engine = toy_on
     ps, tokens, lengths, where, answers, wrongs = _ioi_set(engine)
     result = dla(engine, tokens, answers, wrongs, where["END"])
@@ -257,13 +258,13 @@ def test_ioi_answer_is_written_by_L2_mlp_and_name_copying_heads(toy_on):
     io_first = where["IO"] < where["S1"]
     assert 0.2 < float(io_first.float().mean()) < 0.8
     assert result.mlp.mean(0)[2] > 0.5 * result.metric.mean()
-    for first, (top, other) in ((True, ((1, 2), (2, 1))), (False, ((2, 1), (1, 2)))):
-        heads_mean = result.heads[io_first == first].mean(0)                 # [L, H]
-        assert divmod(int(heads_mean.argmax()), engine.cfg.n_heads) == top
-        assert heads_mean[top] > 0.4 and heads_mean[other] < -0.2
-        masked = heads_mean.clone()
-        masked[top] = masked[other] = 0
-        assert masked.abs().max() < 0.35                               # no other head comes close (measured <= 0.2)
+    first_name, second_name = result.heads[io_first].mean(0), result.heads[~io_first].mean(0)   # [L, H]
+    assert divmod(int(first_name.argmax()), engine.cfg.n_heads) == (1, 2) and first_name[1, 2] > 0.7
+    assert divmod(int(second_name.argmin()), engine.cfg.n_heads) == (1, 2) and second_name[1, 2] < -0.7
+    for grid in (first_name, second_name):
+        others = grid.clone()
+        others[1, 2] = 0
+        assert others.abs().max() < 0.6
 
 
 def _run(tmp_path, capsys, *args):

@@ -147,19 +147,22 @@ def test_attention_readout_is_the_pattern_at_the_named_positions(toy_engine):
             torch.testing.assert_close(values[i, layer], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_ioi_readout_finds_the_second_name_and_s2_heads(toy_on):
-    """On every engine. Measured (80 held-out IOI prompts): from END, L2H1 attends to the SECOND name of
-    "A and B" (0.63 to S1 when IO comes first, 0.77 to IO when it comes second; at least 0.40 on every
-    prompt); L0H2 and L0H0 attend to S2 (0.60 and 0.50) whatever the order."""
+def test_ioi_readout_finds_the_s2_heads(toy_on):
+    """On every engine. Measured (80 held-out IOI prompts): from END, L0H2 attends to S2 (0.75 whatever the
+    name order, at least 0.48 on every prompt), with L0H0 and L0H3 (~0.4); no head of layers 1-2 puts more
+    than 0.06 on any name from END, and no head more than 0.1 on IO or S1: the information about which name
+    is S reaches the last token through layer 0 (patching agrees), not through an attending name mover."""
     ps = tasks.load_task(toy_on, "ioi", n=80, seed=0)
     rows, where = ps.tokens(toy_on)
     tokens, _ = tasks.padded(toy_on, rows)
     values = attention_readout(toy_on, tokens, where["END"], {k: where[k] for k in ("IO", "S1", "S2")})
     io_first = where["IO"] < where["S1"]
-    for first, second_name in ((True, 1), (False, 0)):
-        group = values[io_first == first]
-        assert group[:, 2, 1, second_name].min() > 0.3 and group[:, 2, 1, 1 - second_name].mean() < 0.25
-        assert group[:, 0, 2, 2].mean() > 0.45 and group[:, 0, 0, 2].mean() > 0.35
+    for first in (True, False):
+        group = values[io_first == first].mean(0)                         # [L, H, (IO, S1, S2)]
+        assert int(group[..., 2].argmax()) == 2 and group[0, 2, 2] > 0.6
+        assert group[0, 0, 2] > 0.25 and group[0, 3, 2] > 0.25
+        assert group[1:].max() < 0.15 and group[..., :2].max() < 0.15
+    assert values[:, 0, 2, 2].min() > 0.35
 
 
 def test_attention_patterns_match_the_cache(toy_model):
@@ -196,7 +199,7 @@ def test_heads_command_readout(tmp_path, capsys):
     assert readout["to"] == ["S2", "IO"] and readout["n_prompts"] == 24
     s2 = readout["keys"]["S2"]["top"][0]
     assert s2["head"] == "L0H2" and s2["ci_low"] <= s2["attention"] <= s2["ci_high"]
-    assert readout["keys"]["IO"]["top"][0]["head"] == "L2H1"
+    assert readout["keys"]["IO"]["top"][0]["attention"] < 0.15          # no head looks at IO from END
     run_dir = tmp_path / out["run_dir"].split("/")[-1]
     assert len((run_dir / "attention_readout.csv").read_text().strip().splitlines()) == 1 + 24 * 12
     assert (run_dir / "readout_END_S2.png").exists() and (run_dir / "attention_repeated.png").exists()
