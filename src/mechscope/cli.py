@@ -9,7 +9,8 @@
 
 A command module defines HELP (one line), `add_arguments(parser)` and `run(ctx) -> dict`; the dict's
 "summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, and the
-whole dict goes to result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply.
+whole dict goes to result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply
+(WRITES_RUN = "with --out": a run directory only when --out is given).
 """
 from __future__ import annotations
 
@@ -133,7 +134,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: %(default)s)")
             p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: %(default)s)")
             add_engine_arguments(p)
-        if getattr(module, "WRITES_RUN", True):
+        if getattr(module, "WRITES_RUN", True) == "with --out":  # a query: a run directory only when asked
+            p.add_argument("--out", help="parent directory of a new run directory (result.json, meta.json) to keep "
+                                         "the answer; without it nothing is written")
+        elif getattr(module, "WRITES_RUN", True):
             p.add_argument("--out", default="runs", help="parent directory of the new run directory (default: %(default)s)")
             p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         run_dir = None
-        if getattr(module, "WRITES_RUN", True):
+        if getattr(module, "WRITES_RUN", True) and args.out is not None:
             from mechscope.runs import new_run_dir
             run_dir = new_run_dir(args.out, args.command)
         ctx = Context(args=args, run_dir=run_dir)

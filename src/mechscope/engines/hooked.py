@@ -79,13 +79,15 @@ class HookedEngine(Engine):
         self.require(list(read) + [site for site, _ in edits])
         acts = {}
 
-        def keep(act, hook):
-            act.retain_grad() if act.requires_grad else None
-            acts[hook.name] = act
-            return act
+        def keep(site):  # by the site's name: on the bridge, hook.name is the canonical name of an alias
+            def hook(act, hook):
+                act.retain_grad() if act.requires_grad else None
+                acts[site] = act
+                return act
+            return hook
 
         with torch.enable_grad():
-            hooks = [(site, _hook(fn)) for site, fn in edits] + [(site, keep) for site in read]
+            hooks = [(site, _hook(fn)) for site, fn in edits] + [(site, keep(site)) for site in read]
             logits, _ = self._forward(tokens, (), hooks)
             value = metric(logits)
             grads = torch.autograd.grad(value.sum(), [acts[s] for s in read], allow_unused=True)
