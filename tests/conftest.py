@@ -39,7 +39,7 @@ def toy_card(toy_model):
     return measure(toy_model)
 
 
-BACKENDS = ["tl"]  # the engines on main; "bridge" and "nnsight" join when their branches are merged
+BACKENDS = ["tl", "bridge", "nnsight"]  # every engine: cross-engine tests find the same circuit on each
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

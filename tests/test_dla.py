@@ -1,8 +1,8 @@
 """Direct logit attribution: the parts sum to the model's logit (difference) on the folded AND the unfolded
-bundled model (trained LayerNorm weights), on shortformer models (positions never enter the residual), on
-tiny checkpoints of four architectures with trained-looking norms, through Gemma-2-style post-sublayer
-norms and a logit soft cap; the tutorial versions without the LN scale / weight do not sum; heads sum to
-their layer; agreement with transformer-lens's stack_head_results + apply_ln_to_stack; right-padded prompt
+bundled model (trained LayerNorm weights), on shortformer models (positions never enter the residual),
+through Gemma-2-style post-sublayer norms and a logit soft cap (tiny checkpoints of five architectures on
+every engine: test_reading_engines.py); the tutorial versions without the LN scale / weight do not sum;
+heads sum to their layer; the same DLA on every engine and with or without folding; agreement with transformer-lens's stack_head_results + apply_ln_to_stack; right-padded prompt
 sets equal prompt-by-prompt runs; zero-ablated heads write nothing; the heads and MLPs measured to write the
 IOI answer on every engine; and the `dla` command (one prompt, --task, --prompts, --with-ablated, bad input)."""
 import csv
@@ -14,10 +14,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from mechscope import tasks
 from mechscope.cli import main
-from mechscope.models import load_model
 from mechscope.techniques.ablation import parse_components
 from mechscope.techniques.dla import dla, sites, with_ablated
-from tests.test_models import _save_tiny
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 PROMPTS = [(IOI, "mary", "john"), ("The Louvre is in the city of", "paris", "rome"),
@@ -119,28 +117,6 @@ def test_post_sublayer_norms_and_logit_soft_cap():
         frozen = head_out * block.ln1_post.w / cache[f"blocks.{layer}.ln1_post.hook_scale"][:, -1, None]
         torch.testing.assert_close(result.heads[:, layer], (frozen * result.read[:, None]).sum(-1).detach(),
                                    atol=1e-4, rtol=1e-3)
-
-
-ARCHITECTURES = ["gpt2", "neox", "llama", "qwen2"]   # LN + learned positions; LN + rotary, parallel; RMS + GQA x2
-
-
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def tiny_dir(request, tmp_path_factory):
-    directory = tmp_path_factory.mktemp(f"tiny_{request.param.replace('llama', 'lm')}")  # see _save_tiny
-    _save_tiny(request.param, directory, trained_looking=True)
-    return directory
-
-
-@pytest.mark.parametrize("fold_ln", [False, True])
-def test_parts_sum_on_tiny_architectures(tiny_dir, fold_ln):
-    engine = load_model(str(tiny_dir), backend="tl", device="cpu", fold_ln=fold_ln)
-    tokens = torch.randint(4, 320, (4, 9), generator=torch.Generator().manual_seed(2))
-    result = dla(engine, tokens, torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
-    assert result.metric.abs().max() > 0.01
-    _assert_identities(result, atol=1e-5)
-    assert result.neurons.shape[-1] == engine.cfg.d_mlp
-    if engine.cfg.positional_embedding_type != "standard":
-        assert (result.pos_embed == 0).all()
 
 
 def test_unfolded_model_has_trained_ln_weights_and_bias_terms(toy_model_unfolded):

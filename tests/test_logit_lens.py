@@ -1,5 +1,5 @@
 """Logit lens: the final entry equals the model's logits on the folded AND unfolded bundled model, on every
-engine and on tiny checkpoints of four architectures; every entry agrees with transformer-lens's
+engine (tiny checkpoints of five architectures: test_reading_engines.py); every entry agrees with transformer-lens's
 accumulated_resid(apply_ln=True); the prompt-set lens equals the one-prompt lens; the layer at which
 answers become top-1 matches where last-position patching and DLA say the information arrives; the command
 on one prompt and on prompt sets (intervals), and its bad input."""
@@ -11,11 +11,9 @@ import torch
 
 from mechscope import tasks
 from mechscope.cli import main
-from mechscope.models import load_model
 from mechscope.techniques.logit_lens import (answer_lens, lens_logits, logit_lens, resid_hook_names, residual_stack,
                                              stack_labels)
 from mechscope.toy import corpus
-from tests.test_models import _save_tiny
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 LABELS = ["0_pre", "0_mid", "1_pre", "1_mid", "2_pre", "2_mid", "final_post"]
@@ -86,17 +84,6 @@ def test_prompt_set_lens_equals_the_one_prompt_lens(toy_engine):
         torch.testing.assert_close(lens.prob[i], one.target_prob[:, 0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(lens.logit_diff[i], one.target_logit[:, 0] - one.target_logit[:, 1], atol=1e-4,
                                    rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["gpt2", "neox", "llama", "qwen2"])
-def test_final_entry_is_the_logits_on_tiny_architectures(kind, tmp_path):
-    directory = tmp_path / kind.replace("llama", "lm")          # transformer-lens reads "llama" in a path as Meta's
-    _save_tiny(kind, directory, trained_looking=True)
-    engine = load_model(str(directory), backend="tl", device="cpu", fold_ln=False)
-    tokens = torch.randint(4, 320, (2, 7), generator=torch.Generator().manual_seed(0))
-    lens = logit_lens(engine, tokens[:1], [5])
-    assert torch.allclose(lens.lens_final, lens.model_logits, atol=1e-4)
-    assert len(lens.labels) == (2 if kind != "neox" else 1) * engine.cfg.n_layers + 1   # NeoX: parallel, no resid_mid
 
 
 def _patch_recovery(model, clean: str, corrupted: str, answer: int, wrong: int, hook_name: str) -> float:

@@ -6,11 +6,8 @@ from mechscope.errors import BadInput
 from mechscope.models import load_model
 
 
-def _save_tiny(kind: str, directory, trained_looking: bool = False):
-    """A tiny random HF causal LM + a GPT-2 tokenizer-free word tokenizer, saved with save_pretrained.
-    kind: gpt2, neox, llama (grouped-query), qwen2 (grouped-query). trained_looking: norm weights and biases
-    drawn away from their init (1 and 0), which hides norm bugs. transformer-lens reads a directory whose
-    path contains "llama" as Meta's Llama: keep that word out of `directory`."""
+def _save_tiny(kind: str, directory):
+    """A tiny random HF causal LM + a GPT-2 tokenizer-free word tokenizer, saved with save_pretrained."""
     from transformers import AutoModelForCausalLM
 
     from mechscope.toy import model as toy
@@ -21,24 +18,13 @@ def _save_tiny(kind: str, directory, trained_looking: bool = False):
     elif kind == "llama":
         from transformers import LlamaConfig
         cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    elif kind == "qwen2":
-        from transformers import Qwen2Config
-        cfg = Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     else:
         from transformers import GPTNeoXConfig
         cfg = GPTNeoXConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=64)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg).eval()
-    if trained_looking:
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                if "norm" in name or "ln" in name:
-                    p.add_(0.4 * torch.randn_like(p))
-                elif name.endswith("bias"):
-                    p.add_(0.2 * torch.randn_like(p))
     hf.save_pretrained(directory)
     from transformers import AutoTokenizer
     AutoTokenizer.from_pretrained(str(toy.WEIGHTS_DIR)).save_pretrained(directory)

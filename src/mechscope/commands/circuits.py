@@ -145,8 +145,11 @@ def _composition(ctx) -> dict:
 
 
 def run(ctx):
+    from mechscope.errors import BadInput
     from mechscope.techniques import circuits
 
+    if ctx.args.backend == "nnsight":   # refuse before loading a model that would be refused
+        raise BadInput(circuits.NO_WEIGHTS.format(engine="nnsight"))
     model = circuits.weight_model(ctx.engine)
     tokens, heads = _check_args(ctx.args, model)
     copying = circuits.copying_scores(model, effective=ctx.args.embedding == "effective")

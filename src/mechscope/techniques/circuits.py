@@ -33,6 +33,10 @@ from transformer_lens import FactoredMatrix
 MODES = ("Q", "K", "V")
 
 
+NO_WEIGHTS = ("circuits read transformer-lens weights (W_E, OV, QK, composition); the {engine} engine has none: "
+              "use --backend tl or --backend bridge")
+
+
 def weight_model(model):
     """The transformer-lens object whose weights the circuits read (HookedTransformer, or TransformerBridge in
     compatibility mode) from an engine or a raw model; BadInput on the nnsight engine."""
@@ -41,8 +45,7 @@ def weight_model(model):
 
     engine = as_engine(model)
     if engine.name not in ("tl", "bridge"):
-        raise BadInput(f"circuits read transformer-lens weights (W_E, OV, QK, composition); the {engine.name} "
-                       f"engine has none: use --backend tl or --backend bridge")
+        raise BadInput(NO_WEIGHTS.format(engine=engine.name))
     return engine.model
 
 
