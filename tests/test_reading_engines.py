@@ -37,17 +37,17 @@ def engines(request, tmp_path_factory):
             "bridge": load_model(str(directory), backend="bridge", device="cpu")}
 
 
-def _batch(ref):
-    """Right-padded rows of two lengths, read at their own last token; answer / wrong ids per row."""
+@pytest.fixture(params=["tl_folded", "nnsight", "bridge"])
+def pair(request, engines):
+    """(name, reference engine, the other engine, tokens, positions, answers, wrongs): right-padded rows of
+    two lengths, read at their own last token."""
+    ref = engines["tl"]
     tokens = tokens_for(ref, batch=4, length=10, seed=1)
-    positions = torch.tensor([9, 6, 9, 4])
-    return tokens, positions, tokens[:, 2], tokens[:, 3]
+    return request.param, ref, engines[request.param], tokens, torch.tensor([9, 6, 9, 4]), tokens[:, 2], tokens[:, 3]
 
 
-@pytest.mark.parametrize("name", ["tl_folded", "nnsight", "bridge"])
-def test_dla_agrees(engines, name):
-    ref, other = engines["tl"], engines[name]
-    tokens, positions, answers, wrongs = _batch(ref)
+def test_dla_agrees(pair, engines):
+    name, ref, other, tokens, positions, answers, wrongs = pair
     a = dla(ref, tokens, answers, wrongs, positions)
     b = dla(other, tokens, answers, wrongs, positions)
     for result in (a, b):   # the identity on every engine: parts sum to the (pre-soft-cap) logit difference
@@ -67,10 +67,8 @@ def test_dla_agrees(engines, name):
         torch.testing.assert_close(b.heads, same_value_bias[name].heads, **CLOSE)
 
 
-@pytest.mark.parametrize("name", ["tl_folded", "nnsight", "bridge"])
-def test_logit_lens_agrees(engines, name):
-    ref, other = engines["tl"], engines[name]
-    tokens, positions, answers, wrongs = _batch(ref)
+def test_logit_lens_agrees(pair):
+    _, ref, other, tokens, positions, answers, wrongs = pair
     a = answer_lens(ref, tokens, positions, answers, wrongs)
     b = answer_lens(other, tokens, positions, answers, wrongs)
     assert a.labels == b.labels and a.final_error < 1e-4 and b.final_error < 1e-4
@@ -80,10 +78,8 @@ def test_logit_lens_agrees(engines, name):
     assert (b.rank - a.rank).abs().max() <= 1                  # ranks flip only between near-equal logits
 
 
-@pytest.mark.parametrize("name", ["tl_folded", "nnsight", "bridge"])
-def test_attention_readout_agrees(engines, name):
-    ref, other = engines["tl"], engines[name]
-    tokens, positions, _, _ = _batch(ref)
+def test_attention_readout_agrees(pair):
+    _, ref, other, tokens, positions, _, _ = pair
     keys = {"BOS": torch.zeros(4, dtype=torch.long), "PREV": positions - 1, "SELF": positions}
     torch.testing.assert_close(attention_readout(other, tokens, positions, keys),
                                attention_readout(ref, tokens, positions, keys), **CLOSE)
