@@ -146,24 +146,39 @@ def test_attribution_is_the_first_order_term_on_the_toy(toy_engine, tokens):
 
 
 # ------------------------------------------------------------------------------------ fit to the model
+def _value_biases_folded(model):
+    """A copy of a HookedTransformer with b_V folded into b_O (what from_pretrained does by default)."""
+    import copy
+
+    folded = copy.deepcopy(model)
+    folded.load_state_dict(folded.fold_value_biases(folded.state_dict()))
+    return folded
+
+
 def test_weight_processing_is_measured(toy_engine, toy_model_unfolded):
     from mechscope.models import as_engine
 
-    assert saes.weight_processing(toy_engine) == dict.fromkeys(saes.PROCESSING, True)
+    folded = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": False}
+    assert saes.weight_processing(toy_engine) == folded       # the engines keep b_V in hook_z
     assert saes.weight_processing(as_engine(toy_model_unfolded)) == dict.fromkeys(saes.PROCESSING, False)
+    assert saes.weight_processing(as_engine(_value_biases_folded(toy_engine.model)))["fold_value_biases"]
 
 
-def test_processing_table_says_which_sites_change(toy_engine, toy_model_unfolded, tokens):
-    """center_writing_weights changes residual-stream sites, fold_value_biases hook_z; MLP neurons neither."""
+@pytest.mark.parametrize("site", ["blocks.1.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.1.attn.hook_z",
+                                  "blocks.1.mlp.hook_post"])
+def test_processing_table_says_which_sites_change(toy_engine, toy_model_unfolded, tokens, site):
+    """A site's activations differ between two loads exactly when a flag that differs between them is listed for
+    the site: center_writing_weights for residual-stream writes, fold_value_biases for hook_z; fold_ln and
+    center_unembed for none."""
     from mechscope.models import as_engine
 
-    unfolded = as_engine(toy_model_unfolded)
-    for site, changes in (("blocks.1.hook_resid_pre", True), ("blocks.1.attn.hook_z", True),
-                          ("blocks.1.mlp.hook_post", False), ("blocks.0.hook_attn_out", True)):
+    reference = saes.weight_processing(toy_engine)
+    for other in (as_engine(toy_model_unfolded), as_engine(_value_biases_folded(toy_engine.model))):
+        differing = [f for f, v in saes.weight_processing(other).items() if v != reference[f]]
+        expected = any(site.endswith(saes.PROCESSING_THAT_MATTERS.get(f, ())) for f in differing)
         a = toy_engine.run(tokens, read=[site])[1][site]
-        b = unfolded.run(tokens, read=[site])[1][site]
-        assert ((a - b).abs().max() > 1e-3) == changes, site
-        assert any(site.endswith(s) for v in saes.PROCESSING_THAT_MATTERS.values() for s in v) == changes, site
+        b = other.run(tokens, read=[site])[1][site]
+        assert bool((a - b).abs().max() > 1e-3) == expected, (site, differing)
 
 
 def test_check_fits_refuses_what_does_not_match(toy_engine, toy_model_unfolded):
@@ -277,3 +292,43 @@ def test_control_directions_have_the_features_norm(toy_engine):
     rows = {tuple(r.tolist()) for r in (sae.W_dec[10:20] / sae.W_dec[10:20].norm(dim=1, keepdim=True) * norm)}
     assert all(any(torch.allclose(c, torch.tensor(r), atol=1e-5) for r in rows) for c in controls["random_feature"])
     assert not any(torch.allclose(c, sae.W_dec[12], atol=1e-5) for c in controls["random_feature"])
+
+
+# ------------------------------------------------------------------------------------- every engine
+def test_splice_and_features_on_every_engine(toy_on, toy_engine, toy_model_unfolded, hooked_sae_model, tokens):
+    """On tl, bridge and nnsight: the error term restores the model, and features and the reconstruction's logits
+    equal HookedSAETransformer's on the transformer-lens model with the same weight processing."""
+    from sae_lens import HookedSAETransformer
+
+    from mechscope.models import as_engine
+
+    sae = random_sae(toy_on)
+    raw = saes.weight_processing(toy_on)["center_writing_weights"] is False
+    if raw:  # nnsight runs the Hugging Face weights unprocessed: compare with the unfolded transformer-lens model
+        reference = HookedSAETransformer(toy_model_unfolded.cfg, tokenizer=toy_model_unfolded.tokenizer)
+        reference.load_state_dict(toy_model_unfolded.state_dict())
+        reference.eval()
+    else:
+        reference = hooked_sae_model
+    with torch.no_grad():
+        clean = toy_on.run(tokens)[0]
+        exact = toy_on.run(tokens, edits=[(HOOK, saes.splice(sae, tokens, toy_on))])[0]
+        recon = toy_on.run(tokens, edits=[(HOOK, saes.splice(sae, tokens, toy_on, error_term=False))])[0]
+        theirs = reference.run_with_saes(tokens, saes=[sae], exclude_special_tokens=True)
+        _, cache = reference.run_with_cache_with_saes(tokens, saes=[sae], exclude_special_tokens=True)
+    assert (exact - clean).abs().max() < 1e-4
+    centred = lambda x: x - x.mean(-1, keepdim=True)  # noqa: E731  (engines' logits agree up to a constant)
+    assert (centred(recon) - centred(theirs)).abs().max() < 1e-3
+    keep = ~saes.special_mask(toy_on, tokens)
+    ours = saes.feature_acts(toy_on, sae, tokens)
+    assert torch.allclose(ours[keep], cache[f"{HOOK}.hook_sae_acts_post"][keep], atol=1e-4)
+    edit = [(HOOK, si.add_direction(6.0 * sae.W_dec[3].detach(), from_position=1))]
+    start = toy_on.to_tokens("i hate this ! it ' s")
+    assert torch.equal(toy_on.generate(start, edits=edit, max_new_tokens=6, use_kv_cache=True),
+                       toy_on.generate(start, edits=edit, max_new_tokens=6, use_kv_cache=False))
+    shipped = saes.load_sae("mechscope-toy")
+    if raw:
+        with pytest.raises(BadInput, match="center_writing_weights=True but this nnsight model"):
+            saes.check_fits(shipped, toy_on)
+    else:
+        saes.check_fits(shipped, toy_on)

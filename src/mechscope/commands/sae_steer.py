@@ -1,7 +1,7 @@
 """Steer generation along an SAE feature's decoder direction, against random-feature and random-direction controls.
 
     mechscope sae-steer                                     # the shipped SAE's default feature and prompts
-    mechscope sae-steer --feature 123 --strengths 0,4,8 --prompt "the quick brown fox" --target-words paris,rome
+    mechscope sae-steer --feature 123 --strengths 0,4,8 --prompt "the big dog sees the" --target-words paris,rome
     mechscope sae-steer --feature country --controls 16
 
 strength * W_dec[feature] is added at the SAE's hook at every prompt position >= --from-position and at
@@ -20,6 +20,7 @@ Named features of the shipped SAE (SAE_CARD.md) carry default prompts and target
 HELP = "steer generation along an SAE feature, with random-feature / direction controls"
 
 DEFAULT_FEATURE = "capital_of"
+DEFAULT_STRENGTHS = "0,4,8,16"
 
 
 def add_arguments(parser):
@@ -30,8 +31,8 @@ def add_arguments(parser):
     parser.add_argument("--prompt", action="append", help="prompt to steer (repeatable; default: the named feature's)")
     parser.add_argument("--target-words", help="comma-separated words the feature should bring out (default: the "
                         "named feature's)")
-    parser.add_argument("--strengths", default="0,2,4,8", help="comma-separated strengths, in units of the feature's "
-                        "activation (default: %(default)s)")
+    parser.add_argument("--strengths", help="comma-separated strengths, in units of the feature's activation "
+                        f"(default: the named feature's, else {DEFAULT_STRENGTHS})")
     parser.add_argument("--controls", type=int, default=8, help="directions per control kind (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated (default: %(default)s)")
     parser.add_argument("--from-position", type=int, default=1, help="first prompt position steered; 1 skips BOS "
@@ -64,8 +65,8 @@ def word_ids(engine, spec: str | list[str], what: str) -> list[int]:
     return sorted({inputs.single_token(engine, w) for w in words})
 
 
-def named_feature(args, sae, default: str) -> tuple[int, dict]:
-    """(index, its card entry or {}) of --feature, or of `default` for an SAE with named features."""
+def named_feature(args, sae, default: str) -> tuple[int, str | None, dict]:
+    """(index, name, card entry or {}) of --feature, or of `default` for an SAE with named features."""
     from mechscope.errors import BadInput
     from mechscope.techniques import sae as saes
 
@@ -74,8 +75,8 @@ def named_feature(args, sae, default: str) -> tuple[int, dict]:
     if spec is None:
         raise BadInput("pass --feature INDEX (this SAE has no named features)")
     feature = saes.parse_features(spec, sae, names)[0]
-    entry = next((v for v in names.values() if int(v["feature"]) == feature), {})
-    return feature, entry
+    name = next((k for k, v in names.items() if int(v["feature"]) == feature), None)
+    return feature, name, names.get(name, {})
 
 
 def run(ctx):
@@ -90,11 +91,13 @@ def run(ctx):
     from mechscope.techniques import sae_interventions as si
 
     args, engine = ctx.args, ctx.engine
-    strengths = parse_strengths(args.strengths)
+    if args.strengths is not None:
+        parse_strengths(args.strengths)                                 # bad strengths fail before any loading
     if not 0 <= args.controls <= 100 or not 1 <= args.max_new_tokens <= 200:
         raise BadInput("--controls must be in 0..100 and --max-new-tokens in 1..200")
     sae = load_checked_sae(ctx)
-    feature, entry = named_feature(args, sae, DEFAULT_FEATURE)
+    feature, name, entry = named_feature(args, sae, DEFAULT_FEATURE)
+    strengths = parse_strengths(args.strengths or ",".join(f"{v:g}" for v in entry.get("strengths", [])) or DEFAULT_STRENGTHS)
     prompts = args.prompt or entry.get("steer_prompts")
     targets = args.target_words or entry.get("target_words")
     if not prompts or not targets:
@@ -138,21 +141,26 @@ def run(ctx):
     generations = [{"prompt": p, **{f"{s:g}": engine.to_string(torch.tensor(result.generations[i][j]))
                                     for i, s in enumerate(strengths)}} for j, p in enumerate(prompts)]
     (ctx.run_dir / "generations.json").write_text(json.dumps(generations, indent=1))
-    effects = [{"strength": r["strength"], **{m: round(r[m], 4) for m in ("share", "log_mass", "fluency_cost")},
-                "share_ci": [round(r["share_low"], 4), round(r["share_high"], 4)],
-                **({f"{k}_share_range": [round(r[f"{k}_share_low"], 4), round(r[f"{k}_share_high"], 4)]
-                    for k in si.CONTROL_KINDS} if args.controls else {})} for r in table]
-    summary = {"sae": saes.describe(sae), "feature": feature, "name": entry.get("name"), "n_prompts": len(prompts),
+    pair = lambda r, key: [round(r[f"{key}_low"], 4), round(r[f"{key}_high"], 4)]  # noqa: E731
+    effects = [{"strength": r["strength"], "log_mass": round(r["log_mass"], 4), "log_mass_ci": pair(r, "log_mass"),
+                "share": round(r["share"], 4), "share_ci": pair(r, "share"), "fluency_cost": round(r["fluency_cost"], 4),
+                "controls_range": {k: {m: pair(r, f"{k}_{m}") for m in ("log_mass", "share")} for k in si.CONTROL_KINDS}
+                if args.controls else None} for r in table]
+    summary = {"sae": saes.describe(sae), "feature": feature, "name": name, "n_prompts": len(prompts),
                "target_words": targets if isinstance(targets, list) else targets.split(","),
                "decoder_norm": round(result.decoder_norm, 4), "controls": args.controls, "effects": effects,
                "example": generations[0], "files": ["steering.csv", "generations.json", *[p.name for p in plots]]}
     lines = [f"steering feature {feature} at {sae.cfg.metadata.hook_name} on {len(prompts)} prompts "
-             f"(|W_dec| {result.decoder_norm:.3f}): share of target words [95% CI]"
-             + (f"; random features / directions: range over {args.controls}" if args.controls else "")]
+             f"(|W_dec| {result.decoder_norm:.3f}): next-token log P(target words) and share of target words "
+             f"generated [95% CI]" + (f"; random features | random directions: range over {args.controls} each"
+                                      if args.controls else "")]
     for r in table:
-        line = f"  {r['strength']:>6g}: {r['share']:.3f} [{r['share_low']:.3f}, {r['share_high']:.3f}]"
+        line = (f"  {r['strength']:>6g}: log P {r['log_mass']:+.2f} [{r['log_mass_low']:+.2f}, {r['log_mass_high']:+.2f}]"
+                f"  share {r['share']:.3f} [{r['share_low']:.3f}, {r['share_high']:.3f}]")
         if args.controls:
-            line += "".join(f"  {r[f'{k}_share_low']:.3f}-{r[f'{k}_share_high']:.3f}" for k in si.CONTROL_KINDS)
-        lines.append(line + f"  log P(target) {r['log_mass']:+.2f}  fluency cost {r['fluency_cost']:.2f}")
+            line += "  controls: " + " | ".join(
+                f"log P {r[f'{k}_log_mass_low']:+.2f}..{r[f'{k}_log_mass_high']:+.2f} share "
+                f"{r[f'{k}_share_low']:.3f}..{r[f'{k}_share_high']:.3f}" for k in si.CONTROL_KINDS)
+        lines.append(line + f"  fluency cost {r['fluency_cost']:.2f}")
     lines.append(f"  {prompts[0]!r} -> " + " | ".join(f"{s}: {generations[0][s]}" for s in list(generations[0])[1:]))
     return {"summary": summary, "text": "\n".join(lines), "effects": table, "generations": generations}

@@ -210,9 +210,13 @@ def logit_effects(engine, sae, features: list[int], scale: float) -> torch.Tenso
 
 
 def top_tokens(engine, effects: torch.Tensor, n: int = 8) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
-    """effects [F, d_vocab] -> (pushed up, pushed down): per feature the n tokens with the largest / smallest effect."""
+    """effects [F, d_vocab] -> (pushed up, pushed down): per feature the n tokens with the largest / smallest
+    effect, special tokens (BOS, PAD, ...: never predicted, their unembedding is untrained) left out."""
     def pick(values, idx):
         return [[(engine.to_single_str_token(int(t)), round(float(v), 4)) for v, t in zip(vr, ir)]
                 for vr, ir in zip(values, idx)]
-    up, down = effects.topk(n, dim=1), effects.topk(n, dim=1, largest=False)
+    special = torch.zeros(effects.shape[1], dtype=torch.bool)
+    special[sorted(i for i in engine.special_token_ids if i < effects.shape[1])] = True
+    up = torch.where(special, float("-inf"), effects).topk(n, dim=1)
+    down = torch.where(special, float("inf"), effects).topk(n, dim=1, largest=False)
     return pick(up.values, up.indices), pick(down.values, down.indices)

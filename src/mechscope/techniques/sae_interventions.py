@@ -118,8 +118,11 @@ def steering_sweep(engine, sae, feature: int, rows: list[torch.Tensor], strength
         generations.append(new)
         per_kind = {}
         for kind, dirs in controls.items():
-            means = torch.stack([torch.stack([v.mean() for v in steer_measure(
-                engine, hook, rows, s * d, target, max_new_tokens, from_position)[:3]]) for d in dirs])  # [n, 3]
+            if s == 0:   # every direction is the zero vector: the controls are the unsteered run
+                means = torch.stack([v.mean() for v in values]).expand(len(dirs), 3)
+            else:
+                means = torch.stack([torch.stack([v.mean() for v in steer_measure(
+                    engine, hook, rows, s * d, target, max_new_tokens, from_position)[:3]]) for d in dirs])  # [n, 3]
             per_kind[kind] = {k: {"mean": float(means[:, j].mean()), "low": float(means[:, j].min()),
                                   "high": float(means[:, j].max()), "values": means[:, j].tolist()}
                               for j, k in enumerate(names)}
