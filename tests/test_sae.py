@@ -300,8 +300,6 @@ def test_splice_and_features_on_every_engine(toy_on, toy_engine, toy_model_unfol
     equal HookedSAETransformer's on the transformer-lens model with the same weight processing."""
     from sae_lens import HookedSAETransformer
 
-    from mechscope.models import as_engine
-
     sae = random_sae(toy_on)
     raw = saes.weight_processing(toy_on)["center_writing_weights"] is False
     if raw:  # nnsight runs the Hugging Face weights unprocessed: compare with the unfolded transformer-lens model

@@ -1,7 +1,6 @@
 """The shipped SAE (SAE_CARD.md) on the shipped weights: its quality, its named features (found again by rule),
 their max-activating examples, and the causal tests the card reports."""
 import pytest
-import torch
 
 from mechscope.techniques import sae as saes
 from mechscope.techniques import sae_features as sf

@@ -109,3 +109,21 @@ def test_sae_features_command_writes_an_offline_page(capsys, tmp_path):
     page = (run_dir / "features.html").read_text()
     assert "<script" not in page and "http" not in page.replace("https://neuronpedia.org", "")
     assert page.count("<section") == summary["n_features"]
+
+
+def test_sae_steer_command_defaults_to_a_named_feature(capsys, tmp_path):
+    summary, run_dir = _json(capsys, ["sae-steer", "--controls", "2", "--max-new-tokens", "4"], tmp_path)
+    assert summary["name"] == "capital_of" and [e["strength"] for e in summary["effects"]] == [0, 20]
+    off, on = summary["effects"]
+    assert on["log_mass"] > off["log_mass"] + 3 and on["log_mass"] > on["controls_range"]["random_direction"]["log_mass"][1]
+    assert (run_dir / "steering.csv").exists() and (run_dir / "log_mass_vs_strength.png").exists()
+
+
+def test_sae_ablate_command_attribution_and_ablation(capsys, tmp_path):
+    summary, run_dir = _json(capsys, ["sae-ablate", "--top", "4"], tmp_path)
+    assert len(summary["top"]) == 4 and summary["agreement"]["n"] == 4
+    assert all(r["exact"] == r["exact"] for r in summary["top"]) and (run_dir / "attribution.csv").exists()
+    summary, _ = _json(capsys, ["sae-ablate", "--task", "ioi", "--n", "16", "--features", "person_name",
+                                "--positions", "IO,S1,S2", "--controls", "2"], tmp_path)
+    assert summary["features"] and summary["n_prompts"] == 16 and summary["controls"]["n"] == 2
+    assert summary["effect"]["ci_low"] <= summary["effect"]["mean"] <= summary["effect"]["ci_high"]

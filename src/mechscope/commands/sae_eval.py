@@ -67,7 +67,6 @@ def add_arguments(parser):
 
 def run(ctx):
     from mechscope.errors import BadInput
-    from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_training
 
     if ctx.args.batch_size < 1:

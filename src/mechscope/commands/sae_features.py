@@ -101,7 +101,7 @@ def context_text(example: dict) -> str:
 
 
 def run(ctx):
-    from mechscope import inputs, plotting
+    from mechscope import plotting
     from mechscope.commands.sae_eval import load_checked_sae, rows_from_args
     from mechscope.errors import BadInput
     from mechscope.techniques import sae as saes

@@ -79,8 +79,18 @@ def _load_directory(path: Path, device: str):
         raise BadInput(f"cannot load the SAE in {path} ({type(e).__name__}: {str(e)[:160]})") from None
 
 
+def require_sae_lens() -> None:
+    """BadInput when sae-lens cannot be imported (it needs transformer-lens < 4)."""
+    try:
+        import sae_lens  # noqa: F401
+    except ImportError as e:
+        raise BadInput(f"the SAE commands need sae-lens ({e}); pip install sae-lens (it requires "
+                       f"transformer-lens < 4)") from None
+
+
 def load_sae(spec: str, device: str = "cpu"):
     """An sae-lens SAE from `spec` (see the module docstring), on `device`, in eval mode."""
+    require_sae_lens()
     spec = (spec or "").strip()
     if not spec:
         raise BadInput("the SAE is empty; pass --sae mechscope-toy, a directory, or RELEASE:SAE_ID")

@@ -82,6 +82,7 @@ def _record_curves(sae, curves: list[dict], log_every: int, batch_tokens: int, p
 
 def require_trainable(engine, hook: str) -> None:
     """BadInput unless sae-lens's runner can train on this engine's model at hook."""
+    saes.require_sae_lens()
     if engine.name != "tl":
         raise BadInput(f"sae-train needs --backend tl: sae-lens's training runner drives a transformer-lens "
                        f"HookedTransformer, not the {engine.name} engine")
