@@ -330,3 +330,27 @@ def test_splice_and_features_on_every_engine(toy_on, toy_engine, toy_model_unfol
             saes.check_fits(shipped, toy_on)
     else:
         saes.check_fits(shipped, toy_on)
+
+
+def test_data_files_become_bos_first_rows(toy_engine, tmp_path):
+    import json
+
+    import datasets
+    import numpy as np
+
+    text = " ".join(["the capital of france is paris ."] * 40)
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": text[i:i + 60]}) for i in range(0, len(text), 60)))
+    ids = toy_engine.to_tokens(text, prepend_bos=False)[0]
+    torch.save(ids, tmp_path / "a.pt")
+    np.save(tmp_path / "rows.npy", saes.text_rows(toy_engine, [text], 16).numpy())
+    datasets.Dataset.from_dict({"text": [text]}).save_to_disk(str(tmp_path / "ds"))
+    expected = saes.text_rows(toy_engine, [text], 16)
+    for name in ("a.txt", "a.pt", "rows.npy", "ds"):
+        rows = saes.rows_from_file(toy_engine, str(tmp_path / name), 16)
+        assert torch.equal(rows, expected), name
+    assert (saes.rows_from_file(toy_engine, str(tmp_path / "a.jsonl"), 16)[:, 0] == toy_engine.bos_token_id).all()
+    assert (expected[:, 0] == toy_engine.bos_token_id).all() and (expected[:, 1:] != toy_engine.bos_token_id).all()
+    torch.save(torch.tensor([1, 2, 999]), tmp_path / "bad.pt")
+    with pytest.raises(BadInput, match="token ids must be in 0..305"):
+        saes.rows_from_file(toy_engine, str(tmp_path / "bad.pt"), 16)

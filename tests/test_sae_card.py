@@ -32,7 +32,8 @@ def test_shipped_sae_fits_the_bundled_model_and_is_described_right(toy_engine, s
 
 
 def test_shipped_sae_quality(toy_engine, shipped):
-    """Card: explained variance 0.918, CE loss recovered 99.1% (100k tokens); thresholds leave room for a retrain."""
+    """SAE_CARD.md: explained variance 0.918, CE loss recovered 99.1% on 100k tokens; measured here on 10k
+    tokens, with thresholds that leave room for a retrain."""
     from mechscope.techniques import sae_training
 
     q = sae_training.evaluate(toy_engine, shipped, saes.corpus_rows(toy_engine, 10_000, 64, seed=1000))
@@ -71,7 +72,7 @@ def test_capital_of_feature_predicts_a_country(toy_engine, shipped, names):
     assert steer["share"][1] > 0.2 > max(steer["controls_share_max"].values())
     ablation = card._ablation_tests(toy_engine, shipped, names)
     effect = ablation["capital_of"]["effect"]
-    assert effect["ci_high"] < 0 and effect["mean"] < 3 * min(ablation["capital_of"]["controls"]) - 0.01
+    assert effect["ci_high"] < min(ablation["capital_of"]["controls"]) and effect["ci_high"] < 0
     # country: the answer's logit drops when it is ablated at X (significant), but it is not the main carrier
     country = ablation["country"]["effect"]
     assert country["ci_high"] < 0

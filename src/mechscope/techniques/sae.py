@@ -367,13 +367,16 @@ def sae_input(sae, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def hook_activations(engine, sae, tokens: torch.Tensor) -> torch.Tensor:
     """[batch, seq, d_in] (or per head, see sae_input) the activations the SAE reads. transformer-lens runs only the
-    layers up to the hook."""
+    blocks before the hook (resid_pre of block l: blocks 0..l-1)."""
     hook = sae.cfg.metadata.hook_name
     if engine.name == "tl":
-        from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+        from sae_lens.util import extract_layer_from_tlens_hook_name
 
+        layer = extract_layer_from_tlens_hook_name(hook)
+        if hook == f"blocks.{layer}.hook_resid_pre":  # the residual the first `layer` blocks return
+            return engine.model(tokens, stop_at_layer=layer)
         _, cache = engine.model.run_with_cache(tokens, names_filter=[hook],
-                                               stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook))
+                                               stop_at_layer=None if layer is None else layer + 1)
         return sae_input(sae, cache[hook])
     return sae_input(sae, engine.run(tokens, read=[hook])[1][hook])
 
