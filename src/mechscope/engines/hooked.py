@@ -54,8 +54,10 @@ class HookedEngine(Engine):
 
     # ---------------------------------------------------------------- sites
     def sites(self) -> list[str]:
-        names = set(self.model.hook_dict)
-        return [n for n in names if n.endswith(SITE_KINDS)] if names else []
+        names = [n for n in self.model.hook_dict if n.endswith(SITE_KINDS)]
+        if self.cfg.attn_only:  # transformer-lens keeps hook_mlp_out on attention-only blocks; it never fires
+            names = [n for n in names if not n.endswith(("hook_mlp_out", "mlp.hook_post"))]
+        return names
 
     # ---------------------------------------------------------------- running
     def _forward(self, tokens, names, hooks, **kwargs):

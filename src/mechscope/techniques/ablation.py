@@ -221,10 +221,11 @@ def ablated_metric(model, tokens: torch.Tensor, groups: list[list[Component]],
 
 
 def ablation_edits(model, components: list[Component], method: str = "mean", reference: torch.Tensor | None = None,
-                   skip_bos: bool = True) -> list:
+                   skip_bos: bool = True, lengths: torch.Tensor | None = None) -> list:
     """Engine edits that hold `components` ablated in any run (e.g. to re-run DLA or patching with them
     removed: the backup test). method "zero", or "mean" over reference tokens [n_ref, seq] (all positions,
-    BOS excluded when skip_bos), one value per component broadcast to every position. -> [(site, fn)]"""
+    BOS excluded when skip_bos; a right-padded reference gives its rows' `lengths` [n_ref], and padding is
+    left out), one value per component broadcast to every position. -> [(site, fn)]"""
     from mechscope.models import as_engine
 
     engine = as_engine(model)
@@ -238,8 +239,12 @@ def ablation_edits(model, components: list[Component], method: str = "mean", ref
             raise BadInput("mean ablation needs reference prompts (the distribution the mean is taken over)")
         with torch.no_grad():
             _, acts = engine.run(reference, read=sites)
-        means = {site: acts[site][:, 1 if skip_bos and reference.shape[1] > 1 else 0:].float().mean((0, 1))
-                 for site in sites}
+        n_ref, seq = reference.shape
+        lengths = torch.full((n_ref,), seq) if lengths is None else torch.as_tensor(lengths).cpu()
+        keep = torch.arange(seq)[None] < lengths[:, None]                       # [n_ref, seq] real tokens
+        keep[:, 0] &= not (skip_bos and seq > 1)
+        keep = keep.to(reference.device)
+        means = {site: acts[site][keep].float().mean(0) for site in sites}
 
     def edit(site):
         here = [c for c in components if c.hook_name == site]
