@@ -177,6 +177,8 @@ def test_cli_attribution_patch(tmp_path, capsys):
       "--answer", "paris", "--wrong", "rome"], "same number of tokens"),
     (["--top-k", "0"], "--top-k"),
     (["--answer", "zzzzqqq"], "single token"),
+    (["--task", "facts", "--n", "0"], "--n must be at least 1"),
+    (["--task", "ioi", "--pairs", "p.jsonl"], "pass one of --task"),
 ])
 def test_cli_attribution_patch_bad_input(tmp_path, capsys, argv, message):
     assert main(["attribution-patch", *argv, "--out", str(tmp_path)]) == 2

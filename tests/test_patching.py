@@ -274,6 +274,11 @@ def test_command_reads_a_pairs_file(tmp_path, capsys):
     (["--clean", FACT_CLEAN, "--corrupted", FACT_CORRUPTED, "--answer", "paris rome", "--wrong", "rome"],
      "not a single token"),
     (["--pairs", "/nonexistent/pairs.jsonl"], "does not exist"),
+    (["--task", "ioi", "--n", "0"], "--n must be at least 1"),
+    (["--task", "ioi", "--clean", FACT_CLEAN], "pass one of --task, --pairs FILE or --clean/--corrupted"),
+    (["--with-ablated", "7.1"], "out of range"),
+    (["--with-ablated", "mlpx"], "cannot read component"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
 ])
 def test_command_bad_inputs(tmp_path, capsys, argv, message):
     assert main(["patch", *argv, "--out", str(tmp_path)]) == 2
@@ -281,11 +286,21 @@ def test_command_bad_inputs(tmp_path, capsys, argv, message):
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
-def test_command_bad_pairs_file(tmp_path, capsys):
+@pytest.mark.parametrize("content,message", [
+    ('{"clean": "a b"\n', "JSON"),
+    ('{"clean": "the capital of france is", "corrupted": "the capital of italy is", "answer": "paris"}\n',
+     "lacks wrong"),
+    ('{"clean": "the capital of france is", "corrupted": "the capital of italy is", "answer": "paris", '
+     '"wrong": "rome", "positions": {"X": "zebra"}}\n', "not in the prompt"),
+    ('{"clean": "the capital of france is", "corrupted": "the big capital of italy is", "answer": "paris", '
+     '"wrong": "rome"}\n', "same number of tokens"),
+])
+def test_command_bad_pairs_file(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"clean": "a b"\n')
+    bad.write_text(content)
     assert main(["patch", "--pairs", str(bad), "--out", str(tmp_path)]) == 2
-    assert "JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------- components a model lacks
@@ -446,8 +461,9 @@ def test_each_engine_finds_the_ioi_patching_pattern(backend, tmp_path, capsys):
     carries the name in layer 0, the final position in the later layers, recovery near 1."""
     assert main(["patch", "--backend", backend, "--task", "ioi", "--n", "8", "--component", "resid_pre",
                  "--out", str(tmp_path), "--json"]) == 0
-    entry = json.loads(capsys.readouterr().out)["summary"]["components"]["resid_pre"]
-    assert entry["columns"] == ["IO", "S1", "S2", "END"]
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    entry = summary["components"]["resid_pre"]
+    assert summary["positions"] == ["IO", "S1", "S2", "END"] and summary["columns"] == "named positions"
     assert entry["top_position_per_layer"] == ["S2", "END", "END"]
     heatmap = torch.tensor(entry["heatmap"])
     assert heatmap[0, 2] > 0.9 and (heatmap[1:, 3] > 0.9).all() and heatmap[:, :2].abs().max() < 0.05
@@ -476,3 +492,13 @@ def test_generic_path_on_the_bundled_model_prompt_set(toy_engine, ioi_set, compo
                                  by_position=by_position, lengths=batch.lengths[:6], implementation=impl)
             for impl in patching.IMPLEMENTATIONS]
     torch.testing.assert_close(runs[1].per_prompt, runs[0].per_prompt, atol=1e-4, rtol=0, equal_nan=True)
+
+
+def test_command_summary_stays_bounded(tmp_path, capsys):
+    """Every component of the bundled model in one --json summary: all there, under the stdout limit."""
+    from mechscope.cli import MAX_STDOUT_CHARS
+
+    assert main(["patch", "--component", "all", "--out", str(tmp_path), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert len(text) < MAX_STDOUT_CHARS
+    assert set(json.loads(text)["summary"]["components"]) == set(patching.COMPONENTS)

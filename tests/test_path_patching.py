@@ -296,6 +296,10 @@ def test_cli_path_patch_prompt_set(tmp_path, capsys):
     (["--receivers", "1.1:k", "--senders", "2.0"], "no sender is before"),
     (["--receivers", "logits", "--sweep", "receivers"], "--sweep receivers needs receiver heads"),
     (["--receivers", "2.1:k", "--task", "induction", "--seq-len", "1"], "--seq-len"),
+    (["--receivers", "logits-direct", "--sweep", "receivers"], "--sweep receivers needs receiver heads"),
+    (["--receivers", "2.1:k", "--task", "induction", "--pairs", "p.jsonl"], "--task induction builds its own"),
+    (["--receivers", "2.1:k", "--task", "ioi", "--n", "0"], "--n must be at least 1"),
+    (["--receivers", "logits", "--task", "ioi", "--clean", "the capital of france is"], "pass one of --task"),
 ])
 def test_cli_path_patch_bad_input(tmp_path, capsys, argv, message):
     assert main(["path-patch", *argv, "--out", str(tmp_path)]) == 2

@@ -37,7 +37,8 @@ IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 IOI_POSITIONS = {"IO": ["Mary", 1], "S1": ["John", 1], "S2": ["John", 2]}
 METRICS = ("recovery", "logit_diff", "prob", "kl")
 TOP = 5
-HEATMAP_MAX_CELLS = 400  # grids up to this size go into the JSON summary
+HEATMAP_MAX_CELLS = 1000  # heatmap cells (all components together) in the JSON summary
+MAX_LABELS = 64          # position labels listed in the JSON summary
 MIN_CHANGE = 0.02        # --with-ablated: a cell "changes" by at least this share of the clean - corrupted gap
 
 
@@ -204,10 +205,12 @@ def run(ctx):
     summary = {"mode": args.mode, "metric": args.metric, "n_pairs": len(batch.clean), "prompts": prompt_set.name,
                "engine": engine.name, "columns": "named positions" if aligned else "token positions",
                "named_positions": None if aligned else {k: int(v[0]) for k, v in batch.positions.items()},
+               "positions": position_labels if len(position_labels) <= MAX_LABELS else "in result.json",
                "components": {}}
     if skipped:
         summary["skipped"] = skipped
     full, lines = {}, []
+    heatmap_budget = HEATMAP_MAX_CELLS
     for component in components:
         result = sweep(component)
         cells = patching.cell_summary(result, recovery=recovery, k=TOP, seed=args.seed)
@@ -233,8 +236,7 @@ def run(ctx):
                       sign_share=rounded(flat["sign_share"][i], 3)) for i in top]
         stability = cells["stability"]
         clean_stats, corrupted_stats = stats.summary(result.clean), stats.summary(result.corrupted)
-        entry = {"shape": list(values.shape), "axes": list(result.axes), "columns": cols, "rows": rows,
-                 "top": best, "plot": png.name,
+        entry = {"shape": list(values.shape), "axes": list(result.axes), "top": best, "plot": png.name,
                  "clean": clean_stats["mean"], "clean_ci": [clean_stats["ci_low"], clean_stats["ci_high"]],
                  "corrupted": corrupted_stats["mean"],
                  "corrupted_ci": [corrupted_stats["ci_low"], corrupted_stats["ci_high"]],
@@ -243,8 +245,13 @@ def run(ctx):
                                "in_top_k_frequency": [stability["in_top_k_frequency"][i] for i in stability["top_k"]],
                                "median_rank_correlation": stability["median_rank_correlation"]},
                  "implementation": result.meta.get("implementation")}
-        if grid.numel() <= HEATMAP_MAX_CELLS:
-            entry["heatmap"] = rounded(grid)
+        if "pos" not in result.axes:
+            entry["columns"] = cols
+        if grid.numel() <= heatmap_budget:  # rows: layers (L0, L1, ...) or heads by layer (L0H0, L0H1, ...)
+            entry["heatmap"] = rounded(grid, 3)
+            heatmap_budget -= grid.numel()
+        else:
+            entry["heatmap"] = "in result.json"
         if "pos" in result.axes and "head" not in result.axes:
             entry["top_position_per_layer"] = [cols[int(i)] for i in torch.nan_to_num(
                 (grid - unpatched).abs(), nan=-1.0).argmax(1)]
