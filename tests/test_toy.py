@@ -1,7 +1,12 @@
 """The bundled model meets its model card (MODEL_CARD.md): these are the ground truths other tests use."""
+import json
 import random
 
+import pytest
+
+from mechscope.cli import main
 from mechscope.toy import corpus
+from tests.conftest import BACKENDS
 
 
 def test_ioi_on_held_out_combinations(toy_card):
@@ -49,3 +54,58 @@ def test_tokenizer_matches_corpus_ids(toy_model):
         assert ids == [vocab[w] for w in words]
     assert toy_model.to_str_tokens("I love this! It's absolutely wonderful and", prepend_bos=False)[:6] == \
         ["i", "love", "this", "!", "it", "'"]
+
+
+def test_hugging_face_export_is_exact_and_loads_offline(toy_model_unfolded, tmp_path):
+    """The shipped GPT-2 export (toy/hf/) holds exactly the bundled weights, loads with AutoModelForCausalLM,
+    and gives the unfolded HookedTransformer's logits; re-exporting reproduces it."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechscope.toy import export
+
+    hf = AutoModelForCausalLM.from_pretrained(str(export.HF_DIR)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(export.HF_DIR))
+    text = "when mary and john went to the store , john gave a drink to"
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = toy_model_unfolded.to_tokens(text)
+    assert ids == tokens[0].tolist()          # BOS prepended by hand: the tokenizer does not add it
+    with torch.no_grad():
+        assert (hf(tokens).logits - toy_model_unfolded(tokens)).abs().max() < 1e-5
+    shipped = load_file(str(export.HF_DIR / "model.safetensors"))
+    fresh = load_file(str(export.export(tmp_path) / "model.safetensors"))
+    assert shipped.keys() == fresh.keys() and all(torch.equal(shipped[k], fresh[k]) for k in shipped)
+
+
+def test_export_refuses_an_unembedding_bias(toy_model_unfolded):
+    import copy
+
+    import pytest
+    import torch
+
+    from mechscope.toy import export
+
+    model = copy.deepcopy(toy_model_unfolded)
+    with torch.no_grad():
+        model.unembed.b_U[0] = 1.0
+    with pytest.raises(ValueError, match="b_U"):
+        export.gpt2_state_dict(model)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_card_command_on_every_engine(backend, toy_card, tmp_path, capsys):
+    """`mechscope model-card --backend X` measures the same card on every engine (same weights; the HF export
+    on bridge / nnsight): the same heads, accuracies and, to float error, losses."""
+    assert main(["model-card", "--backend", backend, "--out", str(tmp_path), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)["summary"]
+    for key in ("previous_token_head", "induction_head"):
+        assert card["induction"][key] == toy_card["induction"][key]
+    assert card["ioi"]["accuracy"] == toy_card["ioi"]["accuracy"] and card["facts"] == toy_card["facts"]
+    assert card["sentiment"] == toy_card["sentiment"]
+    for key in ("first_copy_loss", "second_copy_loss", "induction_score"):
+        assert card["induction"][key] == pytest.approx(toy_card["induction"][key], abs=1e-4)
+    for kind in ("zero", "mean"):
+        assert card["induction"]["ablation_loss_increase"][kind] == pytest.approx(
+            toy_card["induction"]["ablation_loss_increase"][kind], abs=1e-3)
+    assert card["ioi"]["mean_logit_diff"] == pytest.approx(toy_card["ioi"]["mean_logit_diff"], abs=1e-3)

@@ -9,7 +9,8 @@
 
 A command module defines HELP (one line), `add_arguments(parser)` and `run(ctx) -> dict`; the dict's
 "summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, and the
-whole dict goes to result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply.
+whole dict goes to result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply
+(WRITES_RUN = "with --out": a run directory only when --out is given).
 """
 from __future__ import annotations
 
@@ -46,9 +47,13 @@ COMMANDS = {
     "steer": ("steer", "activation addition steering with a random-direction control"),
     "validate-circuit": ("validate_circuit", "necessity, sufficiency / faithfulness and minimality of a circuit"),
     "new": ("new", "scaffold a new research repository from templates"),
+    "report": ("report", "one self-contained offline HTML page from run directories"),
 }
 
 MAX_STDOUT_CHARS = 20_000
+# import names of pyproject's dependencies: a command run from a bare copy of the skill folder says how to install
+DEPENDENCIES = {"torch", "transformer_lens", "sae_lens", "nnsight", "transformers", "tokenizers", "safetensors",
+                "matplotlib", "jinja2", "tqdm", "numpy"}
 
 
 @dataclass
@@ -133,7 +138,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: %(default)s)")
             p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: %(default)s)")
             add_engine_arguments(p)
-        if getattr(module, "WRITES_RUN", True):
+        if getattr(module, "WRITES_RUN", True) == "with --out":  # a query: a run directory only when asked
+            p.add_argument("--out", help="parent directory of a new run directory (result.json, meta.json) to keep "
+                                         "the answer; without it nothing is written")
+        elif getattr(module, "WRITES_RUN", True):
             p.add_argument("--out", default="runs", help="parent directory of the new run directory (default: %(default)s)")
             p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         run_dir = None
-        if getattr(module, "WRITES_RUN", True):
+        if getattr(module, "WRITES_RUN", True) and args.out is not None:
             from mechscope.runs import new_run_dir
             run_dir = new_run_dir(args.out, args.command)
         ctx = Context(args=args, run_dir=run_dir)
@@ -195,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("interrupted\n")
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in DEPENDENCIES:
+            sys.stderr.write(f"mechscope {args.command}: error: {e.name} is not installed; install mechscope's "
+                             f"dependencies once: python3 -m pip install -e {Path(__file__).resolve().parents[2]}\n")
+            return 2
         if os.environ.get("MECHSCOPE_DEBUG"):
             raise
         sys.stderr.write(f"mechscope {args.command}: internal error: {type(e).__name__}: {e} "

@@ -74,6 +74,23 @@ class PromptSet:
                 where[name].append(resolve_position(engine, p.text, clean, p.positions.get(name), name))
         return rows, {name: torch.tensor(v) for name, v in where.items()}
 
+    def answer_ids(self, engine):
+        """(answers, wrongs): [n] token ids of each prompt's answer / wrong word, or None where no prompt
+        has one (BadInput when only some prompts do, or a word is not one token)."""
+        import torch
+
+        from mechscope import inputs
+
+        out = []
+        for key in ("answer", "wrong"):
+            words = [getattr(p, key) for p in self.prompts]
+            given = sum(w is not None for w in words)
+            if 0 < given < len(words):
+                raise BadInput(f"{self.name}: {given} of {len(words)} prompts have a \"{key}\"; give every "
+                               f"prompt one or none")
+            out.append(torch.tensor([inputs.single_token(engine, w) for w in words]) if given else None)
+        return tuple(out)
+
     def split(self, test_fraction: float = 0.5, seed: int = 0) -> tuple["PromptSet", "PromptSet"]:
         """(train, test) with whole groups on one side (prompts without a group are their own group)."""
         groups = sorted({p.group or f"#{i}" for i, p in enumerate(self.prompts)})
@@ -95,6 +112,23 @@ def prompt_tokens(engine, text: str):
     from mechscope import inputs
 
     return inputs.tokens(engine, text)[0]
+
+
+def padded(engine, rows):
+    """(tokens [n, longest] right-padded with the pad token (else BOS), lengths [n]) from n x [seq_i] ids.
+    Right padding leaves a causal model's real positions unchanged: read each row at its own positions."""
+    import torch
+
+    from mechscope.models import as_engine
+
+    engine = as_engine(engine)
+    pad = engine.tokenizer.pad_token_id
+    pad = engine.bos_token_id if pad is None else pad
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.as_tensor(r)
+    return tokens.to(rows[0].device if hasattr(rows[0], "device") else "cpu"), lengths
 
 
 def resolve_position(engine, text: str, row, spec, name: str) -> int:

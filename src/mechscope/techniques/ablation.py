@@ -224,8 +224,8 @@ def ablation_edits(model, components: list[Component], method: str = "mean", ref
                    skip_bos: bool = True, lengths: torch.Tensor | None = None) -> list:
     """Engine edits that hold `components` ablated in any run (e.g. to re-run DLA or patching with them
     removed: the backup test). method "zero", or "mean" over reference tokens [n_ref, seq] (all positions,
-    BOS excluded when skip_bos; a right-padded reference gives its rows' `lengths` [n_ref], and padding is
-    left out), one value per component broadcast to every position. -> [(site, fn)]"""
+    BOS excluded when skip_bos; with lengths [n_ref], only each row's first lengths[i] positions, so right
+    padding stays out), one value per component broadcast to every position. -> [(site, fn)]"""
     from mechscope.models import as_engine
 
     engine = as_engine(model)
@@ -239,12 +239,15 @@ def ablation_edits(model, components: list[Component], method: str = "mean", ref
             raise BadInput("mean ablation needs reference prompts (the distribution the mean is taken over)")
         with torch.no_grad():
             _, acts = engine.run(reference, read=sites)
-        n_ref, seq = reference.shape
-        lengths = torch.full((n_ref,), seq) if lengths is None else torch.as_tensor(lengths).cpu()
-        keep = torch.arange(seq)[None] < lengths[:, None]                       # [n_ref, seq] real tokens
-        keep[:, 0] &= not (skip_bos and seq > 1)
-        keep = keep.to(reference.device)
-        means = {site: acts[site][keep].float().mean(0) for site in sites}
+        seq = reference.shape[1]
+        keep = torch.arange(seq)[None, :] < (torch.full((len(reference),), seq) if lengths is None
+                                             else torch.as_tensor(lengths).cpu())[:, None]
+        if skip_bos and seq > 1:
+            keep[:, 0] = False                                               # keep: [n_ref, seq]
+        means = {}
+        for site in sites:
+            mask = keep.to(acts[site].device).reshape(*keep.shape, *[1] * (acts[site].ndim - 2))
+            means[site] = (acts[site].float() * mask).sum((0, 1)) / mask.sum()
 
     def edit(site):
         here = [c for c in components if c.hook_name == site]
