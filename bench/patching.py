@@ -22,7 +22,10 @@ against the tutorials' one-trace-per-cell nnsight loop and transformer_lens.patc
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mechscope command sets it: no spinning threads
 
 import pandas as pd
 import torch

@@ -260,8 +260,9 @@ def run(ctx):
                            "sign_share": _grid(cells["sign_share"], result), "raw_metric": result.values,
                            "per_prompt": result.per_prompt, "clean": result.clean, "corrupted": result.corrupted,
                            "axes": result.axes, "row_labels": rows, "col_labels": cols}
+        interval = (lambda b: f" [{b['ci'][0]}, {b['ci'][1]}]") if len(batch.clean) > 1 else (lambda b: "")
         line = (f"{component}: clean {entry['clean']:.3f}, corrupted {entry['corrupted']:.3f}; top "
-                + ", ".join(f"{b['row']}/{b['col']} {b['value']:.3f} [{b['ci'][0]}, {b['ci'][1]}]" for b in best[:3]))
+                + ", ".join(f"{b['row']}/{b['col']} {b['value']:.3f}{interval(b)}" for b in best[:3]))
         if held:
             entry["backup"], full[component]["backup"] = _backup(ctx, component, result, sweep(component, edits),
                                                                  recovery, rows, cols, args.seed)
