@@ -160,10 +160,12 @@ def naive_nnsight_sweep(nnsight_model, clean, corrupted):
     return out
 
 
-def engines_bench(median_of: int = 3):
+def engines_bench(rounds: int = 3):
     """resid_pre layer x position on a GPT-2-small-shaped random HF checkpoint: mechscope on nnsight and on
     the bridge (the generic path) and on tl (the suffix-only engine) vs the naive nnsight loop and vs
-    transformer_lens.patching on the bridge, in the same run."""
+    transformer_lens.patching on the bridge, in the same run. Each round runs every method once in turn (so
+    a change of the machine's load hits them alike); medians over rounds."""
+    import statistics
     import tempfile
 
     from mechscope.models import load_model
@@ -173,18 +175,23 @@ def engines_bench(median_of: int = 3):
         engines = {name: load_model(directory, backend=name, device="cpu") for name in ("nnsight", "bridge", "tl")}
     clean, corrupted = make_tokens(15)
     clean[0, 0] = corrupted[0, 0] = engines["tl"].bos_token_id
-    print("\nengines: resid_pre layer x position (180 cells), GPT-2-small-shaped random HF checkpoint, 15 tokens, "
-          "CPU fp32")
+    print(f"\nengines: resid_pre layer x position (180 cells), GPT-2-small-shaped random HF checkpoint, 15 tokens, "
+          f"CPU fp32, medians of {rounds} interleaved rounds")
     for engine in engines.values():  # warm-up
         engine.run(clean)
-    bridge = engines["bridge"].model
-    rows = [("naive nnsight loop (1 trace / cell)", *timed_cpu(lambda: naive_nnsight_sweep(
-                engines["nnsight"].model, clean, corrupted))),
-            ("transformer_lens.patching on the bridge", *timed_cpu(lambda: tl_sweep(
-                bridge, clean, corrupted, tlp.get_act_patch_resid_pre)))]
+    methods = {"naive nnsight loop (1 trace / cell)":
+               lambda: naive_nnsight_sweep(engines["nnsight"].model, clean, corrupted),
+               "transformer_lens.patching on the bridge":
+               lambda: tl_sweep(engines["bridge"].model, clean, corrupted, tlp.get_act_patch_resid_pre)}
     for name in ("nnsight", "bridge", "tl"):
-        runs = [timed_cpu(lambda: ours(engines[name], clean, corrupted, "resid_pre")) for _ in range(median_of)]
-        rows.append((f"mechscope patch --backend {name}", *sorted(runs, key=lambda r: r[0])[median_of // 2]))
+        methods[f"mechscope patch --backend {name}"] = lambda name=name: ours(engines[name], clean, corrupted,
+                                                                              "resid_pre")
+    runs = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            runs[name].append(timed_cpu(fn))
+    rows = [(name, statistics.median(r[0] for r in results), statistics.median(r[1] for r in results), results[0][2])
+            for name, results in runs.items()]
     (_, naive, naive_cpu, reference), (_, tl_wall, tl_cpu, _) = rows[:2]
     print("wall = elapsed seconds, cpu = this process's CPU seconds (steadier on a shared machine); ratios: "
           "naive loop / method and transformer_lens.patching on the bridge / method")
@@ -193,6 +200,8 @@ def engines_bench(median_of: int = 3):
     for name, wall, cpu, values in rows:
         print(f"{name:42s} {wall:8.2f} {cpu:8.2f} {naive / wall:9.1f}x {naive_cpu / cpu:8.1f}x {tl_wall / wall:9.1f}x "
               f"{tl_cpu / cpu:8.1f}x   {(values - reference).abs().max().item():.1e}", flush=True)
+    print("per round (wall s): " + "; ".join(f"{name.split(' (')[0]}: " + ", ".join(f"{r[0]:.1f}" for r in results)
+                                           for name, results in runs.items()))
 
 
 def main():
@@ -235,7 +244,7 @@ def main():
     print(f"suffix-only position groups: resid_pre layer x pos {t_def:.2f} s (default: {groups(model, clean, corrupted, 'resid_pre')} "
           f"group(s)), {t_one:.2f} s with every cell running all positions")
 
-    engines_bench(median_of=1 if args.quick else 3)
+    engines_bench(rounds=1 if args.quick else 3)
     if args.quick:
         return
     model = make_model(4, 256)

@@ -119,7 +119,7 @@ def _row_labels(result, n_heads: int) -> list[str]:
     return [f"L{l}" for l in layers]
 
 
-def _grid(values, result):
+def _grid(values):
     """[rows, cols] view of a [layers, (heads), (pos)] tensor."""
     if values.ndim == 1:
         return values[:, None]
@@ -215,7 +215,7 @@ def run(ctx):
         result = sweep(component)
         cells = patching.cell_summary(result, recovery=recovery, k=TOP, seed=args.seed)
         values = cells["mean"]
-        grid = _grid(values, result)
+        grid = _grid(values)
         rows = _row_labels(result, values.shape[1] if "head" in result.axes else 0)
         cols = position_labels if "pos" in result.axes else \
             ([f"H{h}" for h in range(grid.shape[1])] if "head" in result.axes else ["all positions"])
@@ -230,7 +230,7 @@ def run(ctx):
         unpatched = 0.0 if recovery and args.mode == "denoise" else 1.0 if recovery else float(result.target.mean())
         size = torch.nan_to_num((grid - unpatched).abs(), nan=-1.0).flatten()
         top = size.topk(min(TOP, size.numel())).indices.tolist()
-        flat = {key: _grid(cells[key], result).flatten() for key in ("ci_low", "ci_high", "sign_share")}
+        flat = {key: _grid(cells[key]).flatten() for key in ("ci_low", "ci_high", "sign_share")}
         best = [_cell(grid, rows, cols, i, value=rounded(grid.flatten()[i]),
                       ci=[rounded(flat["ci_low"][i]), rounded(flat["ci_high"][i])],
                       sign_share=rounded(flat["sign_share"][i], 3)) for i in top]
@@ -255,9 +255,9 @@ def run(ctx):
         if "pos" in result.axes and "head" not in result.axes:
             entry["top_position_per_layer"] = [cols[int(i)] for i in torch.nan_to_num(
                 (grid - unpatched).abs(), nan=-1.0).argmax(1)]
-        full[component] = {"values": grid, "ci_low": _grid(cells["ci_low"], result),
-                           "ci_high": _grid(cells["ci_high"], result),
-                           "sign_share": _grid(cells["sign_share"], result), "raw_metric": result.values,
+        full[component] = {"values": grid, "ci_low": _grid(cells["ci_low"]),
+                           "ci_high": _grid(cells["ci_high"]),
+                           "sign_share": _grid(cells["sign_share"]), "raw_metric": result.values,
                            "per_prompt": result.per_prompt, "clean": result.clean, "corrupted": result.corrupted,
                            "axes": result.axes, "row_labels": rows, "col_labels": cols}
         interval = (lambda b: f" [{b['ci'][0]}, {b['ci'][1]}]") if len(batch.clean) > 1 else (lambda b: "")
@@ -286,7 +286,7 @@ def _backup(ctx, component, base, ablated, recovery, rows, cols, seed) -> tuple[
     from mechscope.techniques import patching
 
     change = patching.effect_change(base, ablated, recovery=recovery, seed=seed)
-    grid = {key: _grid(change[key], base) for key in ("mean", "ci_low", "ci_high", "sign_share")}
+    grid = {key: _grid(change[key]) for key in ("mean", "ci_low", "ci_high", "sign_share")}
     plotting.heatmap(grid["mean"], ctx.run_dir / f"{component}_backup.png", row_labels=rows, col_labels=cols,
                      title=f"{component}: change of each cell's effect with components held ablated",
                      colorbar_label="change" + (" (of clean - corrupted)" if recovery else ""))
@@ -303,7 +303,7 @@ def _backup(ctx, component, base, ablated, recovery, rows, cols, seed) -> tuple[
                                ci=[rounded(grid["ci_low"].flatten()[i]), rounded(grid["ci_high"].flatten()[i])],
                                sign_share=rounded(grid["sign_share"].flatten()[i], 3)) for i in order[:10]]}
     return entry, {"change": grid["mean"], "ci_low": grid["ci_low"], "ci_high": grid["ci_high"],
-                   "per_prompt": change["per_prompt"], "ablated_values": _grid(ablated.values, base)}
+                   "per_prompt": change["per_prompt"], "ablated_values": _grid(ablated.values)}
 
 
 def add_arguments(parser):

@@ -75,7 +75,14 @@ class HookedEngine(Engine):
 
     def run(self, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (), positions=None):
         self.require(list(read) + [site for site, _ in edits])
-        logits, acts = self._forward(tokens, read, self._hooks(edits))
+        hooks = self._hooks(edits)
+        if positions is not None and "unembed.hook_in" in self.model.hook_dict:  # unembed only those positions
+            rows = torch.arange(len(tokens), device=tokens.device)
+            at = torch.as_tensor(positions, device=tokens.device)
+            select = ("unembed.hook_in", lambda x, hook: x[rows, at][:, None])
+            logits, acts = self._forward(tokens, read, hooks + [select])
+            return logits[:, 0], acts
+        logits, acts = self._forward(tokens, read, hooks)
         if positions is not None:
             rows = torch.arange(len(tokens), device=logits.device)
             logits = logits[rows, torch.as_tensor(positions, device=logits.device)]

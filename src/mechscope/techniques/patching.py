@@ -322,9 +322,11 @@ def _generic_sweep(engine, source, target, site, metric, read, layers, by_positi
     n_pos = seq if by_position else 1
     cell_head = torch.arange(n_heads, device=device).repeat_interleave(n_pos)
     cell_pos = torch.arange(n_pos, device=device).repeat(n_heads)
-    todo = torch.cat([torch.stack([torch.full_like(cells, li), cells], 1) for li, name in enumerate(names)
-                      for cells in [_changed_cells(source_acts[name], target_acts[name], site, by_position)
-                                    .nonzero()[:, 0].to(device)]])                   # [n_run, (layer, cell)]
+    todo = []  # (layer index, cell) of every cell whose source and target activations differ
+    for li, name in enumerate(names):
+        cells = _changed_cells(source_acts[name], target_acts[name], site, by_position).nonzero()[:, 0]
+        todo.append(torch.stack([torch.full_like(cells, li), cells], 1))
+    todo = torch.cat(todo).to(device)                                                  # [n_run, 2]
     batch_size = batch_size or hooked_sweep.default_batch_size(engine.cfg, seq, source_acts[names[0]].dtype)
     out = target_value.repeat(len(layers), n_heads * n_pos, 1)                         # [layers, cells, prompts]
     for chunk in progress(todo.split(max(1, batch_size // n_prompts)), desc=f"patching {site.format('*')}"):
