@@ -72,14 +72,18 @@ def residuals_at(model, rows: list[torch.Tensor], positions: list[int], hook_nam
                  batch_size: int = 64) -> torch.Tensor:
     """Residual stream of each prompt at its own position. rows: n x [seq_i]; positions: n ints
     (each < its row's length) -> [n_hooks, n, d_model] (float32, CPU)."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    engine.require(hook_names, "probing")
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        tokens = right_padded(batch).to(model.cfg.device)
+        tokens = right_padded(batch).to(engine.cfg.device)
         pos = torch.tensor(positions[start:start + batch_size], device=tokens.device)
-        _, cache = model.run_with_cache(tokens, names_filter=hook_names)
+        _, acts = engine.run(tokens, read=hook_names)
         index = torch.arange(len(batch), device=tokens.device)
-        out.append(torch.stack([cache[name][index, pos] for name in hook_names]).float().cpu())
+        out.append(torch.stack([acts[name][index, pos] for name in hook_names]).float().cpu())
     return torch.cat(out, dim=1)
 
 
