@@ -322,3 +322,30 @@ def test_ablate_prompts_file(toy_model, tmp_path, capsys):
         diffs = [float(toy_model(i["prompt"])[0, -1, toy_model.to_single_token(i["answer"])]
                        - toy_model(i["prompt"])[0, -1, toy_model.to_single_token(i["wrong"])]) for i in items]
     assert summary["n_prompts"] == 3 and summary["clean_metric"] == pytest.approx(sum(diffs) / 3, abs=1e-3)
+
+
+# ------------------------------------------------------------------ engines (issue 12)
+ENGINES = ["tl"]   # add "bridge", "nnsight" once those engines are on main
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request, toy_engine):
+    from mechscope.models import load_model
+
+    return toy_engine if request.param == "tl" else load_model("mechscope-toy", backend=request.param, device="cpu")
+
+
+def test_engines_agree_on_ablation_effects_and_find_the_induction_head(engine, toy_engine, toy_card):
+    """Same effects as the transformer-lens engine (mean and resample; zero-ablating hook_z differs where an engine
+    folds the value bias into b_O), and on every engine the induction head is the head that breaks copying."""
+    tokens = repeated_random_tokens(toy_engine, 8, 20, seed=1)
+    metric = lambda lg: second_copy_loss(lg, tokens, 20)  # noqa: E731
+    groups = parse_groups(toy_engine, "heads,attns,mlps,mlp1.7,0.1+1.2")
+    for method in ("mean", "resample"):
+        mine = ablate(engine, tokens, groups, metric, method, seed=0)
+        reference = ablate(toy_engine, tokens, groups, metric, method, seed=0)
+        torch.testing.assert_close(mine.ablated, reference.ablated, atol=1e-4, rtol=1e-4)
+        heads = mine.effect[:toy_engine.cfg.n_layers * toy_engine.cfg.n_heads]
+        top = int(heads.argmax())
+        assert [top // toy_engine.cfg.n_heads, top % toy_engine.cfg.n_heads] == toy_card["induction"]["induction_head"]
+        assert float(heads.max()) > 3.0   # measured +5.0 (mean), +9.0 (resample) nats

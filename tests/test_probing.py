@@ -264,6 +264,7 @@ def test_probe_cli_data_file_with_word_positions_groups_and_controls(tmp_path, c
     (lambda d: ["--prompts", str(d / "some_groups.jsonl")], "for every example or for none"),
     (lambda d: ["--prompts", str(d / "two_groups.jsonl")], "3+ groups"),
     (lambda d: ["--task", "sentiment", "--split", "0.5,0.5"], "--split"),
+    (lambda d: ["--task", "sentiment", "--split", "nan,0.5,0.5"], "--split"),
     (lambda d: ["--task", "sentiment", "--position", "99"], "outside a prompt"),
     (lambda d: ["--task", "sentiment", "--l2", "inf"], "--l2"),
 ])

@@ -234,3 +234,19 @@ def test_steer_bad_inputs(tmp_path, capsys, monkeypatch, extra, message):
     code = main(["steer", *extra, "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_engines_agree_on_the_steering_effect(engine, toy_engine, split, held_out_rows, word_ids):
+    """The vector built on each engine (its own residual basis) steers the same tokens and the same logit diffs as
+    on the transformer-lens engine, beyond every random direction."""
+    positive, negative, _, _ = split
+    results = []
+    for e in (engine, toy_engine):
+        v = steering.mean_difference(e, [e.to_tokens(p)[0] for p in positive], [e.to_tokens(p)[0] for p in negative],
+                                     LAYER)
+        results.append(steering.steering_sweep(e, held_out_rows, LAYER, v, [0, 4], *word_ids, max_new_tokens=5,
+                                               n_random=0, seed=0))
+    mine, reference = results
+    torch.testing.assert_close(mine.logit_diff, reference.logit_diff, atol=1e-4, rtol=1e-4)
+    assert mine.generations == reference.generations
+    assert float(mine.logit_diff[0, 1].mean()) > 0 > float(mine.logit_diff[0, 0].mean())

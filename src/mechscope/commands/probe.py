@@ -96,7 +96,7 @@ def run(ctx):
 
     args = ctx.args
     fractions = _floats(args.split, "--split")
-    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+    if len(fractions) != 3 or not all(0 < f < 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise BadInput(f"--split {args.split!r} must be three positive fractions summing to 1, e.g. 0.6,0.2,0.2")
     l2_grid = _floats(args.l2, "--l2")
     if not l2_grid or min(l2_grid) < 0 or not all(x < float("inf") for x in l2_grid):

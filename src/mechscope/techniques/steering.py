@@ -203,7 +203,8 @@ def steering_sweep(model, rows: list[torch.Tensor], layer: int, vector: torch.Te
                    from_position: int = 1, n_random: int = 10, seed: int = 0,
                    neutral: list[torch.Tensor] | None = None, batch_size: int = 256) -> SteeringSweep:
     """The sweep described in the module docstring. rows: prompts to steer, n x [seq_i] (2+ tokens each);
-    vector: [d_model]; neutral: texts for the side-effect loss (rows; none: lm_loss is empty).
+    vector: [d_model] (on LayerNorm models centred first, and the random directions too, so that every direction's
+    norm is the norm the model sees); neutral: texts for the side-effect loss (rows; none: lm_loss is empty).
     Prompts of one length, all directions and strengths go through `engine.generate` together in batches
     of up to batch_size rows; strength 0 is run once and shared by every direction."""
     from mechscope.models import as_engine
@@ -211,7 +212,16 @@ def steering_sweep(model, rows: list[torch.Tensor], layer: int, vector: torch.Te
     engine = as_engine(model)
     device = engine.cfg.device
     vector = vector.to(device).float()
-    directions = torch.cat([vector[None], random_directions_like(vector, n_random, seed)])     # [D, d_model]
+    if (engine.cfg.normalization_type or "").startswith("LN"):
+        # LayerNorm removes the mean over d_model: only the centred part of a direction acts, and engines that do
+        # not centre the residual stream (Hugging Face) would otherwise give random controls a larger real norm
+        vector = vector - vector.mean()
+        randoms = random_directions_like(vector, n_random, seed)
+        randoms = randoms - randoms.mean(-1, keepdim=True)
+        randoms = randoms * (vector.norm() / randoms.norm(dim=-1, keepdim=True))
+    else:
+        randoms = random_directions_like(vector, n_random, seed)
+    directions = torch.cat([vector[None], randoms])                                            # [D, d_model]
     D, S = len(directions), len(strengths)
     jobs = [(d, s) for s in range(S) for d in range(D) if strengths[s] != 0 or d == 0]
     job_vectors = torch.stack([strengths[s] * directions[d] for d, s in jobs])               # [J, d_model]
