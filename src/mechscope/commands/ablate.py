@@ -149,17 +149,9 @@ def add_arguments(parser):
     add_task_arguments(parser)
 
 
-def _write_csv(path, rows):
-    import csv
-
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(ctx):
     from mechscope import plotting, stats
+    from mechscope.runs import write_csv
     from mechscope.errors import BadInput
     from mechscope.techniques.ablation import METHODS, ablate, head_grid, parse_groups
 
@@ -193,8 +185,8 @@ def run(ctx):
                              col_labels=[f"H{h}" for h in range(engine.cfg.n_heads)],
                              title=f"{method} ablation: change in {task['metric_name']}",
                              xlabel="head", ylabel="layer", colorbar_label="effect")
-    _write_csv(ctx.run_dir / "effects.csv", rows)
-    _write_csv(ctx.run_dir / "per_prompt.csv", per_prompt)
+    write_csv(ctx.run_dir / "effects.csv", rows)
+    write_csv(ctx.run_dir / "per_prompt.csv", per_prompt)
 
     clean = next(iter(results.values())).clean
     keys = ("effect", "stderr", "ci_low", "ci_high", "sign_share")

@@ -140,19 +140,11 @@ def _strengths(spec: str) -> list[float]:
     return values
 
 
-def _write_csv(path, rows):
-    import csv
-
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(ctx):
     import torch
 
     from mechscope import inputs, plotting, stats, tasks
+    from mechscope.runs import write_csv, write_json
     from mechscope.errors import BadInput
     from mechscope.techniques import steering
     from mechscope.toy import corpus
@@ -246,13 +238,13 @@ def run(ctx):
             if k in placements["lm_loss"][s]:
                 row[f"lm_loss_increase_{k}"] = r4(placements["lm_loss"][s][k] - float(unsteered_loss.mean()))
         table.append(row)
-    _write_csv(ctx.run_dir / "steering.csv", table)
+    write_csv(ctx.run_dir / "steering.csv", table)
     names = ["steer"] + [f"random {i}" for i in range(sweep.n_random)]
-    _write_csv(ctx.run_dir / "per_prompt.csv", [
+    write_csv(ctx.run_dir / "per_prompt.csv", [
         {"direction": names[d], "strength": strength, "prompt": i, **{m: r4(getattr(sweep, m)[d, s, i]) for m in metrics},
          "generated_tokens": int(sweep.generated[d, s, i])}
         for d in range(len(names)) for s, strength in enumerate(strengths) for i in range(len(prompts))])
-    _write_csv(ctx.run_dir / "side_effect.csv", [
+    write_csv(ctx.run_dir / "side_effect.csv", [
         {"direction": names[d], "strength": strength, "text": i, "lm_loss": r4(sweep.lm_loss[d, s, i]),
          "unsteered_lm_loss": r4(unsteered_loss[i])}
         for d in range(len(names)) for s, strength in enumerate(strengths) for i in range(len(neutral))])
@@ -260,7 +252,6 @@ def run(ctx):
                                     for kind, d in (("steer", 0), ("random 0", 1)) if d < len(names)
                                     for s, strength in enumerate(strengths)}}
                    for j, p in enumerate(prompts)]
-    from mechscope.runs import write_json
     write_json(ctx.run_dir / "generations.json", generations)
 
     # ---------------------------------------------------------------- plots
