@@ -277,7 +277,7 @@ def run(ctx):
     headline = ("logit_diff", "net_rate", "positive_share")
     summary = {
         "layer": layer, "hook": steering.hook_name(layer), "vector": source, "vector_norm": r4(sweep.vector_norm),
-        "split": rule, "held_out": not overlap and not args.direction, "n_prompts": len(prompts),
+        "split": rule, "held_out": None if args.direction else not overlap, "n_prompts": len(prompts),
         "n_random": sweep.n_random, "n_neutral_texts": len(neutral),
         "unsteered_lm_loss": r4(unsteered_loss.mean()),
         "effects": [{"strength": r["strength"],
@@ -293,7 +293,7 @@ def run(ctx):
         "intervals": "95% percentile bootstrap over prompts (over neutral texts for lm_loss); random_*: over the "
                      "random directions' means; z = (vector - random mean) / random std; beats = share of random "
                      "directions the vector exceeds (for lm_loss: stays below)",
-        "example": generations[0], "notes": notes,
+        "example": {k: v[:200] for k, v in generations[0].items() if not k.startswith("random")}, "notes": notes,
         "files": ["steering.csv", "per_prompt.csv", "side_effect.csv", "generations.json"] + [p.name for p in plots]}
     lines = [f"steering resid_pre {layer} (|v| = {sweep.vector_norm:.2f}; {source}), {len(prompts)} prompts, "
              f"{sweep.n_random} same-norm random directions" + (f"\n{rule}" if rule else ""),
