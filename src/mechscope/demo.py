@@ -30,7 +30,7 @@ STEPS = [
     ("attribution patching vs exact", ["attribution-patch"]),
     ("path patching: prev-token -> induction (k)", ["path-patch", "--task", "induction", "--receivers", "2.1:k"]),
     ("ablation of every head", ["ablate", "--components", "heads", "--method", "zero,mean", "--n", "16"]),
-    ("validating the induction circuit", ["validate-circuit", "--circuit", "0.1,0.2,1.0,1.2,2.1", "--n", "16"]),
+    ("validating the induction circuit", ["validate-circuit", "--circuit", "0.1,1.2,2.1,2.2", "--n", "16"]),
     ("linear probes for sentiment", ["probe", "--task", "sentiment", "--n", "200"]),
     ("steering with love - hate", ["steer", "--strengths", "0,4"]),
 ]

@@ -11,8 +11,8 @@ Same tasks and prompt options as `mechscope ablate` (--task induction (default),
 --prompt/--answer/--wrong). Each number comes with a 95% bootstrap interval over the prompts. Values outside
 [0, 1] are explained in the output (minimality > 1: without that component the rest does worse than nothing).
 
-    mechscope validate-circuit --circuit 0.1,1.2
-    mechscope validate-circuit --circuit 0.1,1.2,mlp1 --ablate-mlps --method zero --random 10
+    mechscope validate-circuit --circuit 0.1,1.2,2.1,2.2          # the bundled model's induction circuit
+    mechscope validate-circuit --circuit 0.1,1.2,2.1,2.2,mlp0 --ablate-mlps --method zero --random 10
 """
 HELP = "necessity, sufficiency / faithfulness and minimality of a circuit"
 
