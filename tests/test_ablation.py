@@ -14,6 +14,7 @@ from mechscope.cli import main
 from mechscope.techniques.ablation import (METHODS, Component, ablate, ablated_metric, parse_components,
                                            parse_groups, second_copy_loss)
 from mechscope.techniques.heads import repeated_random_tokens
+from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
 
 def ioi_tokens(model, n: int, seed: int):
@@ -332,7 +333,6 @@ def test_ablate_prompts_file(toy_model, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ engines (issue 12)
-ENGINES = ["tl"]   # add "bridge", "nnsight" once those engines are on main
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -343,13 +343,13 @@ def engine(request, toy_engine):
 
 
 def test_engines_agree_on_ablation_effects_and_find_the_induction_head(engine, toy_engine, toy_card):
-    """Same effects as the transformer-lens engine (mean and resample; zero-ablating hook_z differs where an engine
-    folds the value bias into b_O), and on every engine the induction head and the previous-token head feeding
-    its keys are the two heads that break copying."""
+    """Same effects as the transformer-lens engine (zero, mean and resample: no engine folds the value biases, so
+    zeroing hook_z means the same everywhere), and on every engine the induction head and the previous-token head
+    feeding its keys are the two heads that break copying."""
     tokens = repeated_random_tokens(toy_engine, 8, 20, seed=1)
     metric = lambda lg: second_copy_loss(lg, tokens, 20)  # noqa: E731
     groups = parse_groups(toy_engine, "heads,attns,mlps,mlp1.7,0.1+1.2")
-    for method in ("mean", "resample"):
+    for method in ("zero", "mean", "resample"):
         mine = ablate(engine, tokens, groups, metric, method, seed=0)
         reference = ablate(toy_engine, tokens, groups, metric, method, seed=0)
         torch.testing.assert_close(mine.ablated, reference.ablated, atol=1e-4, rtol=1e-4)

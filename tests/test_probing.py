@@ -16,8 +16,8 @@ import torch
 from mechscope.cli import main
 from mechscope.techniques import probing
 from mechscope.toy import card, corpus
+from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
-ENGINES = ["tl"]   # cross-engine agreement: add "bridge", "nnsight" once those engines are on main
 
 
 @pytest.fixture(scope="module", params=ENGINES)

@@ -13,9 +13,9 @@ from mechscope.cli import main
 from mechscope.commands import steer as steer_command
 from mechscope.techniques import steering
 from mechscope.toy import corpus
+from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
 LAYER = 1
-ENGINES = ["tl"]   # cross-engine agreement: add "bridge", "nnsight" once those engines are on main
 
 
 @pytest.fixture(scope="module", params=ENGINES)

@@ -9,6 +9,7 @@ from mechscope.cli import main
 from mechscope.techniques.ablation import Component, all_heads, all_mlps, second_copy_loss
 from mechscope.techniques.heads import head_scores, repeated_random_tokens
 from mechscope.techniques.validation import validate_circuit
+from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
 L = 20
 
@@ -158,7 +159,6 @@ def test_validate_circuit_task_ioi(tmp_path, capsys):
     assert summary["faithfulness"] > summary["random_faithfulness_mean"] + 0.3, summary
 
 
-ENGINES = ["tl"]   # add "bridge", "nnsight" once those engines are on main
 
 
 @pytest.mark.parametrize("backend", ENGINES)
