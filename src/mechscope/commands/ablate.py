@@ -14,6 +14,7 @@ Tasks: induction (second-copy loss of repeated random words; effect > 0 = copyin
     mechscope ablate --prompt "When Mary and John went to the store, John gave a drink to" --answer mary --wrong john
 """
 HELP = "zero / mean / resample / noise ablation of heads, layers and neurons"
+MAX_PROMPTS = 100_000  # generated prompts (--n): more is hours of generation, not a better estimate
 
 
 def add_task_arguments(parser):
@@ -81,6 +82,8 @@ def build_task(model, args) -> dict:
 
     if args.n < 1:
         raise BadInput("--n must be at least 1")
+    if args.n > MAX_PROMPTS:
+        raise BadInput(f"--n must be at most {MAX_PROMPTS}")
     reference = inputs.token_batch(model, args.reference) if args.reference else None
     if args.prompt:
         if not args.answer:

@@ -14,6 +14,8 @@ that copy themselves (own logit top-1 / top-5). Per pair of heads A (earlier lay
 V-composition ||W_OV^A W^B||_F / (||W_OV^A||_F ||W^B||_F) minus the same score for Gaussian weights.
 Writes copying.csv, copying_*.png, composition.csv, composition_{Q,K,V}.png.
 """
+from mechscope import inputs
+
 HELP = "QK / OV circuits, copying scores, K/Q/V composition"
 
 DEFAULT_TOKENS = "Mary,John,Paris,dog,store"
@@ -33,7 +35,7 @@ def add_arguments(parser):
                         help="seeds of the random composition baseline (default: %(default)s)")
     parser.add_argument("--save-full", action="store_true", help="also write the chosen heads' full d_vocab x d_vocab "
                         "OV and QK circuits to full_circuits.safetensors")
-    parser.add_argument("--max-gb", type=float, default=1.0, help="memory limit for --save-full (default: %(default)s)")
+    parser.add_argument("--max-gb", type=inputs.finite_float, default=1.0, help="memory limit for --save-full (default: %(default)s)")
 
 
 def _rows_for(model, circuit, tokens, allowed, k):
@@ -54,6 +56,9 @@ def _check_args(args, model):
 
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
+    inputs.top_k(args.top_k, model.cfg.d_vocab, "--top-k", "tokens in this model's vocabulary")
+    if not args.max_gb > 0:
+        raise BadInput("--max-gb must be a positive number of gigabytes")
     if args.baseline_seeds < 2:
         raise BadInput("--baseline-seeds must be at least 2 (the baseline reports a spread over seeds)")
     if model.cfg.n_layers < 2:

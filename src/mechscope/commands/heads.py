@@ -35,6 +35,8 @@ def _check_args(args, model):
 
     if args.n_sequences < 1:
         raise BadInput("--n-sequences must be at least 1")
+    if args.n_sequences > 100_000:
+        raise BadInput("--n-sequences must be at most 100000")
     max_len = (model.cfg.n_ctx - 1) // 2
     if not 2 <= args.seq_len <= max_len:
         raise BadInput(f"--seq-len must be in 2..{max_len} (BOS + two copies must fit the context of "

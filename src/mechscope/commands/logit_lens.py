@@ -34,6 +34,7 @@ def run(ctx):
         raise BadInput("--top-k must be at least 1")
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     targets = args.target or (DEFAULT_TARGETS if args.prompt is None else [])
+    inputs.top_k(args.top_k, model.cfg.d_vocab, "--top-k", "tokens in this model's vocabulary")
     toks = inputs.tokens(model, prompt)
     if not -toks.shape[1] <= args.pos < toks.shape[1]:
         raise BadInput(f"--pos {args.pos} is out of range: the prompt has {toks.shape[1]} tokens (BOS included)")

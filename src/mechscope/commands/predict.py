@@ -30,6 +30,7 @@ def run(ctx):
     if ctx.args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
     model = ctx.model
+    inputs.top_k(ctx.args.top_k, model.cfg.d_vocab, "--top-k", "tokens in this model's vocabulary")
     rows = []
     with torch.no_grad():
         for prompt in ctx.args.prompt or EXAMPLES:

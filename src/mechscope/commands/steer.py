@@ -59,6 +59,7 @@ def load_direction(path: str, d_model: int):
     import torch
 
     from mechscope.errors import BadInput
+    from mechscope.inputs import check_finite
 
     file = Path(path)
     if not file.is_file():
@@ -74,7 +75,7 @@ def load_direction(path: str, d_model: int):
     if not isinstance(value, torch.Tensor) or value.squeeze().shape != (d_model,):
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise BadInput(f"{path} holds {shape}; a steering direction must be a tensor of shape [{d_model}] (d_model)")
-    return value.squeeze().float()
+    return check_finite(value.squeeze().float(), f"the direction in {path}")
 
 
 def run(ctx):
@@ -84,10 +85,7 @@ def run(ctx):
     from mechscope.toy import card, corpus
 
     args = ctx.args
-    try:
-        strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
-    except ValueError:
-        raise BadInput(f"--strengths {args.strengths!r} is not a comma-separated list of numbers") from None
+    strengths = inputs.float_list(args.strengths, "--strengths")
     if not strengths or len(strengths) > 20:
         raise BadInput("--strengths needs 1 to 20 numbers, e.g. 0,2,4,8")
     if not 1 <= args.max_new_tokens <= 200:
@@ -121,6 +119,7 @@ def run(ctx):
         raise BadInput(f"the steering vector is zero at resid_pre {layer} (the contrast prompts' residuals are "
                        f"identical there, e.g. the same last token at layer 0); use a later --layer or "
                        f"--vector-position mean")
+    inputs.check_scaled(strengths, float(vector.norm()), "--strengths", "the vector's norm", model.cfg.dtype)
     result = steering.steering_sweep(model, rows, layer, vector, strengths, positive_ids, negative_ids,
                                      args.max_new_tokens, args.from_position, control_seed=args.seed)
 
