@@ -3,6 +3,7 @@ direct and ~0 patching effect (both measured here with plain transformer-lens) b
 (zero-ablating a whole layer = skipping it, resampling a prompt's own activations = no-op, per-position
 mean of identical prompts = no-op); seeds reproduce; the `ablate` command and its bad inputs."""
 import csv
+import re
 import json
 
 import pytest
@@ -129,8 +130,10 @@ def test_ablate_command_finds_the_induction_head(toy_card, tmp_path, capsys):
         assert (run_dir / name).exists(), name
     induction_head = "{}.{}".format(*toy_card["induction"]["induction_head"])
     for method in ("zero", "mean"):
-        top = out["summary"]["top_effects"][method][0]
-        assert top["component"] == induction_head and top["effect"] > 1.0, top   # measured ~4.7 nats
+        heads = [r for r in out["summary"]["top_effects"][method] if re.fullmatch(r"\d\.\d", r["component"])]
+        # measured: the induction head L2H1 and the previous-token head feeding its keys, L0H1, cost ~+5.3
+        # nats each (the same to 0.1 nats); every other head < 0.4
+        assert induction_head in {r["component"] for r in heads[:2]} and heads[1]["effect"] > 1.0, heads
 
 
 def test_ablate_command_on_a_prompt_reports_its_logit_diff(toy_model, tmp_path, capsys):

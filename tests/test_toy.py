@@ -49,3 +49,40 @@ def test_tokenizer_matches_corpus_ids(toy_model):
         assert ids == [vocab[w] for w in words]
     assert toy_model.to_str_tokens("I love this! It's absolutely wonderful and", prepend_bos=False)[:6] == \
         ["i", "love", "this", "!", "it", "'"]
+
+
+def test_hugging_face_export_is_exact_and_loads_offline(toy_model_unfolded, tmp_path):
+    """The shipped GPT-2 export (toy/hf/) holds exactly the bundled weights, loads with AutoModelForCausalLM,
+    and gives the unfolded HookedTransformer's logits; re-exporting reproduces it."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechscope.toy import export
+
+    hf = AutoModelForCausalLM.from_pretrained(str(export.HF_DIR)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(export.HF_DIR))
+    text = "when mary and john went to the store , john gave a drink to"
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = toy_model_unfolded.to_tokens(text)
+    assert ids == tokens[0].tolist()          # BOS prepended by hand: the tokenizer does not add it
+    with torch.no_grad():
+        assert (hf(tokens).logits - toy_model_unfolded(tokens)).abs().max() < 1e-5
+    shipped = load_file(str(export.HF_DIR / "model.safetensors"))
+    fresh = load_file(str(export.export(tmp_path) / "model.safetensors"))
+    assert shipped.keys() == fresh.keys() and all(torch.equal(shipped[k], fresh[k]) for k in shipped)
+
+
+def test_export_refuses_an_unembedding_bias(toy_model_unfolded):
+    import copy
+
+    import pytest
+    import torch
+
+    from mechscope.toy import export
+
+    model = copy.deepcopy(toy_model_unfolded)
+    with torch.no_grad():
+        model.unembed.b_U[0] = 1.0
+    with pytest.raises(ValueError, match="b_U"):
+        export.gpt2_state_dict(model)

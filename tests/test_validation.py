@@ -51,9 +51,11 @@ def test_minimality_finds_the_induction_head_essential(toy_model, task, inductio
     circuit, _ = induction_circuit
     v = validate_circuit(toy_model, tokens, circuit, metric, "mean")
     induction_head = circuit[-1].label
-    # measured: dropping the induction head costs 0.91 of faithfulness; dropping head 1.0 (previous-token
-    # score 0.52, but its output is not used) costs 0.002
-    assert max(v.minimality, key=v.minimality.get) == induction_head and v.minimality[induction_head] > 0.5
+    # measured: dropping the induction head 2.1 costs 0.87 of faithfulness, dropping 0.1 (the previous-token
+    # head that feeds its keys) 0.90; dropping 1.0 or 1.2 (previous-token scores 0.49 / 0.91, but redundant
+    # with 0.1) costs < 0.03
+    essential = sorted(v.minimality, key=v.minimality.get)[-2:]
+    assert set(essential) == {induction_head, "0.1"} and min(v.minimality[e] for e in essential) > 0.5
     assert min(v.minimality.values()) < 0.05, v.minimality
 
 

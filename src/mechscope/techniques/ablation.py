@@ -220,6 +220,43 @@ def ablated_metric(model, tokens: torch.Tensor, groups: list[list[Component]],
     return torch.stack(out)
 
 
+def ablation_edits(model, components: list[Component], method: str = "mean", reference: torch.Tensor | None = None,
+                   skip_bos: bool = True) -> list:
+    """Engine edits that hold `components` ablated in any run (e.g. to re-run DLA or patching with them
+    removed: the backup test). method "zero", or "mean" over reference tokens [n_ref, seq] (all positions,
+    BOS excluded when skip_bos), one value per component broadcast to every position. -> [(site, fn)]"""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    if method not in ("zero", "mean"):
+        raise BadInput(f"components held ablated take --ablation zero or mean, not {method!r}")
+    sites = sorted({c.hook_name for c in components})
+    engine.require(sites, "ablation")
+    means = {}
+    if method == "mean":
+        if reference is None:
+            raise BadInput("mean ablation needs reference prompts (the distribution the mean is taken over)")
+        with torch.no_grad():
+            _, acts = engine.run(reference, read=sites)
+        means = {site: acts[site][:, 1 if skip_bos and reference.shape[1] > 1 else 0:].float().mean((0, 1))
+                 for site in sites}
+
+    def edit(site):
+        here = [c for c in components if c.hook_name == site]
+
+        def fn(act):
+            act = act.clone()
+            for c in here:
+                value = 0.0 if method == "zero" else means[site].to(act.dtype)
+                if c.index is None:
+                    act[:] = value if method == "zero" else value.expand_as(act)
+                else:
+                    act[:, :, c.index] = value if method == "zero" else value[c.index]
+            return act
+        return fn
+    return [(site, edit(site)) for site in sites]
+
+
 @dataclass
 class AblationResult:
     """clean: [batch] metric without ablation; ablated: [n_groups, batch] with each group ablated."""

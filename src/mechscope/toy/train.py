@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = HookedTransformerConfig(**ARCHITECTURE, d_vocab=len(words), seed=args.seed, device="cpu",
                                   default_prepend_bos=True)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    # no unembedding bias: GPT-2's lm_head has none, so the weights export exactly to a Hugging Face
+    # GPT2LMHeadModel (mechscope.toy.export); b_U stays at its initial zero
+    model.unembed.b_U.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     decay_start = int(0.7 * args.steps)  # constant LR (after warmup) for 70% of the steps, then cosine to 0
 
     def lr_factor(s: int) -> float:
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, cfg.d_vocab), tokens[:, 1:].reshape(-1), ignore_index=pad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         if step % 100 == 0:
