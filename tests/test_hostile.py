@@ -279,6 +279,7 @@ CASES = [
     (["circuits", "--top-k", "0"], "--top-k"),
     (["circuits", "--top-k", "100000"], "vocabulary"),
     (["circuits", "--baseline-seeds", "1"], "--baseline-seeds"),
+    (["circuits", "--baseline-seeds", "1" + "0" * 20], "--baseline-seeds"),
     (["circuits", "--max-gb", "nan"], "finite"),
     (["circuits", "--max-gb", "-1"], "--max-gb"),
     (["circuits", "--heads", "1.2", "--save-full", "--max-gb", "1e-9"], "--max-gb"),

@@ -1,7 +1,8 @@
 """`mechscope <command> ...`: the command registry and the conventions every command follows.
 
 - `--help` never imports torch: command modules import heavy libraries inside `run`.
-- Exit codes: 0 done; 2 bad input (`BadInput`, or an argparse error: one line on stderr saying what to fix);
+- Exit codes: 0 done; 2 bad input (`BadInput`, an argparse error, or out of memory: one line on stderr
+  saying what to fix);
   1 an internal error (one line; `MECHSCOPE_DEBUG=1` shows the traceback); 130 / 143 interrupted by
   Ctrl-C / SIGTERM.
 - Commands that compute something write a new run directory under `--out` (default `runs/`, see
@@ -12,8 +13,9 @@
   "notes" (also in the printed summary) say where and why; a command may add its own notes.
 
 A command module defines HELP (one line), `add_arguments(parser)` and `run(ctx) -> dict`; the dict's
-"summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, and the
-whole dict goes to result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply.
+"summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, "notes"
+(optional, one-line strings, e.g. why a value is null) are printed with it, and the whole dict goes to
+result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply.
 """
 from __future__ import annotations
 
@@ -217,6 +219,17 @@ def _out_of_memory(error: BaseException) -> bool:
             or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)))
 
 
+def _model_info(ctx: Context | None) -> dict | None:
+    """meta.json's "model": the loaded engine's facts, or None if no model was loaded."""
+    if ctx is None or ctx._engine is None:
+        return None
+    from mechscope.models import model_info
+    try:
+        return model_info(ctx._engine)
+    except Exception:  # noqa: BLE001 - never let the record of a failure fail
+        return None
+
+
 def _one_line(error: BaseException, limit: int = 1000) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     module = _command_module(args.command)
-    run = None
+    run = ctx = None
     try:
         if getattr(module, "WRITES_RUN", True):
             from mechscope.runs import Run
@@ -245,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 command_result = module.run(ctx)
             result, notes = _with_notes(command_result)
             if run is not None:
-                from mechscope.models import model_info
-                run.model_info = model_info(ctx._engine) if ctx._engine is not None else None
+                run.model_info = _model_info(ctx)
                 run.finish(result)
         _print_result(args.command, result, notes, run.path if run else None, args.json)
         return 0
@@ -258,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         name = str(e) if isinstance(e, Interrupted) else "SIGINT"
         if run is not None:
+            run.model_info = _model_info(ctx)
             run.close("interrupted", signal=name)
         where = f"; partial output in {run.path} (meta.json status: interrupted)" if run and run.exists else ""
         sys.stderr.write(f"mechscope {args.command}: interrupted ({name}){where}\n")
@@ -270,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"(--n, --batch-size, --seq-len, ...) or use a machine with more memory\n")
             return 2
         if run is not None:
+            run.model_info = _model_info(ctx)
             run.close("failed", error=f"{type(e).__name__}: {_one_line(e)}")
         if os.environ.get("MECHSCOPE_DEBUG"):
             raise

@@ -61,6 +61,8 @@ def _check_args(args, model):
         raise BadInput("--max-gb must be a positive number of gigabytes")
     if args.baseline_seeds < 2:
         raise BadInput("--baseline-seeds must be at least 2 (the baseline reports a spread over seeds)")
+    if args.baseline_seeds > 1000:
+        raise BadInput("--baseline-seeds must be at most 1000")
     if model.cfg.n_layers < 2:
         raise BadInput("composition needs at least 2 layers; this model has 1")
     words = [w.strip() for w in args.tokens.split(",") if w.strip()]
