@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench model card clean
+.PHONY: install demo test test-tl4 test-slow bench model card clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,29 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet "torch>=2.2"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
+
+install: $(STAMP)
+
+# A second environment with transformer-lens 4 (no HookedTransformer) and without sae-lens (which still
+# requires transformer-lens < 4): the bridge engine, detect and the CLI must work there, so that moving to
+# transformer-lens 4 is a version bump. Same torch first; mechscope itself without its dependencies.
+VENV_TL4 := .venv-tl4
+PY_TL4 := $(VENV_TL4)/bin/python
+STAMP_TL4 := $(VENV_TL4)/.installed
+TL4_DEPS := "transformer-lens>=4.3,<5" "nnsight>=0.5" "transformers>=5.9" tokenizers safetensors "matplotlib>=3.7" \
+	"jinja2>=3.1" tqdm numpy "pytest>=7"
+TL4_TESTS := tests/test_engine_bridge.py tests/test_compute.py tests/test_hub.py
+
+$(STAMP_TL4): pyproject.toml
+	$(PYTHON) -m venv $(VENV_TL4)
+	$(PY_TL4) -m pip install --quiet --upgrade pip
+	$(PY_TL4) -m pip install --quiet "torch==2.13.0" || $(PY_TL4) -m pip install --quiet "torch>=2.6"
+	$(PY_TL4) -m pip install --quiet $(TL4_DEPS)
+	$(PY_TL4) -m pip install --quiet --no-deps -e .
+	touch $(STAMP_TL4)
+
+test-tl4: $(STAMP_TL4)
+	$(PY_TL4) -m pytest -q $(TL4_TESTS)
 
 demo: $(STAMP)
 	$(PY) -m mechscope.demo
@@ -33,4 +56,4 @@ model: $(STAMP)
 	$(PY) -m mechscope.toy.train
 
 clean:
-	rm -rf $(VENV) runs demo_runs
+	rm -rf $(VENV) $(VENV_TL4) runs demo_runs

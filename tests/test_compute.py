@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechscope import compute
-from mechscope.cli import main
+from mechscope import compute, models
+from mechscope.cli import build_parser, main
 from mechscope.compute import GB, Gpu, Hardware, ModelShape, count_params, estimate_memory, recommend
+from mechscope.errors import BadInput
+
+needs_hooked = pytest.mark.skipif(not models._hooked_transformer_available(),
+                                  reason="transformer-lens 4 has no HookedTransformer")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelShape("tiny", n_layers=2, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=10, n_ctx=6, n_params=0)
@@ -45,6 +49,7 @@ def _distinct_cache_bytes(cache) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.values()}.values())
 
 
+@needs_hooked
 @pytest.mark.parametrize("kind", ["gpt2-like fp32", "llama-like bf16"])
 def test_cache_estimate_equals_transformer_lens_cache(kind):
     """The cache term is exactly the bytes of the distinct tensors run_with_cache returns (all hooks)."""
@@ -71,6 +76,7 @@ def test_cache_estimate_equals_transformer_lens_cache(kind):
     assert count_params(shape) == sum(p.numel() for p in model.parameters())
 
 
+@needs_hooked
 def test_bundled_shape_counts_the_real_parameters(toy_model_unfolded):
     shape = compute.model_shape("mechscope-toy")
     assert shape.d_vocab == toy_model_unfolded.cfg.d_vocab
@@ -129,7 +135,7 @@ def test_recommend_7b_without_gpu_on_16gb_does_not_fit():
         assert (r.library, r.device, r.dtype, r.fits, r.cache_fits) == ("nnsight", "ndif-remote", "bfloat16",
                                                                        False, False)
         assert r.memory_gb["weights"] == pytest.approx(shape.n_params * 2 / GB, abs=1e-3)
-        assert any("remote=True" in n for n in r.notes)
+        assert r.command.endswith("--backend nnsight --remote") and any("NDIF" in n for n in r.notes)
 
 
 def test_recommend_8b_on_h100_is_nnsight_bf16_and_fits():
@@ -152,8 +158,11 @@ def test_recommend_dtype_device_and_fallbacks():
     assert (big.device, big.fits, big.cache_fits) == ("cuda", True, False)  # stays on the GPU, caches less
     assert any("names_filter" in n for n in big.notes)
     llama_70b = compute.COMMON_MODELS["llama-3-70b"]  # 141 GB in bfloat16
-    assert recommend(llama_70b, _cpu(128, [H100] * 2)).device == "ndif-remote"
-    assert recommend(llama_70b, _cpu(256, [H100])).device == "cpu"  # slow, but it fits in RAM
+    two = recommend(llama_70b, _cpu(128, [H100] * 2))  # 134 GB usable: 8-bit weights (~71 GB) split over both
+    assert (two.device, two.quantization) == ("multi-gpu", "8bit")
+    one = recommend(llama_70b, _cpu(256, [H100]))  # 67 GB usable: 4-bit on the GPU before bf16 on the CPU
+    assert (one.device, one.quantization) == ("cuda", "4bit")
+    assert {a["device"] for a in one.alternatives} >= {"gpu+cpu", "cpu"}  # the exact (slow) ways, listed
     multi = recommend(llama_70b, _cpu(256, [H100] * 4))  # several GPUs before the CPU
     assert (multi.library, multi.device, multi.dtype, multi.fits) == ("nnsight", "multi-gpu", "bfloat16", True)
 
@@ -241,3 +250,133 @@ def test_estimate_within_20_percent_of_measured_peak_rss():
         print(f"{count_params(shape) / 1e6:.0f}M params, {batch}x{seq}: estimate {est.total / 1e6:.0f} MB, "
               f"measured {measured / 1e6:.0f} MB, ratio {est.total / measured:.3f}")
         assert 0.8 <= est.total / measured <= 1.2
+
+
+# ---------------------------------------------------------------- detect as the front door: described hardware,
+# precision, quantisation, offload, NDIF, command lines
+
+RTX_4090 = Gpu("NVIDIA GeForce RTX 4090", 24 * 10**9, 23 * 10**9, (8, 9), bf16=True)
+
+
+def _cli_args(command_line: str):
+    """The parsed arguments of a printed `mechscope ...` line (with the real parser: it must run)."""
+    import shlex
+
+    words = shlex.split(command_line)
+    assert words[0] == "mechscope"
+    return build_parser(words[1]).parse_args(words[1:])
+
+
+@pytest.mark.parametrize("ram_gb", [32, 128])
+def test_llama_2_13b_on_one_24gb_gpu_is_quantised_nnsight_never_transformer_lens(ram_gb):
+    """The user's case: recommend() from Python with a 24 GB GPU said "NDIF" with 32 GB RAM and "CPU, float32,
+    52 GB" with 128 GB. bf16 is weighed and refused (26 GB of weights); 8-bit weights on the GPU fit."""
+    shape, hw = compute.COMMON_MODELS["llama-2-13b"], _cpu(ram_gb, [RTX_4090])
+    options = compute.plans(shape, hw)
+    bf16 = next(p for p in options if (p.device, p.dtype, p.quantization) == ("cuda", "bfloat16", None))
+    assert not bf16.fits and bf16.memory.weights == pytest.approx(26.03e9, rel=1e-3)
+    assert all(p.backend == "nnsight" for p in options)  # never transformer-lens (and so never its full cache)
+    r = recommend(shape, hw)
+    assert (r.library, r.backend, r.device, r.dtype, r.quantization, r.fits) == \
+        ("nnsight", "nnsight", "cuda", "bfloat16", "8bit", True)
+    assert 13 < r.memory_gb["weights"] < 14 < r.memory_gb["engine"] < r.memory_gb["usable"]
+    assert r.command == ("mechscope patch --model meta-llama/Llama-2-13b-hf --backend nnsight --device cuda "
+                         "--dtype bfloat16 --quantization 8bit")
+    kinds = {(a["device"], a["quantization"]) for a in r.alternatives}
+    assert ("cuda", "4bit") in kinds and ("gpu+cpu", None) in kinds
+    assert any("full precision" in n for n in r.notes)
+    if ram_gb == 32:  # bf16 in 32 GB of RAM does not fit: the remaining alternative is NDIF
+        assert ("ndif-remote", None) in kinds and ("cpu", None) not in kinds
+
+
+def test_described_gpus_and_ram_replace_this_machines():
+    shape = compute.COMMON_MODELS["llama-2-13b"]
+    one = compute.described_hardware("24GB", "32GB")
+    assert [g.total_bytes for g in one.gpus] == [24 * 10**9] and one.ram_total_bytes == 32 * 10**9
+    assert (recommend(shape, one).device, recommend(shape, one).quantization) == ("cuda", "8bit")
+    two = recommend(shape, compute.described_hardware("2x24GB"))  # exact: split over both GPUs in bf16
+    assert (two.device, two.dtype, two.quantization) == ("multi-gpu", "bfloat16", None)
+    assert "--device-map auto" in two.command
+    v100 = compute.described_hardware("32GB:fp16", "64GB")
+    assert recommend(compute.COMMON_MODELS["pythia-6.9b"], v100).dtype == "float16"
+    none = compute.described_hardware("0", "16GB")
+    assert not none.gpus and recommend(shape, none).device == "ndif-remote"
+
+
+def test_parse_sizes_and_gpus():
+    assert compute.parse_size("24GB") == compute.parse_size("24") == compute.parse_size("24g") == 24 * 10**9
+    assert compute.parse_size("80GiB") == 80 * 2**30 and compute.parse_size("512MB") == 512 * 10**6
+    gpus = compute.parse_gpus("2x80GB,24GB:fp16")
+    assert [(g.total_bytes, g.bf16) for g in gpus] == [(80 * 10**9, True)] * 2 + [(24 * 10**9, False)]
+    for bad in ["lots", "0.01GB", "nanGB", "infGB", "-8GB"]:
+        with pytest.raises(BadInput):
+            compute.parse_size(bad)
+    for bad in ["2x", "99x24GB", "24GB:fp8", ",", "x24GB"]:
+        with pytest.raises(BadInput):
+            compute.parse_gpus(bad)
+
+
+def test_quantised_weight_bytes_by_hand():
+    """bitsandbytes quantises the blocks' linear weights (8-bit: 1 byte; nf4: 0.5 + a float32 absmax per 64);
+    embeddings, lm_head, norms and biases stay in the compute dtype."""
+    linear = 2 * (8 * 4 * (2 * 2 + 2 * 2) + 2 * 8 * 16)  # TINY: W_Q W_K W_V W_O [8, 2 x 4] + W_in W_out [8, 16]
+    assert compute.linear_params(TINY) == linear == 1024
+    shape = compute.ModelShape("t", 2, 8, 2, 4, 16, 10, 6, n_params=count_params(TINY, transformer_lens=False))
+    rest = shape.n_params - linear
+    assert compute.weight_bytes(shape, "float32") == shape.n_params * 4
+    assert compute.weight_bytes(shape, "bfloat16", "8bit") == linear + 2 * rest
+    assert compute.weight_bytes(shape, "bfloat16", "4bit") == int(linear * (0.5 + 4 / 64) + 2 * rest)
+    llama = compute.COMMON_MODELS["llama-2-13b"]  # 40 x (5120 x 128 x 160 + 3 x 5120 x 13824) linear weights
+    assert compute.linear_params(llama) == 40 * (5120 * 128 * 160 + 3 * 5120 * 13824)
+
+
+@pytest.mark.parametrize("hw", [_cpu(32, [RTX_4090]), _cpu(256, [H100]), _cpu(128, [H100] * 2), _cpu(16),
+                                _cpu(64, mps=True)], ids=["4090", "h100", "2xh100", "cpu", "mps"])
+def test_every_printed_command_line_parses_and_loads_as_planned(hw):
+    """Each plan's command line runs through the real parser, and its loading options are the plan's."""
+    for name in ["gpt2-small", "llama-2-13b", "llama-3-70b"]:
+        r = recommend(compute.COMMON_MODELS[name], hw, command="steer")
+        for plan in [r.to_dict()] + r.alternatives:
+            args = _cli_args(plan["command"])
+            assert args.command == "steer" and args.model == compute.COMMON_MODELS[name].hub_id
+            assert (args.backend, args.quantization, args.remote) == \
+                (plan["backend"], plan["quantization"], plan["device"] == "ndif-remote")
+            assert args.device_map == ("auto" if plan["device"] in ("multi-gpu", "gpu+cpu") else None)
+            if plan["device"] not in ("ndif-remote", "multi-gpu", "gpu+cpu"):
+                assert (args.device, args.dtype) == (plan["device"], plan["dtype"])
+
+
+def test_cli_detect_described_gpu_json(capsys):
+    argv = ["detect", "--model", "meta-llama/Llama-2-13b-hf", "--gpu", "24GB", "--ram", "128GB", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    r = summary["recommendation"]
+    assert summary["hardware"]["described"] == ["gpus", "ram"] and summary["hardware"]["ram_total_gb"] == 128
+    assert [g["total_gb"] for g in summary["hardware"]["gpus"]] == [24]
+    assert (r["model"], r["device"], r["quantization"]) == ("llama-2-13b", "cuda", "8bit")
+    assert "--quantization 8bit" in r["command"] and r["alternatives"]
+    assert main(argv[:-1]) == 0
+    text = capsys.readouterr().out
+    assert "run: mechscope patch --model meta-llama/Llama-2-13b-hf --backend nnsight" in text and "also: " in text
+
+
+@pytest.mark.parametrize("argv", [["--gpu", "lots"], ["--gpus", "2x"], ["--ram", "nan"], ["--command", "new"]])
+def test_cli_detect_bad_hardware_is_one_line(argv, capsys):
+    try:
+        code = main(["detect", "--model", "llama-2-13b", *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_detect_writes_a_run_directory_only_with_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["detect", "--model", "gpt2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run_dir"] is None and not any(tmp_path.iterdir())
+    assert main(["detect", "--model", "gpt2", "--json", "--out", str(tmp_path / "kept")]) == 0
+    run_dir = Path(json.loads(capsys.readouterr().out)["run_dir"])
+    assert run_dir.parent == tmp_path / "kept" and run_dir.name.startswith("detect-")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["summary"]["recommendation"]["model"] == "gpt2-small"
+    assert json.loads((run_dir / "meta.json").read_text())["command"] == "detect"

@@ -82,6 +82,11 @@ def _files(root):
     for kind in ("neox", "gpt2"):  # a parallel-block model (no resid_mid) and a plain one, both tiny and random
         _save_tiny(kind, root / kind)
         f[kind] = str(root / kind)
+    for name, meta in (("run_ok", json.dumps({"command": "predict", "status": "complete"})), ("run_bad", "{oops")):
+        (root / name).mkdir()
+        (root / name / "meta.json").write_text(meta)
+        (root / name / "result.json").write_text(json.dumps({"summary": {}}))
+        f[name] = str(root / name)
     (root / "full").mkdir()
     (root / "full" / "keep").write_text("x")
     f["full"] = str(root / "full")
@@ -366,6 +371,15 @@ CASES = [
     (["new", "{full}"], "already exists"),
     (["new", "{a_file}"], "already exists"),
     (["new"], "required"),
+    # ---- report (no run directory; writes one HTML file)
+    (["report"], "required"),
+    (["report", "{a_file}/nope"], "does not exist"),
+    (["report", "{a_file}"], "not a directory"),
+    (["report", "{full}"], "not a run directory"),
+    (["report", "{run_bad}"], "not valid JSON"),
+    (["report", "{run_ok}", "--out", "{full}"], "is a directory"),
+    (["report", "{run_ok}", "--out", "{a_file}"], "not a mechscope report"),
+    (["report", "{run_ok}", "--out", "{under_file}/page.html"], "not a directory"),
 ]
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@
 A command module defines HELP (one line), `add_arguments(parser)` and `run(ctx) -> dict`; the dict's
 "summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, "notes"
 (optional, one-line strings, e.g. why a value is null) are printed with it, and the whole dict goes to
-result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply.
+result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply
+(WRITES_RUN = "with --out": a run directory only when --out is given).
 """
 from __future__ import annotations
 
@@ -52,9 +53,13 @@ COMMANDS = {
     "steer": ("steer", "activation addition steering with a random-direction control"),
     "validate-circuit": ("validate_circuit", "necessity, sufficiency / faithfulness and minimality of a circuit"),
     "new": ("new", "scaffold a new research repository from templates"),
+    "report": ("report", "one self-contained offline HTML page from run directories"),
 }
 
 MAX_STDOUT_CHARS = 20_000
+# import names of pyproject's dependencies: a command run from a bare copy of the skill folder says how to install
+DEPENDENCIES = {"torch", "transformer_lens", "sae_lens", "nnsight", "transformers", "tokenizers", "safetensors",
+                "matplotlib", "jinja2", "tqdm", "numpy"}
 
 
 @dataclass
@@ -144,7 +149,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: %(default)s)")
             p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: %(default)s)")
             add_engine_arguments(p)
-        if getattr(module, "WRITES_RUN", True):
+        if getattr(module, "WRITES_RUN", True) == "with --out":  # a query: a run directory only when asked
+            p.add_argument("--out", help="parent directory of a new run directory (result.json, meta.json) to keep "
+                                         "the answer; without it nothing is written")
+        elif getattr(module, "WRITES_RUN", True):
             p.add_argument("--out", default="runs", help="parent directory of the new run directory (default: %(default)s)")
             p.add_argument("--seed", type=inputs.seed, default=0, help="random seed (default: %(default)s)")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     module = _command_module(args.command)
     run = ctx = None
     try:
-        if getattr(module, "WRITES_RUN", True):
+        if getattr(module, "WRITES_RUN", True) and args.out is not None:
             from mechscope.runs import Run
             run = Run(args.out, args.command, vars(args), argv)  # checks --out; the directory comes later
         ctx = Context(args=args, run=run)
@@ -281,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                 run.discard()
             sys.stderr.write(f"mechscope {args.command}: error: out of memory ({_one_line(e, 200)}); lower the sizes "
                              f"(--n, --batch-size, --seq-len, ...) or use a machine with more memory\n")
+            return 2
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in DEPENDENCIES:
+            if run is not None:
+                run.discard()
+            sys.stderr.write(f"mechscope {args.command}: error: {e.name} is not installed; install mechscope's "
+                             f"dependencies once: python3 -m pip install -e {Path(__file__).resolve().parents[2]}\n")
             return 2
         if run is not None:
             run.model_info = _model_info(ctx)

@@ -72,6 +72,7 @@ class ModelShape:
     rotary: bool = False            # rotary: no W_pos, hook_rot_q / hook_rot_k cached
     tied_embeddings: bool = False   # Hugging Face ties W_U to W_E; transformer-lens keeps a separate copy
     act_fn: str = "gelu_new"
+    hub_id: str | None = None       # the Hugging Face repository, where known
 
 
 def _shape(name, n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx, n_params, **kw) -> ModelShape:
@@ -80,30 +81,55 @@ def _shape(name, n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx, n_pa
 
 _PYTHIA = dict(rotary=True, act_fn="gelu", n_ctx=2048)
 _GPT2 = dict(d_head=64, d_vocab=50257, n_ctx=1024, tied_embeddings=True)
-# Published shapes (Hugging Face configs; n_params as published by the model authors).
+_LLAMA = dict(d_head=128, gated_mlp=True, rotary=True, act_fn="silu")
+_GEMMA2 = dict(n_ctx=8192, gated_mlp=True, rotary=True, tied_embeddings=True, act_fn="gelu_pytorch_tanh")
+_QWEN = dict(d_head=128, n_ctx=32768, d_vocab=152064, **{k: v for k, v in _LLAMA.items() if k != "d_head"})
+_SMALL_QWEN = dict(_QWEN, d_vocab=151936, tied_embeddings=True)
+# Published shapes (Hugging Face configs; n_params as published by the model authors) and hub ids.
 COMMON_MODELS = {s.name: s for s in [
-    _shape("gpt2-small", 12, 768, 12, d_mlp=3072, n_params=124_439_808, **_GPT2),
-    _shape("gpt2-medium", 24, 1024, 16, d_mlp=4096, n_params=354_823_168, **_GPT2),
-    _shape("gpt2-large", 36, 1280, 20, d_mlp=5120, n_params=774_030_080, **_GPT2),
-    _shape("gpt2-xl", 48, 1600, 25, d_mlp=6400, n_params=1_557_611_200, **_GPT2),
-    _shape("pythia-70m", 6, 512, 8, 64, 2048, 50304, n_params=70_426_624, **_PYTHIA),
-    _shape("pythia-160m", 12, 768, 12, 64, 3072, 50304, n_params=162_322_944, **_PYTHIA),
-    _shape("pythia-410m", 24, 1024, 16, 64, 4096, 50304, n_params=405_334_016, **_PYTHIA),
-    _shape("pythia-1b", 16, 2048, 8, 256, 8192, 50304, n_params=1_011_781_632, **_PYTHIA),
-    _shape("pythia-1.4b", 24, 2048, 16, 128, 8192, 50304, n_params=1_414_647_808, **_PYTHIA),
-    _shape("pythia-2.8b", 32, 2560, 32, 80, 10240, 50304, n_params=2_775_208_960, **_PYTHIA),
-    _shape("pythia-6.9b", 32, 4096, 32, 128, 16384, 50432, n_params=6_857_302_016, **_PYTHIA),
-    _shape("pythia-12b", 36, 5120, 40, 128, 20480, 50688, n_params=11_846_072_320, **_PYTHIA),
-    _shape("gemma-2-2b", 26, 2304, 8, 256, 9216, 256000, 8192, 2_614_341_888, n_kv_heads=4, gated_mlp=True,
-           rotary=True, tied_embeddings=True, act_fn="gelu_pytorch_tanh"),
-    _shape("llama-3-8b", 32, 4096, 32, 128, 14336, 128256, 8192, 8_030_261_248, n_kv_heads=8, gated_mlp=True,
-           rotary=True, act_fn="silu"),
-    _shape("llama-3-70b", 80, 8192, 64, 128, 28672, 128256, 8192, 70_553_706_496, n_kv_heads=8, gated_mlp=True,
-           rotary=True, act_fn="silu"),
+    _shape("gpt2-small", 12, 768, 12, d_mlp=3072, n_params=124_439_808, hub_id="gpt2", **_GPT2),
+    _shape("gpt2-medium", 24, 1024, 16, d_mlp=4096, n_params=354_823_168, hub_id="gpt2-medium", **_GPT2),
+    _shape("gpt2-large", 36, 1280, 20, d_mlp=5120, n_params=774_030_080, hub_id="gpt2-large", **_GPT2),
+    _shape("gpt2-xl", 48, 1600, 25, d_mlp=6400, n_params=1_557_611_200, hub_id="gpt2-xl", **_GPT2),
+    *[_shape(f"pythia-{size}", n_layers, d, n_heads, d_head, 4 * d, vocab, n_params=n, hub_id=f"EleutherAI/pythia-{size}",
+             **_PYTHIA)
+      for size, n_layers, d, n_heads, d_head, vocab, n in [
+          ("70m", 6, 512, 8, 64, 50304, 70_426_624), ("160m", 12, 768, 12, 64, 50304, 162_322_944),
+          ("410m", 24, 1024, 16, 64, 50304, 405_334_016), ("1b", 16, 2048, 8, 256, 50304, 1_011_781_632),
+          ("1.4b", 24, 2048, 16, 128, 50304, 1_414_647_808), ("2.8b", 32, 2560, 32, 80, 50304, 2_775_208_960),
+          ("6.9b", 32, 4096, 32, 128, 50432, 6_857_302_016), ("12b", 36, 5120, 40, 128, 50688, 11_846_072_320)]],
+    _shape("qwen2.5-0.5b", 24, 896, 14, 64, 4864, n_params=494_032_768, n_kv_heads=2, hub_id="Qwen/Qwen2.5-0.5B",
+           **{k: v for k, v in _SMALL_QWEN.items() if k != "d_head"}),
+    _shape("qwen2.5-1.5b", 28, 1536, 12, d_mlp=8960, n_params=1_543_714_304, n_kv_heads=2,
+           hub_id="Qwen/Qwen2.5-1.5B", **_SMALL_QWEN),
+    _shape("gemma-2-2b", 26, 2304, 8, 256, 9216, 256000, n_params=2_614_341_888, n_kv_heads=4,
+           hub_id="google/gemma-2-2b", **_GEMMA2),
+    _shape("llama-2-7b", 32, 4096, 32, d_mlp=11008, d_vocab=32000, n_ctx=4096, n_params=6_738_415_616,
+           hub_id="meta-llama/Llama-2-7b-hf", **_LLAMA),
+    _shape("mistral-7b", 32, 4096, 32, d_mlp=14336, d_vocab=32000, n_ctx=32768, n_params=7_241_732_096, n_kv_heads=8,
+           hub_id="mistralai/Mistral-7B-v0.1", **_LLAMA),
+    _shape("qwen2.5-7b", 28, 3584, 28, d_mlp=18944, n_params=7_615_616_512, n_kv_heads=4, hub_id="Qwen/Qwen2.5-7B",
+           **_QWEN),
+    _shape("llama-3-8b", 32, 4096, 32, d_mlp=14336, d_vocab=128256, n_ctx=8192, n_params=8_030_261_248, n_kv_heads=8,
+           hub_id="meta-llama/Meta-Llama-3-8B", **_LLAMA),
+    _shape("gemma-2-9b", 42, 3584, 16, 256, 14336, 256000, n_params=9_241_705_984, n_kv_heads=8,
+           hub_id="google/gemma-2-9b", **_GEMMA2),
+    _shape("llama-2-13b", 40, 5120, 40, d_mlp=13824, d_vocab=32000, n_ctx=4096, n_params=13_015_864_320,
+           hub_id="meta-llama/Llama-2-13b-hf", **_LLAMA),
+    _shape("qwen2.5-14b", 48, 5120, 40, d_mlp=13824, n_params=14_770_033_664, n_kv_heads=8, hub_id="Qwen/Qwen2.5-14B",
+           **_QWEN),
+    _shape("gemma-2-27b", 46, 4608, 32, 128, 36864, 256000, n_params=27_227_128_320, n_kv_heads=16,
+           hub_id="google/gemma-2-27b", **_GEMMA2),
+    _shape("qwen2.5-32b", 64, 5120, 40, d_mlp=27648, n_params=32_763_876_352, n_kv_heads=8, hub_id="Qwen/Qwen2.5-32B",
+           **_QWEN),
+    _shape("llama-2-70b", 80, 8192, 64, d_mlp=28672, d_vocab=32000, n_ctx=4096, n_params=68_976_648_192, n_kv_heads=8,
+           hub_id="meta-llama/Llama-2-70b-hf", **_LLAMA),
+    _shape("llama-3-70b", 80, 8192, 64, d_mlp=28672, d_vocab=128256, n_ctx=8192, n_params=70_553_706_496,
+           n_kv_heads=8, hub_id="meta-llama/Meta-Llama-3-70B", **_LLAMA),
+    _shape("qwen2.5-72b", 80, 8192, 64, d_mlp=29568, n_params=72_706_203_648, n_kv_heads=8, hub_id="Qwen/Qwen2.5-72B",
+           **_QWEN),
 ]}
-ALIASES = {"gpt2": "gpt2-small", "meta-llama/Meta-Llama-3-8B": "llama-3-8b",
-           "meta-llama/Meta-Llama-3-70B": "llama-3-70b", "google/gemma-2-2b": "gemma-2-2b",
-           **{f"EleutherAI/{n}": n for n in COMMON_MODELS if n.startswith("pythia")}}
+ALIASES = {s.hub_id: s.name for s in COMMON_MODELS.values() if s.hub_id != s.name}
 
 
 # ---------------------------------------------------------------- memory arithmetic (pure functions)
@@ -255,26 +281,27 @@ def _bundled_shape() -> ModelShape:
     return replace(shape, n_params=count_params(shape))
 
 
-def _transformer_lens_shape(spec: str) -> ModelShape:
-    """Any other transformer-lens name (imports transformer-lens and reads the config from the hub or its cache)."""
-    from mechscope.models import _official_name
+def _hub_shape(spec: str) -> ModelShape:
+    """A hub model's shape from its config.json (a transformer-lens name is mapped to its hub id first).
+    Out of reach of the hub with nothing cached, it fails at once (mechscope.hub)."""
+    from mechscope import hub
+    from mechscope.models import _official_name, close_names_hint
 
-    name = _official_name(spec)
-    from transformer_lens import loading
+    with hub.access(spec, close_names_hint(spec)):
+        name = _official_name(spec)
+        from huggingface_hub import errors, hf_hub_download
 
-    try:
-        c = loading.get_pretrained_model_config(name)
-    except OSError as e:
-        raise BadInput(f"cannot read the config of {name!r} ({type(e).__name__}: offline?); pass --params "
-                       f"or a local Hugging Face directory") from None
-    shape = ModelShape(name, c.n_layers, c.d_model, c.n_heads, c.d_head, c.d_mlp or 0, c.d_vocab, c.n_ctx, 0,
-                       n_kv_heads=c.n_key_value_heads, gated_mlp=bool(c.gated_mlp),
-                       rotary=c.positional_embedding_type == "rotary", act_fn=str(c.act_fn))
-    return replace(shape, n_params=count_params(shape, transformer_lens=False))
+        try:
+            config = json.loads(Path(hf_hub_download(name, "config.json")).read_text())
+        except (OSError, ValueError, errors.HfHubHTTPError) as e:
+            raise BadInput(f"cannot read the config of {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                           f"offline, or not a model id?); pass --params or a local Hugging Face directory") from None
+    return shape_from_hf_config(config, name)
 
 
 def model_shape(spec: str) -> ModelShape:
-    """The shape of a common model (table), the bundled model, a local HF directory, or a transformer-lens name."""
+    """The shape of a common model (table), the bundled model, a local HF directory, or a hub id /
+    transformer-lens name (its config.json from the hub or its cache)."""
     if spec in ("mechscope-toy", "toy"):
         return _bundled_shape()
     key = ALIASES.get(spec, spec)
@@ -291,7 +318,7 @@ def model_shape(spec: str) -> ModelShape:
         return replace(shape, n_params=safetensors_params(path) or shape.n_params)
     if spec.startswith((".", "/", "~")):
         raise BadInput(f"model directory {spec} does not exist")
-    return _transformer_lens_shape(spec)
+    return _hub_shape(spec)
 
 
 # ---------------------------------------------------------------- hardware
@@ -325,12 +352,13 @@ def _may_have_accelerator() -> bool:
                                           "/dev/dxg"))
 
 
-def detect_hardware() -> Hardware:
-    """CPU cores, RAM, CUDA GPUs (name, total/free memory, compute capability, bf16) and Apple MPS."""
+def detect_hardware(gpus: bool = True) -> Hardware:
+    """CPU cores, RAM, CUDA GPUs (name, total/free memory, compute capability, bf16) and Apple MPS
+    (gpus=False: neither, and no torch import)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     total, available = _ram()
-    gpus, mps = [], False
-    if _may_have_accelerator():
+    look, gpus, mps = gpus, [], False
+    if look and _may_have_accelerator():
         import torch
 
         if torch.cuda.is_available():
@@ -344,87 +372,246 @@ def detect_hardware() -> Hardware:
     return Hardware(cores, total, available, gpus, mps)
 
 
+def parse_size(text: str, what: str = "--ram") -> int:
+    """'24GB', '24G', '24' (GB), '80GiB', '512MB' -> bytes (GB = 10^9, GiB = 2^30)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([kmgt])(i?)b?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise BadInput(f"{what} {text!r} is not a memory size; write e.g. 24GB, 80GiB or 512MB")
+    scale = {"k": 1, "m": 2, "g": 3, "t": 4}[(m.group(2) or "g").lower()]
+    value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** scale
+    if not math.isfinite(value) or value < 1e8:
+        raise BadInput(f"{what} {text!r} is below 100 MB; write e.g. 24GB")
+    return int(value)
+
+
+def parse_gpus(text: str) -> list[Gpu]:
+    """'24GB' (one), '2x80GB' (two), '2x80GB,24GB' (three), '32GB:fp16' (no bfloat16, e.g. a V100), '0' (none).
+    A described GPU is taken as empty (all of its memory free) and, unless ':fp16', as bfloat16-capable."""
+    if str(text).strip().lower() in ("0", "none"):
+        return []
+    gpus = []
+    for item in [s.strip() for s in str(text).split(",") if s.strip()]:
+        m = re.fullmatch(r"(?:(\d+)\s*x\s*)?([^:]+?)(?::(fp16|bf16))?", item, re.IGNORECASE)
+        if not m or (m.group(1) is not None and not 1 <= int(m.group(1)) <= 64):
+            raise BadInput(f"--gpus item {item!r}: write SIZE or NxSIZE, e.g. 24GB, 2x80GB, 32GB:fp16")
+        size = parse_size(m.group(2), "--gpus")
+        bf16 = (m.group(3) or "bf16").lower() == "bf16"
+        gpus += [Gpu(f"described {size / GB:g} GB GPU", size, size, (8, 0) if bf16 else (7, 0), bf16)
+                 for _ in range(int(m.group(1) or 1))]
+    if not gpus:
+        raise BadInput("--gpus is empty: write e.g. 24GB, 2x80GB or 0")
+    return gpus
+
+
+def described_hardware(gpus: str | None = None, ram: str | None = None, base: Hardware | None = None) -> Hardware:
+    """This machine with the GPUs and / or RAM the user describes instead of what it has (`--gpus`, `--ram`):
+    for a plan on another machine. Detects only what is not described (no torch import when --gpus is given)."""
+    hw = base or detect_hardware(gpus=gpus is None)
+    if gpus is not None:
+        hw = replace(hw, gpus=parse_gpus(gpus), mps=False)
+    if ram is not None:
+        size = parse_size(ram)
+        hw = replace(hw, ram_total_bytes=size, ram_available_bytes=size)
+    return hw
+
+
 # ---------------------------------------------------------------- recommendation
+
+QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5625}  # per linear-layer weight: int8; nf4 + a float32 absmax per 64 weights
+
+
+def linear_params(shape: ModelShape) -> int:
+    """The weights of the blocks' linear layers (attention and MLP matrices): what bitsandbytes quantises."""
+    kv = shape.n_kv_heads or shape.n_heads
+    attn = shape.d_model * shape.d_head * (2 * shape.n_heads + 2 * kv)
+    return shape.n_layers * (attn + (3 if shape.gated_mlp else 2) * shape.d_model * shape.d_mlp)
+
+
+def weight_bytes(shape: ModelShape, dtype: str, quantization: str | None = None) -> int:
+    """The Hugging Face weights in memory (nnsight's engine): every parameter in dtype, or with bitsandbytes
+    8-bit / 4-bit the blocks' linear layers quantised while embeddings, unembedding, norms and biases stay
+    in dtype (transformers keeps lm_head unquantised)."""
+    if quantization is None:
+        return shape.n_params * DTYPE_BYTES[dtype]
+    linear = linear_params(shape)
+    return int(linear * QUANT_BYTES[quantization] + (shape.n_params - linear) * DTYPE_BYTES[dtype])
+
+
+@dataclass
+class Plan:
+    """One way to run a model here: engine (backend), where the weights go, their precision, and the memory
+    that engine needs at its peak (`need`): transformer-lens / bridge = weights + a full run_with_cache;
+    nnsight = weights + a forward's working memory + one saved residual per layer."""
+    backend: str                  # tl, bridge or nnsight
+    device: str                   # cuda, cuda:N, multi-gpu, gpu+cpu, mps, cpu, ndif-remote
+    dtype: str
+    quantization: str | None      # bitsandbytes "8bit" / "4bit", or None
+    memory: MemoryEstimate        # weights as this engine holds them
+    need: int
+    usable: int
+    fits: bool
+    full_cache: bool = True       # tl / bridge: the need is a full run_with_cache (else a forward: cache less)
+    max_memory: str | None = None  # --max-memory of a load offloaded to CPU RAM
+
+    @property
+    def library(self) -> str:
+        return "nnsight" if self.backend == "nnsight" else "transformer-lens"
+
+    def argv(self, model: str, command: str = "patch") -> list[str]:
+        """The mechscope command line that loads the model this way."""
+        words = ["mechscope", command, "--model", model, "--backend", self.backend]
+        if self.device == "ndif-remote":
+            return words + ["--remote"]
+        if self.device in ("multi-gpu", "gpu+cpu"):
+            words += ["--device-map", "auto"] + (["--max-memory", self.max_memory] if self.max_memory else [])
+        else:
+            words += ["--device", self.device]
+        words += ["--dtype", self.dtype]
+        return words + (["--quantization", self.quantization] if self.quantization else [])
+
+    def command(self, model: str, command: str = "patch") -> str:
+        import shlex
+
+        return shlex.join(self.argv(model, command))
+
+
+def _gpu_devices(hw: Hardware) -> list[tuple[str, int, str]]:
+    """(device, usable bytes, half dtype) of each GPU (most free memory first), then of all together."""
+    singles = [(f"cuda:{i}" if len(hw.gpus) > 1 else "cuda", int(g.free_bytes * USABLE_FRACTION),
+                "bfloat16" if g.bf16 else "float16")
+               for i, g in sorted(enumerate(hw.gpus), key=lambda ig: -ig[1].free_bytes)]
+    if len(hw.gpus) > 1:  # the model split across all GPUs (device_map="auto")
+        singles.append(("multi-gpu", sum(u for _, u, _ in singles),
+                        "bfloat16" if all(g.bf16 for g in hw.gpus) else "float16"))
+    return singles
+
+
+def _plan(shape, seq_len, batch, backend, device, dtype, usable, quantization=None, full_cache=True) -> Plan:
+    mem = estimate_memory(shape, seq_len, batch, DTYPE_BYTES[dtype])
+    if backend == "nnsight":  # the Hugging Face weights (tied embeddings stay tied), quantised or not
+        mem = replace(mem, weights=weight_bytes(shape, dtype, quantization))
+        saved = shape.n_layers * batch * seq_len * shape.d_model * DTYPE_BYTES[dtype]  # one residual per layer
+        dequant = shape.d_model * shape.d_mlp * 2 if quantization else 0  # a weight matrix dequantised at a time
+        need = mem.forward + saved + max(0, dequant - mem.working)
+    else:
+        need = mem.total if full_cache else mem.forward
+    return Plan(backend, device, dtype, quantization, mem, need, usable, need <= usable, full_cache)
+
+
+def plans(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 8) -> list[Plan]:
+    """Every way to run `shape` on `hw`, in order of preference (the first that fits is the recommendation):
+    1. on one GPU, then on all GPUs, in full (float32 up to 1B parameters) or half precision;
+    2. the same with 8-bit, then 4-bit weights (bitsandbytes; changes activations slightly);
+    3. half precision on the GPUs with the rest of the weights in CPU RAM (exact, slow: device_map offload);
+    4. Apple MPS, then the CPU (float32 if it fits, else bfloat16; slow above ~1B parameters);
+    5. NDIF (nnsight remote), always last (needs the model hosted there and an API key).
+    transformer-lens (or its bridge where HookedTransformer is gone) up to 2B parameters on one device, where
+    a full run_with_cache fitting comes before a forward fitting; nnsight above, split, quantised or remote."""
+    from mechscope.models import _hooked_transformer_available
+
+    tl = "tl" if _hooked_transformer_available() else "bridge"
+    small = shape.n_params <= TL_MAX_PARAMS
+    out: list[Plan] = []
+
+    def on_device(device, usable, half, fp32):
+        dtypes = (["float32"] if fp32 else []) + ([half] if half != "float32" else [])
+        if small and device != "multi-gpu":
+            return [_plan(shape, seq_len, batch, tl, device, d, usable, full_cache=full)
+                    for full in (True, False) for d in dtypes]
+        return [_plan(shape, seq_len, batch, "nnsight", device, d, usable) for d in dtypes]
+
+    gpus = _gpu_devices(hw)
+    for device, usable, half in gpus:
+        out += on_device(device, usable, half, shape.n_params <= FP32_MAX_PARAMS)
+    for quantization in ("8bit", "4bit"):
+        out += [_plan(shape, seq_len, batch, "nnsight", device, half, usable, quantization)
+                for device, usable, half in gpus]
+    ram = int(hw.ram_available_bytes * USABLE_FRACTION)
+    if gpus:  # offload: the GPUs hold what they can, CPU RAM the rest
+        device, gpu_usable, half = gpus[-1]
+        plan = _plan(shape, seq_len, batch, "nnsight", "gpu+cpu", half, gpu_usable + ram)
+        activations = plan.need - plan.memory.weights
+        gpu_share = [int(g.free_bytes * USABLE_FRACTION) - activations for g in hw.gpus]
+        plan.fits = plan.fits and min(gpu_share) > 0
+        plan.max_memory = ",".join([f"{i}={max(s, 0) // 2**30}GiB" for i, s in enumerate(gpu_share)] +
+                                   [f"cpu={ram // 2**30}GiB"])
+        out.append(plan)
+    if hw.mps:  # unified memory: the GPU shares the RAM
+        out += on_device("mps", ram, "float16", shape.n_params <= FP32_MAX_PARAMS)
+    out += on_device("cpu", ram, "bfloat16", True)
+    half = gpus[0][2] if gpus else "bfloat16"
+    remote = _plan(shape, seq_len, batch, "nnsight", "ndif-remote", half, 0)
+    remote.fits = False
+    return out + [remote]
+
 
 @dataclass
 class Recommendation:
     model: str
     n_params: int
     library: str          # "transformer-lens" or "nnsight"
-    device: str           # cpu, cuda, cuda:N, mps, multi-gpu, ndif-remote
+    backend: str          # the --backend: tl, bridge or nnsight
+    device: str           # cpu, cuda, cuda:N, mps, multi-gpu, gpu+cpu (offload), ndif-remote
     dtype: str
-    fits: bool            # a forward pass (weights + one layer + logits + working set) fits locally
+    quantization: str | None  # bitsandbytes "8bit" / "4bit" weights, or None
+    fits: bool            # the chosen engine's peak memory (memory_gb["engine"]) fits locally
     cache_fits: bool      # a full run_with_cache at seq_len x batch fits as well
     seq_len: int
     batch: int
-    memory_gb: dict       # weights, cache, working, total (full run_with_cache), forward, usable
+    memory_gb: dict       # weights, cache, working, total (full run_with_cache), forward, engine, usable
+    command: str          # the mechscope command line that loads it this way
     notes: list[str]
+    alternatives: list[dict]  # other plans that fit (and NDIF): backend, device, dtype, quantization, ...
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _devices(hw: Hardware) -> list[tuple[str, int, str]]:
-    """(device, usable bytes, its half dtype), fastest first."""
-    options = [(f"cuda:{i}" if len(hw.gpus) > 1 else "cuda", int(g.free_bytes * USABLE_FRACTION),
-                "bfloat16" if g.bf16 else "float16")
-               for i, g in sorted(enumerate(hw.gpus), key=lambda ig: -ig[1].free_bytes)]
-    if len(hw.gpus) > 1:  # the model split across all GPUs (device_map="auto")
-        options.append(("multi-gpu", sum(int(g.free_bytes * USABLE_FRACTION) for g in hw.gpus),
-                        "bfloat16" if all(g.bf16 for g in hw.gpus) else "float16"))
-    if hw.mps:  # unified memory: the GPU shares the RAM
-        options.append(("mps", int(hw.ram_available_bytes * USABLE_FRACTION), "float16"))
-    options.append(("cpu", int(hw.ram_available_bytes * USABLE_FRACTION), "bfloat16"))
-    return options
+def _gb(plan: Plan) -> dict:
+    m = plan.memory
+    return {k: round(v / GB, 3) for k, v in [("weights", m.weights), ("cache", m.cache), ("working", m.working),
+                                             ("total", m.total), ("forward", m.forward), ("engine", plan.need),
+                                             ("usable", plan.usable)]}
 
 
-def _memory(shape: ModelShape, seq_len: int, batch: int, dtype: str, library: str) -> MemoryEstimate:
-    mem = estimate_memory(shape, seq_len, batch, DTYPE_BYTES[dtype])
-    if library == "nnsight":  # nnsight keeps the Hugging Face weights (tied embeddings stay tied)
-        mem = replace(mem, weights=shape.n_params * DTYPE_BYTES[dtype])
-    return mem
-
-
-def recommend(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 8) -> Recommendation:
-    """Library, device and dtype for `shape` on `hw`, and whether a full run_with_cache of
-    [batch, seq_len] tokens fits. The fastest device where a forward pass fits wins; on it, float32
-    (models up to 1B parameters, and on CPU) before bfloat16 (GPUs with bf16) or float16, and a dtype
-    where the full cache fits before one where only a forward does. transformer-lens up to 2B
-    parameters, nnsight above, and past local memory nnsight on several GPUs or on NDIF."""
+def recommend(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 8, model: str | None = None,
+              command: str = "patch") -> Recommendation:
+    """The first of `plans(shape, hw)` that fits (else NDIF), why, and its command line (`mechscope COMMAND
+    --model MODEL ...`; MODEL defaults to the shape's hub id) with up to four alternatives that fit."""
     if seq_len < 1 or batch < 1:
         raise BadInput("--seq-len and --batch must be at least 1")
-    library = "transformer-lens" if shape.n_params <= TL_MAX_PARAMS else "nnsight"
-    notes, pick = [], None
-    for device, usable, half in _devices(hw):
-        lib = "nnsight" if device == "multi-gpu" else library
-        small = shape.n_params <= FP32_MAX_PARAMS or device == "cpu"
-        options = [(dtype, _memory(shape, seq_len, batch, dtype, lib))
-                   for dtype in (["float32"] if small else []) + [half]]
-        pick = next((o for o in options if o[1].total <= usable), None) or \
-            next((o for o in options if o[1].forward <= usable), None)
-        if pick:
-            library = lib
-            break
-    if pick:
-        dtype, mem = pick
-        fits, cache_fits = True, mem.total <= usable
-        if not cache_fits:
-            notes.append("a full run_with_cache does not fit: cache only the hooks you need (names_filter), "
-                         "or lower --batch / --seq-len")
-        if device == "cpu" and shape.n_params > FP32_MAX_PARAMS:
-            notes.append("a forward pass of a model this size takes seconds to minutes per batch on CPU")
-        if device == "multi-gpu":
-            notes.append(f"split across {len(hw.gpus)} GPUs: nnsight LanguageModel(..., device_map='auto')")
-    else:
-        library, device, fits, cache_fits = "nnsight", "ndif-remote", False, False
-        _, usable, dtype = _devices(hw)[0]
-        mem = _memory(shape, seq_len, batch, dtype, library)
-        notes.append("does not fit locally: run it on NDIF with nnsight `model.trace(..., remote=True)` (the "
-                     "model must be hosted there; needs NDIF_API_KEY), or use a machine with more memory")
-    if library == "nnsight" and device != "ndif-remote":
+    model = model or shape.hub_id or shape.name
+    options = plans(shape, hw, seq_len, batch)
+    pick = next((p for p in options if p.fits), options[-1])
+    notes = []
+    if pick.device == "ndif-remote":
+        notes.append("does not fit locally: run it on NDIF (`--backend nnsight --remote`: the model must be hosted "
+                     "there, `nnsight.is_model_running(...)`; needs NDIF_API_KEY and the network), or describe a "
+                     "bigger machine with --gpus / --ram")
+    elif pick.backend != "nnsight" and not pick.full_cache:
+        notes.append("a full run_with_cache does not fit: cache only the hooks you need (names_filter), "
+                     "or lower --batch / --seq-len")
+    if pick.quantization:
+        notes.append(f"{pick.quantization} weights (bitsandbytes, CUDA only) change activations slightly"
+                     f"{' (4-bit more so)' if pick.quantization == '4bit' else ''}: confirm key numbers at full "
+                     "precision (an offloaded, multi-GPU or NDIF run among the alternatives)")
+    if pick.device == "gpu+cpu":
+        notes.append("weights that do not fit on the GPU stay in CPU RAM and move in at every forward: exact, slow")
+    if pick.device == "multi-gpu":
+        notes.append(f"split across {len(hw.gpus)} GPUs: nnsight on the Hugging Face model, device_map='auto'")
+    if pick.device == "cpu" and shape.n_params > FP32_MAX_PARAMS:
+        notes.append("a forward pass of a model this size takes seconds to minutes per batch on CPU")
+    if pick.backend == "nnsight" and pick.device != "ndif-remote":
         notes.append("nnsight on the Hugging Face model; .save() only the activations you need")
-    memory_gb = {k: round(v / GB, 3) for k, v in [("weights", mem.weights), ("cache", mem.cache),
-                                                  ("working", mem.working), ("total", mem.total),
-                                                  ("forward", mem.forward), ("usable", usable)]}
-    return Recommendation(shape.name, shape.n_params, library, device, dtype, fits, cache_fits, seq_len, batch,
-                          memory_gb, notes)
+    seen, alternatives = {(pick.device, pick.dtype, pick.quantization)}, []
+    for plan in options:
+        key = (plan.device, plan.dtype, plan.quantization)
+        if (plan.fits or plan.device == "ndif-remote") and key not in seen and len(alternatives) < 4:
+            seen.add(key)
+            alternatives.append({"backend": plan.backend, "device": plan.device, "dtype": plan.dtype,
+                                 "quantization": plan.quantization, "fits": plan.fits,
+                                 "engine_gb": round(plan.need / GB, 3), "command": plan.command(model, command)})
+    cache_fits = pick.fits and pick.memory.total <= pick.usable
+    return Recommendation(shape.name, shape.n_params, pick.library, pick.backend, pick.device, pick.dtype,
+                          pick.quantization, pick.fits, cache_fits, seq_len, batch, _gb(pick),
+                          pick.command(model, command), notes, alternatives)

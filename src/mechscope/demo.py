@@ -1,4 +1,5 @@
-"""`make demo`: every vetted technique once on the bundled model, offline, each into its own run directory.
+"""`make demo`: every vetted technique once on the bundled model, offline, each into its own run directory,
+then one HTML page with all of them (`mechscope report`): <out>/demo-report.html.
 
     python -m mechscope.demo [--out runs]
 """
@@ -30,7 +31,7 @@ STEPS = [
     ("attribution patching vs exact", ["attribution-patch"]),
     ("path patching: prev-token -> induction (k)", ["path-patch", "--task", "induction", "--receivers", "2.1:k"]),
     ("ablation of every head", ["ablate", "--components", "heads", "--method", "zero,mean", "--n", "16"]),
-    ("validating the induction circuit", ["validate-circuit", "--circuit", "0.1,0.2,1.0,1.2,2.1", "--n", "16"]),
+    ("validating the induction circuit", ["validate-circuit", "--circuit", "0.1,1.2,2.1,2.2", "--n", "16"]),
     ("linear probes for sentiment", ["probe", "--task", "sentiment", "--n", "200"]),
     ("steering with love - hate", ["steer", "--strengths", "0,4"]),
 ]
@@ -60,13 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         return code
     rows.append(("a new research repo (mechscope new)", f"mechscope new {study}", str(study), 0.0))
+    report = Path(args.out) / "demo-report.html"
+    with redirect_stdout(StringIO()):
+        code = cli(["report", *(run_dir for _, _, run_dir, _ in rows[:-1] if run_dir), "--out", str(report),
+                    "--title", "mechscope demo: every technique on the bundled model"])
+    if code != 0:
+        return code
     print(f"\nmechscope demo: {len(rows)} runs in {time.time() - start:.0f} s. Results:")
     for title, command, run_dir, seconds in rows:
-        print(f"  {title:<40} {run_dir or '-'}")
+        print(f"  {title:<44} {run_dir or '-'}")
     print(f"Each run directory holds result.json, meta.json and plots; re-run one with the command in its meta.json.\n"
-          f"Everything is under {Path(args.out).resolve()}")
+          f"Everything is under {Path(args.out).resolve()}. One page with every run (open it in a browser):\n"
+          f"report: {report.resolve()}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,10 @@ backend: "tl" (transformer-lens HookedTransformer, LayerNorm folded unless fold_
 (transformer-lens TransformerBridge in compatibility mode), "nnsight" (the Hugging Face module under
 nnsight: device_map / max_memory / 8- and 4-bit weights / NDIF remote), or "auto": what `mechscope detect`
 recommends (transformer-lens up to 2B parameters, nnsight above, bridge where HookedTransformer is gone).
-Every technique takes the returned engine (or a raw HookedTransformer / TransformerBridge / nnsight model:
+The transformer-lens engines fold LayerNorm and centre weights as HookedTransformer.from_pretrained does,
+but never fold the value biases into b_O: so `attn.hook_z` is the same vector on every engine (the input of
+the attention output projection), and zero-ablating a head or attributing to it means the same thing on all
+three. Every technique takes the returned engine (or a raw HookedTransformer / TransformerBridge / nnsight model:
 `as_engine` wraps it). Loading never changes torch's global state (grad mode, default dtype).
 """
 from __future__ import annotations
@@ -62,23 +65,47 @@ def resolve_dtype(dtype: str, device: str, n_params: float | None = None):
     return getattr(torch, dtype)
 
 
-def known_model_names() -> list[str]:
-    from transformer_lens import loading
+def _table_names() -> list[str]:
+    """The bundled model and detect's table (names and hub ids): known without transformer-lens or the hub."""
+    from mechscope import compute
 
-    aliases = [a for names in loading.MODEL_ALIASES.values() for a in names]
-    return [BUNDLED] + list(loading.OFFICIAL_MODEL_NAMES) + aliases
+    return [BUNDLED, *compute.COMMON_MODELS, *compute.ALIASES]
+
+
+def known_model_names() -> list[str]:
+    """The bundled model, detect's table, and (transformer-lens 3) every transformer-lens name and alias."""
+    try:
+        from transformer_lens import loading  # removed in transformer-lens 4
+    except ImportError:
+        return _table_names()
+    return _table_names() + list(loading.OFFICIAL_MODEL_NAMES) + [a for group in loading.MODEL_ALIASES.values()
+                                                                  for a in group]
+
+
+def close_names_hint(spec: str, names: list[str] | None = None) -> str:
+    """' Did you mean: a, b?' for names close to spec, or ''. Without `names`: detect's table, and only
+    for a short name (a hub id "org/name" is taken as meant)."""
+    if names is None:
+        if "/" in spec:
+            return ""
+        names = _table_names()
+    close = difflib.get_close_matches(spec, names, n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 def _official_name(spec: str) -> str:
-    from transformer_lens import loading
-
+    """transformer-lens's official (hub) name for a transformer-lens name or alias; spec itself on
+    transformer-lens 4, whose TransformerBridge takes hub ids."""
+    try:
+        from transformer_lens import loading  # removed in transformer-lens 4
+    except ImportError:
+        return spec
     try:
         return loading.get_official_model_name(spec)
     except ValueError:
-        close = difflib.get_close_matches(spec, known_model_names(), n=3, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise BadInput(f"unknown model {spec!r}: not {BUNDLED!r}, not a transformer-lens model name, and not "
-                       f"a local directory.{hint} (`mechscope detect --models` lists common ones)") from None
+                       f"a local directory.{close_names_hint(spec, known_model_names())} "
+                       f"(`mechscope detect --models` lists common ones)") from None
 
 
 def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
@@ -110,7 +137,7 @@ def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state = loading.get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=dtype)
     model.load_and_process_state_dict(state, fold_ln=fold_ln, center_writing_weights=fold_ln,
-                                      center_unembed=fold_ln, fold_value_biases=fold_ln)
+                                      center_unembed=fold_ln, fold_value_biases=False)
     return model.to(device, print_details=False).to(dtype, print_details=False).eval()
 
 
@@ -127,11 +154,14 @@ def check_hf_directory(directory: Path) -> dict:
 
 
 def _hooked_transformer_available() -> bool:
+    """Whether the installed transformer-lens still has HookedTransformer (removed in 4.0); reads only the
+    package version, so it costs no import."""
+    from importlib import metadata
+
     try:
-        from transformer_lens import HookedTransformer  # noqa: F401  (removed in transformer-lens 4)
-    except ImportError:
+        return int(metadata.version("transformer-lens").split(".")[0]) < 4
+    except (metadata.PackageNotFoundError, ValueError):
         return False
-    return True
 
 
 def auto_backend(spec: str, remote: bool = False, device_map=None, quantization=None) -> str:
@@ -164,17 +194,21 @@ def _load_tl(spec: str, device: str, dtype: str, fold_ln: bool):
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_local_hf(path, device, resolve_dtype(dtype, device), fold_ln=fold_ln)
-    name = _official_name(spec)
-    from transformer_lens import HookedTransformer, loading
+    from mechscope import hub
 
-    try:
-        n_params = loading.get_pretrained_model_config(name).n_params
-        model = HookedTransformer.from_pretrained(name, device=device, dtype=resolve_dtype(dtype, device, n_params),
-                                                  fold_ln=fold_ln, center_writing_weights=fold_ln,
-                                                  center_unembed=fold_ln)
-    except OSError as e:
-        raise BadInput(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); offline? "
-                       f"pass a local directory saved with save_pretrained, or use {BUNDLED!r}") from None
+    with hub.access(spec, close_names_hint(spec)):  # out of reach and nothing cached: fails before importing TL
+        name = _official_name(spec)
+        from transformer_lens import HookedTransformer, loading
+
+        try:
+            n_params = loading.get_pretrained_model_config(name).n_params
+            model = HookedTransformer.from_pretrained(name, device=device,
+                                                      dtype=resolve_dtype(dtype, device, n_params), fold_ln=fold_ln,
+                                                      center_writing_weights=fold_ln, center_unembed=fold_ln,
+                                                      fold_value_biases=False)
+        except OSError as e:
+            raise BadInput(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); offline? "
+                           f"pass a local directory saved with save_pretrained, or use {BUNDLED!r}") from None
     return model.eval()
 
 
@@ -208,7 +242,7 @@ def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto",
             return HookedEngine(_load_tl(spec, device, dtype, fold_ln))
         if backend == "bridge":
             from mechscope.engines.bridge import load_bridge
-            return load_bridge(spec, device=device, dtype=dtype)
+            return load_bridge(spec, device=device, dtype=dtype, fold_ln=fold_ln)
         from mechscope.engines.nnsight import load_nnsight
         return load_nnsight(spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                             quantization=quantization, remote=remote)

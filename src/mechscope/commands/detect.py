@@ -1,27 +1,44 @@
-"""This machine's hardware, and which library / device / dtype a model needs on it. Loads no weights.
+"""The front door: this machine's hardware (or one you describe), and how a model runs on it, as a command
+line to copy. Loads no weights.
 
     mechscope detect                                  # hardware + a table of common models
     mechscope detect --model gpt2-small --seq-len 256 --batch 16
+    mechscope detect --model meta-llama/Llama-2-13b-hf --gpu 24GB --ram 64GB   # a machine you plan for
+    mechscope detect --model llama-3-70b --gpus 2x80GB --command steer
     mechscope detect --model /path/to/hf_dir --json   # a local Hugging Face directory (reads config.json)
     mechscope detect --params 7e9                     # an unknown 7B model (a Llama-like shape)
 
-Memory = weights + every tensor a full `run_with_cache` keeps + the largest temporary of the forward
-(see references/compute-awareness.md). Writes no run directory: the answer describes the machine at
-this moment (free memory changes), not an experiment, so there is nothing to reproduce; --json prints it.
+For a model it weighs every plan in order: one GPU, all GPUs, in full or half precision; 8-bit, then 4-bit
+weights (bitsandbytes); GPU + CPU RAM offload; MPS; CPU; NDIF. The first that fits is the recommendation,
+printed as a runnable `mechscope COMMAND ...` line (`--command`, default patch), with the others that fit.
+Memory is what the chosen engine needs at its peak: transformer-lens = weights + a full run_with_cache;
+nnsight = weights + one forward + a saved residual per layer (references/compute-awareness.md).
+Writes a run directory (result.json, meta.json) only with --out: the answer describes a machine at one
+moment, not an experiment, and the front door should not leave a directory behind at every look.
 """
-HELP = "hardware, and which model / library / dtype fits it"
-USES_MODEL = False   # takes its own --model string and never loads weights
-WRITES_RUN = False   # a query about the machine: stdout only
+HELP = "hardware (or one you describe), and how a model runs on it: engine, device, precision, command line"
+USES_MODEL = False         # takes its own --model string and never loads weights
+WRITES_RUN = "with --out"  # a query about a machine: stdout, and a run directory only when asked
+
+NOT_LOADING = ("detect", "new")
 
 
 def add_arguments(parser):
+    from mechscope.cli import COMMANDS
+
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", help="common model name (see --models), mechscope-toy, a transformer-lens "
-                       "name, or a local Hugging Face directory")
+    which.add_argument("--model", help="common model name or hub id (see --models), mechscope-toy, a "
+                       "transformer-lens name, or a local Hugging Face directory")
     which.add_argument("--params", help="only a parameter count, e.g. 7e9 or 7B (assumes a Llama-like shape)")
     which.add_argument("--models", action="store_true", help="table of common models (the default)")
+    parser.add_argument("--gpus", "--gpu", dest="gpus", metavar="GPUS",
+                        help="GPUs to plan for instead of this machine's: 24GB, 2x80GB, 2x80GB,24GB, 32GB:fp16 "
+                             "(no bfloat16, e.g. a V100) or 0 (none); taken as empty")
+    parser.add_argument("--ram", help="CPU RAM to plan for instead of this machine's, e.g. 64GB")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default: %(default)s)")
+    parser.add_argument("--command", dest="for_command", default="patch", choices=[c for c in COMMANDS if c not in NOT_LOADING],
+                        help="the command the printed command lines run (default: %(default)s)")
 
 
 def _gb(x: float) -> str:
@@ -36,7 +53,7 @@ def _versions() -> dict:
     from importlib import metadata
 
     versions = {}
-    for name in ("torch", "transformer-lens", "nnsight"):
+    for name in ("torch", "transformer-lens", "nnsight", "bitsandbytes"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -47,55 +64,73 @@ def _versions() -> dict:
 def _hardware_text(hw: dict, versions: dict) -> str:
     gpus = "; ".join(f"{g['name']} ({g['free_gb']:.1f} of {g['total_gb']:.1f} GB free, sm {g['capability']}, "
                      f"bf16 {'yes' if g['bf16'] else 'no'})" for g in hw["gpus"]) or "no CUDA GPU"
-    return (f"hardware: {hw['cpu_cores']} CPU cores, {hw['ram_total_gb']:.1f} GB RAM ({hw['ram_available_gb']:.1f} GB "
-            f"available); {gpus}; MPS {'yes' if hw['mps'] else 'no'}\n"
+    described = f" (described: {', '.join(hw['described'])})" if hw["described"] else ""
+    return (f"hardware{described}: {hw['cpu_cores']} CPU cores, {hw['ram_total_gb']:.1f} GB RAM "
+            f"({hw['ram_available_gb']:.1f} GB available); {gpus}; MPS {'yes' if hw['mps'] else 'no'}\n"
             "libraries: " + ", ".join(f"{k} {v or 'NOT INSTALLED'}" for k, v in versions.items()))
+
+
+def _precision(r: dict) -> str:
+    return f"{r['quantization']} ({r['dtype']})" if r["quantization"] else r["dtype"]
 
 
 def _detail_text(r: dict) -> str:
     m = r["memory_gb"]
-    lines = [f"{r['model']} ({_count(r['n_params'])} params), run_with_cache of {r['batch']} x {r['seq_len']} tokens:",
-             f"  library {r['library']}   device {r['device']}   dtype {r['dtype']}",
-             f"  memory: weights {_gb(m['weights'])} + cache {_gb(m['cache'])} + working set {_gb(m['working'])} = "
-             f"{_gb(m['total'])} (a forward without cache: {_gb(m['forward'])}); usable here: {_gb(m['usable'])}",
-             "  " + ("a full run_with_cache fits" if r["cache_fits"] else
-                     "a forward fits, a full run_with_cache does not" if r["fits"] else "does not fit locally")]
-    if r["library"] == "transformer-lens":
-        lines.append(f"  load: mechscope <command> --model {r['model']} --device {r['device']} --dtype {r['dtype']}")
+    engine = ("weights + a full run_with_cache" if r["library"] == "transformer-lens" and r["cache_fits"] else
+              "weights + a forward (cache only the hooks you need)" if r["library"] == "transformer-lens" else
+              "weights + a forward + a saved residual per layer")
+    where = "runs remotely" if r["device"] == "ndif-remote" else f"usable here: {_gb(m['usable'])}"
+    lines = [f"{r['model']} ({_count(r['n_params'])} params), batch {r['batch']} x {r['seq_len']} tokens:",
+             f"  recommended: {r['library']} (--backend {r['backend']}), {r['device']}, {_precision(r)}",
+             f"  run: {r['command']}",
+             f"  memory for this engine: {_gb(m['engine'])} ({engine}); {where}",
+             f"  weights {_gb(m['weights'])}; a full run_with_cache would need {_gb(m['total'])}"]
+    lines += [f"  also: {a['command']}  ({_gb(a['engine_gb'])}{'' if a['fits'] else ', remote'})"
+              for a in r["alternatives"]]
     return "\n".join(lines + [f"  note: {n}" for n in r["notes"]])
 
 
 def _table_text(rows: list[dict], seq_len: int, batch: int) -> str:
-    head = f"{'model':<14} {'params':>7}  {'library':<16} {'device':<11} {'dtype':<9} {'weights':>9} {'full cache':>10}  fits"
-    lines = [f"run_with_cache of {batch} x {seq_len} tokens (--batch, --seq-len); full cache = weights + cache + "
-             "working set", head]
+    head = (f"{'model':<14} {'params':>7}  {'backend':<8} {'device':<11} {'precision':<16} {'weights':>9} "
+            f"{'engine':>9}  fits")
+    lines = [f"batch {batch} x {seq_len} tokens (--batch, --seq-len); engine = what the backend needs at its peak "
+             "(transformer-lens: weights + a full run_with_cache; nnsight: weights + a forward); "
+             "`--model NAME` for the command line", head]
     for r in rows:
         m = r["memory_gb"]
         fits = "cache" if r["cache_fits"] else "forward" if r["fits"] else "no"
-        lines.append(f"{r['model']:<14} {_count(r['n_params']):>7}  {r['library']:<16} {r['device']:<11} "
-                     f"{r['dtype']:<9} {_gb(m['weights']):>9} {_gb(m['total']):>10}  {fits}")
+        lines.append(f"{r['model']:<14} {_count(r['n_params']):>7}  {r['backend']:<8} {r['device']:<11} "
+                     f"{_precision(r):<16} {_gb(m['weights']):>9} {_gb(m['engine']):>9}  {fits}")
     return "\n".join(lines)
+
+
+def _install_notes(rec: dict, versions: dict) -> list[str]:
+    needed = [rec["library"]] + (["bitsandbytes"] if rec["quantization"] else [])
+    return [f"{name} is not installed: pip install {name}" for name in needed if versions.get(name) is None]
 
 
 def run(ctx):
     from mechscope import compute
 
     args = ctx.args
-    hw = compute.detect_hardware()
+    hw = compute.described_hardware(args.gpus, args.ram)
     versions = _versions()
-    summary = {"hardware": hw.to_dict(), "libraries": versions}
+    described = [name for name, value in (("gpus", args.gpus), ("ram", args.ram)) if value is not None]
+    summary = {"hardware": {**hw.to_dict(), "described": described}, "libraries": versions}
     if args.model or args.params:
         shape = compute.model_shape(args.model) if args.model else compute.generic_shape(compute.parse_count(args.params))
-        rec = compute.recommend(shape, hw, args.seq_len, args.batch).to_dict()
-        if versions.get(rec["library"]) is None:
-            rec["notes"].append(f"{rec['library']} is not installed: pip install {rec['library']}")
+        spec = shape.hub_id if args.model and shape.hub_id else (args.model or "MODEL")
+        rec = compute.recommend(shape, hw, args.seq_len, args.batch, model=spec, command=args.for_command).to_dict()
+        rec["notes"] += _install_notes(rec, versions)
         summary["recommendation"] = rec
         body = _detail_text(rec)
     else:
-        rows = [compute.recommend(s, hw, args.seq_len, args.batch).to_dict()
+        rows = [compute.recommend(s, hw, args.seq_len, args.batch, command=args.for_command).to_dict()
                 for s in [compute.model_shape("mechscope-toy"), *compute.COMMON_MODELS.values()]]
         summary["seq_len"], summary["batch"] = args.seq_len, args.batch
-        summary["models"] = [{k: r[k] for k in ("model", "n_params", "library", "device", "dtype", "fits",
-                                                "cache_fits")} | {"total_gb": r["memory_gb"]["total"]} for r in rows]
+        keys = ("model", "n_params", "library", "backend", "device", "dtype", "quantization", "fits", "cache_fits",
+                "command")
+        summary["models"] = [{k: r[k] for k in keys} | {"total_gb": r["memory_gb"]["total"],
+                                                        "engine_gb": r["memory_gb"]["engine"]} for r in rows]
         body = _table_text(rows, args.seq_len, args.batch)
     return {"summary": summary, "text": _hardware_text(summary["hardware"], versions) + "\n\n" + body}

@@ -1,24 +1,46 @@
-"""Scaffold a new research repository from mechscope's templates (jinja2).
+"""Scaffold a research repository that fits one study (jinja2 templates in templates/).
 
-    mechscope new my-study
-    mechscope new ~/work/ioi-gpt2 --name ioi-gpt2 --model gpt2-small --question "How does GPT-2 small do IOI?"
+    mechscope new ioi-study                                    # IOI on the bundled model, tl engine
+    mechscope new recall --model EleutherAI/pythia-410m --backend nnsight --task facts \\
+        --technique logit-lens patch dla --question "Where does pythia-410m look up capitals?"
+    mechscope new my-study --task prompts.jsonl --technique attribution-patch,patch --tracking wandb
 
-Writes README.md (question, hypothesis, how to run), pyproject.toml (depends on mechscope), Makefile
-(`make test`, `make run`), experiments/01_first_look.py, tests/test_known_answers.py, AGENTS.md,
-.gitignore and notes/. Refuses a path that exists and is not an empty directory (there is no --force).
+Writes README.md (question, a falsifiable hypothesis, how to run), CLAUDE.md and AGENTS.md (the study's
+question, model, engine, techniques, commands, controls, what not to do), configs/study.json,
+data/prompts.jsonl, experiments/NN_<technique>.py (one per --technique, calling mechscope), results/
+(JSON log, or wandb too), tests/ (known answers on the bundled model, offline; tests/test_findings.py
+for the study's own), a Makefile (`make test` creates .venv and installs what it needs; `make run`,
+`make report`), .gitignore, notes/; then `git init` and a first commit where git is installed.
+
+--task: a bundled task (ioi, facts, induction, sentiment: prompt pairs that differ in one word) or a
+JSON / JSONL file as mechscope reads --pairs / --prompts files: pairs {"clean", "corrupted", "answer",
+"wrong"}, or prompts {"prompt", "answer", "wrong"?} when no chosen technique patches. The path must not
+exist, or be an empty directory; links, the current directory and paths with control characters are
+refused (no --force).
 """
-HELP = "scaffold a new research repository from templates"
+HELP = "scaffold a research repository that fits one study"
 USES_MODEL = False
 WRITES_RUN = False
 
 
 def add_arguments(parser):
+    from mechscope.scaffold import BACKENDS, DEFAULT_TASK, TASKS, TECHNIQUES, TRACKING
+
     parser.add_argument("path", help="directory to create (must not exist, or be empty)")
     parser.add_argument("--name", help="project name (default: from the directory name)")
+    parser.add_argument("--question", help="the research question (default: the task's)")
     parser.add_argument("--model", default="mechscope-toy",
-                        help="model the experiments load: bundled name, transformer-lens name or local HF "
+                        help="model the experiments load: bundled name, transformer-lens / hub name or local HF "
                              "directory (default: %(default)s)")
-    parser.add_argument("--question", help="the research question, written into README.md")
+    parser.add_argument("--backend", default="tl", choices=BACKENDS, help="engine (default: %(default)s)")
+    defaults = "; ".join(f"{k}: {' '.join(t.techniques)}" for k, t in TASKS.items())
+    parser.add_argument("--technique", nargs="+", action="extend", metavar="NAME",
+                        help=f"one or more of {', '.join(TECHNIQUES)} (space- or comma-separated; "
+                             f"default: the task's, {defaults})")
+    parser.add_argument("--task", default=DEFAULT_TASK,
+                        help=f"{', '.join(TASKS)}, or a JSON / JSONL prompt file (default: %(default)s)")
+    parser.add_argument("--tracking", default="json", choices=TRACKING,
+                        help="results/log.jsonl, or that and Weights & Biases (default: %(default)s)")
 
 
 def run(ctx):
@@ -26,8 +48,11 @@ def run(ctx):
 
     from mechscope.scaffold import render
 
-    args = ctx.args
-    files = render(args.path, name=args.name, model=args.model, question=args.question)
-    next_step = f"cd {shlex.quote(args.path)} && make test && make run"
-    text = "\n".join([f"created {args.path} ({len(files)} files):", *("  " + f for f in files), f"next: {next_step}"])
-    return {"summary": {"path": args.path, "files": files, "next": next_step}, "text": text}
+    a = ctx.args
+    created = render(a.path, name=a.name, model=a.model, question=a.question, backend=a.backend,
+                     techniques=a.technique, task=a.task, tracking=a.tracking)
+    next_step = f"cd {shlex.quote(str(created.path))} && make test"
+    text = "\n".join([f"created {created.path} ({len(created.files)} files; {created.git})",
+                      *("  " + f for f in created.files), f"next: {next_step}"])
+    return {"summary": {"path": str(created.path), "files": created.files, "git": created.git, "next": next_step},
+            "text": text}

@@ -67,9 +67,13 @@ class HookedEngine(Engine):
                 return logits, dict(cache.items())
             return self.model(tokens, attention_mask=mask, **kwargs), {}
 
+    def _hooks(self, edits: Sequence[Edit]) -> list:
+        """transformer-lens hooks (name, fn(act, hook)) that apply `edits`."""
+        return [(site, _hook(fn)) for site, fn in edits]
+
     def run(self, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (), positions=None):
         self.require(list(read) + [site for site, _ in edits])
-        logits, acts = self._forward(tokens, read, [(site, _hook(fn)) for site, fn in edits])
+        logits, acts = self._forward(tokens, read, self._hooks(edits))
         if positions is not None:
             rows = torch.arange(len(tokens), device=logits.device)
             logits = logits[rows, torch.as_tensor(positions, device=logits.device)]
@@ -79,13 +83,15 @@ class HookedEngine(Engine):
         self.require(list(read) + [site for site, _ in edits])
         acts = {}
 
-        def keep(act, hook):
-            act.retain_grad() if act.requires_grad else None
-            acts[hook.name] = act
-            return act
+        def keep(site):  # by the site's name: on the bridge, hook.name is the canonical name of an alias
+            def hook(act, hook):
+                act.retain_grad() if act.requires_grad else None
+                acts[site] = act
+                return act
+            return hook
 
         with torch.enable_grad():
-            hooks = [(site, _hook(fn)) for site, fn in edits] + [(site, keep) for site in read]
+            hooks = self._hooks(edits) + [(site, keep(site)) for site in read]
             logits, _ = self._forward(tokens, (), hooks)
             value = metric(logits)
             grads = torch.autograd.grad(value.sum(), [acts[s] for s in read], allow_unused=True)
@@ -94,7 +100,7 @@ class HookedEngine(Engine):
 
     def generate(self, tokens, edits: Sequence[Edit] = (), max_new_tokens: int = 10, use_kv_cache: bool = True):
         self.require([site for site, _ in edits])
-        with self.model.hooks(fwd_hooks=[(site, _hook(fn)) for site, fn in edits]):
+        with self.model.hooks(fwd_hooks=self._hooks(edits)):
             return self.model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False,
                                        use_past_kv_cache=use_kv_cache, verbose=False)
 

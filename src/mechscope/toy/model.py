@@ -46,7 +46,8 @@ def save(model, tokenizer, directory: Path = WEIGHTS_DIR) -> None:
 
 
 def load(directory: Path = WEIGHTS_DIR, device: str = "cpu", dtype=None, fold_ln: bool = True):
-    """The bundled model as a HookedTransformer (LayerNorm folded by default, like from_pretrained)."""
+    """The bundled model as a HookedTransformer (LayerNorm folded by default, like from_pretrained; value
+    biases not folded, so hook_z equals the Hugging Face export's attention output-projection input)."""
     import torch
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -61,7 +62,7 @@ def load(directory: Path = WEIGHTS_DIR, device: str = "cpu", dtype=None, fold_ln
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state = load_file(str(directory / "model.safetensors"))
     model.load_and_process_state_dict(state, fold_ln=fold_ln, center_writing_weights=fold_ln,
-                                      center_unembed=fold_ln, fold_value_biases=fold_ln)
+                                      center_unembed=fold_ln, fold_value_biases=False)
     model.to(device, print_details=False)
     if dtype is not None:
         model.to(dtype, print_details=False)
