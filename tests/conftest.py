@@ -37,3 +37,16 @@ def toy_card(toy_model):
     from mechscope.toy.card import measure
 
     return measure(toy_model)
+
+
+BACKENDS = ["tl", "bridge", "nnsight"]  # every engine: cross-engine tests find the same circuit on each
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def toy_on(request):
+    """mechscope-toy on each engine of BACKENDS (cross-engine tests: the same circuit on every engine)."""
+    from mechscope.models import load_model
+
+    if request.param == "tl":
+        return request.getfixturevalue("toy_engine")
+    return load_model("mechscope-toy", backend=request.param, device="cpu")

@@ -57,8 +57,9 @@ def hf_config(kind: str, tokenizer):
     raise ValueError(kind)
 
 
-def save_tiny(kind: str, directory) -> None:
-    """A tiny random checkpoint of `kind` (norm weights randomised too) + the bundled word-level tokenizer."""
+def save_tiny(kind: str, directory, bias_noise: float = 0.0) -> None:
+    """A tiny random checkpoint of `kind` (norm weights randomised too; with bias_noise, every other bias
+    drawn away from its init 0 by bias_noise * N(0, 1)) + the bundled word-level tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mechscope.toy import model as toy
@@ -72,6 +73,8 @@ def save_tiny(kind: str, directory) -> None:
                 module.weight.add_(0.2 * torch.randn_like(module.weight))
                 if getattr(module, "bias", None) is not None:
                     module.bias.add_(0.1 * torch.randn_like(module.bias))
+            elif bias_noise and isinstance(getattr(module, "bias", None), torch.nn.Parameter):
+                module.bias.add_(bias_noise * torch.randn_like(module.bias))
     hf.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
 

@@ -1,14 +1,18 @@
-"""Logit lens: the final entry equals the model's logits on the folded AND unfolded bundled model, every
-entry agrees with transformer-lens's accumulated_resid(apply_ln=True), the layer at which answers become
-top-1 matches where last-position patching and DLA say the information arrives, and the command."""
+"""Logit lens: the final entry equals the model's logits on the folded AND unfolded bundled model, on every
+engine (tiny checkpoints of five architectures: test_reading_engines.py); every entry agrees with transformer-lens's
+accumulated_resid(apply_ln=True); the prompt-set lens equals the one-prompt lens; the layer at which
+answers become top-1 matches where last-position patching and DLA say the information arrives; the command
+on one prompt and on prompt sets (intervals), and its bad input."""
 import json
 import random
 
 import pytest
 import torch
 
+from mechscope import tasks
 from mechscope.cli import main
-from mechscope.techniques.logit_lens import lens_logits, logit_lens, resid_hook_names, residual_stack, stack_labels
+from mechscope.techniques.logit_lens import (answer_lens, lens_logits, logit_lens, resid_hook_names, residual_stack,
+                                             stack_labels)
 from mechscope.toy import corpus
 
 IOI = "When Mary and John went to the store, John gave a drink to"
@@ -49,18 +53,37 @@ def test_agrees_with_transformer_lens_accumulated_resid(model):
 
 
 def _answer_ranks(model, prompts: list[str], answers: list[str]) -> torch.Tensor:
-    """[n_prompts, 7] rank of each answer in the lens at the last position (same-length prompts batched)."""
-    by_length = {}
-    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-        toks = model.to_tokens(prompt)
-        by_length.setdefault(toks.shape[1], []).append((i, toks, model.to_single_token(answer)))
-    ranks = torch.zeros(len(prompts), len(LABELS), dtype=torch.long)
-    for items in by_length.values():
-        index, toks, ids = zip(*items)
-        logits = lens_logits(model, residual_stack(model, torch.cat(toks))[0][:, :, -1:])[:, :, 0]  # [7, b, V]
-        target = logits[:, torch.arange(len(ids)), torch.tensor(ids)]                              # [7, b]
-        ranks[list(index)] = (logits > target[..., None]).sum(-1).T
-    return ranks
+    """[n_prompts, 7] rank of each answer in the lens at the last position (one right-padded batch)."""
+    rows = [model.to_tokens(p)[0] for p in prompts]
+    tokens, lengths = tasks.padded(model, rows)
+    ids = torch.tensor([model.to_single_token(a) for a in answers])
+    return answer_lens(model, tokens, lengths - 1, ids).rank
+
+
+def test_final_entry_is_the_logits_on_every_engine(toy_on):
+    ps = tasks.load_task(toy_on, "facts", n=16, seed=0)
+    rows, where = ps.tokens(toy_on)
+    tokens, _ = tasks.padded(toy_on, rows)
+    answers, wrongs = ps.answer_ids(toy_on)
+    lens = answer_lens(toy_on, tokens, where["END"], answers, wrongs, rows_per_forward=5)
+    assert lens.labels == LABELS and lens.final_error < 1e-4
+    assert (lens.rank[:, -1] == 0).float().mean() >= 0.9 and (lens.logit_diff[:, -1] > 0).all()
+    assert lens.prob.shape == (16, 7) and ((lens.prob >= 0) & (lens.prob <= 1)).all()
+
+
+def test_prompt_set_lens_equals_the_one_prompt_lens(toy_engine):
+    ps = tasks.load_task(toy_engine, "ioi", n=6, seed=2)
+    rows, where = ps.tokens(toy_engine)
+    tokens, lengths = tasks.padded(toy_engine, rows)
+    answers, wrongs = ps.answer_ids(toy_engine)
+    assert len(set(lengths.tolist())) > 1
+    lens = answer_lens(toy_engine, tokens, where["END"], answers, wrongs)
+    for i in range(len(rows)):
+        one = logit_lens(toy_engine, rows[i][None], [int(answers[i]), int(wrongs[i])])
+        assert torch.equal(lens.rank[i], one.target_rank[:, 0])
+        torch.testing.assert_close(lens.prob[i], one.target_prob[:, 0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lens.logit_diff[i], one.target_logit[:, 0] - one.target_logit[:, 1], atol=1e-4,
+                                   rtol=1e-4)
 
 
 def _patch_recovery(model, clean: str, corrupted: str, answer: int, wrong: int, hook_name: str) -> float:
@@ -80,9 +103,9 @@ def _patch_recovery(model, clean: str, corrupted: str, answer: int, wrong: int, 
 @torch.no_grad()
 def test_capitals_become_top1_right_after_layer0(toy_model):
     """Measured: the country reaches the last position in layer 0's attention (patching the last position's
-    resid_mid 0 from "france" into "italy" recovers 0.98 of the paris-rome difference), and the layer-0 MLP
-    looks the capital up: over the 23 capital prompts the median rank of the answer is 26 at 0_mid and 0 from
-    1_pre on, top-1 in 70% of prompts at 1_pre and in all of them from 2_mid."""
+    resid_mid 0 from "france" into "italy" recovers 1.00 of the paris-rome difference), and the layer-0 MLP
+    looks the capital up: over the 23 capital prompts the median rank of the answer is 23 at 0_mid and 0 from
+    1_pre on, top-1 in 65% of prompts at 1_pre and in all of them from 2_mid."""
     model = toy_model
     paris, rome = model.to_single_token("paris"), model.to_single_token("rome")
     recovery = _patch_recovery(model, "the capital of france is", "the capital of italy is", paris, rome,
@@ -142,8 +165,30 @@ def test_logit_lens_command_default_and_pos(tmp_path, capsys):
     assert summary["position"] == 2 and summary["token"] == "eiffel" and "paris" in summary["targets"]
 
 
+def test_logit_lens_command_on_a_task(tmp_path, capsys):
+    """--task facts: per-entry intervals contain their means, the answer is top-1 at the output in every
+    prompt and the logit difference is positive there; every prompt x entry is in the CSV."""
+    assert main(["logit-lens", "--out", str(tmp_path), "--json", "--task", "facts", "--n", "20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    summary = out["summary"]
+    assert summary["n_prompts"] == 20 and summary["labels"] == LABELS
+    assert summary["final_lens_vs_logits_max_abs_diff"] < 1e-4
+    prob, share, diff = summary["answer_prob"], summary["answer_top1_share"], summary["logit_diff"]
+    for s in (prob, share, diff):
+        assert all(lo <= m <= hi for lo, m, hi in zip(s["ci_low"], s["mean"], s["ci_high"]))
+    assert share["mean"][-1] >= 0.9 and diff["ci_low"][-1] > 0 and summary["answer_median_rank"][-1] == 0
+    assert summary["majority_top1_from"] in LABELS
+    run = tmp_path / out["run_dir"].split("/")[-1]
+    rows = (run / "lens_per_prompt.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 20 * 7
+    for name in summary["files"]:
+        assert (run / name).stat().st_size > 0
+
+
 @pytest.mark.parametrize("args,words", [
     (["--target", "new york"], "not a single token"),
+    (["--task", "ioi", "--target", "mary"], "go with --prompt"),
+    (["--top-k", "100000"], "the vocabulary size"),
     (["--pos", "40"], "out of range"),
     (["--prompt", ""], "empty"),
     (["--top-k", "0"], "--top-k"),

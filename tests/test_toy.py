@@ -1,7 +1,12 @@
 """The bundled model meets its model card (MODEL_CARD.md): these are the ground truths other tests use."""
+import json
 import random
 
+import pytest
+
+from mechscope.cli import main
 from mechscope.toy import corpus
+from tests.conftest import BACKENDS
 
 
 def test_ioi_on_held_out_combinations(toy_card):
@@ -86,3 +91,21 @@ def test_export_refuses_an_unembedding_bias(toy_model_unfolded):
         model.unembed.b_U[0] = 1.0
     with pytest.raises(ValueError, match="b_U"):
         export.gpt2_state_dict(model)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_card_command_on_every_engine(backend, toy_card, tmp_path, capsys):
+    """`mechscope model-card --backend X` measures the same card on every engine (same weights; the HF export
+    on bridge / nnsight): the same heads, accuracies and, to float error, losses."""
+    assert main(["model-card", "--backend", backend, "--out", str(tmp_path), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)["summary"]
+    for key in ("previous_token_head", "induction_head"):
+        assert card["induction"][key] == toy_card["induction"][key]
+    assert card["ioi"]["accuracy"] == toy_card["ioi"]["accuracy"] and card["facts"] == toy_card["facts"]
+    assert card["sentiment"] == toy_card["sentiment"]
+    for key in ("first_copy_loss", "second_copy_loss", "induction_score"):
+        assert card["induction"][key] == pytest.approx(toy_card["induction"][key], abs=1e-4)
+    for kind in ("zero", "mean"):
+        assert card["induction"]["ablation_loss_increase"][kind] == pytest.approx(
+            toy_card["induction"]["ablation_loss_increase"][kind], abs=1e-3)
+    assert card["ioi"]["mean_logit_diff"] == pytest.approx(toy_card["ioi"]["mean_logit_diff"], abs=1e-3)

@@ -47,34 +47,11 @@ def seed(text: str) -> int:
     return value
 
 
-def check_finite(tensor, what: str):
-    """`tensor` unchanged, or BadInput if it holds NaN or infinite values."""
-    import torch
-
-    bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
-    if bad:
-        raise BadInput(f"{what} holds {bad} NaN or infinite value(s); every value must be a finite number")
-    return tensor
-
-
 def top_k(k: int, available: int, what: str = "--top-k", of: str = "items") -> int:
     """`k` if 1 <= k <= available, else BadInput naming the option and the limit."""
     if not 1 <= k <= available:
         raise BadInput(f"{what} {k} is out of range: pick 1..{available} (there are {available} {of})")
     return k
-
-
-def check_scaled(values: list[float], scale: float, what: str, scale_name: str, dtype=None) -> None:
-    """BadInput if value * scale for some value overflows `dtype` (default float32) once squared, as a norm
-    does (e.g. a steering strength times the vector's norm): such a run would compute only inf / NaN."""
-    import torch
-
-    limit = torch.finfo(dtype if dtype is not None and dtype.is_floating_point else torch.float32).max ** 0.5
-    worst = max((abs(v) for v in values), default=0.0)
-    if not math.isfinite(worst * scale) or worst * scale > limit:
-        raise BadInput(f"{what}: {worst:g} x {scale_name} ({scale:.3g}) = {worst * scale:.3g} would overflow "
-                       f"{str(dtype or torch.float32).replace('torch.', '')} (the largest usable is {limit / scale:.3g}); "
-                       f"pass smaller values")
 
 
 def read_text(path: str | Path, what: str) -> str:

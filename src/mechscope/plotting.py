@@ -58,11 +58,15 @@ def heatmap(values, path: Path, row_labels: Sequence[str] | None = None, col_lab
     return _save(fig, path)
 
 
-def bars(values, labels: Sequence[str], path: Path, title: str = "", xlabel: str = "") -> Path:
-    """Horizontal bars, one per label, in the order given (sort before calling)."""
+def bars(values, labels: Sequence[str], path: Path, title: str = "", xlabel: str = "",
+         interval: tuple | None = None) -> Path:
+    """Horizontal bars, one per label, in the order given (sort before calling); interval = (low, high)
+    draws each bar's interval (e.g. a 95% bootstrap CI) as an error bar."""
     data = _array(values)
     fig, ax = plt.subplots(figsize=(7, max(3.0, 0.28 * len(labels) + 1)))
-    ax.barh(range(len(data)), data, color=["#c0392b" if v > 0 else "#2e86c1" for v in data])
+    xerr = None if interval is None else np.abs(np.stack([data - _array(interval[0]), _array(interval[1]) - data]))
+    ax.barh(range(len(data)), data, color=["#c0392b" if v > 0 else "#2e86c1" for v in data], xerr=xerr,
+            error_kw={"elinewidth": 0.8, "capsize": 2})
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()

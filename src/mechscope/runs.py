@@ -211,6 +211,18 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, to_json(obj) + "\n")
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """A CSV table (header from the first row's keys), written atomically."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
+
+
 def library_versions() -> dict[str, str | None]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:

@@ -128,3 +128,22 @@ def rank_stability(values: torch.Tensor, k: int = 5, by: str = "abs", n_resample
     return {"top_k": top.tolist(), "k": k, "by": by, "top_k_set_frequency": round(float(same_set), 4),
             "in_top_k_frequency": [round(float(f), 4) for f in in_top.mean(0)],
             "median_rank_correlation": round(float(per_prompt.median()), 4), "n_prompts": n}
+
+
+def named_summary(values: torch.Tensor, names: list[str], digits: int = 4, seed: int = 0) -> list[dict]:
+    """One row {name, mean, ci_low, ci_high, sign_share, stderr} per item of values [n, m] (m = len(names)),
+    in the order given."""
+    s = summary(values.reshape(values.shape[0], -1), digits, seed=seed)
+    keys = ("mean", "ci_low", "ci_high", "sign_share", "stderr")
+    return [{"name": name, **{key: s[key][i] for key in keys}} for i, name in enumerate(names)]
+
+
+def named_rank_stability(values: torch.Tensor, names: list[str], k: int = 5, by: str = "abs", seed: int = 0) -> dict:
+    """rank_stability of values [n, m] with item names in place of indices; in_top_k_frequency is kept for
+    the (at most 4k) items that enter the top k most often (bounded output)."""
+    out = rank_stability(values, k, by, seed=seed)
+    freq = out.pop("in_top_k_frequency")
+    out["top_k"] = [names[i] for i in out["top_k"]]
+    often = sorted(enumerate(freq), key=lambda x: -x[1])[:4 * out["k"]]
+    out["in_top_k_frequency"] = {names[i]: f for i, f in often if f > 0}
+    return out

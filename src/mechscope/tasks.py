@@ -74,6 +74,23 @@ class PromptSet:
                 where[name].append(resolve_position(engine, p.text, clean, p.positions.get(name), name))
         return rows, {name: torch.tensor(v) for name, v in where.items()}
 
+    def answer_ids(self, engine):
+        """(answers, wrongs): [n] token ids of each prompt's answer / wrong word, or None where no prompt
+        has one (BadInput when only some prompts do, or a word is not one token)."""
+        import torch
+
+        from mechscope import inputs
+
+        out = []
+        for key in ("answer", "wrong"):
+            words = [getattr(p, key) for p in self.prompts]
+            given = sum(w is not None for w in words)
+            if 0 < given < len(words):
+                raise BadInput(f"{self.name}: {given} of {len(words)} prompts have a \"{key}\"; give every "
+                               f"prompt one or none")
+            out.append(torch.tensor([inputs.single_token(engine, w) for w in words]) if given else None)
+        return tuple(out)
+
     def split(self, test_fraction: float = 0.5, seed: int = 0) -> tuple["PromptSet", "PromptSet"]:
         """(train, test) with whole groups on one side (prompts without a group are their own group)."""
         groups = sorted({p.group or f"#{i}" for i, p in enumerate(self.prompts)})
@@ -95,6 +112,23 @@ def prompt_tokens(engine, text: str):
     from mechscope import inputs
 
     return inputs.tokens(engine, text)[0]
+
+
+def padded(engine, rows):
+    """(tokens [n, longest] right-padded with the pad token (else BOS), lengths [n]) from n x [seq_i] ids.
+    Right padding leaves a causal model's real positions unchanged: read each row at its own positions."""
+    import torch
+
+    from mechscope.models import as_engine
+
+    engine = as_engine(engine)
+    pad = engine.tokenizer.pad_token_id
+    pad = engine.bos_token_id if pad is None else pad
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.as_tensor(r)
+    return tokens.to(rows[0].device if hasattr(rows[0], "device") else "cpu"), lengths
 
 
 def resolve_position(engine, text: str, row, spec, name: str) -> int:
@@ -271,6 +305,34 @@ def _sentiment(engine, n: int, seed: int) -> PromptSet:
         prompts += [Prompt(f"{o} It's {i}", label=label, group=o) for o in openers for i in INTENSIFIERS]
     random.Random(seed).shuffle(prompts)
     return PromptSet("sentiment", prompts[:n])
+
+
+NEUTRAL_TEXTS = [
+    "The train leaves the station at nine and arrives in the city before noon.",
+    "She opened the window, put the kettle on and read the morning paper.",
+    "The library is on the second floor, next to the room with the maps.",
+    "He parked the car behind the house and carried the boxes inside.",
+    "The river runs through the valley and past the old mill.",
+    "They met at the corner of the street and walked to the market together.",
+    "The meeting was moved to Thursday because the room was booked.",
+    "A small bird sat on the fence and watched the garden.",
+    "The recipe needs two eggs, a cup of flour and some milk.",
+    "The bus was late, so the children waited under the bridge.",
+    "Our office has a long table, six chairs and a large screen.",
+    "The farmer counted the sheep and closed the gate for the night.",
+]
+
+
+def neutral_texts(engine, n: int = 32, seed: int = 0) -> list[str]:
+    """n texts with no sentiment, to measure what an intervention costs the language model (its loss there).
+    On the bundled model: pairs of its filler sentences ("the old cat sees the dog . mary likes to swim in the
+    park ."); on others: built-in plain sentences (at most len(NEUTRAL_TEXTS))."""
+    if engine.cfg.model_name != "mechscope-toy":
+        return NEUTRAL_TEXTS[:n]
+    from mechscope.toy import corpus
+
+    rng = random.Random(seed)
+    return [" ".join(corpus.filler_sentence(rng) + corpus.filler_sentence(rng)) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------ files

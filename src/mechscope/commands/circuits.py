@@ -12,7 +12,8 @@ eigenvalues with positive real part. Per chosen head: the tokens each source tok
 promotes most, the key tokens each query token's QK circuit scores highest, and the share of tokens
 that copy themselves (own logit top-1 / top-5). Per pair of heads A (earlier layer) -> B: Q-, K- and
 V-composition ||W_OV^A W^B||_F / (||W_OV^A||_F ||W^B||_F) minus the same score for Gaussian weights.
-Writes copying.csv, copying_*.png, composition.csv, composition_{Q,K,V}.png.
+Writes copying.csv, copying_*.png, composition.csv, composition_{Q,K,V}.png. Reads transformer-lens weights:
+--backend tl or bridge (nnsight is refused).
 """
 from mechscope import inputs
 
@@ -104,7 +105,7 @@ def _head_tables(ctx, heads, tokens) -> dict:
     from mechscope.techniques import circuits
     from mechscope.techniques.heads import non_special_token_ids
 
-    model, args = ctx.model, ctx.args
+    model, args = circuits.weight_model(ctx.engine), ctx.args
     allowed = non_special_token_ids(model)
     tables, full = {}, {}
     for layer, head in heads:
@@ -128,12 +129,13 @@ def _composition(ctx) -> dict:
     from mechscope import plotting
     from mechscope.techniques import circuits
 
-    L, H = ctx.model.cfg.n_layers, ctx.model.cfg.n_heads
+    model = circuits.weight_model(ctx.engine)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     rows = ["mode,layer_a,head_a,layer_b,head_b,score,baseline,excess"]
     labels = [f"L{la}H{h}" for la in range(L) for h in range(H)]
     out = {}
     for mode in circuits.MODES:
-        comp = circuits.composition_scores(ctx.model, mode, n_seeds=ctx.args.baseline_seeds)
+        comp = circuits.composition_scores(model, mode, n_seeds=ctx.args.baseline_seeds)
         for la, ha, lb, hb in circuits.later_layer_mask(L, H).nonzero().tolist():
             s = float(comp.scores[la, ha, lb, hb])
             rows.append(f"{mode},{la},{ha},{lb},{hb},{s:.6f},{comp.baseline:.6f},{s - comp.baseline:.6f}")
@@ -150,13 +152,17 @@ def _composition(ctx) -> dict:
 
 
 def run(ctx):
+    from mechscope.errors import BadInput
     from mechscope.techniques import circuits
 
-    tokens, heads = _check_args(ctx.args, ctx.model)
-    copying = circuits.copying_scores(ctx.model, effective=ctx.args.embedding == "effective")
+    if ctx.args.backend == "nnsight":   # refuse before loading a model that would be refused
+        raise BadInput(circuits.NO_WEIGHTS.format(engine="nnsight"))
+    model = circuits.weight_model(ctx.engine)
+    tokens, heads = _check_args(ctx.args, model)
+    copying = circuits.copying_scores(model, effective=ctx.args.embedding == "effective")
     top_copying = _copying(ctx, copying)
     if heads is None:
-        n_heads = ctx.model.cfg.n_heads
+        n_heads = model.cfg.n_heads
         heads = [(i // n_heads, i % n_heads) for i in copying.eig_ratio.flatten().topk(len(top_copying)).indices.tolist()]
     tables = _head_tables(ctx, heads, tokens)
     composition = _composition(ctx)

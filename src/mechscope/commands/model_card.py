@@ -4,6 +4,7 @@ IOI (held-out template x name-pair combinations), facts, induction (copy losses,
 and induction heads, ablation of the induction head), sentiment continuations.
 
     mechscope model-card --json
+    mechscope model-card --backend nnsight      # the same measurements on another engine (the HF export)
 """
 HELP = "measure the bundled model's behaviour and circuits (MODEL_CARD.md)"
 
@@ -15,7 +16,7 @@ def add_arguments(parser):
 def run(ctx):
     from mechscope.toy.card import measure
 
-    card = measure(ctx.model)
+    card = measure(ctx.engine)
     ind = card["induction"]
     text = "\n".join([
         f"IOI: accuracy {card['ioi']['accuracy']:.3f}, mean logit diff {card['ioi']['mean_logit_diff']:.2f} "

@@ -78,7 +78,7 @@ def run(ctx):
     from mechscope.techniques.logit_lens import lens_logits, residual_stack, stack_labels
     from mechscope.techniques.tuned_lens import kl_per_entry, train_tuned_lens
 
-    args, model = ctx.args, ctx.model
+    args, model = ctx.args, ctx.engine
     if args.steps < 1 or args.batch_tokens < 1 or args.lr <= 0:
         raise BadInput("--steps and --batch-tokens must be >= 1 and --lr > 0")
     if args.prompt is not None:

@@ -19,6 +19,9 @@ Composition of an earlier head A into a later head B (Elhage et al. 2021), for W
 - K: same with W_QK^B^T (A writes what B's key reads); V: with W_OV^B.
 Computed from d_head x d_head Gram matrices (float64), no d_model x d_model product;
 equal to `model.all_composition_scores(mode)`. Pairs with layer_B <= layer_A are 0, as there.
+
+These read transformer-lens's processed weights (W_E, W_Q, ..., `OV` / `QK` FactoredMatrix): they run on a
+HookedTransformer and on a TransformerBridge in compatibility mode (`weight_model`), not on nnsight.
 """
 from __future__ import annotations
 
@@ -30,6 +33,22 @@ from transformer_lens import FactoredMatrix
 MODES = ("Q", "K", "V")
 
 
+NO_WEIGHTS = ("circuits read transformer-lens weights (W_E, OV, QK, composition); the {engine} engine has none: "
+              "use --backend tl or --backend bridge")
+
+
+def weight_model(model):
+    """The transformer-lens object whose weights the circuits read (HookedTransformer, or TransformerBridge in
+    compatibility mode) from an engine or a raw model; BadInput on the nnsight engine."""
+    from mechscope.errors import BadInput
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    if engine.name not in ("tl", "bridge"):
+        raise BadInput(NO_WEIGHTS.format(engine=engine.name))
+    return engine.model
+
+
 def _float(fm: FactoredMatrix) -> FactoredMatrix:
     return FactoredMatrix(fm.A.float(), fm.B.float())
 
@@ -38,23 +57,26 @@ def _float(fm: FactoredMatrix) -> FactoredMatrix:
 def effective_embedding(model, layer: int, batch_size: int = 512) -> torch.Tensor:
     """[d_vocab, d_model] what the heads of `layer` read for each token: ln1 of the residual stream at position 1
     of `[BOS, token]` (token + position embedding + everything earlier layers add). Special tokens' rows are 0."""
+    from mechscope.models import as_engine
     from mechscope.techniques.heads import non_special_token_ids
 
-    tokens = non_special_token_ids(model).to(model.cfg.device)
-    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
-    hook = f"blocks.{layer}.hook_resid_pre"
-    out = torch.zeros(model.cfg.d_vocab, model.cfg.d_model, device=model.cfg.device)
+    engine = as_engine(model)
+    ln1 = weight_model(engine).blocks[layer].ln1
+    tokens = non_special_token_ids(engine).to(engine.cfg.device)
+    site = f"blocks.{layer}.hook_resid_pre"
+    out = torch.zeros(engine.cfg.d_vocab, engine.cfg.d_model, device=engine.cfg.device)
     for start in range(0, len(tokens), batch_size):
         ids = tokens[start:start + batch_size]
-        batch = torch.stack([torch.full_like(ids, bos), ids], dim=1)
-        _, cache = model.run_with_cache(batch, names_filter=hook, stop_at_layer=layer + 1)
-        out[ids] = model.blocks[layer].ln1(cache[hook][:, 1:2])[:, 0].float()
+        batch = torch.stack([torch.full_like(ids, engine.bos_token_id), ids], dim=1)
+        _, acts = engine.run(batch, read=[site])
+        out[ids] = ln1(acts[site][:, 1:2])[:, 0].float()
     return out
 
 
 def ov_circuit(model, layer: int, head: int | None = None, embedding: torch.Tensor | None = None) -> FactoredMatrix:
     """Full OV circuit E W_V W_O W_U of one head [d_vocab, d_vocab], or of every head of `layer`
     [n_heads, d_vocab, d_vocab]; factored, float32. E = W_E unless `embedding` [d_vocab, d_model] is given."""
+    model = weight_model(model)
     ov = model.OV[layer] if head is None else model.OV[layer, head]
     embed = model.W_E if embedding is None else embedding
     return embed.float() @ _float(ov) @ model.W_U.float()
@@ -63,6 +85,7 @@ def ov_circuit(model, layer: int, head: int | None = None, embedding: torch.Tens
 def qk_circuit(model, layer: int, head: int | None = None, embedding: torch.Tensor | None = None) -> FactoredMatrix:
     """Full QK circuit E W_Q W_K^T E^T (query token, key token) of one head [d_vocab, d_vocab], or of every
     head of `layer` [n_heads, d_vocab, d_vocab]; factored, float32. E = W_E unless `embedding` is given."""
+    model = weight_model(model)
     qk = model.QK[layer] if head is None else model.QK[layer, head]
     embed = (model.W_E if embedding is None else embedding).float()
     return embed @ _float(qk) @ embed.T
@@ -86,6 +109,7 @@ def eigenvalue_copying(circuit: FactoredMatrix) -> tuple[torch.Tensor, torch.Ten
 def copying_scores(model, effective: bool = False) -> CopyingScores:
     """Copying scores of every head's full OV circuit, one layer at a time (memory: n_heads * d_vocab * d_head);
     `effective` reads tokens through `effective_embedding` of each layer instead of W_E."""
+    model = weight_model(model)
     per_layer = [eigenvalue_copying(ov_circuit(model, layer, embedding=effective_embedding(model, layer)
                                                if effective else None))
                  for layer in range(model.cfg.n_layers)]
@@ -216,6 +240,7 @@ def composition_scores(model, mode: str, n_seeds: int = 5) -> CompositionScores:
     """Q-, K- or V-composition scores of every pair of heads (A in an earlier layer than B), with a random baseline."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    model = weight_model(model)
     scores = _composition(model.W_Q, model.W_K, model.W_V, model.W_O, mode).cpu()
     mean, std = random_baseline(model.cfg.d_model, model.cfg.d_head, mode, n_seeds)
     return CompositionScores(mode=mode, scores=scores, baseline=mean, baseline_std=std)

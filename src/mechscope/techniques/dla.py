@@ -1,128 +1,264 @@
 """Direct logit attribution (DLA): how much each component writes directly to a logit (difference).
 
-At the last position the final residual stream is a sum of parts: embed + pos_embed + every attention
-layer (its heads + b_O) + every MLP layer (its neurons + b_out). The logit is
+At a position, the final residual stream is a sum of parts: the embedding part (`blocks.0.hook_resid_pre`:
+the token embedding, plus the learned positions on models that add them to the residual, reported on their
+own as pos_embed) + every attention layer (its heads + b_O) + every MLP layer (its neurons + b_out).
+Shortformer models (transformer-lens's attn-only-Nl) add positions only to queries and keys, rotary models
+inside attention: there pos_embed is 0, because no position vector is in the residual. The logit is
 
-    logit[t] = ln_final(resid) @ W_U[:, t] + b_U[t],   ln_final(x) = (x - mean x) / scale * w + b
+    logit[t] = norm(resid) @ W_U[:, t] + b_U[t],   norm(x) = (x - centre) / scale * w + b
 
-and the final LayerNorm is linear once its scale is frozen at the value this forward pass computed
-(`ln_final.hook_scale`), so each part c contributes  centre(c) / scale * w @ W_U[:, t]  and the parts
-plus the two bias terms (b @ W_U[:, t], and b_U[t]) sum to the logit exactly. Tutorial code drops
-the scale, or w and b on models whose LayerNorm is not folded: then the parts do not sum to the logit.
-With a wrong answer B, every term is taken for W_U[:, A] - W_U[:, B] (a logit difference).
+(LayerNorm centres, RMSNorm does not; Gemma's (1 + w) is the engine's `final_norm.weight`). The final norm
+is linear once its scale is frozen at the value this forward pass computed, so each part c contributes
+c @ read with read = centre(w * W_U[:, t]) / scale, and the parts plus the two bias terms (b @ W_U[:, t],
+and b_U[t]) sum to the logit exactly. Tutorial code drops the scale, or w and b on models whose norm is
+not folded: then the parts do not sum to the logit. With a wrong answer B, every term is taken for
+W_U[:, A] - W_U[:, B] (a logit difference).
+
+A head's part is z_h @ W_O[h] @ read (`attn.hook_z`; on nnsight the output projection's input split by
+heads). On models with a norm after each sublayer (Gemma 2: hook_attn_out is after that norm) the heads'
+and neurons' parts go through that RMS norm with its scale frozen (an element-wise gain), so they still
+sum to their layer. After a final logit soft cap (Gemma 2) the parts sum to the logit difference before
+the cap (`readout`), which is the model's logit difference passed through the cap.
+
+Everything runs through the engine API, so it is the same on transformer-lens, TransformerBridge and nnsight.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
 
 import torch
 
 
 @dataclass
 class DLA:
-    """Contributions at the last position. batch rows; L layers, H heads, d_mlp neurons."""
+    """Contributions at one position per row (the last, or `positions`). L layers, H heads, d_mlp neurons."""
     metric: torch.Tensor        # [batch] the model's logit (difference) from its own forward pass
+    readout: torch.Tensor       # [batch] the final residual through the frozen final norm (= metric before a soft cap)
     embed: torch.Tensor         # [batch]
-    pos_embed: torch.Tensor     # [batch] (0 for models without learned positions)
+    pos_embed: torch.Tensor     # [batch] (0 where positions are not added to the residual)
     attn: torch.Tensor          # [batch, L] whole attention layer output (heads + b_O)
     heads: torch.Tensor         # [batch, L, H]
     attn_bias: torch.Tensor     # [batch, L] b_O
     mlp: torch.Tensor           # [batch, L] whole MLP output (neurons + b_out)
-    neurons: torch.Tensor       # [batch, L, d_mlp]
-    ln_bias: torch.Tensor       # [batch] ln_final.b @ direction (0 when LayerNorm is folded)
+    neurons: torch.Tensor       # [batch, L, d_mlp] (d_mlp = 0 when not read)
+    ln_bias: torch.Tensor       # [batch] final norm bias @ direction (0 when folded or absent)
     unembed_bias: torch.Tensor  # [batch] b_U term
-    read: torch.Tensor          # [batch, d_model] any part c contributes c @ read (LN centring, w, scale folded in)
+    read: torch.Tensor          # [batch, d_model] a plain residual part c contributes c @ read
 
     def total(self) -> torch.Tensor:
-        """[batch] sum of the parts; equals `metric` up to float error."""
+        """[batch] sum of the parts; equals `readout` (and `metric` without a soft cap) up to float error."""
         return (self.embed + self.pos_embed + self.attn.sum(-1) + self.mlp.sum(-1)
                 + self.ln_bias + self.unembed_bias)
+
+    @classmethod
+    def cat(cls, parts: list["DLA"]) -> "DLA":
+        """Rows of several results, in order."""
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def select(self, rows) -> "DLA":
+        return type(self)(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def components(self) -> tuple[list[str], torch.Tensor]:
+        """(names, values [batch, m]) of every row of `table` but neurons: embed, pos_embed, each layer's
+        attn / b_O / mlp, each head, the final-norm bias and the unembedding bias. Layers overlap their heads."""
+        names, columns = ["embed", "pos_embed"], [self.embed, self.pos_embed]
+        n_layers, n_heads = self.heads.shape[1:]
+        for layer in range(n_layers):
+            names += [f"L{layer} attn", f"L{layer} attn b_O", f"L{layer} mlp"]
+            columns += [self.attn[:, layer], self.attn_bias[:, layer], self.mlp[:, layer]]
+            names += [f"L{layer}H{h}" for h in range(n_heads)]
+            columns += list(self.heads[:, layer].unbind(-1))
+        names += ["ln_final bias", "unembed bias"]
+        columns += [self.ln_bias, self.unembed_bias]
+        return names, torch.stack(columns, -1).float()
+
+    def layer_parts(self) -> tuple[list[str], torch.Tensor]:
+        """(names, values [batch, 2 + 2L]): the parts that do not overlap and (with the two bias terms) sum
+        to the total: embed, pos_embed, then each layer's attn and mlp."""
+        n_layers = self.attn.shape[1]
+        names = ["embed", "pos_embed"] + [f"L{layer} {kind}" for layer in range(n_layers) for kind in ("attn", "mlp")]
+        per_layer = torch.stack([self.attn, self.mlp], -1).reshape(len(self.attn), -1)
+        return names, torch.cat([self.embed[:, None], self.pos_embed[:, None], per_layer], -1).float()
+
+    def head_names(self) -> list[str]:
+        n_layers, n_heads = self.heads.shape[1:]
+        return [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
 
     def table(self, n_neurons: int = 10) -> list[dict]:
         """Rows {name, kind, layer, index, value} averaged over the batch, sorted by |value|, with the top
         `n_neurons` neurons by |value|. Layer rows overlap their heads / neurons: do not add across kinds."""
-        attn, heads, attn_bias, mlp, neurons = (t.float().mean(0) for t in (
-            self.attn, self.heads, self.attn_bias, self.mlp, self.neurons))
-        rows = [("embed", "embed", None, None, self.embed), ("pos_embed", "pos_embed", None, None, self.pos_embed),
-                ("ln_final bias", "ln_bias", None, None, self.ln_bias),
-                ("unembed bias", "unembed_bias", None, None, self.unembed_bias)]
-        rows = [(name, kind, layer, index, v.float().mean()) for name, kind, layer, index, v in rows]
-        for layer in range(attn.shape[0]):
-            rows += [(f"L{layer} attn", "attn", layer, None, attn[layer]),
-                     (f"L{layer} attn b_O", "attn_bias", layer, None, attn_bias[layer]),
-                     (f"L{layer} mlp", "mlp", layer, None, mlp[layer])]
-            rows += [(f"L{layer}H{h}", "head", layer, h, heads[layer, h]) for h in range(heads.shape[1])]
+        names, values = self.components()
+        means = values.mean(0)
+        rows = [{"name": name, **_kind(name), "value": float(v)} for name, v in zip(names, means)]
+        neurons = self.neurons.float().mean(0)
         flat = neurons.flatten()
         for i in flat.abs().topk(min(n_neurons, flat.numel())).indices.tolist():
             layer, n = divmod(i, neurons.shape[1])
-            rows.append((f"L{layer}N{n}", "neuron", layer, n, flat[i]))
-        table = [{"name": name, "kind": kind, "layer": layer, "index": index, "value": float(v)}
-                 for name, kind, layer, index, v in rows]
-        return sorted(table, key=lambda r: -abs(r["value"]))
+            rows.append({"name": f"L{layer}N{n}", "kind": "neuron", "layer": layer, "index": n, "value": float(flat[i])})
+        return sorted(rows, key=lambda r: -abs(r["value"]))
 
 
-def _final_ln(model):
-    """(weight or None, bias or None, centres?) of the final normalization."""
-    ln = getattr(model, "ln_final", None)
-    centres = model.cfg.normalization_type in ("LN", "LNPre") and not model.cfg.final_rms
-    return getattr(ln, "w", None), getattr(ln, "b", None), centres
+_MODEL_WIDE = {"embed": "embed", "pos_embed": "pos_embed", "ln_final bias": "ln_bias", "unembed bias": "unembed_bias"}
 
 
-def hook_names(model) -> list[str]:
-    """Everything DLA reads from the cache."""
-    names = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale"]
-    for layer in range(model.cfg.n_layers):
+def _kind(name: str) -> dict:
+    """{kind, layer, index} of a component name ("L1H2" -> head 1 2, "L0 attn b_O" -> attn_bias 0 None)."""
+    if name in _MODEL_WIDE:
+        return {"kind": _MODEL_WIDE[name], "layer": None, "index": None}
+    m = re.fullmatch(r"L(\d+)H(\d+)", name)
+    if m:
+        return {"kind": "head", "layer": int(m.group(1)), "index": int(m.group(2))}
+    layer, kind = re.fullmatch(r"L(\d+) (.+)", name).groups()
+    return {"kind": {"attn": "attn", "attn b_O": "attn_bias", "mlp": "mlp"}[kind], "layer": int(layer), "index": None}
+
+
+def adds_positions(engine) -> bool:
+    """Whether learned position vectors are added to the residual stream (not shortformer / rotary / alibi)."""
+    return engine.cfg.positional_embedding_type == "standard" and engine.has_site("hook_pos_embed")
+
+
+def sites(model, neurons: bool = True) -> list[str]:
+    """Everything DLA reads (mlp.hook_post only when `neurons` and the engine offers it)."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    cfg = engine.cfg
+    names = ["blocks.0.hook_resid_pre", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+    names += ["hook_pos_embed"] if adds_positions(engine) else []
+    for layer in range(cfg.n_layers):
         names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"]
-        if not model.cfg.attn_only:
-            names += [f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.mlp.hook_post"]
+        if not cfg.attn_only:
+            names.append(f"blocks.{layer}.hook_mlp_out")
+            if neurons and engine.has_site(f"blocks.{layer}.mlp.hook_post"):
+                names.append(f"blocks.{layer}.mlp.hook_post")
     return names
 
 
-@torch.no_grad()
-def dla(model, tokens: torch.Tensor, answer: torch.Tensor | int, wrong: torch.Tensor | int | None = None) -> DLA:
-    """Direct logit attribution at the last position of tokens [batch, seq] to answer ([batch] or int)
-    or to logit[answer] - logit[wrong]."""
-    batch, L = tokens.shape[0], model.cfg.n_layers
-    logits, cache = model.run_with_cache(tokens, names_filter=hook_names(model))
-    last = lambda name: cache[name][:, -1].float()  # noqa: E731  [batch, ...] at the last position
-    answer = torch.as_tensor(answer, device=tokens.device).expand(batch)
-    rows = torch.arange(batch, device=tokens.device)
-    W_U = model.W_U.float()
-    direction = W_U[:, answer].T                                       # [batch, d_model]
-    bias = model.b_U.float()[answer]                                   # [batch]
-    metric = logits[rows, -1, answer].float()
-    if wrong is not None:
-        wrong = torch.as_tensor(wrong, device=tokens.device).expand(batch)
-        direction = direction - W_U[:, wrong].T
-        bias = bias - model.b_U.float()[wrong]
-        metric = metric - logits[rows, -1, wrong].float()
+def _post_norm_gain(out: torch.Tensor, pre: torch.Tensor) -> torch.Tensor | None:
+    """None when a sublayer writes `pre` itself ([batch, d_model], the sum of its heads / neurons and bias);
+    else the element-wise gain out / pre of the RMS norm between them (its scale frozen; Gemma 2)."""
+    tol = 1e-3 if out.dtype == torch.float32 else 3e-2
+    if (out - pre).norm() <= tol * out.norm().clamp_min(1e-12):
+        return None
+    return torch.where(pre != 0, out / pre, torch.zeros_like(pre))
 
-    w, b, centres = _final_ln(model)
-    ln_bias = direction @ b.float() if b is not None else torch.zeros(batch, device=direction.device)
-    # the direction a residual-stream vector is read along: centring and w moved onto the direction
-    read = direction * w.float() if w is not None else direction
-    if centres:
+
+def _rows_per_forward(engine, seq: int, neurons: bool) -> int:
+    """Rows per forward so that the activations read stay near 512 MB."""
+    c = engine.cfg
+    per_row = seq * 4 * (c.d_model * (3 + 2 * c.n_layers) + c.n_layers * c.n_heads * c.d_head
+                         + (c.n_layers * c.d_mlp if neurons else 0))
+    return max(1, 2**29 // max(per_row, 1))
+
+
+@torch.no_grad()
+def dla(model, tokens: torch.Tensor, answer, wrong=None, positions=None, edits=(), neurons: bool = True,
+        rows_per_forward: int | None = None) -> DLA:
+    """Direct logit attribution in tokens [batch, seq] (right-padded rows are fine) at `positions` ([batch]
+    token index per row, default the last) to answer ([batch] or int), or to logit[answer] - logit[wrong].
+    `edits` ([(site, fn)], e.g. techniques.ablation.ablation_edits) are held during the forward."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    batch, seq = tokens.shape
+    positions = torch.full((batch,), seq - 1) if positions is None else torch.as_tensor(positions).reshape(-1).cpu()
+    answer = torch.as_tensor(answer).reshape(-1).expand(batch).cpu()
+    wrong = None if wrong is None else torch.as_tensor(wrong).reshape(-1).expand(batch).cpu()
+    step = rows_per_forward or _rows_per_forward(engine, seq, neurons)
+    parts = []
+    for start in range(0, batch, step):
+        rows = slice(start, start + step)
+        parts.append(_dla(engine, tokens[rows], answer[rows], None if wrong is None else wrong[rows],
+                          positions[rows], edits, neurons))
+    return DLA.cat(parts)
+
+
+def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
+    cfg = engine.cfg
+    names = sites(engine, neurons)
+    logits, acts = engine.run(tokens, read=names, edits=edits, positions=positions.to(tokens.device))
+    batch = len(tokens)
+    rows = torch.arange(batch)
+
+    def at(name):  # [batch, ...] at each row's position, float32 on the CPU
+        act = acts[name]
+        return act[rows.to(act.device), positions.to(act.device)].float().cpu()
+
+    W_U = engine.W_U
+    direction = W_U[:, answer.to(W_U.device)].T.float().cpu()               # [batch, d_model]
+    b_U = engine.b_U.float().cpu()
+    unembed_bias = b_U[answer]
+    metric = logits[rows.to(logits.device), answer.to(logits.device)].float().cpu()
+    if wrong is not None:
+        direction = direction - W_U[:, wrong.to(W_U.device)].T.float().cpu()
+        unembed_bias = unembed_bias - b_U[wrong]
+        metric = metric - logits[rows.to(logits.device), wrong.to(logits.device)].float().cpu()
+
+    norm = engine.final_norm
+    resid = at(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
+    ln_bias = direction @ norm.bias.float().cpu() if norm.bias is not None else torch.zeros(batch)
+    read = direction * norm.weight.float().cpu() if norm.weight is not None else direction
+    if norm.centres:
         read = read - read.mean(-1, keepdim=True)
-    if "ln_final.hook_scale" in cache:
-        read = read / last("ln_final.hook_scale")                     # scale: [batch, 1]
+    read = read / norm.scale(resid)                                          # scale: [batch, 1]
     dot = lambda x: (x * read).sum(-1)  # noqa: E731  [batch, d_model] -> [batch]
 
-    heads, attn, attn_bias, mlp, neurons = [], [], [], [], []
-    for layer in range(L):
-        W_O = model.W_O[layer].float()                                 # [H, d_head, d_model]
-        per_head = torch.einsum("bhk,hkd,bd->bh", last(f"blocks.{layer}.attn.hook_z"), W_O, read)
-        heads.append(per_head)
-        attn.append(dot(last(f"blocks.{layer}.hook_attn_out")))
-        attn_bias.append(read @ model.b_O[layer].float())
-        if model.cfg.attn_only:
-            mlp.append(torch.zeros(batch, device=read.device))
-            neurons.append(torch.zeros(batch, 0, device=read.device))
-        else:
-            mlp.append(dot(last(f"blocks.{layer}.hook_mlp_out")))
-            neurons.append(last(f"blocks.{layer}.mlp.hook_post") * (read @ model.W_out[layer].float().T))
-    pos_embed = dot(last("hook_pos_embed")) if "hook_pos_embed" in cache else torch.zeros(batch, device=read.device)
-    return DLA(metric=metric.cpu(), embed=dot(last("hook_embed")).cpu(), pos_embed=pos_embed.cpu(),
-               attn=torch.stack(attn, 1).cpu(), heads=torch.stack(heads, 1).cpu(),
-               attn_bias=torch.stack(attn_bias, 1).cpu(), mlp=torch.stack(mlp, 1).cpu(),
-               neurons=torch.stack(neurons, 1).cpu(), ln_bias=ln_bias.cpu(), unembed_bias=bias.cpu(),
-               read=read.cpu())
+    pos_embed = dot(at("hook_pos_embed")) if adds_positions(engine) else torch.zeros(batch)
+    heads, attn, attn_bias, mlp, neuron_parts = [], [], [], [], []
+    post_norm = False
+    for layer in range(cfg.n_layers):
+        out = at(f"blocks.{layer}.hook_attn_out")
+        per_head = torch.einsum("bhk,hkd->bhd", at(f"blocks.{layer}.attn.hook_z"), engine.W_O(layer).float().cpu())
+        b_O = engine.b_O(layer).float().cpu()
+        gain = _post_norm_gain(out, per_head.sum(1) + b_O)
+        post_norm |= gain is not None
+        head_read = read if gain is None else read * gain
+        heads.append(torch.einsum("bhd,bd->bh", per_head, head_read))
+        attn_bias.append(head_read @ b_O)
+        attn.append(dot(out))
+        if cfg.attn_only:
+            mlp.append(torch.zeros(batch))
+            neuron_parts.append(torch.zeros(batch, 0))
+            continue
+        out = at(f"blocks.{layer}.hook_mlp_out")
+        mlp.append(dot(out))
+        site = f"blocks.{layer}.mlp.hook_post"
+        if site not in acts:
+            neuron_parts.append(torch.zeros(batch, 0))
+            continue
+        post, W_out = at(site), engine.W_out(layer).float().cpu()             # [batch, d_mlp], [d_mlp, d_model]
+        # post-norm models (detected at the attention) have no MLP bias: the gain is out / (post @ W_out)
+        neuron_read = read if not post_norm else read * _post_norm_gain(out, post @ W_out)
+        neuron_parts.append(post * (neuron_read @ W_out.T))
+    embed = dot(at("blocks.0.hook_resid_pre")) - pos_embed
+    return DLA(metric=metric, readout=dot(resid) + ln_bias + unembed_bias, embed=embed, pos_embed=pos_embed,
+               attn=torch.stack(attn, 1), heads=torch.stack(heads, 1), attn_bias=torch.stack(attn_bias, 1),
+               mlp=torch.stack(mlp, 1), neurons=torch.stack(neuron_parts, 1), ln_bias=ln_bias,
+               unembed_bias=unembed_bias, read=read)
+
+
+def with_ablated(model, tokens, answer, wrong, components, method: str = "mean", positions=None,
+                 lengths=None, clean: DLA | None = None) -> tuple[DLA, DLA]:
+    """(clean, ablated): DLA (no neurons) on tokens [n, seq] as it is (or `clean`, already computed) and with
+    `components` (techniques.ablation Components) held ablated: "zero", or "mean" over the same prompts (BOS
+    and right padding excluded; lengths [n] = each row's real length). Components whose direct effect grows
+    when others are removed are backups (Wang et al. 2022's backup name movers)."""
+    from mechscope.techniques.ablation import ablation_edits
+
+    edits = ablation_edits(model, components, method, reference=tokens, lengths=lengths)
+    clean = clean if clean is not None else dla(model, tokens, answer, wrong, positions, neurons=False)
+    return clean, dla(model, tokens, answer, wrong, positions, edits=edits, neurons=False)
+
+
+def direct_effect_change(clean: DLA, ablated: DLA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(change [n, m] for the columns of `components()`, rescale [n]). The ablated run has its own final-norm
+    scale, which alone multiplies every residual part by rescale = clean scale / ablated scale; change is each
+    part of the ablated run at the clean run's scale minus its clean value (the bias terms do not scale), so a
+    component whose input did not change has change 0 and a backup that writes more has change > 0."""
+    names, before = clean.components()
+    _, after = ablated.components()
+    rescale = ablated.read.norm(dim=-1) / clean.read.norm(dim=-1)
+    scales = torch.tensor([name not in ("ln_final bias", "unembed bias") for name in names])
+    return torch.where(scales, after / rescale[:, None], after) - before, rescale

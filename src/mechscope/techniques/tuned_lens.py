@@ -4,13 +4,13 @@ ln_final + unembed of the translated stream matches the model's final next-token
     translated(h) = h + h @ weight + bias      (weight = 0, bias = 0 at init: the logit lens)
 
 Training minimises the sum over entries of KL(final || translated), averaged over token positions
-(BOS excluded), with Adam on residual streams computed once (the model is frozen). The last entry
-("final_post") is the model's output and keeps the identity. The tuned-lens package's own training
-code does not run with the installed torchdata, hence this small loop.
+(BOS excluded), with Adam on residual streams computed once (gradients only for the translators, none
+reach the model). The last entry ("final_post") is the model's output and keeps the identity. The
+tuned-lens package's own training code does not run with the installed torchdata, hence this small loop.
+Residuals and the read-out come from the engine API, so it trains on transformer-lens, the bridge or nnsight.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -50,11 +50,13 @@ class TunedLens:
 
 def corpus_tokens(model, text: str, seq_len: int = 64) -> torch.Tensor:
     """[rows, seq_len] token ids: the text tokenized once, cut into rows of seq_len - 1 tokens, BOS first."""
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     rows = len(ids) // (seq_len - 1)
     body = torch.tensor(ids[: rows * (seq_len - 1)], dtype=torch.long).reshape(rows, seq_len - 1)
-    return torch.cat([torch.full((rows, 1), bos), body], dim=1).to(model.cfg.device)
+    return torch.cat([torch.full((rows, 1), engine.bos_token_id), body], dim=1).to(engine.cfg.device)
 
 
 @torch.no_grad()
@@ -71,18 +73,6 @@ def _kl(final_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1)
 
 
-@contextmanager
-def _frozen(model):
-    """The model's parameters without gradients inside the block (restored after)."""
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-
-
 def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_tokens: int = 512,
                      seed: int = 0) -> TunedLens:
     """Translators for every entry of the residual stack, trained on tokens [rows, seq]. Deterministic
@@ -94,14 +84,13 @@ def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 
     lens = TunedLens(labels=stack_labels(model)[:-1], weight=weight, bias=bias)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    with _frozen(model):
+    with torch.enable_grad():
         for _ in range(steps):
             idx = torch.randint(0, stream.shape[1], (batch_tokens,), generator=gen).to(stream.device)
             batch = stream[:, idx]                               # [n + 1, B, d_model]
             logits = lens_logits(model, lens.translate(batch))  # [n + 1, B, d_vocab]
             loss = _kl(logits[-1].detach(), logits[:-1]).mean(-1).sum()
-            optimizer.zero_grad()
-            loss.backward()
+            weight.grad, bias.grad = torch.autograd.grad(loss, [weight, bias])   # the model gets no .grad
             optimizer.step()
             lens.losses.append(loss.item())
     lens.weight, lens.bias = weight.detach(), bias.detach()

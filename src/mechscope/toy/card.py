@@ -1,7 +1,8 @@
 """The measurements behind MODEL_CARD.md: IOI, facts, induction (+ its heads and their ablation), sentiment.
 
-`python -m mechscope.toy.card` (or `mechscope model-card`) prints them; the tests assert the card's
-thresholds on the shipped weights, and the technique tests use the heads found here as ground truth.
+`python -m mechscope.toy.card` (or `mechscope model-card [--backend tl|bridge|nnsight]`) prints them; the
+tests assert the card's thresholds on the shipped weights, and the technique tests use the heads found here
+as ground truth. Everything runs through the engine API, so each engine measures the same card.
 """
 from __future__ import annotations
 
@@ -14,18 +15,29 @@ from mechscope.techniques.heads import head_scores, repeated_random_tokens
 from mechscope.toy import corpus
 
 
-def _next_token_logits(model, prompts: list[str]) -> torch.Tensor:
-    """[n_prompts, d_vocab] logits at each prompt's last token; prompts of equal length share a forward."""
-    rows = [model.to_tokens(p)[0] for p in prompts]
-    out = torch.empty(len(rows), model.cfg.d_vocab)
-    for length in {len(r) for r in rows}:
-        index = [i for i, r in enumerate(rows) if len(r) == length]
-        out[index] = model(torch.stack([rows[i] for i in index]))[:, -1].float().cpu()
-    return out
+def _engine(model):
+    from mechscope.models import as_engine
+
+    return as_engine(model)
+
+
+def _next_token_logits(model, prompts: list[str], rows_per_forward: int = 128) -> torch.Tensor:
+    """[n_prompts, d_vocab] logits at each prompt's last token (right-padded batches)."""
+    from mechscope import tasks
+
+    engine = _engine(model)
+    rows = [engine.to_tokens(p)[0] for p in prompts]
+    out = []
+    for start in range(0, len(rows), rows_per_forward):
+        tokens, lengths = tasks.padded(engine, rows[start:start + rows_per_forward])
+        out.append(engine.run(tokens, positions=lengths - 1)[0].float().cpu())
+    return torch.cat(out)
 
 
 def _token_id(model, word: str) -> int:
-    return model.to_single_token(word)
+    from mechscope import inputs
+
+    return inputs.single_token(_engine(model), word)
 
 
 @torch.no_grad()
@@ -51,42 +63,47 @@ def facts(model) -> dict:
             "wrong": [p for (p, _), ok in zip(prompts, correct) if not ok]}
 
 
-def copy_losses(model, tokens: torch.Tensor, seq_len: int, fwd_hooks=()) -> tuple[float, float]:
-    """Mean next-token loss on the first and the second copy of `[BOS, r, r]` (first token of each copy excluded)."""
-    logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
+def copy_losses(model, tokens: torch.Tensor, seq_len: int, edits=()) -> tuple[float, float]:
+    """Mean next-token loss on the first and the second copy of `[BOS, r, r]` (first token of each copy excluded),
+    with engine edits [(site, fn)] held during the forward."""
+    logits, _ = _engine(model).run(tokens, edits=list(edits))
     loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")  # [b, 2L]
     L = seq_len
     # loss[:, t] predicts token t+1; first copy = tokens 2..L, second copy = tokens L+2..2L
     return float(loss[:, 1:L].mean()), float(loss[:, L + 1:].mean())
 
 
-def _head_ablation_hook(head: int, value: torch.Tensor | None):
-    def hook(z, hook):
-        z[:, :, head] = 0.0 if value is None else value
+def _head_ablation(head: int, value: torch.Tensor | None):
+    """An edit of attn.hook_z [batch, pos, n_heads, d_head] writing 0 (value None) or value into one head."""
+    def edit(z):
+        z = z.clone()
+        z[:, :, head] = 0.0 if value is None else value.to(z.dtype)
         return z
-    return hook
+    return edit
 
 
 @torch.no_grad()
 def induction(model, n_sequences: int = 64, seed: int = 0) -> dict:
-    """Copy losses for r of 10..20 words, the top previous-token / induction heads, and ablating the latter."""
+    """Copy losses for r of 10..20 words, the top previous-token / induction heads, and ablating the latter
+    (zero, or its mean over all positions of the same sequences)."""
+    engine = _engine(model)
     per_len = []
     for L in (10, 15, 20):
-        toks = repeated_random_tokens(model, n_sequences, L, seed=seed + L)
-        per_len.append((L, toks, *copy_losses(model, toks, L)))
-    scores = head_scores(model, n_sequences=n_sequences, seq_len=20, seed=seed)
+        toks = repeated_random_tokens(engine, n_sequences, L, seed=seed + L)
+        per_len.append((L, toks, *copy_losses(engine, toks, L)))
+    scores = head_scores(engine, n_sequences=n_sequences, seq_len=20, seed=seed)
     prev_layer, prev_head, prev_score = scores.top("previous_token", 1)[0]
     ind_layer, ind_head, ind_score = scores.top("induction", 1)[0]
-    hook_name = f"blocks.{ind_layer}.attn.hook_z"
+    site = f"blocks.{ind_layer}.attn.hook_z"
     ablated = {}
     for kind in ("zero", "mean"):
         increases = []
         for L, toks, _, second in per_len:
             value = None
             if kind == "mean":
-                _, cache = model.run_with_cache(toks, names_filter=hook_name)
-                value = cache[hook_name][:, :, ind_head].mean(dim=(0, 1))
-            _, second_ablated = copy_losses(model, toks, L, [(hook_name, _head_ablation_hook(ind_head, value))])
+                _, acts = engine.run(toks, read=[site])
+                value = acts[site][:, :, ind_head].mean(dim=(0, 1))
+            _, second_ablated = copy_losses(engine, toks, L, [(site, _head_ablation(ind_head, value))])
             increases.append(second_ablated - second)
         ablated[kind] = sum(increases) / len(increases)
     return {
@@ -118,7 +135,8 @@ def sentiment(model) -> dict:
 
 
 def measure(model) -> dict:
-    return {"ioi": ioi(model), "facts": facts(model), "induction": induction(model), "sentiment": sentiment(model)}
+    engine = _engine(model)
+    return {"ioi": ioi(engine), "facts": facts(engine), "induction": induction(engine), "sentiment": sentiment(engine)}
 
 
 def main() -> None:
