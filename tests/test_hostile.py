@@ -182,7 +182,8 @@ CASES = [
     (["dla", "--answer", "mary john"], "single token"),
     (["dla", "--answer", ""], "empty"),
     (["dla", "--prompt", IOI, "--answer", "mary", "--wrong", "mary"], "same token"),
-    (["dla", "--prompt", IOI, "--wrong", "zzqqxx"], "single token"),
+    (["dla", "--prompt", IOI, "--answer", "mary", "--wrong", "zzqqxx"], "single token"),
+    (["dla", "--prompt", IOI, "--wrong", "john"], "needs --answer"),
     (["dla", "--neurons", "-1"], "--neurons"),
     (["dla", "--top", "0"], "--top"),
     # ---- patch
@@ -253,13 +254,13 @@ CASES = [
     (["ablate", "--seq-len", "1"], "--seq-len"),
     (["ablate", "--seq-len", "1000"], "--seq-len"),
     (["ablate", "--prompt", IOI], "--answer"),
-    (["ablate", "--prompt", IOI, "--prompt", "the cat", "--answer", "mary"], "same number of tokens"),
+    (["ablate", "--prompt", IOI, "--task", "ioi"], "one source of prompts"),
     (["ablate", "--prompt", IOI, "--answer", "mary", "--answer", "john", "--answer", "mary"], "one per prompt"),
     (["ablate", "--prompt", IOI, "--answer", "mary john"], "single token"),
     (["ablate", "--prompt", "", "--answer", "mary"], "empty"),
-    (["ablate", "--prompt", IOI, "--answer", "mary", "--reference", "the cat", "--per-position"], "--per-position"),
+    (["ablate", "--prompt", IOI, "--answer", "mary", "--reference", "the cat", "--per-position"], "per-position"),
     (["ablate", "--reference", ""], "empty"),
-    (["ablate", "--task", "facts"], "invalid choice"),
+    (["ablate", "--task", "sentiment"], "invalid choice"),
     # ---- heads
     (["heads", "--heads", "9.9"], "out of range"),
     (["heads", "--heads", "0.9"], "out of range"),
@@ -319,7 +320,7 @@ CASES = [
     # ---- steer
     (["steer", "--strengths", "nan,inf"], "finite"),
     (["steer", "--strengths", "0,-inf"], "finite"),
-    (["steer", "--strengths", "1e308"], "overflow"),
+    (["steer", "--strengths", "1e308"], "1e6"),
     (["steer", "--strengths", "1e309"], "finite"),
     (["steer", "--strengths", ""], "--strengths"),
     (["steer", "--strengths", "a,b"], "--strengths"),
@@ -341,7 +342,8 @@ CASES = [
     (["steer", "--positive-words", "zzqqxx,qqzzyy"], "single token"),
     (["steer", "--prompt", ""], "empty"),
     (["steer", "--prompt", "the " * 120], "context"),
-    (["steer", "--positive", ""], "empty"),
+    (["steer", "--positive", ""], "--negative"),
+    (["steer", "--positive", "", "--negative", "i hate this !"], "contrast prompts"),  # "" is in every prompt
     (["steer", "--positive", "i love this !", "--negative", "i love this !"], "zero"),
     (["steer", "--vector-position", "first"], "invalid choice"),
     # ---- validate-circuit

@@ -158,7 +158,7 @@ def run(ctx):
     ps = prompt_sets.load(ctx)
     if ps is None and (args.keys or args.query != "END"):
         raise BadInput("--from / --to read attention over a prompt set: add --task ioi|facts or --prompts FILE")
-    prompt = ps.prompts[0].text if ps is not None else (args.prompt or DEFAULT_PROMPT)
+    prompt = ps.prompts[0].text if ps is not None else (DEFAULT_PROMPT if args.prompt is None else args.prompt)
     tokens = inputs.tokens(engine, prompt)
     if args.heads:
         heads = inputs.parse_heads(engine, args.heads)
