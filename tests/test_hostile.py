@@ -38,6 +38,11 @@ def _files(root):
     put("numeric_prompt.json", json.dumps([{"clean": 5, "corrupted": 7, "answer": "mary", "wrong": "john"}]))
     put("empty_prompt.json", json.dumps([{"clean": "  ", "corrupted": "  ", "answer": "mary", "wrong": "john"}]))
     put("long_pair.json", json.dumps([{"clean": LONG, "corrupted": LONG, "answer": "mary", "wrong": "john"}]))
+    put("prompts_cut.json", '["a",')
+    put("prompts_missing_word.json", json.dumps([{"prompt": "the cat", "positions": {"X": "dog"}}]))
+    put("prompts_two_tokens.json", json.dumps([{"prompt": "the cat", "answer": "mary john"}]))
+    put("prompts_same.json", json.dumps([{"prompt": "the cat", "answer": "mary", "wrong": "mary"}]))
+    put("prompts_numbers.json", "[5]")
     put("bad.jsonl", '{"prompt": "i love this", "label": "pos"}\n{oops\n')
     put("no_label.jsonl", '{"prompt": "i love this"}\n')
     put("list_rows.jsonl", "[1, 2]\n")
@@ -132,6 +137,20 @@ CASES = [
     (["dla", "--out", "{under_file}"], "--out"),
     (["predict", "--no-such-flag"], "unrecognized"),
     (["no-such-command"], "invalid choice"),
+    # ---- prompt sets (--task / --prompts, shared by predict, logit-lens, dla, heads, ablate, steer, ...)
+    (["dla", "--prompts", "{prompts_cut.json}"], "not JSON"),
+    (["dla", "--prompts", "{list.json}"], "no prompts"),
+    (["dla", "--prompts", "{prompts_missing_word.json}"], "not in the prompt"),
+    (["dla", "--prompts", "{prompts_two_tokens.json}"], "single token"),
+    (["dla", "--prompts", "{prompts_same.json}"], "same token"),
+    (["dla", "--task", "ioi", "--n", "0"], "--n"),
+    (["dla", "--task", "ioi", "--n", "1000000000"], "at most"),
+    (["predict", "--prompts", "{prompts_numbers.json}"], "prompt"),
+    (["predict", "--prompts", "{full}"], "not a file"),
+    (["logit-lens", "--prompts", "{binary.dat}"], "cannot read"),
+    (["heads", "--prompts", "{prompts_missing_word.json}", "--from", "X"], "not in the prompt"),
+    (["heads", "--task", "ioi", "--from", "NOPE"], "named position"),
+    (["probe", "--prompts", "{prompts_numbers.json}"], "prompt"),
     # ---- predict
     (["predict", "--prompt", ""], "empty"),
     (["predict", "--prompt", "   "], "empty"),
