@@ -23,6 +23,7 @@ rank stability of the single-component ranking.
         --reference "When Tom and Anna went to the park, Anna gave a ball to" --reference "..."
 """
 HELP = "zero / mean / resample / noise ablation of heads, layers and neurons"
+MAX_PROMPTS = 100_000  # generated prompts (--n): more is hours of generation, not a better estimate
 
 TASKS = ("induction", "ioi", "facts")
 
@@ -88,6 +89,8 @@ def build_task(engine, args) -> dict:
 
     if args.n < 1:
         raise BadInput("--n must be at least 1")
+    if args.n > MAX_PROMPTS:
+        raise BadInput(f"--n must be at most {MAX_PROMPTS}")
     sources = [name for name, given in (("--task", args.task), ("--prompts", args.prompts), ("--prompt", args.prompt))
                if given]
     if len(sources) > 1:

@@ -46,14 +46,11 @@ def add_arguments(parser):
 
 def _read_pairs(path: str) -> list[dict]:
     import json
-    from pathlib import Path
 
     from mechscope.errors import BadInput
+    from mechscope.inputs import read_text
 
-    file = Path(path)
-    if not file.is_file():
-        raise BadInput(f"pairs file {path} does not exist")
-    text = file.read_text()
+    text = read_text(path, "pairs file")
     try:
         data = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
@@ -111,9 +108,12 @@ def run(ctx):
     args = ctx.args
     if args.batch_size is not None and args.batch_size < 1:
         raise BadInput("--batch-size must be at least 1")
+    if args.batch_size is not None and args.batch_size > 1_000_000:
+        raise BadInput("--batch-size must be at most 1000000")
     components = _components(args.component)
     pairs = pairs_from_args(args)
     model = ctx.model
+    ctx.engine.require([patching.COMPONENTS[c].format(0) for c in components], f"--component {','.join(components)}")
     batch = patching.pair_batch(model, pairs)
     metric = {"recovery": patching.logit_diff_metric(batch.answer, batch.wrong),
               "logit_diff": patching.logit_diff_metric(batch.answer, batch.wrong),
@@ -121,7 +121,7 @@ def run(ctx):
               "kl": patching.kl_to_clean_metric()}[args.metric]
     first_tokens = batch.clean[0, :int(batch.lengths[0])]
     summary = {"mode": args.mode, "metric": args.metric, "n_pairs": len(pairs), "components": {}}
-    full, lines = {}, []
+    full, lines, notes = {}, [], []
     for component in components:
         result = patching.patch_sweep(model, batch.clean, batch.corrupted, component, metric, mode=args.mode,
                                       by_position=not args.all_positions, lengths=batch.lengths,
@@ -150,9 +150,13 @@ def run(ctx):
         if "pos" in result.axes and "head" not in result.axes:
             entry["top_position_per_layer"] = [cols[int(i)] for i in effect.argmax(1)]
         summary["components"][component] = entry
+        if args.metric == "recovery" and not float((result.clean.mean() - result.corrupted.mean()).abs()) > 1e-6:
+            notes.append(f"{component}: recovery is undefined (null): clean and corrupted give the same logit diff "
+                         f"({entry['clean']}), so (patched - corrupted) / (clean - corrupted) divides by zero; use a "
+                         f"corrupted prompt that changes the answer, or --metric logit_diff")
         full[component] = {"values": values, "raw_metric": result.values, "per_prompt": result.per_prompt,
                            "axes": result.axes, "row_labels": rows, "col_labels": cols}
         lines.append(f"{component}: clean {entry['clean']:.3f}, corrupted {entry['corrupted']:.3f}; top "
                      + ", ".join(f"{b['row']}/{b['col']} {b['value']:.3f}" for b in best[:3]))
     text = f"{args.mode} patching, metric {args.metric}, {len(pairs)} pair(s)\n" + "\n".join(lines)
-    return {"summary": summary, "results": full, "pairs": pairs, "text": text}
+    return {"summary": summary, "results": full, "pairs": pairs, "text": text, "notes": notes}

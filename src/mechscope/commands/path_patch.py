@@ -71,8 +71,8 @@ def _task(model, args):
     from mechscope.techniques.path_patching import induction_task
 
     if args.task == "induction":
-        if args.n < 1 or not 2 <= args.seq_len <= (model.cfg.n_ctx - 1) // 2:
-            raise BadInput(f"--n must be >= 1 and --seq-len in 2..{(model.cfg.n_ctx - 1) // 2} for this model")
+        if not 1 <= args.n <= 100_000 or not 2 <= args.seq_len <= (model.cfg.n_ctx - 1) // 2:
+            raise BadInput(f"--n must be in 1..100000 and --seq-len in 2..{(model.cfg.n_ctx - 1) // 2} for this model")
         clean, corrupted, metric = induction_task(model, args.n, args.seq_len, seed=args.seed)
         return clean, corrupted, metric, "second-copy mean log-prob of the correct token"
     batch = patching.pair_batch(model, pairs_from_args(args))

@@ -41,12 +41,9 @@ def add_arguments(parser):
 
 
 def _floats(text: str, what: str) -> list[float]:
-    from mechscope.errors import BadInput
+    from mechscope.inputs import float_list
 
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise BadInput(f"{what} {text!r} is not a comma-separated list of numbers") from None
+    return float_list(text, what)
 
 
 def read_examples(path: str) -> list[dict]:
@@ -56,11 +53,10 @@ def read_examples(path: str) -> list[dict]:
     from pathlib import Path
 
     from mechscope.errors import BadInput
+    from mechscope.inputs import read_text
 
     file = Path(path)
-    if not file.is_file():
-        raise BadInput(f"data file {path} does not exist")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file, "data file")
     if file.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     elif text.lstrip().startswith("["):

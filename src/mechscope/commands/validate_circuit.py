@@ -62,6 +62,8 @@ def run(ctx):
     args = ctx.args
     if args.random < 0:
         raise BadInput("--random must be 0 or more")
+    if args.random > 1000:
+        raise BadInput("--random must be at most 1000")
     engine = ctx.engine
     circuit = parse_components(engine, args.circuit) if args.circuit.strip() else []
     ablate_mlps = args.ablate_mlps or any(c.kind == "mlp" for c in circuit)
