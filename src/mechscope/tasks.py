@@ -307,6 +307,34 @@ def _sentiment(engine, n: int, seed: int) -> PromptSet:
     return PromptSet("sentiment", prompts[:n])
 
 
+NEUTRAL_TEXTS = [
+    "The train leaves the station at nine and arrives in the city before noon.",
+    "She opened the window, put the kettle on and read the morning paper.",
+    "The library is on the second floor, next to the room with the maps.",
+    "He parked the car behind the house and carried the boxes inside.",
+    "The river runs through the valley and past the old mill.",
+    "They met at the corner of the street and walked to the market together.",
+    "The meeting was moved to Thursday because the room was booked.",
+    "A small bird sat on the fence and watched the garden.",
+    "The recipe needs two eggs, a cup of flour and some milk.",
+    "The bus was late, so the children waited under the bridge.",
+    "Our office has a long table, six chairs and a large screen.",
+    "The farmer counted the sheep and closed the gate for the night.",
+]
+
+
+def neutral_texts(engine, n: int = 32, seed: int = 0) -> list[str]:
+    """n texts with no sentiment, to measure what an intervention costs the language model (its loss there).
+    On the bundled model: pairs of its filler sentences ("the old cat sees the dog . mary likes to swim in the
+    park ."); on others: built-in plain sentences (at most len(NEUTRAL_TEXTS))."""
+    if engine.cfg.model_name != "mechscope-toy":
+        return NEUTRAL_TEXTS[:n]
+    from mechscope.toy import corpus
+
+    rng = random.Random(seed)
+    return [" ".join(corpus.filler_sentence(rng) + corpus.filler_sentence(rng)) for _ in range(n)]
+
+
 # ------------------------------------------------------------------------------------ files
 def _read_objects(path: str) -> list:
     file = Path(path)

@@ -80,8 +80,6 @@ def run(ctx):
     args = ctx.args
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
-    if args.n < 1:
-        raise BadInput("--n must be at least 1")
     sites = _sites(args.sites)
     engine = ctx.engine
     prompt_set = prompt_pairs(args, engine)

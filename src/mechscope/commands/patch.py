@@ -39,6 +39,7 @@ METRICS = ("recovery", "logit_diff", "prob", "kl")
 TOP = 5
 HEATMAP_MAX_CELLS = 1000  # heatmap cells (all components together) in the JSON summary
 MAX_LABELS = 64          # position labels listed in the JSON summary
+MAX_PROMPTS = 100_000    # --n: more is hours of generation, not a better estimate
 MIN_CHANGE = 0.02        # --with-ablated: a cell "changes" by at least this share of the clean - corrupted gap
 
 
@@ -65,6 +66,7 @@ def prompt_pairs(args, engine):
     if len(given) > 1:
         raise BadInput(f"pass one of --task, --pairs FILE or --clean/--corrupted, not {' and '.join(given)}")
     if args.task:
+        check_n(args.n)
         return tasks.load_task(engine, args.task, n=args.n, seed=args.seed)
     if args.pairs:
         return tasks.read_pair_file(args.pairs)
@@ -76,6 +78,14 @@ def prompt_pairs(args, engine):
         raise BadInput("--clean needs --corrupted, --answer and --wrong (the clean and the corrupted answer tokens)")
     return tasks.PromptSet("pair", [tasks.Prompt(args.clean, answer=args.answer, wrong=args.wrong,
                                                  corrupted=args.corrupted)])
+
+
+def check_n(n: int) -> None:
+    """--n: prompts (or sequences) to draw, 1..MAX_PROMPTS."""
+    from mechscope.errors import BadInput
+
+    if not 1 <= n <= MAX_PROMPTS:
+        raise BadInput(f"--n must be at least 1 and at most {MAX_PROMPTS} (prompts drawn for --task)")
 
 
 def pair_records(prompt_set, batch) -> list[dict]:
@@ -177,10 +187,8 @@ def run(ctx):
     from mechscope.techniques import ablation, patching
 
     args = ctx.args
-    if args.batch_size is not None and args.batch_size < 1:
-        raise BadInput("--batch-size must be at least 1")
-    if args.n < 1:
-        raise BadInput("--n must be at least 1")
+    if args.batch_size is not None and not 1 <= args.batch_size <= 1_000_000:
+        raise BadInput("--batch-size must be at least 1 and at most 1000000")
     engine = ctx.engine
     components, skipped = _components(engine, args.component)
     held = ablation.parse_components(engine, args.with_ablated) if args.with_ablated else []
@@ -209,7 +217,7 @@ def run(ctx):
                "components": {}}
     if skipped:
         summary["skipped"] = skipped
-    full, lines = {}, []
+    full, lines, notes = {}, [], []
     heatmap_budget = HEATMAP_MAX_CELLS
     for component in components:
         result = sweep(component)
@@ -269,6 +277,11 @@ def run(ctx):
             line += f"; with {args.with_ablated} ablated: {entry['backup']['n_changed']} cell(s) change"
         summary["components"][component] = entry
         lines.append(line)
+        undefined = int((~torch.isfinite(values) & ~result.values.isnan()).sum()) if recovery else 0
+        if undefined:
+            notes.append(f"{component}: recovery is undefined (null) in {undefined} cell(s): clean and corrupted give "
+                         f"the same logit diff there, so (patched - corrupted) / (clean - corrupted) divides by zero; "
+                         f"use a corrupted prompt that changes the answer, or --metric logit_diff")
     if held:
         summary["with_ablated"] = {"components": [c.label for c in held], "ablation": args.ablation,
                                    "reference": "the clean prompts (BOS and padding excluded)"
@@ -277,7 +290,8 @@ def run(ctx):
         lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     text = (f"{args.mode} patching on {engine.name}, metric {args.metric}, {len(batch.clean)} pair(s) "
             f"({prompt_set.name}), {'named positions' if aligned else 'token positions'}\n" + "\n".join(lines))
-    return {"summary": summary, "results": full, "pairs": pair_records(prompt_set, batch), "text": text}
+    return {"summary": summary, "results": full, "pairs": pair_records(prompt_set, batch), "text": text,
+            "notes": notes}
 
 
 def _backup(ctx, component, base, ablated, recovery, rows, cols, seed) -> tuple[dict, dict]:

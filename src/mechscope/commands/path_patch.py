@@ -65,14 +65,13 @@ def _receivers(model, spec: str):
 def _task(engine, args):
     """(clean [n, pos], corrupted [n, pos], metric(logits [rows * n, ...]) -> [rows * n], metric name, prompts)."""
     from mechscope import metrics
-    from mechscope.commands.patch import pair_records, prompt_pairs
+    from mechscope.commands.patch import check_n, pair_records, prompt_pairs
     from mechscope.errors import BadInput
     from mechscope.techniques import patching
     from mechscope.techniques.path_patching import induction_task
 
-    if args.n < 1:
-        raise BadInput("--n must be at least 1")
     if args.task == "induction":
+        check_n(args.n)
         if args.pairs or args.clean or args.corrupted:
             raise BadInput("--task induction builds its own sequences; drop --pairs / --clean / --corrupted")
         if not 2 <= args.seq_len <= (engine.cfg.n_ctx - 1) // 2:
