@@ -64,11 +64,17 @@ def prompt_pairs(args, engine):
     given = [name for name, value in (("--task", args.task), ("--pairs", args.pairs),
                                       ("--clean/--corrupted", args.clean or args.corrupted)) if value]
     if len(given) > 1:
-        raise BadInput(f"pass one of --task, --pairs FILE or --clean/--corrupted, not {' and '.join(given)}")
+        raise BadInput(f"pass one of --task, --pairs FILE or --clean/--corrupted (not both {' and '.join(given)})")
     if args.task:
         check_n(args.n)
         return tasks.load_task(engine, args.task, n=args.n, seed=args.seed)
     if args.pairs:
+        from mechscope.inputs import read_text
+
+        text = read_text(args.pairs, "pairs file")  # a missing file, a directory, not UTF-8: one line each
+        if text.strip() in ("", "[]"):
+            raise BadInput(f"no prompt pairs in {args.pairs}; write one "
+                           f'{{"clean": ..., "corrupted": ..., "answer": ..., "wrong": ...}} per line')
         return tasks.read_pair_file(args.pairs)
     if not args.clean and not args.corrupted:
         prompt = tasks.Prompt(IOI_CLEAN, answer=args.answer or "mary", wrong=args.wrong or "john",
