@@ -304,3 +304,11 @@ def test_cli_path_patch_bad_input(tmp_path, capsys, argv, message):
     assert main(["path-patch", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_path_patch_reports_rows_without_a_path(tmp_path, capsys):
+    """A sender at or after the receiver's layer has no path: its effect is null (with the cli's note), and
+    the text output still prints."""
+    assert main(["path-patch", "--receivers", "1.0:q", "--senders", "0.2,2.1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "L2H1: null" in out and "L0H2:" in out

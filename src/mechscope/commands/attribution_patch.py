@@ -72,7 +72,7 @@ def run(ctx):
     import torch
 
     from mechscope import metrics, plotting, stats
-    from mechscope.commands.patch import pair_records, position_columns, prompt_pairs, rounded
+    from mechscope.commands.patch import number, pair_records, position_columns, prompt_pairs, rounded
     from mechscope.errors import BadInput
     from mechscope.techniques import attribution_patching as atp
     from mechscope.techniques import patching
@@ -128,7 +128,7 @@ def run(ctx):
                           "sign_share": rounded(flat["share"][i], 3)} for i in top],
                  "stability": {"top_k_set_frequency": stability["top_k_set_frequency"],
                                "median_rank_correlation": stability["median_rank_correlation"]}}
-        line = f"{name}: top " + ", ".join(f"{t['row']}/{t['col']} {t['atp']:.3f}" for t in entry["top"][:3])
+        line = f"{name}: top " + ", ".join(f"{t['row']}/{t['col']} {number(t['atp'])}" for t in entry["top"][:3])
         if name in exact:
             exact_mean = exact[name].nanmean(0)
             entry["agreement"] = atp.agreement(mean, exact_mean, args.top_k)
@@ -169,7 +169,7 @@ def run(ctx):
         summary["grids"]["neurons"] = dict(entry, top=entry["top"][:5])
         full["neurons"] = dict(entry, values=neurons, per_prompt=per_prompt)
         lines.append("neurons: top " + ", ".join(
-            f"{t['neuron']} {t['atp']:.3f}" + (f" (exact {t['exact']:.3f})" if "exact" in t else "")
+            f"{t['neuron']} {number(t['atp'])}" + (f" (exact {number(t['exact'])})" if "exact" in t else "")
             for t in entry["top"][:3]))
     if scatter:
         plotting.scatter_agreement(scatter, ctx.run_dir / "agreement.png", title="AtP vs exact patching",

@@ -152,6 +152,11 @@ def rounded(t, digits: int = 4):
     return [rounded(row, digits) for row in t]
 
 
+def number(x, spec: str = ".3f") -> str:
+    """A summary number for text output: formatted, or "null" where undefined."""
+    return "null" if x is None else format(x, spec)
+
+
 def _cell(grid, rows, cols, i, **extra) -> dict:
     return {"row": rows[i // grid.shape[1]], "col": cols[i % grid.shape[1]], **extra}
 
@@ -275,8 +280,8 @@ def run(ctx):
                            "per_prompt": result.per_prompt, "clean": result.clean, "corrupted": result.corrupted,
                            "axes": result.axes, "row_labels": rows, "col_labels": cols}
         interval = (lambda b: f" [{b['ci'][0]}, {b['ci'][1]}]") if len(batch.clean) > 1 else (lambda b: "")
-        line = (f"{component}: clean {entry['clean']:.3f}, corrupted {entry['corrupted']:.3f}; top "
-                + ", ".join(f"{b['row']}/{b['col']} {b['value']:.3f}{interval(b)}" for b in best[:3]))
+        line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; top "
+                + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)}" for b in best[:3]))
         if held:
             entry["backup"], full[component]["backup"] = _backup(ctx, component, result, sweep(component, edits),
                                                                  recovery, rows, cols, args.seed)

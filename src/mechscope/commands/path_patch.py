@@ -96,7 +96,7 @@ def run(ctx):
     import torch
 
     from mechscope import inputs, plotting, stats
-    from mechscope.commands.patch import rounded
+    from mechscope.commands.patch import number, rounded
     from mechscope.errors import BadInput
     from mechscope.techniques.path_patching import LOGITS, path_patch
 
@@ -163,7 +163,8 @@ def run(ctx):
                                 "median_rank_correlation": stability["median_rank_correlation"]}
     text = (f"path patching -> {label(receivers)} on {engine.name} ({metric_name}, {len(clean)} prompt(s)): "
             f"clean {result.target_metric:.3f}, corrupted {result.source_metric:.3f}\n" + "\n".join(
-                f"  {t['path']}: {t['effect']:+.3f}" + (f" [{t['ci'][0]}, {t['ci'][1]}]" if len(clean) > 1 else "")
-                + f" (fraction {t['fraction']:+.2f} of corrupted - clean)" for t in top))
+                f"  {t['path']}: {number(t['effect'], '+.3f')}" + (f" [{t['ci'][0]}, {t['ci'][1]}]" if len(clean) > 1
+                                                                    else "")
+                + f" (fraction {number(t['fraction'], '+.2f')} of corrupted - clean)" for t in top))
     return {"summary": summary, "effects": result.effects, "per_prompt": result.per_prompt, "labels": labels,
             "pairs": pairs, "text": text}
