@@ -389,8 +389,11 @@ def read_pair_file(path: str) -> PromptSet:
         where = f"{path}: pair {i + 1}"
         if not isinstance(item, dict):
             raise BadInput(f"{where} must be an object with clean, corrupted, answer, wrong")
-        missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not isinstance(item.get(k), str)
-                   or not item[k].strip()]
+        not_text = [k for k in ("clean", "corrupted", "answer", "wrong") if item.get(k) is not None
+                    and not isinstance(item[k], str)]
+        if not_text:
+            raise BadInput(f"{where}: {', '.join(not_text)} must be text (a string)")
+        missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not item.get(k) or not item[k].strip()]
         if missing:
             raise BadInput(f"{where} lacks {', '.join(missing)}: each pair needs clean, corrupted, answer, wrong")
         prompts.append(Prompt(item["clean"], answer=item["answer"], wrong=item["wrong"], corrupted=item["corrupted"],
