@@ -1,7 +1,9 @@
-"""Activation-patching speed: mechscope's engine vs transformer_lens.patching vs the tutorial loop.
+"""Activation-patching speed: mechscope's engines vs transformer_lens.patching vs the tutorial loops.
 
-    python bench/patching.py            # everything (about 15 minutes on 2 CPU cores)
+    python bench/patching.py            # everything (about 20 minutes on 2 CPU cores)
     python bench/patching.py --quick    # no tutorial loop, no TL per-head-by-position sweep, no large shapes
+    python bench/patching.py --engines  # only mechscope on nnsight / bridge / tl vs the naive nnsight loop and
+                                        # transformer_lens.patching on the bridge (a few minutes)
 
 Random-weight HookedTransformers (the arithmetic of real weights), CPU, float32. For each sweep it
 prints seconds for mechscope, transformer-lens and the tutorial loop, the ratios, and the largest
@@ -11,11 +13,19 @@ take minutes and run once). The tutorial loop is the widely copied per-cell
 function (/work/shared/bench/patching_anchor.py): it re-runs the clean cache and the corrupted
 baseline for every cell. "TL (est.)" in the scaling table times transformer-lens on 16 cells and
 multiplies by the number of cells (its cost per cell is constant: one full forward).
+
+The engines section saves a random GPT-2-small-shaped Hugging Face checkpoint and loads it on each engine:
+mechscope's generic path (nnsight, bridge: the cells of all layers as batch rows of one edited forward,
+logits at the read position, cells with equal source and target activations skipped) and its tl engine,
+against the tutorials' one-trace-per-cell nnsight loop and transformer_lens.patching on the bridge.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mechscope command sets it: no spinning threads
 
 import pandas as pd
 import torch
@@ -50,6 +60,13 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def timed_cpu(fn):
+    """(wall seconds, this process's CPU seconds, result)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
 def timed_median(fn, repeats=3):
@@ -109,15 +126,97 @@ def header(title):
     print(f"{'sweep':34s} {'mechscope':>8s} {'TL':>9s} {'tutorial':>9s}  {'TL/ms':>8s} {'tut/ms':>9s}   max|ms-TL| / |ms-tut|")
 
 
+# ---------------------------------------------------------------------------------------------- engines
+def save_gpt2_small_shape(directory) -> None:
+    """A random GPT-2-small-shaped Hugging Face checkpoint (12 layers, d_model 768, vocab 50257), saved with
+    save_pretrained beside the bundled word-level tokenizer (the engines need one; token ids come from here)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from mechscope.toy import model as toy
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_ctx=1024, n_embd=768, n_layer=12, n_head=12)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(str(directory))
+    AutoTokenizer.from_pretrained(str(toy.WEIGHTS_DIR)).save_pretrained(str(directory))
+
+
+def naive_nnsight_sweep(nnsight_model, clean, corrupted):
+    """The per-cell nnsight loop of the tutorials: the clean block inputs saved once, then one trace per
+    (layer, position) patching that block input, the full logits, and one .item() per cell."""
+    import nnsight
+
+    h = nnsight_model.transformer.h
+    n_layers, seq = len(h), clean.shape[1]
+    with nnsight_model.trace(clean):
+        clean_inputs = nnsight.save([h[layer].input for layer in range(n_layers)])
+    out = torch.zeros(n_layers, seq)
+    for layer in range(n_layers):
+        for p in range(seq):
+            with nnsight_model.trace(corrupted):
+                h[layer].input[:, p, :] = clean_inputs[layer][:, p, :]
+                logits = nnsight_model.lm_head.output
+                value = (logits[0, -1, A] - logits[0, -1, B]).save()
+            out[layer, p] = value.item()
+    return out
+
+
+def engines_bench(rounds: int = 3):
+    """resid_pre layer x position on a GPT-2-small-shaped random HF checkpoint: mechscope on nnsight and on
+    the bridge (the generic path) and on tl (the suffix-only engine) vs the naive nnsight loop and vs
+    transformer_lens.patching on the bridge, in the same run. Each round runs every method once in turn (so
+    a change of the machine's load hits them alike); medians over rounds."""
+    import statistics
+    import tempfile
+
+    from mechscope.models import load_model
+
+    with tempfile.TemporaryDirectory() as directory:
+        save_gpt2_small_shape(directory)
+        engines = {name: load_model(directory, backend=name, device="cpu") for name in ("nnsight", "bridge", "tl")}
+    clean, corrupted = make_tokens(15)
+    clean[0, 0] = corrupted[0, 0] = engines["tl"].bos_token_id
+    print(f"\nengines: resid_pre layer x position (180 cells), GPT-2-small-shaped random HF checkpoint, 15 tokens, "
+          f"CPU fp32, medians of {rounds} interleaved rounds")
+    for engine in engines.values():  # warm-up
+        engine.run(clean)
+    methods = {"naive nnsight loop (1 trace / cell)":
+               lambda: naive_nnsight_sweep(engines["nnsight"].model, clean, corrupted),
+               "transformer_lens.patching on the bridge":
+               lambda: tl_sweep(engines["bridge"].model, clean, corrupted, tlp.get_act_patch_resid_pre)}
+    for name in ("nnsight", "bridge", "tl"):
+        methods[f"mechscope patch --backend {name}"] = lambda name=name: ours(engines[name], clean, corrupted,
+                                                                              "resid_pre")
+    runs = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            runs[name].append(timed_cpu(fn))
+    rows = [(name, statistics.median(r[0] for r in results), statistics.median(r[1] for r in results), results[0][2])
+            for name, results in runs.items()]
+    (_, naive, naive_cpu, reference), (_, tl_wall, tl_cpu, _) = rows[:2]
+    print("wall = elapsed seconds, cpu = this process's CPU seconds (steadier on a shared machine); ratios: "
+          "naive loop / method and transformer_lens.patching on the bridge / method")
+    print(f"{'method':42s} {'wall':>8s} {'cpu':>8s} {'naive/wall':>10s} {'naive/cpu':>9s} {'TL-br/wall':>10s} "
+          f"{'TL-br/cpu':>9s}   max|this - naive|")
+    for name, wall, cpu, values in rows:
+        print(f"{name:42s} {wall:8.2f} {cpu:8.2f} {naive / wall:9.1f}x {naive_cpu / cpu:8.1f}x {tl_wall / wall:9.1f}x "
+              f"{tl_cpu / cpu:8.1f}x   {(values - reference).abs().max().item():.1e}", flush=True)
+    print("per round (wall s): " + "; ".join(f"{name.split(' (')[0]}: " + ", ".join(f"{r[0]:.1f}" for r in results)
+                                           for name, results in runs.items()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the tutorial loop, TL's head-by-position sweep and the large shapes")
+    parser.add_argument("--engines", action="store_true", help="only the engines comparison (nnsight, bridge, tl)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, transformer-lens patching vs mechscope")
+    if args.engines:
+        engines_bench()
+        return
 
     model = make_model(12, 768)
     clean, corrupted = make_tokens(15)
@@ -145,6 +244,7 @@ def main():
     print(f"suffix-only position groups: resid_pre layer x pos {t_def:.2f} s (default: {groups(model, clean, corrupted, 'resid_pre')} "
           f"group(s)), {t_one:.2f} s with every cell running all positions")
 
+    engines_bench(rounds=1 if args.quick else 3)
     if args.quick:
         return
     model = make_model(4, 256)

@@ -177,8 +177,60 @@ def test_cli_attribution_patch(tmp_path, capsys):
       "--answer", "paris", "--wrong", "rome"], "same number of tokens"),
     (["--top-k", "0"], "--top-k"),
     (["--answer", "zzzzqqq"], "single token"),
+    (["--task", "facts", "--n", "0"], "--n must be at least 1"),
+    (["--task", "ioi", "--pairs", "p.jsonl"], "pass one of --task"),
 ])
 def test_cli_attribution_patch_bad_input(tmp_path, capsys, argv, message):
     assert main(["attribution-patch", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- prompt sets and engines
+ENGINES = ["tl", "bridge", "nnsight"]
+
+
+def test_padded_prompt_set_equals_each_prompt_alone(toy_engine):
+    """AtP over a right-padded prompt set: each prompt's estimates are those of the prompt run alone (padding
+    positions NaN), and the exact per-prompt effects likewise."""
+    from mechscope.tasks import load_task
+
+    batch = patching.pair_batch(toy_engine, load_task(toy_engine, "ioi", n=6, seed=0))
+    assert len(set(batch.lengths.tolist())) > 1
+    read = batch.lengths - 1
+    together = attribution_patch(toy_engine, batch.clean, batch.corrupted,
+                                 lambda lg: metrics.logit_diff(lg, batch.answer, batch.wrong, pos=read),
+                                 sites=["resid", "heads", "neurons"], lengths=batch.lengths)
+    exact = exact_effects(toy_engine, batch.clean, batch.corrupted, patching.logit_diff_metric(batch.answer, batch.wrong),
+                          ["resid_pre", "head_out"], lengths=batch.lengths, per_prompt=True)
+    for i in (0, 3):
+        n = int(batch.lengths[i])
+        clean, corrupted = batch.clean[i:i + 1, :n], batch.corrupted[i:i + 1, :n]
+        a, w = int(batch.answer[i]), int(batch.wrong[i])
+        alone = attribution_patch(toy_engine, clean, corrupted, lambda lg: metrics.logit_diff(lg, a, w),
+                                  sites=["resid", "heads", "neurons"])
+        for name, value in alone.per_prompt.items():
+            got = together.per_prompt[name][i]
+            if name in ("resid_pre", "head_out_by_pos"):
+                assert got[:, n:].isnan().all()
+                got = got[:, :n]
+            torch.testing.assert_close(got, value[0], atol=1e-4, rtol=1e-4, msg=name)
+        alone_exact = exact_effects(toy_engine, clean, corrupted, patching.logit_diff_metric(a, w), ["resid_pre"])
+        torch.testing.assert_close(exact["resid_pre"][i][:, :n], alone_exact["resid_pre"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_cli_prompt_set_agreement(backend, tmp_path, capsys):
+    """--task ioi: named-position columns, intervals, and AtP's agreement with exact patching per prompt (the
+    bundled model: r > 0.9 for the residual stream and the heads)."""
+    assert main(["attribution-patch", "--backend", backend, "--task", "ioi", "--n", "8", "--sites", "resid,heads",
+                 "--out", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["columns"] == "named positions" and summary["n_pairs"] == 8
+    for name in ("resid_pre", "head_out"):
+        grid = summary["grids"][name]
+        assert grid["agreement_per_prompt"]["pearson_r"]["mean"] > 0.9 and grid["agreement"]["pearson_r"] > 0.9
+        top = grid["top"][0]
+        assert top["ci"][0] <= top["atp"] <= top["ci"][1]
+    assert summary["grids"]["resid_pre"]["top"][0]["col"] == "END"
+    assert summary["grids"]["head_out"]["top"][0]["row"] == "L0" and summary["grids"]["head_out"]["top"][0]["col"] == "H2"

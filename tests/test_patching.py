@@ -88,16 +88,41 @@ def test_tiny_model_matches_transformer_lens(component, by_position):
     assert torch.allclose(ours.values, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("component,by_position", list(TL_SWEEPS))
+def test_generic_path_matches_transformer_lens(component, by_position):
+    """The path every engine has (engine.run with edits, cells of all layers as batch rows), run on tl."""
+    model = tiny_model()
+    clean, corrupted, answer, wrong = tiny_pair()
+    ours = patching.patch_sweep(model, clean, corrupted, component, patching.logit_diff_metric(answer, wrong),
+                                by_position=by_position, batch_size=6, implementation="generic")
+    ref = tl_reference(model, clean, corrupted, answer, wrong, component, by_position)
+    assert ours.meta["implementation"] == "generic (tl)"
+    assert torch.allclose(ours.values, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", patching.IMPLEMENTATIONS)
 @pytest.mark.parametrize("component", ["resid_pre", "k"])
-def test_rotary_grouped_query_model_matches_transformer_lens(component):
+def test_rotary_grouped_query_model_matches_transformer_lens(component, implementation):
     """Suffix-only runs read cached keys of the prefix: check them where keys are rotated and grouped."""
     model = tiny_model(positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2)
     clean, corrupted, answer, wrong = tiny_pair()
     for mode in ("denoise", "noise"):
         ours = patching.patch_sweep(model, clean, corrupted, component, patching.logit_diff_metric(answer, wrong),
-                                    mode=mode)
+                                    mode=mode, implementation=implementation)
         ref = tl_reference(model, clean, corrupted, answer, wrong, component, True, mode)
         assert torch.allclose(ours.values, ref, atol=1e-4), mode
+
+
+def test_generic_path_skips_cells_with_equal_activations(toy_model, ioi):
+    """Cells whose source and target activations are equal are the target's own value: before the first
+    differing token (position 10 of the IOI pair) nothing runs, and the grid is still exact."""
+    batch, metric = ioi
+    fast = patching.patch_sweep(toy_model, batch.clean, batch.corrupted, "resid_pre", metric)
+    generic = patching.patch_sweep(toy_model, batch.clean, batch.corrupted, "resid_pre", metric,
+                                   implementation="generic")
+    torch.testing.assert_close(generic.values, fast.values, atol=1e-5, rtol=0)
+    n_layers, seq = generic.values.shape
+    assert generic.meta["cells_run"] <= n_layers * (seq - 10)
 
 
 @pytest.mark.parametrize("component,by_position", [("resid_pre", True), ("attn_out", True), ("mlp_out", True),
@@ -150,7 +175,9 @@ def test_padded_batch_equals_each_pair_alone(toy_model):
              {"clean": FACT_CLEAN, "corrupted": FACT_CORRUPTED, "answer": "paris", "wrong": "rome"}]
     batch = patching.pair_batch(toy_model, pairs)
     assert batch.lengths.tolist() == [15, 8]
+    n_short = 8
     for component in ("resid_pre", "z"):
+        alones = []
         together = patching.patch_sweep(toy_model, batch.clean, batch.corrupted, component,
                                         patching.logit_diff_metric(batch.answer, batch.wrong), lengths=batch.lengths)
         for i, pair in enumerate(pairs):
@@ -160,6 +187,16 @@ def test_padded_batch_equals_each_pair_alone(toy_model):
             n = one.clean.shape[1]
             assert torch.allclose(together.per_prompt[i][..., :n], alone.values, atol=1e-5)
             assert torch.isnan(together.per_prompt[i][..., n:]).all()
+            if i == 0:  # positions 8..14 only the IOI pair has: its values and its own recovery
+                torch.testing.assert_close(together.values[..., n_short:], alone.values[..., n_short:])
+                torch.testing.assert_close(together.recovery[..., n_short:], alone.recovery[..., n_short:])
+            alones.append(alone)
+        # positions both pairs have: ratio of means over the two (issue 8: was normalised over all pairs)
+        a, b = alones
+        numerator = (a.values[..., :n_short] - a.corrupted) + (b.values - b.corrupted)
+        expected = numerator / ((a.clean - a.corrupted) + (b.clean - b.corrupted))
+        torch.testing.assert_close(together.recovery[..., :n_short], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together.values[..., :n_short], (a.values[..., :n_short] + b.values) / 2)
 
 
 def test_different_token_lengths_are_refused(toy_model):
@@ -192,7 +229,7 @@ def test_ioi_flow(toy_model, ioi):
     assert rec.argmax(1).tolist()[0] == 10 and rec.argmax(1).tolist()[-1] == 14
     assert rec[0, 10] > 0.9 and rec[-1, 14] > 0.5
     heads = patching.patch_sweep(toy_model, batch.clean, batch.corrupted, "z", metric, by_position=False).recovery
-    assert heads.argmax().item() == 2 and heads[0, 2] > 0.5  # measured: head 0.2 moves it (0.68; next 0.0: 0.38)
+    assert heads.argmax().item() == 2 and heads[0, 2] > 0.5  # measured: head 0.2 moves it (0.67; next 0.0: 0.15)
 
 
 def test_fact_flow(toy_model, fact):
@@ -237,6 +274,11 @@ def test_command_reads_a_pairs_file(tmp_path, capsys):
     (["--clean", FACT_CLEAN, "--corrupted", FACT_CORRUPTED, "--answer", "paris rome", "--wrong", "rome"],
      "not a single token"),
     (["--pairs", "/nonexistent/pairs.jsonl"], "does not exist"),
+    (["--task", "ioi", "--n", "0"], "--n must be at least 1"),
+    (["--task", "ioi", "--clean", FACT_CLEAN], "pass one of --task, --pairs FILE or --clean/--corrupted"),
+    (["--with-ablated", "7.1"], "out of range"),
+    (["--with-ablated", "mlpx"], "cannot read component"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
 ])
 def test_command_bad_inputs(tmp_path, capsys, argv, message):
     assert main(["patch", *argv, "--out", str(tmp_path)]) == 2
@@ -244,8 +286,219 @@ def test_command_bad_inputs(tmp_path, capsys, argv, message):
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
-def test_command_bad_pairs_file(tmp_path, capsys):
+@pytest.mark.parametrize("content,message", [
+    ('{"clean": "a b"\n', "JSON"),
+    ('{"clean": "the capital of france is", "corrupted": "the capital of italy is", "answer": "paris"}\n',
+     "lacks wrong"),
+    ('{"clean": "the capital of france is", "corrupted": "the capital of italy is", "answer": "paris", '
+     '"wrong": "rome", "positions": {"X": "zebra"}}\n', "not in the prompt"),
+    ('{"clean": "the capital of france is", "corrupted": "the big capital of italy is", "answer": "paris", '
+     '"wrong": "rome"}\n', "same number of tokens"),
+])
+def test_command_bad_pairs_file(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"clean": "a b"\n')
+    bad.write_text(content)
     assert main(["patch", "--pairs", str(bad), "--out", str(tmp_path)]) == 2
-    assert "JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- components a model lacks
+@pytest.mark.parametrize("overrides,component,message", [
+    (dict(attn_only=True), "mlp_out", "no MLP layers"),
+    (dict(attn_only=True), "resid_mid", "no resid_mid"),
+    (dict(parallel_attn_mlp=True), "resid_mid", "no resid_mid"),
+])
+def test_missing_components_are_refused(overrides, component, message):
+    """Issue 8: a bare KeyError (exit 1) before; now one line naming the site and what to use instead."""
+    from mechscope.errors import BadInput
+
+    model = tiny_model(**overrides)
+    clean, corrupted, answer, wrong = tiny_pair()
+    for implementation in patching.IMPLEMENTATIONS:
+        with pytest.raises(BadInput, match=message):
+            patching.patch_sweep(model, clean, corrupted, component, patching.logit_diff_metric(answer, wrong),
+                                 implementation=implementation)
+
+
+@pytest.fixture(scope="module")
+def neox_dir(tmp_path_factory):
+    """A tiny random GPT-NeoX checkpoint (parallel attention and MLP: no resid_mid), saved locally."""
+    from tests.test_models import _save_tiny
+
+    directory = tmp_path_factory.mktemp("neox")
+    _save_tiny("neox", directory)
+    return directory
+
+
+def test_command_refuses_or_skips_missing_components(neox_dir, tmp_path, capsys):
+    argv = ["patch", "--model", str(neox_dir), "--backend", "tl", "--clean", "the capital of france is",
+            "--corrupted", "the capital of italy is", "--answer", "paris", "--wrong", "rome", "--out", str(tmp_path)]
+    assert main(argv + ["--component", "resid_mid"]) == 2
+    err = capsys.readouterr().err.strip()  # (transformers' loading bar may come first: not ours)
+    line = err.splitlines()[-1]
+    assert line.startswith("mechscope patch: error:") and "resid_mid" in line and "parallel" in line
+    assert "Traceback" not in err
+    assert main(argv + ["--component", "all", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert "resid_mid" in summary["skipped"] and "resid_mid" not in summary["components"]
+    assert {"resid_pre", "mlp_out", "z", "pattern"} <= set(summary["components"])
+
+
+# ------------------------------------------------------------------------- prompt sets and uncertainty
+@pytest.fixture(scope="module")
+def ioi_set(toy_engine):
+    """16 held-out IOI prompts of several templates and lengths, with named positions IO, S1, S2, END."""
+    from mechscope.tasks import load_task
+
+    batch = patching.pair_batch(toy_engine, load_task(toy_engine, "ioi", n=16, seed=0))
+    assert len(set(batch.lengths.tolist())) > 1 and not batch.same_layout
+    return batch, patching.logit_diff_metric(batch.answer, batch.wrong)
+
+
+def test_named_positions_gather_each_prompts_own_cells(toy_engine, ioi_set):
+    """at_positions takes each prompt's values at its own IO / S1 / S2 / END index: the same numbers as the
+    prompt patched alone, read at those indices."""
+    batch, metric = ioi_set
+    full = patching.patch_sweep(toy_engine, batch.clean, batch.corrupted, "resid_pre", metric, lengths=batch.lengths)
+    named = full.at_positions(batch.positions)
+    assert named.values.shape == (3, 4) and named.meta["position_names"] == ["IO", "S1", "S2", "END"]
+    assert not named.per_prompt.isnan().any()
+    for i in (0, 5):
+        n = int(batch.lengths[i])
+        alone = patching.patch_sweep(toy_engine, batch.clean[i:i + 1, :n], batch.corrupted[i:i + 1, :n], "resid_pre",
+                                     patching.logit_diff_metric(batch.answer[i], batch.wrong[i]))
+        index = torch.tensor([int(v[i]) for v in batch.positions.values()])
+        torch.testing.assert_close(named.per_prompt[i], alone.values[:, index], atol=1e-5, rtol=0)
+
+
+def test_ioi_flow_over_a_prompt_set(toy_engine, ioi_set):
+    """The model card's IOI pattern on every prompt: S2 carries the name in layer 0, END in the last layer."""
+    batch, metric = ioi_set
+    named = patching.patch_sweep(toy_engine, batch.clean, batch.corrupted, "resid_pre", metric,
+                                 lengths=batch.lengths).at_positions(batch.positions)
+    cells = patching.cell_summary(named)
+    s2, end = 2, 3
+    assert cells["mean"][0].argmax() == s2 and cells["mean"][-1].argmax() == end
+    assert cells["ci_low"][0, s2] > 0.9 and cells["ci_low"][-1, end] > 0.9 and cells["sign_share"][0, s2] == 1
+    assert cells["stability"]["top_k_set_frequency"] > 0.2
+
+
+def test_recovery_interval_is_a_ratio_bootstrap(toy_engine, ioi_set):
+    """cell_summary's interval for recovery resamples prompts for numerator and denominator together: the
+    same numbers as an explicit loop over stats' resamples."""
+    from mechscope import stats
+
+    batch, metric = ioi_set
+    result = patching.patch_sweep(toy_engine, batch.clean, batch.corrupted, "z", metric, by_position=False)
+    cells = patching.cell_summary(result, seed=3)
+    counts = stats._counts(len(batch.clean), stats.N_RESAMPLES, 3)               # [R, n]
+    numerator = (result.per_prompt - result.corrupted[:, None, None]).flatten(1)  # [n, cells]
+    denominator = (result.clean - result.corrupted)[:, None]
+    ratios = (counts @ numerator) / (counts @ denominator)
+    torch.testing.assert_close(cells["ci_low"].flatten(), ratios.quantile(0.025, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cells["mean"], result.recovery)
+    assert (cells["ci_low"] <= cells["mean"] + 1e-6).all() and (cells["mean"] <= cells["ci_high"] + 1e-6).all()
+    single = patching.cell_summary(patching.patch_sweep(toy_engine, batch.clean[:1, :int(batch.lengths[0])],
+                                                        batch.corrupted[:1, :int(batch.lengths[0])], "z",
+                                                        metric, by_position=False))
+    assert torch.equal(single["ci_low"], single["mean"])
+
+
+# ------------------------------------------------------------------------- backup: components held ablated
+def test_mean_ablation_reference_leaves_out_padding(toy_engine, ioi_set):
+    from mechscope.techniques import ablation
+
+    batch, _ = ioi_set
+    head = ablation.parse_components(toy_engine, "0.2")
+    (site, fn), = ablation.ablation_edits(toy_engine, head, "mean", reference=batch.clean, lengths=batch.lengths)
+    _, acts = toy_engine.run(batch.clean, read=[site])
+    real = torch.cat([acts[site][i, 1:int(n), 2] for i, n in enumerate(batch.lengths)])  # BOS and padding out
+    written = fn(torch.zeros_like(acts[site][:1]))[0, 0, 2]
+    torch.testing.assert_close(written, real.mean(0))
+
+
+def test_backup_heads_with_a_head_held_ablated(toy_engine, ioi_set):
+    """Wang et al.'s backup test on the bundled model. Identity: with head 0.2 held ablated in every run,
+    patching its own output does nothing, so its change is minus its effect, prompt by prompt. Measured:
+    head 0.0 then carries more (its effect rises by ~0.1 of the clean - corrupted gap); the layer-1 heads,
+    which carry nothing, do not change."""
+    from mechscope.techniques import ablation
+
+    batch, metric = ioi_set
+    edits = ablation.ablation_edits(toy_engine, ablation.parse_components(toy_engine, "0.2"), "mean",
+                                    reference=batch.clean, lengths=batch.lengths)
+    runs = [patching.patch_sweep(toy_engine, batch.clean, batch.corrupted, "z", metric, by_position=False,
+                                 lengths=batch.lengths, edits=e) for e in ((), edits)]
+    change = patching.effect_change(*runs)
+    torch.testing.assert_close(change["per_prompt"][:, 0, 2], -runs[0].effect_per_prompt()[:, 0, 2], atol=1e-5, rtol=0)
+    assert change["ci_low"][0, 0] > 0.03                          # head 0.0 takes over part of 0.2's job
+    assert change["mean"][1].abs().max() < 0.02                   # layer 1: no change
+    generic = patching.patch_sweep(toy_engine, batch.clean, batch.corrupted, "z", metric, by_position=False,
+                                   lengths=batch.lengths, edits=edits, implementation="generic")
+    torch.testing.assert_close(generic.per_prompt, runs[1].per_prompt, atol=1e-4, rtol=0)
+
+
+def test_command_backup_option(tmp_path, capsys):
+    assert main(["patch", "--task", "ioi", "--n", "8", "--component", "z", "--all-positions",
+                 "--with-ablated", "0.2", "--ablation", "zero", "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    backup = out["summary"]["components"]["z"]["backup"]
+    assert backup["changed"][0]["row"] == "L0" and backup["changed"][0]["col"] == "H2"
+    assert backup["changed"][0]["change"] < -0.3 and backup["changed"][0]["ci"][1] < 0
+    assert out["summary"]["with_ablated"] == {"components": ["0.2"], "ablation": "zero", "reference": None}
+    run_dir = tmp_path / out["run_dir"].split("/")[-1]
+    assert (run_dir / "z_backup.png").exists() and (run_dir / "z_backup.csv").exists()
+
+
+# ------------------------------------------------------------------------- engines
+ENGINES = ["tl", "bridge", "nnsight"]
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_each_engine_finds_the_ioi_patching_pattern(backend, tmp_path, capsys):
+    """The model card's IOI pattern through `mechscope patch --task ioi` on each engine: the S2 position
+    carries the name in layer 0, the final position in the later layers, recovery near 1."""
+    assert main(["patch", "--backend", backend, "--task", "ioi", "--n", "8", "--component", "resid_pre",
+                 "--out", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    entry = summary["components"]["resid_pre"]
+    assert summary["positions"] == ["IO", "S1", "S2", "END"] and summary["columns"] == "named positions"
+    assert entry["top_position_per_layer"] == ["S2", "END", "END"]
+    heatmap = torch.tensor(entry["heatmap"])
+    assert heatmap[0, 2] > 0.9 and (heatmap[1:, 3] > 0.9).all() and heatmap[:, :2].abs().max() < 0.05
+
+
+def test_engines_give_the_same_heatmaps(tmp_path, capsys):
+    """`mechscope patch --backend X` on the bundled model: the same JSON heatmaps on every engine."""
+    heatmaps = {}
+    for backend in ENGINES:
+        assert main(["patch", "--backend", backend, "--component", "resid_pre,attn_out,mlp_out,z",
+                     "--out", str(tmp_path), "--json"]) == 0
+        components = json.loads(capsys.readouterr().out)["summary"]["components"]
+        heatmaps[backend] = {name: torch.tensor(entry["heatmap"]) for name, entry in components.items()}
+    for backend, maps in heatmaps.items():
+        for name, grid in maps.items():
+            torch.testing.assert_close(grid, heatmaps["tl"][name], atol=2e-4, rtol=0, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("component,by_position", [("resid_pre", True), ("attn_out", True), ("mlp_out", True),
+                                                   ("z", True), ("z", False), ("v", True), ("pattern", False)])
+def test_generic_path_on_the_bundled_model_prompt_set(toy_engine, ioi_set, component, by_position):
+    """The generic path (what bridge and nnsight run) equals the suffix-only engine on a padded prompt set."""
+    batch, metric = ioi_set
+    runs = [patching.patch_sweep(toy_engine, batch.clean[:6], batch.corrupted[:6], component,
+                                 patching.logit_diff_metric(batch.answer[:6], batch.wrong[:6]),
+                                 by_position=by_position, lengths=batch.lengths[:6], implementation=impl)
+            for impl in patching.IMPLEMENTATIONS]
+    torch.testing.assert_close(runs[1].per_prompt, runs[0].per_prompt, atol=1e-4, rtol=0, equal_nan=True)
+
+
+def test_command_summary_stays_bounded(tmp_path, capsys):
+    """Every component of the bundled model in one --json summary: all there, under the stdout limit."""
+    from mechscope.cli import MAX_STDOUT_CHARS
+
+    assert main(["patch", "--component", "all", "--out", str(tmp_path), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert len(text) < MAX_STDOUT_CHARS
+    assert set(json.loads(text)["summary"]["components"]) == set(patching.COMPONENTS)

@@ -1,59 +1,125 @@
-"""Activation addition: the love - hate vector turns the bundled model's negative prompts positive, far
-more than a random direction of the same norm; strength 0 changes nothing; the KV cache changes nothing."""
+"""Activation addition: a sentiment vector built from training openers turns the bundled model's held-out
+negative prompts positive, beyond every one of 10 same-norm random directions; strength 0 changes nothing;
+the KV cache changes nothing; batching (directions, strengths, prompts) changes nothing; the side-effect loss
+at strength 0 is the model's own loss; the `steer` command, its files and its bad inputs."""
 import json
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mechscope.cli import main
+from mechscope.commands import steer as steer_command
 from mechscope.techniques import steering
-from mechscope.toy import card, corpus
+from mechscope.toy import corpus
+from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
 LAYER = 1
 
 
-@pytest.fixture(scope="module")
-def love_hate(toy_model):
-    return steering.mean_difference(toy_model, [toy_model.to_tokens("i love this !")[0]],
-                                    [toy_model.to_tokens("i hate this !")[0]], LAYER)
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request, toy_engine):
+    from mechscope.models import load_model
+
+    return toy_engine if request.param == "tl" else load_model("mechscope-toy", backend=request.param, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def negative_batch(toy_model):
-    """The 24 negative sentiment prompts of 9 tokens ("i hate this ! it ' s absolutely", ...)."""
-    rows = [toy_model.to_tokens(p)[0] for p in card.sentiment_prompts(positive=False)]
-    return torch.stack([r for r in rows if len(r) == 9])
+def split(toy_engine):
+    return steer_command.sentiment_split(toy_engine, seed=0)
 
 
-def test_love_hate_vector_turns_negative_prompts_positive(toy_model, love_hate):
-    rows = [toy_model.to_tokens(p)[0] for p in card.sentiment_prompts(positive=False)]
-    pos = [toy_model.to_single_token(w) for w in corpus.POSITIVE_WORDS]
-    neg = [toy_model.to_single_token(w) for w in corpus.NEGATIVE_WORDS]
-    result = steering.steering_sweep(toy_model, rows, LAYER, love_hate, [0, 4], pos, neg, max_new_tokens=6)
-    assert result.positive_share[0] <= 0.1 and result.logit_diff[0] < 0  # unsteered: negative continuations
-    assert result.positive_share[1] >= 0.8 and result.logit_diff[1] > 0
-    assert result.positive_share[1] - result.control_positive_share[1] >= 0.6
-    assert result.logit_diff[1] - result.control_logit_diff[1] >= 3.0
+@pytest.fixture(scope="module")
+def sentiment_vector(toy_engine, split):
+    positive, negative, _, _ = split
+    return steering.mean_difference(toy_engine, [toy_engine.to_tokens(p)[0] for p in positive],
+                                    [toy_engine.to_tokens(p)[0] for p in negative], LAYER)
 
 
-def test_strength_zero_reproduces_the_unsteered_generation(toy_model, love_hate, negative_batch):
-    plain = toy_model.generate(negative_batch, max_new_tokens=8, do_sample=False, verbose=False)
-    steered = steering.generate(toy_model, negative_batch, LAYER, 0 * love_hate, max_new_tokens=8)
+@pytest.fixture(scope="module")
+def held_out_rows(toy_engine, split):
+    return [toy_engine.to_tokens(p)[0] for p in split[2]]
+
+
+@pytest.fixture(scope="module")
+def word_ids(toy_engine):
+    return ([toy_engine.to_tokens(w, prepend_bos=False)[0, 0].item() for w in corpus.POSITIVE_WORDS],
+            [toy_engine.to_tokens(w, prepend_bos=False)[0, 0].item() for w in corpus.NEGATIVE_WORDS])
+
+
+@pytest.fixture(scope="module")
+def negative_batch(held_out_rows):
+    """The held-out negative prompts of the most common length, as one [n, seq] batch."""
+    lengths = [len(r) for r in held_out_rows]
+    common = max(set(lengths), key=lengths.count)
+    return torch.stack([r for r in held_out_rows if len(r) == common])
+
+
+def test_contrast_openers_never_appear_in_the_steered_prompts(split):
+    """Issue 8: the old default built the vector from "i love this !" - "i hate this !" and steered
+    "i hate this ! it ' s ...": the test prompts contained the contrast prompt."""
+    positive, negative, test, rule = split
+    assert len(positive) >= 2 and len(negative) >= 2 and len(test) >= 6
+    assert not any(opener in prompt for opener in positive + negative for prompt in test)
+    assert all(any(prompt.startswith(o) for o in corpus.NEGATIVE_OPENERS) for prompt in test)
+    assert "held-out openers" in rule
+
+
+def test_sentiment_vector_beats_every_random_direction_on_held_out_prompts(toy_engine, sentiment_vector,
+                                                                          held_out_rows, word_ids):
+    """Model card: negative openers continue with negative words (1.00). The training openers' vector makes the
+    held-out negative prompts' next word positive (logit diff > 0 at strength 4, measured +6.4) beyond each of
+    10 same-norm random directions (measured max -1.4, z 5.6), and generates positive words."""
+    sweep = steering.steering_sweep(toy_engine, held_out_rows, LAYER, sentiment_vector, [0, 4], *word_ids,
+                                    max_new_tokens=6, n_random=10, seed=0)
+    assert sweep.logit_diff.shape == (11, 2, len(held_out_rows))
+    assert float(sweep.logit_diff[0, 0].max()) < 0                    # unsteered: every prompt leans negative
+    assert float(sweep.pooled_positive_share()[0, 0]) == 0.0
+    four = sweep.placement("logit_diff")[1]
+    assert float(sweep.logit_diff[0, 1].mean()) > 0 and four["beats"] == 1.0 and four["z"] > 3, four
+    assert float(sweep.net_rate[0, 1].nanmean()) > sweep.placement("net_rate")[1]["random_max"]
+    assert float(sweep.net_rate[0, 1].nanmean()) > 0 > float(sweep.net_rate[0, 0].nanmean())
+
+
+def test_rates_do_not_saturate_where_the_share_does():
+    """Issue 8: 5 positive words among 300 generated tokens read 1.00 as a share; the rate per token reads 5/300."""
+    counts = lambda x: torch.tensor(x, dtype=torch.float).view(1, 1, -1)  # noqa: E731
+    sweep = steering.SteeringSweep([4.0], 1.0, logit_diff=counts([0.0]), positive_words=counts([5.0]),
+                                   negative_words=counts([0.0]), generated=counts([300.0]), lm_loss=counts([0.0]))
+    assert float(sweep.positive_share) == 1.0 and float(sweep.pooled_positive_share()) == 1.0
+    assert float(sweep.positive_rate) == pytest.approx(5 / 300) and float(sweep.net_rate) == pytest.approx(5 / 300)
+
+
+def test_strength_zero_reproduces_the_unsteered_generation(engine, sentiment_vector, negative_batch):
+    plain = engine.generate(negative_batch, max_new_tokens=8)
+    steered = steering.generate(engine, negative_batch, LAYER, 0 * sentiment_vector, max_new_tokens=8)
     assert torch.equal(plain, steered)
-    assert not torch.equal(plain, steering.generate(toy_model, negative_batch, LAYER, 4 * love_hate, max_new_tokens=8))
+    assert not torch.equal(plain, steering.generate(engine, negative_batch, LAYER, 4 * sentiment_vector, 8))
 
 
 @pytest.mark.parametrize("from_position", [0, 1, 5])
-def test_kv_cache_and_no_cache_generate_the_same_steered_tokens(toy_model, love_hate, negative_batch, from_position):
-    with_cache = steering.generate(toy_model, negative_batch, LAYER, 4 * love_hate, 8, from_position, True)
-    without = steering.generate(toy_model, negative_batch, LAYER, 4 * love_hate, 8, from_position, False)
-    assert torch.equal(with_cache, without)
+def test_kv_cache_and_no_cache_generate_the_same_steered_tokens(engine, sentiment_vector, negative_batch,
+                                                                from_position):
+    per_row = torch.stack([s * sentiment_vector for s in torch.linspace(0, 8, len(negative_batch))])
+    for vector in (4 * sentiment_vector, per_row):
+        with_cache = steering.generate(engine, negative_batch, LAYER, vector, 8, from_position, True)
+        without = steering.generate(engine, negative_batch, LAYER, vector, 8, from_position, False)
+        assert torch.equal(with_cache, without)
 
 
-def test_a_position_indexing_hook_breaks_under_the_kv_cache(toy_model, love_hate, negative_batch):
-    """The pitfall the test above guards against: `resid[:, 5:] += v` steers no generated token under the cache."""
+def test_per_row_vectors_equal_each_row_steered_alone(toy_engine, sentiment_vector, negative_batch):
+    strengths = torch.linspace(0, 8, len(negative_batch))
+    together = steering.generate(toy_engine, negative_batch, LAYER, strengths[:, None] * sentiment_vector, 8)
+    for i, s in enumerate(strengths):
+        alone = steering.generate(toy_engine, negative_batch[i:i + 1], LAYER, s * sentiment_vector, 8)
+        assert torch.equal(together[i:i + 1], alone), i
+
+
+def test_a_position_indexing_hook_breaks_under_the_kv_cache(toy_model, sentiment_vector, negative_batch):
+    """The pitfall the tests above guard against: `resid[:, 5:] += v` steers no generated token under the cache."""
     def naive(resid, hook):
-        resid[:, 5:] += 4 * love_hate
+        resid[:, 5:] += 4 * sentiment_vector
         return resid
 
     outputs = []
@@ -62,6 +128,35 @@ def test_a_position_indexing_hook_breaks_under_the_kv_cache(toy_model, love_hate
             outputs.append(toy_model.generate(negative_batch, max_new_tokens=8, do_sample=False, verbose=False,
                                               use_past_kv_cache=cache))
     assert not torch.equal(*outputs)
+
+
+def test_batching_changes_nothing(toy_engine, sentiment_vector, held_out_rows, word_ids):
+    """Chunks of 7 rows (directions x strengths x prompts split across forwards and generations) give the numbers of
+    one batch; strength 0 computed once is the same for every direction."""
+    neutral = [toy_engine.to_tokens(t)[0] for t in ["the old cat sees the dog .", "mary likes to swim in the park ."]]
+    kwargs = dict(max_new_tokens=4, n_random=3, seed=1, neutral=neutral)
+    a = steering.steering_sweep(toy_engine, held_out_rows[:5], LAYER, sentiment_vector, [0, 3], *word_ids, **kwargs)
+    b = steering.steering_sweep(toy_engine, held_out_rows[:5], LAYER, sentiment_vector, [0, 3], *word_ids,
+                                batch_size=7, **kwargs)
+    for name in ("logit_diff", "positive_words", "negative_words", "generated", "lm_loss"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=1e-4, equal_nan=True)
+    assert a.generations == b.generations
+    assert torch.equal(a.logit_diff[:, 0], a.logit_diff[:1, 0].expand(4, -1))
+
+
+def test_side_effect_loss_at_strength_zero_is_the_models_own_loss(toy_model, sentiment_vector):
+    texts = ["the old cat sees the dog . mary likes to swim in the park .", "the quick brown fox jumps over the lazy dog ."]
+    rows = [toy_model.to_tokens(t)[0] for t in texts]
+    mine = steering.lm_loss(toy_model, rows, LAYER, torch.zeros_like(sentiment_vector))
+    for i, t in enumerate(texts):
+        tokens = toy_model.to_tokens(t)
+        with torch.no_grad():
+            expected = F.cross_entropy(toy_model(tokens)[0, :-1], tokens[0, 1:])
+        assert float(mine[i]) == pytest.approx(float(expected), abs=1e-4)
+    # a large random direction costs the language model; the loss grows with the strength
+    direction = steering.random_direction_like(sentiment_vector, seed=0)
+    losses = [float(steering.lm_loss(toy_model, rows, LAYER, s * direction).mean()) for s in (0, 4, 8)]
+    assert losses[0] < losses[1] < losses[2]
 
 
 def test_mean_difference_matches_the_cache(toy_model):
@@ -73,44 +168,85 @@ def test_mean_difference_matches_the_cache(toy_model):
     mean = steering.mean_difference(toy_model, [pos[0]], [neg[0]], LAYER, "mean")
     torch.testing.assert_close(last, c_pos[name][0, -1] - c_neg[name][0, -1])
     torch.testing.assert_close(mean, c_pos[name][0, 1:].mean(0) - c_neg[name][0, 1:].mean(0))
-    control = steering.random_direction_like(last, seed=0)
-    assert abs(float(control.norm() - last.norm())) < 1e-4 and abs(float(torch.cosine_similarity(control, last, 0))) < 0.5
+    controls = steering.random_directions_like(last, 10, seed=0)
+    torch.testing.assert_close(controls.norm(dim=-1), last.norm().expand(10))
+    cosines = torch.cosine_similarity(controls, last[None], dim=-1).abs()
+    assert float(cosines.max()) < 0.5 and len({tuple(c.tolist()) for c in controls}) == 10
 
 
-def test_steer_cli(tmp_path, capsys):
-    args = ["steer", "--strengths", "0,4", "--max-new-tokens", "5", "--prompt", "i hate this ! it ' s absolutely",
-            "--prompt", "i really dislike this ! it ' s so", "--out", str(tmp_path), "--json"]
-    assert main(args) == 0
+def test_steer_cli_default_has_the_controls_a_careful_researcher_uses(tmp_path, capsys):
+    """Issue 8: >= 10 random directions with their spread and the vector's place among them, held-out prompts,
+    the side-effect loss at every strength, a per-token rate, intervals; every file the docstring names exists."""
+    assert main(["steer", "--strengths", "0,4", "--max-new-tokens", "6", "--out", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    summary = out["summary"]
     run_dir = tmp_path / out["run_dir"].split("/")[-1]
-    assert {"steering.csv", "positive_share_vs_strength.png", "logit_diff_vs_strength.png"} <= {
-        p.name for p in run_dir.iterdir()}
-    zero, four = out["summary"]["effects"]
-    assert zero["positive_share"] <= 0.1 and four["positive_share"] >= 0.8
-    assert four["logit_diff"] - four["control_logit_diff"] >= 3.0
+    assert summary["n_random"] >= 10 and summary["held_out"] is True and "held-out openers" in summary["split"]
+    zero, four = summary["effects"]
+    assert zero["logit_diff"]["mean"] < 0 < four["logit_diff"]["mean"]
+    assert four["logit_diff"]["beats"] == 1.0 and four["logit_diff"]["random_std"] > 0
+    assert four["logit_diff"]["ci"][0] > four["logit_diff"]["random_max"]
+    assert four["net_rate"]["mean"] > 0 and four["net_rate"]["ci"][0] <= four["net_rate"]["mean"]
+    assert zero["lm_loss_increase"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert four["lm_loss_increase"]["mean"] is not None and four["lm_loss_increase"]["random_mean"] is not None
+    named = set(re.findall(r"[\w]+\.(?:png|csv|json)", steer_command.__doc__))
+    assert named and named <= {p.name for p in run_dir.iterdir()}, named - {p.name for p in run_dir.iterdir()}
+    assert len(out["summary"]["effects"]) == 2 and len(json.dumps(out)) < 20_000
 
 
-def test_steer_cli_direction_file(tmp_path, capsys, toy_model, love_hate):
-    torch.save(love_hate.cpu(), tmp_path / "v.pt")
+def test_steer_cli_own_prompts_say_when_they_are_not_held_out(tmp_path, capsys):
+    args = ["steer", "--strengths", "0,4", "--max-new-tokens", "4", "--n-random", "10", "--positive", "i love this !",
+            "--negative", "i hate this !", "--prompt", "i hate this ! it ' s absolutely", "--prompt",
+            "i really dislike this ! it ' s so", "--out", str(tmp_path), "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["held_out"] is False and any("not held out" in n for n in summary["notes"])
+    assert summary["effects"][1]["logit_diff"]["beats"] == 1.0
+
+
+def test_steer_cli_direction_file(tmp_path, capsys, sentiment_vector):
+    torch.save(sentiment_vector.cpu(), tmp_path / "v.pt")
     assert main(["steer", "--direction", str(tmp_path / "v.pt"), "--strengths", "4", "--max-new-tokens", "4",
-                 "--prompt", "i hate this ! it ' s absolutely", "--out", str(tmp_path), "--json"]) == 0
+                 "--n-random", "3", "--prompt", "i hate this ! it ' s absolutely", "--out", str(tmp_path), "--json"]) == 0
     effect = json.loads(capsys.readouterr().out)["summary"]["effects"][0]
-    assert effect["positive_share"] >= 0.8 and effect["logit_diff"] > 0
+    assert effect["logit_diff"]["mean"] > 0 and effect["net_rate"]["mean"] > 0
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--layer", "7"], "out of range"),
-    (["--layer", "0"], "steering vector is zero"),  # "i love this !" / "i hate this !" both end in "!" at 4
+    (["--layer", "0", "--positive", "i love this !", "--negative", "i hate this !"], "steering vector is zero"),
     (["--strengths", "a,b"], "--strengths"),
+    (["--strengths", "nan,4"], "finite"),
     (["--direction", "missing.pt"], "does not exist"),
     (["--direction", "wrong.pt"], "must be a tensor of shape [128]"),
+    (["--direction", "nan.pt"], "non-finite"),
     (["--from-position", "50"], "--from-position"),
     (["--positive-words", "zzz,qqq"], "positive"),
     (["--prompt", ""], "empty"),
+    (["--n-random", "-1"], "--n-random"),
+    (["--positive", "i love this !"], "both --positive and --negative"),
+    (["--prompts", "missing.jsonl"], "does not exist"),
 ])
 def test_steer_bad_inputs(tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     torch.save(torch.zeros(3), tmp_path / "wrong.pt")
+    torch.save(torch.full((128,), float("nan")), tmp_path / "nan.pt")
     code = main(["steer", *extra, "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_engines_agree_on_the_steering_effect(engine, toy_engine, split, held_out_rows, word_ids):
+    """The vector built on each engine (its own residual basis) steers the same tokens and the same logit diffs as
+    on the transformer-lens engine, beyond every random direction."""
+    positive, negative, _, _ = split
+    results = []
+    for e in (engine, toy_engine):
+        v = steering.mean_difference(e, [e.to_tokens(p)[0] for p in positive], [e.to_tokens(p)[0] for p in negative],
+                                     LAYER)
+        results.append(steering.steering_sweep(e, held_out_rows, LAYER, v, [0, 4], *word_ids, max_new_tokens=5,
+                                               n_random=0, seed=0))
+    mine, reference = results
+    torch.testing.assert_close(mine.logit_diff, reference.logit_diff, atol=1e-4, rtol=1e-4)
+    assert mine.generations == reference.generations
+    assert float(mine.logit_diff[0, 1].mean()) > 0 > float(mine.logit_diff[0, 0].mean())

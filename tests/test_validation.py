@@ -9,6 +9,7 @@ from mechscope.cli import main
 from mechscope.techniques.ablation import Component, all_heads, all_mlps, second_copy_loss
 from mechscope.techniques.heads import head_scores, repeated_random_tokens
 from mechscope.techniques.validation import validate_circuit
+from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
 L = 20
 
@@ -113,3 +114,66 @@ def test_validate_circuit_bad_input(args, words, tmp_path, capsys):
     code = main(["validate-circuit", *args, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_intervals_hold_the_identities_and_cover_the_point(toy_model, task, induction_circuit):
+    """Every bootstrap resample of the full model is faithful 1 and of the empty circuit 0 (identities), so
+    their intervals collapse; a real circuit's interval covers its point estimate and has width > 0."""
+    tokens, metric = task
+    whole = validate_circuit(toy_model, tokens, all_heads(toy_model), metric, "mean")
+    empty = validate_circuit(toy_model, tokens, [], metric, "mean")
+    for v, value in ((whole, 1.0), (empty, 0.0)):
+        for key in ("faithfulness", "necessity"):
+            ci = v.intervals[key]
+            assert ci["ci_low"] == pytest.approx(value, abs=1e-4) and ci["ci_high"] == pytest.approx(value, abs=1e-4)
+    circuit, _ = induction_circuit
+    v = validate_circuit(toy_model, tokens, circuit, metric, "mean")
+    for key in ("faithfulness", "necessity"):
+        ci = v.intervals[key]
+        assert ci["ci_low"] < getattr(v, key) < ci["ci_high"] and ci["stderr"] > 0
+    assert set(v.intervals["minimality"]) == set(v.minimality) and v.n_prompts == len(tokens)
+
+
+def test_validate_circuit_explains_minimality_above_1(tmp_path, capsys):
+    """Without head 0.1, {1.2, 2.1} alone does worse than everything ablated (measured faithfulness -0.16), so 0.1's
+    minimality in {0.1, 1.2, 2.1} is above 1 (measured 1.08): the output must say why."""
+    assert main(["validate-circuit", "--circuit", "0.1,1.2,2.1", "--n", "16", "--random", "2", "--out", str(tmp_path),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["minimality"]["0.1"] > 1
+    assert any(n.startswith("minimality of 0.1") and "worse than everything ablated" in n for n in summary["notes"])
+    ci = summary["faithfulness_ci"]
+    assert ci["ci_low"] <= summary["faithfulness"] <= ci["ci_high"] and ci["stderr"] > 0
+    assert "but BOS" in summary["reference"]
+
+
+def test_validate_circuit_task_ioi(tmp_path, capsys):
+    """On held-out IOI prompts of several lengths, the head that patching finds (0.2) recovers most of the logit
+    diff alone and is more necessary than random single heads (measured: faithfulness 1.08 [0.95, 1.35] vs
+    random 0.03 mean; necessity 0.57 vs -0.10)."""
+    assert main(["validate-circuit", "--task", "ioi", "--circuit", "0.2", "--n", "16", "--random", "5",
+                 "--out", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["metric"] == "logit diff (IO - S)" and summary["n_prompts"] == 16
+    assert summary["necessity"] > summary["random_necessity_mean"] + 0.1, summary
+    assert summary["faithfulness"] > summary["random_faithfulness_mean"] + 0.3, summary
+
+
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_each_engine_finds_the_induction_circuit_faithful(backend, toy_engine, task):
+    """The model card's induction circuit {0.1, 1.2, 2.1, 2.2} (previous-token heads L0H1, L1H2 -> induction head
+    L2H1, backup L2H2) on every engine: the same faithfulness as the transformer-lens engine, far above random
+    circuits (measured 0.94 vs <= 0.03 on 64 sequences)."""
+    from mechscope.models import load_model
+    from mechscope.techniques.ablation import parse_components
+
+    engine = toy_engine if backend == "tl" else load_model("mechscope-toy", backend=backend, device="cpu")
+    tokens, metric = task
+    circuit = parse_components(engine, "0.1,1.2,2.1,2.2")
+    v = validate_circuit(engine, tokens, circuit, metric, "mean", n_random=5, seed=0)
+    reference = validate_circuit(toy_engine, tokens, circuit, metric, "mean", n_random=5, seed=0)
+    assert v.faithfulness == pytest.approx(reference.faithfulness, abs=1e-4)
+    assert v.necessity == pytest.approx(reference.necessity, abs=1e-4)
+    assert v.faithfulness > 0.75 and max(r["faithfulness"] for r in v.random_circuits) < 0.3

@@ -1,15 +1,21 @@
 """`mechscope <command> ...`: the command registry and the conventions every command follows.
 
 - `--help` never imports torch: command modules import heavy libraries inside `run`.
-- Bad input raises `BadInput` -> one line on stderr, exit 2. Any other error -> one line, exit 1
-  (`MECHSCOPE_DEBUG=1` shows the traceback).
-- Commands that compute something write a new run directory under `--out` (default `runs/`) with
-  result.json (atomic) and meta.json; stdout gets a short summary, or with `--json` one JSON object
-  `{"command", "run_dir", "summary"}`. Diagnostics and progress bars go to stderr.
+- Exit codes: 0 done; 2 bad input (`BadInput`, an argparse error, or out of memory: one line on stderr
+  saying what to fix);
+  1 an internal error (one line; `MECHSCOPE_DEBUG=1` shows the traceback); 130 / 143 interrupted by
+  Ctrl-C / SIGTERM.
+- Commands that compute something write a new run directory under `--out` (default `runs/`, see
+  mechscope.runs): created on the first file written, removed again if the input is refused; its
+  meta.json says "status": "complete", "failed" or "interrupted". stdout gets a short summary, or with
+  `--json` one JSON object `{"command", "run_dir", "summary"}`. Diagnostics and progress bars go to stderr.
+- JSON is strict (no NaN / Infinity): an undefined value (e.g. 0/0) is written as null, and the result's
+  "notes" (also in the printed summary) say where and why; a command may add its own notes.
 
 A command module defines HELP (one line), `add_arguments(parser)` and `run(ctx) -> dict`; the dict's
-"summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, and the
-whole dict goes to result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply
+"summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, "notes"
+(optional, one-line strings, e.g. why a value is null) are printed with it, and the whole dict goes to
+result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply
 (WRITES_RUN = "with --out": a run directory only when --out is given).
 """
 from __future__ import annotations
@@ -20,10 +26,10 @@ import importlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mechscope import inputs
 from mechscope.errors import BadInput
 
 # OpenMP threads that spin while waiting make small forwards 10-50x slower when the CPU is shared
@@ -65,8 +71,13 @@ DEPENDENCIES = {"torch", "transformer_lens", "sae_lens", "nnsight", "transformer
 class Context:
     """What a command's run() gets: parsed args, its run directory, and the model's engine (loaded on first use)."""
     args: argparse.Namespace
-    run_dir: Path | None
+    run: object = None                  # mechscope.runs.Run, or None for commands that write no run
     _engine: object = field(default=None, repr=False)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory, created on first use (so refusals before any output leave nothing)."""
+        return self.run.path if self.run is not None else None
 
     @property
     def engine(self):
@@ -148,15 +159,55 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                          "the answer; without it nothing is written")
         elif getattr(module, "WRITES_RUN", True):
             p.add_argument("--out", default="runs", help="parent directory of the new run directory (default: %(default)s)")
-            p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+            p.add_argument("--seed", type=inputs.seed, default=0, help="random seed (default: %(default)s)")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
-def _print_result(command: str, result: dict, run_dir: Path | None, as_json: bool) -> None:
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or another handled signal) while a command runs: treated like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Turn SIGTERM into an Interrupted exception while a command runs (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _with_notes(command_result: dict) -> tuple[dict, list[str]]:
+    """The result made strict-JSON-safe (non-finite -> null) and its notes: the command's own, then where
+    nulls were written."""
+    from mechscope.runs import null_note, sanitize
+
+    result, found = sanitize(command_result)
+    notes = [str(n) for n in (result.get("notes") or [])]
+    generic = null_note(found)
+    if generic:
+        notes.append(generic)
+    if notes:
+        result["notes"] = notes
+    return result, notes
+
+
+def _print_result(command: str, result: dict, notes: list[str], run_dir: Path | None, as_json: bool) -> None:
     from mechscope.runs import to_json
 
-    summary = result.get("summary", {k: v for k, v in result.items() if k != "text"})
+    summary = result.get("summary", {k: v for k, v in result.items() if k not in ("text", "notes")})
+    if notes and isinstance(summary, dict):
+        summary = {**summary, "notes": notes}
     if as_json:
         text = to_json({"command": command, "run_dir": str(run_dir) if run_dir else None, "summary": summary},
                        indent=None)
@@ -167,9 +218,34 @@ def _print_result(command: str, result: dict, run_dir: Path | None, as_json: boo
         text = result.get("text") or to_json(summary)
         if len(text) > MAX_STDOUT_CHARS:
             text = text[:MAX_STDOUT_CHARS] + "\n... (cut; the full result is in result.json)"
+        if notes and result.get("text"):
+            text += "".join(f"\nnote: {n}" for n in notes)
         if run_dir:
             text += f"\nresults: {run_dir}"
     print(text)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: MemoryError, torch.OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    text = str(error)
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)))
+
+
+def _model_info(ctx: Context | None) -> dict | None:
+    """meta.json's "model": the loaded engine's facts, or None if no model was loaded."""
+    if ctx is None or ctx._engine is None:
+        return None
+    from mechscope.models import model_info
+    try:
+        return model_info(ctx._engine)
+    except Exception:  # noqa: BLE001 - never let the record of a failure fail
+        return None
+
+
+def _one_line(error: BaseException, limit: int = 1000) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,40 +257,56 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     module = _command_module(args.command)
-    started = time.time()
+    run = ctx = None
     try:
-        run_dir = None
         if getattr(module, "WRITES_RUN", True) and args.out is not None:
-            from mechscope.runs import new_run_dir
-            run_dir = new_run_dir(args.out, args.command)
-        ctx = Context(args=args, run_dir=run_dir)
-        if hasattr(args, "seed"):
-            import torch
-            torch.manual_seed(args.seed)
-        with contextlib.redirect_stdout(sys.stderr):  # libraries that print must not corrupt --json
-            result = module.run(ctx)
-        if run_dir is not None:
-            from mechscope.models import model_info
-            from mechscope.runs import metadata_for, write_json
-            write_json(run_dir / "result.json", result)
-            info = model_info(ctx._engine) if ctx._engine is not None else None
-            write_json(run_dir / "meta.json", metadata_for(args.command, vars(args), started, info, argv))
-        _print_result(args.command, result, run_dir, args.json)
+            from mechscope.runs import Run
+            run = Run(args.out, args.command, vars(args), argv)  # checks --out; the directory comes later
+        ctx = Context(args=args, run=run)
+        with _signals_interrupt():
+            if hasattr(args, "seed"):
+                import torch
+                torch.manual_seed(args.seed)
+            with contextlib.redirect_stdout(sys.stderr):  # libraries that print must not corrupt --json
+                command_result = module.run(ctx)
+            result, notes = _with_notes(command_result)
+            if run is not None:
+                run.model_info = _model_info(ctx)
+                run.finish(result)
+        _print_result(args.command, result, notes, run.path if run else None, args.json)
         return 0
     except BadInput as e:
-        sys.stderr.write(f"mechscope {args.command}: error: {e}\n")
+        if run is not None:
+            run.discard()
+        sys.stderr.write(f"mechscope {args.command}: error: {_one_line(e)}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
+    except KeyboardInterrupt as e:
+        name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+        if run is not None:
+            run.model_info = _model_info(ctx)
+            run.close("interrupted", signal=name)
+        where = f"; partial output in {run.path} (meta.json status: interrupted)" if run and run.exists else ""
+        sys.stderr.write(f"mechscope {args.command}: interrupted ({name}){where}\n")
+        return 143 if name == "SIGTERM" else 130
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into a line
+        if _out_of_memory(e):  # sizes the user chose (--n, --batch-size, ...): as fixable as bad input
+            if run is not None:
+                run.discard()
+            sys.stderr.write(f"mechscope {args.command}: error: out of memory ({_one_line(e, 200)}); lower the sizes "
+                             f"(--n, --batch-size, --seq-len, ...) or use a machine with more memory\n")
+            return 2
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in DEPENDENCIES:
+            if run is not None:
+                run.discard()
             sys.stderr.write(f"mechscope {args.command}: error: {e.name} is not installed; install mechscope's "
                              f"dependencies once: python3 -m pip install -e {Path(__file__).resolve().parents[2]}\n")
             return 2
+        if run is not None:
+            run.model_info = _model_info(ctx)
+            run.close("failed", error=f"{type(e).__name__}: {_one_line(e)}")
         if os.environ.get("MECHSCOPE_DEBUG"):
             raise
-        sys.stderr.write(f"mechscope {args.command}: internal error: {type(e).__name__}: {e} "
+        sys.stderr.write(f"mechscope {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
                          f"(MECHSCOPE_DEBUG=1 for the traceback)\n")
         return 1
 

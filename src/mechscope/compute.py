@@ -20,6 +20,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from mechscope import inputs
 from mechscope.errors import BadInput
 
 GB = 1e9
@@ -257,11 +258,12 @@ def safetensors_params(directory: Path) -> int:
     """Exact parameter count of the *.safetensors files in a directory, read from their headers."""
     total = 0
     for file in sorted(directory.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                total += math.prod(entry["shape"])
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise BadInput(f"{file} is not a readable safetensors file (save the model with save_pretrained)") from None
     return total
 
 
@@ -309,7 +311,10 @@ def model_shape(spec: str) -> ModelShape:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise BadInput(f"{path} has no config.json: pass a directory written by save_pretrained")
-        shape = shape_from_hf_config(json.loads((path / "config.json").read_text()), path.name)
+        config = inputs.read_json(path / "config.json", "the model configuration")
+        if not isinstance(config, dict):
+            raise BadInput(f"{path}/config.json is not a JSON object: pass a directory written by save_pretrained")
+        shape = shape_from_hf_config(config, path.name)
         return replace(shape, n_params=safetensors_params(path) or shape.n_params)
     if spec.startswith((".", "/", "~")):
         raise BadInput(f"model directory {spec} does not exist")

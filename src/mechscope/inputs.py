@@ -1,13 +1,87 @@
-"""Checked conversions from user input to tensors: every check raises BadInput with a fix in the message."""
+"""Checked conversions from user input to numbers and tensors: every check raises BadInput with a fix in
+the message (argparse types raise argparse.ArgumentTypeError, which the CLI prints as one line, exit 2)."""
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import re
+from pathlib import Path
 
 from mechscope.errors import BadInput
+
+MAX_SEED = 2**63 - 1   # torch takes seeds below 2**64; commands derive a few more as seed + small offsets
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number ('nan', 'inf' and overflows such as 1e309 are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; pass a finite value")
+    return value
+
+
+def float_list(text: str, what: str) -> list[float]:
+    """'0,2.5,1e-3' -> [0.0, 2.5, 0.001]; BadInput naming `what` (the option) unless every item is a finite number."""
+    values = []
+    for item in [s.strip() for s in str(text).split(",") if s.strip()]:
+        try:
+            values.append(finite_float(item))
+        except argparse.ArgumentTypeError:
+            raise BadInput(f"{what}: {item!r} in {text!r} is not a finite number; write comma-separated finite "
+                           f"numbers, e.g. 0,2,4") from None
+    return values
+
+
+def seed(text: str) -> int:
+    """argparse type: an integer seed in 0..2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; a seed is an integer in 0..{MAX_SEED}")
+    return value
+
+
+def top_k(k: int, available: int, what: str = "--top-k", of: str = "items") -> int:
+    """`k` if 1 <= k <= available, else BadInput naming the option and the limit."""
+    if not 1 <= k <= available:
+        raise BadInput(f"{what} {k} is out of range: pick 1..{available} (there are {available} {of})")
+    return k
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a UTF-8 file, or BadInput naming `what` (e.g. "pairs file") if it is missing or not text."""
+    file = Path(path)
+    if file.is_dir():
+        raise BadInput(f"{what} {path} is a directory; pass a file")
+    if not file.is_file():
+        raise BadInput(f"{what} {path} does not exist")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise BadInput(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def read_json(path: str | Path, what: str):
+    """The parsed contents of a JSON file, or BadInput naming `what` (e.g. "the pairs file")."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{what} {path} is not JSON ({e.msg}, line {e.lineno})") from None
 
 
 def tokens(model, prompt: str, prepend_bos: bool = True):
     """[1, seq] token ids of a non-empty prompt that fits the model's context."""
+    if not isinstance(prompt, str):
+        raise BadInput(f"a prompt must be text, not {type(prompt).__name__} ({str(prompt)[:40]})")
     if not prompt or not prompt.strip():
         raise BadInput("the prompt is empty; pass some text")
     toks = model.to_tokens(prompt, prepend_bos=prepend_bos, truncate=False)
@@ -40,6 +114,8 @@ def paired_tokens(model, clean: str, corrupted: str, prepend_bos: bool = True):
 
 def single_token(model, word: str) -> int:
     """The id of `word` as one token (a leading space is tried first, as GPT-2-style vocabularies need)."""
+    if not isinstance(word, str):
+        raise BadInput(f"an answer token must be text, not {type(word).__name__} ({str(word)[:40]})")
     if not word or not word.strip():
         raise BadInput("an answer token is empty; pass a word")
     for candidate in ((" " + word.strip(), word) if not word.startswith(" ") else (word,)):

@@ -20,6 +20,7 @@ three. Every technique takes the returned engine (or a raw HookedTransformer / T
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 from mechscope.engines.base import BACKENDS
@@ -30,18 +31,23 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def resolve_device(device: str = "auto") -> str:
+    """'auto' -> cuda, else mps, else cpu; an explicit device must exist here (BadInput otherwise)."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
         raise BadInput(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise BadInput(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device == "mps" and not mps:
+        raise BadInput("device 'mps' requested but MPS (Apple GPU) is not available here; use --device cpu or auto")
     return device
 
 
@@ -108,9 +114,21 @@ def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     from transformer_lens import HookedTransformer, loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (directory / "config.json").exists():
-        raise BadInput(f"{directory} has no config.json: pass a directory written by save_pretrained")
-    hf_model = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    check_hf_directory(directory)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a small (transformer-lens) model loads in seconds: keep stderr for errors
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32)
+    except OSError as e:  # no weights file, unreadable weights
+        raise BadInput(f"cannot load the weights in {directory}: {' '.join(str(e).split())[:300]}") from None
+    except (ValueError, KeyError) as e:  # a config.json transformers cannot use (no or unknown model_type)
+        raise BadInput(f"{directory}/config.json does not describe a model transformers can load: "
+                       f"{' '.join(str(e).split())[:300]}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     try:
         cfg = loading.get_pretrained_model_config(str(directory), fold_ln=fold_ln, device=device, dtype=dtype)
     except (ValueError, NotImplementedError, KeyError) as e:
@@ -121,6 +139,18 @@ def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     model.load_and_process_state_dict(state, fold_ln=fold_ln, center_writing_weights=fold_ln,
                                       center_unembed=fold_ln, fold_value_biases=False)
     return model.to(device, print_details=False).to(dtype, print_details=False).eval()
+
+
+def check_hf_directory(directory: Path) -> dict:
+    """The config.json of a local Hugging Face directory as a dict, or BadInput saying what is wrong."""
+    from mechscope import inputs
+
+    if not (directory / "config.json").is_file():
+        raise BadInput(f"{directory} has no config.json: pass a directory written by save_pretrained")
+    config = inputs.read_json(directory / "config.json", "the model configuration")
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise BadInput(f"{directory}/config.json has no model_type: pass a directory written by save_pretrained")
+    return config
 
 
 def _hooked_transformer_available() -> bool:
@@ -195,14 +225,16 @@ def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto",
     path = Path(spec).expanduser()
     if spec.startswith((".", "/", "~")) and not path.is_dir():
         raise BadInput(f"model directory {spec} does not exist")
-    if path.is_dir() and not (path / "config.json").exists():
-        raise BadInput(f"{path} has no config.json: pass a directory written by save_pretrained")
+    if path.is_dir() and spec not in (BUNDLED, "toy"):
+        check_hf_directory(path)
+    device = "auto" if remote else resolve_device(device)
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if backend == "auto":
         backend = auto_backend(spec, remote, device_map, quantization)
     if backend != "nnsight" and (remote or device_map is not None or max_memory is not None or quantization):
         raise BadInput(f"--remote, --device-map, --max-memory and --quantization need --backend nnsight "
                        f"(not {backend})")
-    device = "auto" if remote else resolve_device(device)
     grad, default_dtype = torch.is_grad_enabled(), torch.get_default_dtype()
     try:  # libraries toggle grad mode and default dtypes while loading: leave the caller's as they were
         if backend == "tl":

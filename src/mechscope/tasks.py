@@ -307,6 +307,34 @@ def _sentiment(engine, n: int, seed: int) -> PromptSet:
     return PromptSet("sentiment", prompts[:n])
 
 
+NEUTRAL_TEXTS = [
+    "The train leaves the station at nine and arrives in the city before noon.",
+    "She opened the window, put the kettle on and read the morning paper.",
+    "The library is on the second floor, next to the room with the maps.",
+    "He parked the car behind the house and carried the boxes inside.",
+    "The river runs through the valley and past the old mill.",
+    "They met at the corner of the street and walked to the market together.",
+    "The meeting was moved to Thursday because the room was booked.",
+    "A small bird sat on the fence and watched the garden.",
+    "The recipe needs two eggs, a cup of flour and some milk.",
+    "The bus was late, so the children waited under the bridge.",
+    "Our office has a long table, six chairs and a large screen.",
+    "The farmer counted the sheep and closed the gate for the night.",
+]
+
+
+def neutral_texts(engine, n: int = 32, seed: int = 0) -> list[str]:
+    """n texts with no sentiment, to measure what an intervention costs the language model (its loss there).
+    On the bundled model: pairs of its filler sentences ("the old cat sees the dog . mary likes to swim in the
+    park ."); on others: built-in plain sentences (at most len(NEUTRAL_TEXTS))."""
+    if engine.cfg.model_name != "mechscope-toy":
+        return NEUTRAL_TEXTS[:n]
+    from mechscope.toy import corpus
+
+    rng = random.Random(seed)
+    return [" ".join(corpus.filler_sentence(rng) + corpus.filler_sentence(rng)) for _ in range(n)]
+
+
 # ------------------------------------------------------------------------------------ files
 def _read_objects(path: str) -> list:
     file = Path(path)
@@ -361,8 +389,11 @@ def read_pair_file(path: str) -> PromptSet:
         where = f"{path}: pair {i + 1}"
         if not isinstance(item, dict):
             raise BadInput(f"{where} must be an object with clean, corrupted, answer, wrong")
-        missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not isinstance(item.get(k), str)
-                   or not item[k].strip()]
+        not_text = [k for k in ("clean", "corrupted", "answer", "wrong") if item.get(k) is not None
+                    and not isinstance(item[k], str)]
+        if not_text:
+            raise BadInput(f"{where}: {', '.join(not_text)} must be text (a string)")
+        missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not item.get(k) or not item[k].strip()]
         if missing:
             raise BadInput(f"{where} lacks {', '.join(missing)}: each pair needs clean, corrupted, answer, wrong")
         prompts.append(Prompt(item["clean"], answer=item["answer"], wrong=item["wrong"], corrupted=item["corrupted"],

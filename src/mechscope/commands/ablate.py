@@ -2,26 +2,41 @@
 
 Components: heads LAYER.HEAD (1.* = every head of layer 1, `heads` = all), attention layers attnL (`attns`),
 MLP layers mlpL (`mlps`), neurons mlpL.N. Comma-separated items are ablated one at a time; join items
-with + to ablate them together (0.1+1.2). Methods: zero, mean (over the reference prompts), resample
-(another prompt's activations, seeded), noise (+ Gaussian noise with the activation's std, seeded).
+with + to ablate them together (0.1+1.2). Methods: zero, mean (over the reference prompts' positions,
+BOS excluded unless --include-bos), resample (another prompt of the same length, seeded), noise
+(+ Gaussian noise with the activation's std over the reference positions, seeded).
 
-Tasks: induction (second-copy loss of repeated random words; effect > 0 = copying got worse), ioi
-(logit diff IO - S on generated IOI prompts of one length), or your own --prompt with --answer [--wrong]
-(logit diff, or the answer's log-probability without --wrong).
+Prompts and metric: --task induction (second-copy loss of repeated random words; effect > 0 = copying got
+worse), --task ioi (logit diff IO - S on held-out IOI prompts), --task facts (logit diff answer - the
+corrupted twin's answer), --prompts FILE (JSON / JSONL of {"prompt", "answer", "wrong"?}), or --prompt
+with --answer [--wrong] (logit diff, or the answer's log-probability without --wrong). The reference of
+mean / noise / resample is the prompts themselves unless --reference is given; mean ablation of one
+prompt with no reference is refused (it would average that prompt's own positions).
+
+Every prompt's effect is kept (effects.csv has the means, per_prompt.csv every prompt); the JSON summary
+gives each effect with its standard error, 95% bootstrap interval over prompts and sign share, and the
+rank stability of the single-component ranking.
 
     mechscope ablate --components heads,mlps --method zero,mean
     mechscope ablate --task ioi --components heads --method mean,resample
-    mechscope ablate --prompt "When Mary and John went to the store, John gave a drink to" --answer mary --wrong john
+    mechscope ablate --prompt "When Mary and John went to the store, John gave a drink to" --answer mary --wrong john \\
+        --reference "When Tom and Anna went to the park, Anna gave a ball to" --reference "..."
 """
 HELP = "zero / mean / resample / noise ablation of heads, layers and neurons"
+MAX_PROMPTS = 100_000  # generated prompts (--n): more is hours of generation, not a better estimate
+
+TASKS = ("induction", "ioi", "facts")
 
 
 def add_task_arguments(parser):
     """The prompt and metric options shared by `ablate` and `validate-circuit`."""
-    parser.add_argument("--task", choices=("induction", "ioi"), default="induction",
-                        help="generated prompts and their metric when no --prompt is given (default: %(default)s)")
+    parser.add_argument("--task", choices=TASKS, default=None,
+                        help="bundled prompts and their metric (default: induction when no --prompt / --prompts)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help='JSON / JSONL prompts {"prompt", "answer", "wrong"?} (metric: logit diff answer - wrong, '
+                             'else log p(answer))')
     parser.add_argument("--prompt", action="append",
-                        help="your prompt (repeatable; all the same number of tokens); needs --answer")
+                        help="your prompt (repeatable; lengths may differ); needs --answer")
     parser.add_argument("--answer", action="append",
                         help="the expected next token after each --prompt (one for all, or one per prompt)")
     parser.add_argument("--wrong", action="append",
@@ -30,81 +45,102 @@ def add_task_arguments(parser):
                         help="reference prompt for mean / noise / resample statistics (repeatable; "
                              "default: the prompts themselves)")
     parser.add_argument("--per-position", action="store_true",
-                        help="mean ablation per position (reference prompts must have the prompts' length)")
-    parser.add_argument("--n", type=int, default=32, help="generated prompts for --task (default: %(default)s)")
+                        help="mean ablation per position (prompts of one token length; a reference of that length)")
+    parser.add_argument("--include-bos", action="store_true",
+                        help="include the BOS position in the mean / noise statistics (default: excluded, BOS is an "
+                             "attention sink far from every other position)")
+    parser.add_argument("--n", type=int, default=32, help="prompts drawn for --task (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=20,
                         help="induction: length of the repeated random sequence (default: %(default)s)")
 
 
-def _per_prompt(model, words, n, flag):
+def _per_prompt(engine, words, n, flag):
     from mechscope import inputs
     from mechscope.errors import BadInput
 
     if len(words) not in (1, n):
         raise BadInput(f"give one {flag} for all prompts or one per prompt ({n} prompts, {len(words)} {flag}s)")
-    ids = [inputs.single_token(model, w) for w in words]
+    ids = [inputs.single_token(engine, w) for w in words]
     return ids * n if len(ids) == 1 else ids
 
 
-def ioi_tokens(model, n: int, seed: int):
-    """[n, seq] held-out IOI prompts of one template length, with [n] IO and S token ids."""
-    import random
-
+def _answer_metric(engine, rows, answers, wrongs):
+    """(metric, name) for rows [seq_i]: logit diff answer - wrong at each row's last token (or log p(answer))."""
     import torch
 
-    from mechscope import inputs
-    from mechscope.toy import corpus
+    from mechscope import metrics
 
-    rng = random.Random(seed)
-    rows, io, s = [], [], []
-    for _ in range(200 * n):
-        prompt, a, b = corpus.ioi_prompt(rng, held_out=True)
-        toks = inputs.tokens(model, prompt)
-        if rows and toks.shape != rows[0].shape:
-            continue
-        rows.append(toks)
-        io.append(inputs.single_token(model, a))
-        s.append(inputs.single_token(model, b))
-        if len(rows) == n:
-            break
-    return torch.cat(rows), torch.tensor(io), torch.tensor(s)
+    end = torch.tensor([len(r) - 1 for r in rows])
+    answer = torch.tensor(answers, device=rows[0].device)
+    if wrongs is None:
+        return (lambda lg: metrics.answer_logit(metrics.at_position(lg, end).log_softmax(-1), answer)), \
+            "log p(answer)"
+    wrong = torch.tensor(wrongs, device=rows[0].device)
+    return (lambda lg: metrics.logit_diff(lg, answer, wrong, pos=end)), "logit diff (answer - wrong)"
 
 
-def build_task(model, args) -> dict:
-    """tokens [n, seq], metric(logits) -> [n], its name, and reference tokens (or None) from the task options."""
-    import torch
-
-    from mechscope import inputs, metrics
+def build_task(engine, args) -> dict:
+    """{tokens: [n, seq] or n rows [seq_i], metric(logits) -> [n], metric_name, prompts (what they are),
+    reference (rows or None), reference_note} from the task options."""
+    from mechscope import inputs, tasks
     from mechscope.errors import BadInput
     from mechscope.techniques.ablation import second_copy_loss
     from mechscope.techniques.heads import repeated_random_tokens
 
     if args.n < 1:
         raise BadInput("--n must be at least 1")
-    reference = inputs.token_batch(model, args.reference) if args.reference else None
-    if args.prompt:
-        if not args.answer:
-            raise BadInput("--prompt needs --answer (the expected next token), and optionally --wrong")
-        tokens = inputs.token_batch(model, args.prompt)
-        answer = torch.tensor(_per_prompt(model, args.answer, len(args.prompt), "--answer"), device=tokens.device)
-        if args.wrong:
-            wrong = torch.tensor(_per_prompt(model, args.wrong, len(args.prompt), "--wrong"), device=tokens.device)
-            metric, name = (lambda lg: metrics.logit_diff(lg, answer, wrong)), "logit diff (answer - wrong)"
+    if args.n > MAX_PROMPTS:
+        raise BadInput(f"--n must be at most {MAX_PROMPTS}")
+    sources = [name for name, given in (("--task", args.task), ("--prompts", args.prompts), ("--prompt", args.prompt))
+               if given]
+    if len(sources) > 1:
+        raise BadInput(f"give one source of prompts, not {' and '.join(sources)}")
+    reference = [inputs.tokens(engine, p)[0] for p in args.reference] if args.reference else None
+    if args.prompt or args.prompts:
+        if args.prompt:
+            if not args.answer:
+                raise BadInput("--prompt needs --answer (the expected next token), and optionally --wrong")
+            texts, what = args.prompt, f"{len(args.prompt)} prompt(s) from --prompt"
+            answers = _per_prompt(engine, args.answer, len(texts), "--answer")
+            wrongs = _per_prompt(engine, args.wrong, len(texts), "--wrong") if args.wrong else None
         else:
-            metric, name = (lambda lg: metrics.answer_logit(lg.log_softmax(-1), answer)), "log p(answer)"
-    elif args.task == "ioi":
-        tokens, io, s = ioi_tokens(model, args.n, args.seed)
-        io, s = io.to(tokens.device), s.to(tokens.device)
-        metric, name = (lambda lg: metrics.logit_diff(lg, io, s)), "logit diff (IO - S)"
+            ps = tasks.read_prompt_file(args.prompts)
+            missing = [i + 1 for i, p in enumerate(ps.prompts) if not p.answer]
+            if missing:
+                raise BadInput(f"{args.prompts}: prompt {missing[0]} has no \"answer\"; ablation needs each prompt's "
+                               f"expected next token (and optionally \"wrong\")")
+            with_wrong = [p.wrong is not None for p in ps.prompts]
+            if any(with_wrong) and not all(with_wrong):
+                raise BadInput(f"{args.prompts}: give \"wrong\" for every prompt or for none")
+            texts, what = ps.texts, f"{len(ps)} prompts from {args.prompts}"
+            answers = [inputs.single_token(engine, p.answer) for p in ps.prompts]
+            wrongs = [inputs.single_token(engine, p.wrong) for p in ps.prompts] if all(with_wrong) else None
+        rows = [inputs.tokens(engine, t)[0] for t in texts]
+        metric, name = _answer_metric(engine, rows, answers, wrongs)
+        tokens = rows
+    elif (args.task or "induction") == "induction":
+        if not 2 <= args.seq_len <= (engine.cfg.n_ctx - 1) // 2:
+            raise BadInput(f"--seq-len must be in 2..{(engine.cfg.n_ctx - 1) // 2} for this model's context")
+        tokens = repeated_random_tokens(engine, args.n, args.seq_len, seed=args.seed)
+        metric = (lambda lg: second_copy_loss(lg, tokens, args.seq_len))
+        name, what = "second-copy loss (nats)", f"induction: {args.n} sequences [BOS, r, r], r of {args.seq_len} words"
     else:
-        if not 2 <= args.seq_len <= (model.cfg.n_ctx - 1) // 2:
-            raise BadInput(f"--seq-len must be in 2..{(model.cfg.n_ctx - 1) // 2} for this model's context")
-        tokens = repeated_random_tokens(model, args.n, args.seq_len, seed=args.seed)
-        metric, name = (lambda lg: second_copy_loss(lg, tokens, args.seq_len)), "second-copy loss (nats)"
-    if reference is not None and args.per_position and reference.shape[1] != tokens.shape[1]:
-        raise BadInput(f"--per-position needs reference prompts of {tokens.shape[1]} tokens "
-                       f"(they have {reference.shape[1]})")
-    return {"tokens": tokens, "metric": metric, "metric_name": name, "reference": reference}
+        ps = tasks.load_task(engine, args.task, args.n, args.seed)
+        tokens, _ = ps.tokens(engine)
+        metric, _ = _answer_metric(engine, tokens, [inputs.single_token(engine, p.answer) for p in ps.prompts],
+                                   [inputs.single_token(engine, p.wrong) for p in ps.prompts])
+        name = "logit diff (IO - S)" if args.task == "ioi" else "logit diff (answer - corrupted answer)"
+        what = f"{args.task}: {len(ps)} held-out prompts (seed {args.seed})"
+    n = len(tokens)
+    if args.reference:
+        note = f"{len(reference)} --reference prompt(s)"
+    else:
+        note = f"the {n} prompts themselves"
+    stats_note = "per position" if args.per_position else \
+        ("over every position, BOS included (--include-bos)" if args.include_bos else "over every position but BOS")
+    return {"tokens": tokens, "metric": metric, "metric_name": name, "prompts": what, "n_prompts": n,
+            "reference": reference, "reference_note": f"mean / noise statistics from {note}, {stats_note}; "
+                                                      f"resample donors: other prompts of the same length"}
 
 
 def add_arguments(parser):
@@ -117,9 +153,8 @@ def add_arguments(parser):
 
 
 def run(ctx):
-    import csv
-
-    from mechscope import plotting
+    from mechscope import plotting, stats
+    from mechscope.runs import write_csv
     from mechscope.errors import BadInput
     from mechscope.techniques.ablation import METHODS, ablate, head_grid, parse_groups
 
@@ -130,38 +165,60 @@ def run(ctx):
             raise BadInput(f"unknown --method {m!r}; use one of {', '.join(METHODS)} (comma-separated for several)")
     if not methods:
         raise BadInput(f"--method is empty; use one of {', '.join(METHODS)}")
-    model = ctx.model
-    groups = parse_groups(model, args.components)
-    task = build_task(model, args)
-    rows, results = [], {}
+    engine = ctx.engine
+    groups = parse_groups(engine, args.components)
+    task = build_task(engine, args)
+    rows, per_prompt, results = [], [], {}
     for method in methods:
-        result = ablate(model, task["tokens"], groups, task["metric"], method, reference=task["reference"],
-                        per_position=args.per_position, seed=args.seed)
+        result = ablate(engine, task["tokens"], groups, task["metric"], method, reference=task["reference"],
+                        per_position=args.per_position, seed=args.seed, skip_bos=not args.include_bos)
         results[method] = result
-        rows += result.rows()
+        rows += result.rows(args.seed)
+        per_prompt += [{"method": method, "prompt": i, "clean_metric": float(result.clean[i]),
+                        **{label: float(d) for label, d in zip(result.labels, diffs)}}
+                       for i, diffs in enumerate(result.differences)]
         order = result.effect.abs().argsort(descending=True)[:40]
         plotting.bars(result.effect[order], [result.labels[i] for i in order],
                       ctx.run_dir / f"effects_{method}.png", title=f"{method} ablation",
                       xlabel=f"change in {task['metric_name']}")
-        grid = head_grid(model, result)
+        grid = head_grid(engine, result)
         if not grid.isnan().all():
             plotting.heatmap(grid, ctx.run_dir / f"heads_{method}.png",
-                             row_labels=[f"L{l}" for l in range(model.cfg.n_layers)],
-                             col_labels=[f"H{h}" for h in range(model.cfg.n_heads)],
+                             row_labels=[f"L{l}" for l in range(engine.cfg.n_layers)],
+                             col_labels=[f"H{h}" for h in range(engine.cfg.n_heads)],
                              title=f"{method} ablation: change in {task['metric_name']}",
                              xlabel="head", ylabel="layer", colorbar_label="effect")
-    with open(ctx.run_dir / "effects.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(ctx.run_dir / "effects.csv", rows)
+    write_csv(ctx.run_dir / "per_prompt.csv", per_prompt)
 
-    clean = float(next(iter(results.values())).clean.mean())
-    top = {m: [{"component": r["component"], "effect": round(r["effect"], 4)}
-               for r in sorted(results[m].rows(), key=lambda r: -abs(r["effect"]))[:10]] for m in methods}
-    lines = [f"{task['metric_name']}: clean {clean:.4f} over {task['tokens'].shape[0]} prompts"]
+    clean = next(iter(results.values())).clean
+    keys = ("effect", "stderr", "ci_low", "ci_high", "sign_share")
+    top = {m: [{"component": r["component"], **{k: round(r[k], 4) if r[k] is not None else None for k in keys}}
+               for r in sorted(results[m].rows(args.seed), key=lambda r: -abs(r["effect"]))[:10]] for m in methods}
+    stability = {}
+    if len(groups) > 1 and task["n_prompts"] > 1:
+        for m in methods:
+            s = stats.rank_stability(results[m].differences, k=min(3, len(groups) - 1), seed=args.seed)
+            stability[m] = {"top_k": [results[m].labels[i] for i in s["top_k"]],
+                            "top_k_set_frequency": s["top_k_set_frequency"],
+                            "median_rank_correlation": s["median_rank_correlation"]}
+    clean_summary = stats.summary(clean[:, None], seed=args.seed)
+    summary = {"metric": task["metric_name"], "prompts": task["prompts"], "n_prompts": task["n_prompts"],
+               "clean_metric": round(float(clean.mean()), 4),
+               "clean_ci": [clean_summary["ci_low"][0], clean_summary["ci_high"][0]],
+               "reference": task["reference_note"], "methods": methods, "n_components": len(groups),
+               "top_effects": top, "rank_stability": stability,
+               "intervals": "95% percentile bootstrap over prompts (1000 resamples); sign_share = share of prompts "
+                            "whose effect has the mean's sign",
+               "files": ["effects.csv", "per_prompt.csv"] + [f"effects_{m}.png" for m in methods]}
+    lines = [f"{task['metric_name']}: clean {float(clean.mean()):.4f} over {task['prompts']}",
+             f"reference: {task['reference_note']}"]
     for m in methods:
-        lines.append(f"{m} ablation, largest effects (ablated - clean):")
-        lines += [f"  {r['component']:>14}  {r['effect']:+.4f}" for r in top[m]]
-    return {"summary": {"metric": task["metric_name"], "clean_metric": clean, "n_prompts": task["tokens"].shape[0],
-                        "methods": methods, "n_components": len(groups), "top_effects": top},
-            "effects": rows, "text": "\n".join(lines)}
+        lines.append(f"{m} ablation, largest effects (ablated - clean, mean [95% CI] over prompts, sign share):")
+        lines += [f"  {r['component']:>14}  {r['effect']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+                  f"  {r['sign_share']:.2f}" for r in top[m]]
+        if m in stability:
+            lines.append(f"  top {len(stability[m]['top_k'])} {stability[m]['top_k']}: same set in "
+                         f"{stability[m]['top_k_set_frequency']:.0%} of bootstrap resamples; median rank correlation "
+                         f"of a prompt to the pooled ranking {stability[m]['median_rank_correlation']:.2f}")
+    return {"summary": summary, "effects": rows, "text": "\n".join(lines)}

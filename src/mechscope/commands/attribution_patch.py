@@ -7,9 +7,13 @@ AtP is a linear approximation: it misses effects through saturated softmaxes and
 So by default on small models (--compare-exact auto) every grid is also patched exactly (the `patch` engine)
 and the agreement is reported (Pearson r, top-k overlap) with a scatter plot; the top-k neurons are
 checked exactly in one batched forward. --atp-star recomputes attention patterns exactly for q / k patches
-(AtP*, Kramár et al. 2024).
+(AtP*, Kramár et al. 2024; --backend tl). Over a prompt set (--task ioi|facts, --pairs FILE) the summary
+gives each top cell's mean estimate with a 95% bootstrap interval and sign share, the rank stability of the
+cells, and the agreement with exact patching both for the mean grid and per prompt (mean Pearson r with its
+interval); prompts of different lengths are compared at named positions (IO, S1, S2, END, ...).
 
     mechscope attribution-patch                               # IOI example
+    mechscope attribution-patch --task ioi --n 32             # a prompt set: intervals, per-prompt agreement
     mechscope attribution-patch --clean "The Louvre is in the city of" --corrupted "The Colosseum is in the city of" \\
         --answer paris --wrong rome --sites resid,heads
     mechscope attribution-patch --sites all --atp-star --compare-exact on
@@ -54,13 +58,21 @@ def _grid(name: str, values, tokens: list[str]):
     return values, [f"L{l}" for l in range(n_layers)], tokens
 
 
+def _named(per_prompt: dict, positions: dict) -> dict:
+    """Grids by position gathered at each prompt's named positions (axis 2 of [n, layers, pos, ...])."""
+    from mechscope.techniques.attribution_patching import BY_POSITION
+    from mechscope.techniques.patching import gather_positions
+
+    return {name: gather_positions(v, positions, axis=2) if name in BY_POSITION else v for name, v in per_prompt.items()}
+
+
 def run(ctx):
     import csv
 
     import torch
 
-    from mechscope import metrics, plotting
-    from mechscope.commands.patch import pairs_from_args
+    from mechscope import metrics, plotting, stats
+    from mechscope.commands.patch import number, pair_records, position_columns, prompt_pairs, rounded
     from mechscope.errors import BadInput
     from mechscope.techniques import attribution_patching as atp
     from mechscope.techniques import patching
@@ -69,79 +81,101 @@ def run(ctx):
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
     sites = _sites(args.sites)
-    pairs = pairs_from_args(args)
-    model = ctx.model
-    batch = patching.pair_batch(model, pairs)
+    engine = ctx.engine
+    prompt_set = prompt_pairs(args, engine)
+    batch = patching.pair_batch(engine, prompt_set)
     read = batch.lengths - 1
-    try:
-        result = atp.attribution_patch(model, batch.clean, batch.corrupted,
-                                       lambda logits: metrics.logit_diff(logits, batch.answer, batch.wrong, pos=read),
-                                       sites=sites, atp_star=args.atp_star)
-    except ValueError as e:  # AtP* on a model it does not apply to
-        raise BadInput(f"{e}; drop --atp-star") from None
+    result = atp.attribution_patch(engine, batch.clean, batch.corrupted,
+                                   lambda logits: metrics.logit_diff(logits, batch.answer, batch.wrong, pos=read),
+                                   sites=sites, atp_star=args.atp_star, lengths=batch.lengths)
     compare = args.compare_exact == "on" or (args.compare_exact == "auto"
-                                             and model.cfg.n_params <= EXACT_AUTO_MAX_PARAMS)
+                                             and engine.cfg.n_params <= EXACT_AUTO_MAX_PARAMS)
     exact_metric = patching.logit_diff_metric(batch.answer, batch.wrong)
-    exact = atp.exact_effects(model, batch.clean, batch.corrupted, exact_metric, list(result.scores),
-                              lengths=batch.lengths) if compare else {}
+    exact = atp.exact_effects(engine, batch.clean, batch.corrupted, exact_metric, list(result.scores),
+                              lengths=batch.lengths, per_prompt=True) if compare else {}
+    aligned, tokens = position_columns(engine, batch)
+    estimates = result.per_prompt
+    if aligned:
+        estimates, exact = _named(estimates, batch.positions), _named(exact, batch.positions)
 
-    tokens = [f"{i} {t}" for i, t in enumerate(model.to_str_tokens(batch.clean[0, :int(batch.lengths[0])]))]
-    tokens += [str(i) for i in range(len(tokens), batch.clean.shape[1])]
-    summary = {"metric": "logit diff (answer - wrong) at the last token", "n_pairs": len(pairs),
-               "clean_metric": round(result.clean_metric, 4), "corrupted_metric": round(result.corrupted_metric, 4),
-               "atp_star": args.atp_star, "compared_exact": compare, "grids": {}}
+    summary = {"metric": "logit diff (answer - wrong) at the last token", "engine": engine.name,
+               "n_pairs": len(batch.clean), "prompts": prompt_set.name,
+               "columns": "named positions" if aligned else "token positions",
+               "clean_metric": rounded(result.clean.mean()), "corrupted_metric": rounded(result.corrupted.mean()),
+               "atp_star": result.atp_star, "compared_exact": compare, "grids": {}}
     lines, scatter, full = [], {}, {}
-    for name, values in result.scores.items():
-        view = _grid(name, values, tokens)
-        if view is None:
+    for name, per_prompt in estimates.items():
+        if name == "neurons":
             continue
-        grid, rows, cols = view
+        mean, low, high = stats.interval(per_prompt, seed=args.seed)
+        share = stats.sign_share(per_prompt)
+        grid, rows, cols = _grid(name, mean, tokens)
+        flat = {key: _grid(name, value, tokens)[0].flatten() for key, value in (("low", low), ("high", high),
+                                                                                ("share", share))}
         png = plotting.heatmap(grid, ctx.run_dir / f"{name}.png", row_labels=rows, col_labels=cols,
-                               title=f"AtP {name}: estimated change of the logit diff", colorbar_label="AtP estimate")
+                               title=f"AtP {name}: estimated change of the logit diff (mean of {len(per_prompt)})",
+                               colorbar_label="AtP estimate")
         with open(ctx.run_dir / f"{name}.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([""] + cols)
             writer.writerows([[r] + [f"{v:.6g}" for v in row] for r, row in zip(rows, grid.tolist())])
-        top = grid.abs().flatten().topk(min(args.top_k, grid.numel())).indices.tolist()
-        entry = {"shape": list(values.shape), "plot": png.name,
+        top = torch.nan_to_num(grid.abs(), nan=-1.0).flatten().topk(min(args.top_k, grid.numel())).indices.tolist()
+        stability = stats.rank_stability(per_prompt.reshape(len(per_prompt), -1), k=min(5, grid.numel()),
+                                         seed=args.seed)
+        entry = {"shape": list(mean.shape), "plot": png.name,
                  "top": [{"row": rows[i // grid.shape[1]], "col": cols[i % grid.shape[1]],
-                          "atp": round(float(grid.flatten()[i]), 4)} for i in top]}
-        line = f"{name}: top " + ", ".join(f"{t['row']}/{t['col']} {t['atp']:.3f}" for t in entry["top"][:3])
+                          "atp": rounded(grid.flatten()[i]), "ci": [rounded(flat["low"][i]), rounded(flat["high"][i])],
+                          "sign_share": rounded(flat["share"][i], 3)} for i in top],
+                 "stability": {"top_k_set_frequency": stability["top_k_set_frequency"],
+                               "median_rank_correlation": stability["median_rank_correlation"]}}
+        line = f"{name}: top " + ", ".join(f"{t['row']}/{t['col']} {number(t['atp'])}" for t in entry["top"][:3])
         if name in exact:
-            entry["agreement"] = atp.agreement(values, exact[name], args.top_k)
-            exact_view = _grid(name, exact[name], tokens)[0].flatten()
+            exact_mean = exact[name].nanmean(0)
+            entry["agreement"] = atp.agreement(mean, exact_mean, args.top_k)
+            entry["agreement_per_prompt"] = atp.agreement_over_prompts(per_prompt, exact[name], args.top_k, args.seed)
+            exact_view = _grid(name, exact_mean, tokens)[0].flatten()
             for t, i in zip(entry["top"], top):
-                t["exact"] = round(float(exact_view[i]), 4)
-            scatter[name] = (exact[name].flatten(), values.flatten())
-            line += f"; vs exact r = {entry['agreement']['pearson_r']:.3f}, top-{entry['agreement']['top_k']} " \
-                    f"overlap {entry['agreement']['top_k_overlap']:.2f}"
+                t["exact"] = rounded(exact_view[i])
+            scatter[name] = (exact_mean.flatten(), mean.flatten())
+            r = entry["agreement_per_prompt"]["pearson_r"]
+            line += (f"; vs exact r = {entry['agreement']['pearson_r']:.3f} (per prompt {r['mean']:.3f} "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]), top-{entry['agreement']['top_k']} "
+                     f"overlap {entry['agreement']['top_k_overlap']:.2f}")
         summary["grids"][name] = dict(entry, top=entry["top"][:5])
-        full[name] = dict(entry, values=values, exact=exact.get(name), row_labels=rows, col_labels=cols)
+        full[name] = dict(entry, values=grid, per_prompt=per_prompt, exact=exact.get(name), row_labels=rows,
+                          col_labels=cols)
         lines.append(line)
 
     if "neurons" in result.scores:
-        neurons = result.scores["neurons"]
+        neurons, per_prompt = result.scores["neurons"], result.per_prompt["neurons"]
         top = neurons.abs().flatten().topk(min(args.top_k, neurons.numel())).indices.tolist()
         units = [(i // neurons.shape[1], i % neurons.shape[1]) for i in top]
         labels = [f"L{l}N{u}" for l, u in units]
         plotting.bars(neurons.flatten()[top], labels, ctx.run_dir / "neurons.png",
                       title="AtP: top MLP neurons (all positions patched)", xlabel="AtP estimate")
+        mean, low, high = stats.interval(per_prompt.flatten(1)[:, top], seed=args.seed)
         entry = {"shape": list(neurons.shape), "plot": "neurons.png",
-                 "top": [{"neuron": lab, "atp": round(float(neurons.flatten()[i]), 4)} for lab, i in zip(labels, top)]}
+                 "top": [{"neuron": lab, "atp": rounded(m), "ci": [rounded(lo), rounded(hi)]}
+                         for lab, m, lo, hi in zip(labels, mean, low, high)]}
         if compare:
-            checked = atp.exact_neuron_effects(model, batch.clean, batch.corrupted, exact_metric, units, batch.lengths)
-            for t, value in zip(entry["top"], checked.tolist()):
-                t["exact"] = round(value, 4)
-            scatter["neurons (top-k)"] = (checked, neurons.flatten()[top])
+            checked = atp.exact_neuron_effects(engine, batch.clean, batch.corrupted, exact_metric, units,
+                                               batch.lengths, per_prompt=True)                    # [k, n]
+            for t, value in zip(entry["top"], checked.mean(1).tolist()):
+                t["exact"] = rounded(torch.tensor(value))
+            if len(units) > 1:
+                entry["agreement_per_prompt"] = atp.agreement_over_prompts(per_prompt.flatten(1)[:, top],
+                                                                           checked.T, args.top_k, args.seed)
+            scatter["neurons (top-k)"] = (checked.mean(1), neurons.flatten()[top])
         summary["grids"]["neurons"] = dict(entry, top=entry["top"][:5])
-        full["neurons"] = dict(entry, values=neurons)
+        full["neurons"] = dict(entry, values=neurons, per_prompt=per_prompt)
         lines.append("neurons: top " + ", ".join(
-            f"{t['neuron']} {t['atp']:.3f}" + (f" (exact {t['exact']:.3f})" if "exact" in t else "")
+            f"{t['neuron']} {number(t['atp'])}" + (f" (exact {number(t['exact'])})" if "exact" in t else "")
             for t in entry["top"][:3]))
     if scatter:
         plotting.scatter_agreement(scatter, ctx.run_dir / "agreement.png", title="AtP vs exact patching",
                                    xlabel="exact effect", ylabel="AtP estimate")
         summary["agreement_plot"] = "agreement.png"
-    text = (f"AtP{'*' if args.atp_star else ''}: logit diff clean {result.clean_metric:.3f}, corrupted "
-            f"{result.corrupted_metric:.3f}, {len(pairs)} pair(s)\n" + "\n".join(lines))
-    return {"summary": summary, "grids": full, "pairs": pairs, "text": text}
+    text = (f"AtP{'*' if result.atp_star else ''} on {engine.name}: logit diff clean {result.clean_metric:.3f}, "
+            f"corrupted {result.corrupted_metric:.3f}, {len(batch.clean)} pair(s) ({prompt_set.name})\n"
+            + "\n".join(lines))
+    return {"summary": summary, "grids": full, "pairs": pair_records(prompt_set, batch), "text": text}

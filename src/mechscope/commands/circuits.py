@@ -15,6 +15,8 @@ V-composition ||W_OV^A W^B||_F / (||W_OV^A||_F ||W^B||_F) minus the same score f
 Writes copying.csv, copying_*.png, composition.csv, composition_{Q,K,V}.png. Reads transformer-lens weights:
 --backend tl or bridge (nnsight is refused).
 """
+from mechscope import inputs
+
 HELP = "QK / OV circuits, copying scores, K/Q/V composition"
 
 DEFAULT_TOKENS = "Mary,John,Paris,dog,store"
@@ -34,7 +36,7 @@ def add_arguments(parser):
                         help="seeds of the random composition baseline (default: %(default)s)")
     parser.add_argument("--save-full", action="store_true", help="also write the chosen heads' full d_vocab x d_vocab "
                         "OV and QK circuits to full_circuits.safetensors")
-    parser.add_argument("--max-gb", type=float, default=1.0, help="memory limit for --save-full (default: %(default)s)")
+    parser.add_argument("--max-gb", type=inputs.finite_float, default=1.0, help="memory limit for --save-full (default: %(default)s)")
 
 
 def _rows_for(model, circuit, tokens, allowed, k):
@@ -55,8 +57,13 @@ def _check_args(args, model):
 
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
+    inputs.top_k(args.top_k, model.cfg.d_vocab, "--top-k", "tokens in this model's vocabulary")
+    if not args.max_gb > 0:
+        raise BadInput("--max-gb must be a positive number of gigabytes")
     if args.baseline_seeds < 2:
         raise BadInput("--baseline-seeds must be at least 2 (the baseline reports a spread over seeds)")
+    if args.baseline_seeds > 1000:
+        raise BadInput("--baseline-seeds must be at most 1000")
     if model.cfg.n_layers < 2:
         raise BadInput("composition needs at least 2 layers; this model has 1")
     words = [w.strip() for w in args.tokens.split(",") if w.strip()]

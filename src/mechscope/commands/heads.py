@@ -47,6 +47,8 @@ def _check_args(args, engine):
 
     if args.n_sequences < 1:
         raise BadInput("--n-sequences must be at least 1")
+    if args.n_sequences > 100_000:
+        raise BadInput("--n-sequences must be at most 100000")
     max_len = (engine.cfg.n_ctx - 1) // 2
     if not 2 <= args.seq_len <= max_len:
         raise BadInput(f"--seq-len must be in 2..{max_len} (BOS + two copies must fit the context of "
@@ -156,7 +158,7 @@ def run(ctx):
     ps = prompt_sets.load(ctx)
     if ps is None and (args.keys or args.query != "END"):
         raise BadInput("--from / --to read attention over a prompt set: add --task ioi|facts or --prompts FILE")
-    prompt = ps.prompts[0].text if ps is not None else (args.prompt or DEFAULT_PROMPT)
+    prompt = ps.prompts[0].text if ps is not None else (DEFAULT_PROMPT if args.prompt is None else args.prompt)
     tokens = inputs.tokens(engine, prompt)
     if args.heads:
         heads = inputs.parse_heads(engine, args.heads)

@@ -49,6 +49,7 @@ def _single(ctx):
     args, engine = ctx.args, ctx.engine
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     targets = args.target or (DEFAULT_TARGETS if args.prompt is None else [])
+    inputs.top_k(args.top_k, engine.cfg.d_vocab, "--top-k", "tokens in this model's vocabulary")
     toks = inputs.tokens(engine, prompt)
     if not -toks.shape[1] <= args.pos < toks.shape[1]:
         raise BadInput(f"--pos {args.pos} is out of range: the prompt has {toks.shape[1]} tokens (BOS included)")

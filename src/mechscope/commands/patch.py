@@ -1,158 +1,348 @@
 """Activation patching: copy one activation from a source run into a target run, for every layer
-(x position, x head), and score the output. Exact (the same numbers as transformer_lens.patching),
-with an engine that reruns only the blocks after the patch, batches the cells of a layer, and computes
-logits at the answer position only.
+(x position, x head), and score the output. Exact (the same numbers as transformer_lens.patching) on every
+engine; on --backend tl a suffix-only engine reruns only the blocks and positions after the patch, elsewhere
+the cells of all layers run as batch rows of one edited forward, with logits at the answer position only.
 
     mechscope patch                                   # IOI example: resid_pre, attn_out, mlp_out by position
+    mechscope patch --task ioi --n 64                 # a prompt set, columns IO, S1, S2, END
     mechscope patch --clean "The Louvre is in the city of" --corrupted "The Colosseum is in the city of" \\
         --answer paris --wrong rome --component resid_pre,z
     mechscope patch --pairs pairs.jsonl --component z --all-positions --mode noise
+    mechscope patch --task ioi --component z --all-positions --with-ablated 0.2 --ablation mean   # backup heads
 
---pairs: a JSON list or JSONL file of {"clean", "corrupted", "answer", "wrong"} objects; the two prompts
-of a pair must have the same number of tokens; pairs may differ in length (they are right-padded and
-each is read at its own last token). --mode denoise patches clean into corrupted (is it sufficient?),
-noise patches corrupted into clean (is it necessary?). --metric recovery (default) reports
-(patched - corrupted) / (clean - corrupted) of the logit difference: 1 = clean, 0 = corrupted.
-Writes one heatmap PNG and one CSV per component (rows: layers, or layer.head; columns: positions
-labelled with the first prompt's tokens, or heads).
+Prompt sets: --task ioi|facts (the bundled tasks, or generated for other tokenizers: mechscope.tasks), or
+--pairs FILE: a JSON list or JSONL of {"clean", "corrupted", "answer", "wrong", "positions"?} objects; the
+two prompts of a pair must have the same number of tokens; pairs may differ in length (right-padded, each
+read at its own last token). When prompts differ in length or template, heatmap columns are the named
+positions (IO, S1, S2, END; SUBJECT, RELATION, END; a pairs file's "positions"): every position is patched
+and each prompt's values are gathered at its own named positions. Otherwise columns are the first prompt's
+tokens. --mode denoise patches clean into corrupted (is it sufficient?), noise patches corrupted into clean
+(is it necessary?). --metric recovery (default) reports (patched - corrupted) / (clean - corrupted) of the
+logit difference, per cell a ratio of means over the prompts that have the cell: 1 = clean, 0 = corrupted.
+The summary gives each top cell's mean with a 95% bootstrap interval over prompts and the share of prompts
+whose effect has the same sign, and the rank stability of the top cells.
+
+--with-ablated COMPONENTS (heads 0.2, layers attn1 / mlp1; --ablation mean over the clean prompts, or zero)
+re-runs each sweep with them held ablated in every run and reports the cells whose effect (patched - target,
+in units of the unablated clean - corrupted gap) changes by at least 0.02 with a 95% interval that excludes 0:
+the backup test of Wang et al. 2022.
+
+Writes per component: a heatmap PNG, a CSV of the grid, a CSV of every prompt's values
+(COMPONENT_per_prompt.csv) and, with --with-ablated, COMPONENT_backup.png / .csv.
 """
 HELP = "activation patching sweeps (resid, attn/mlp out, heads) with a fast exact engine"
 
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+IOI_POSITIONS = {"IO": ["Mary", 1], "S1": ["John", 1], "S2": ["John", 2]}
 METRICS = ("recovery", "logit_diff", "prob", "kl")
+TOP = 5
+HEATMAP_MAX_CELLS = 1000  # heatmap cells (all components together) in the JSON summary
+MAX_LABELS = 64          # position labels listed in the JSON summary
+MAX_PROMPTS = 100_000    # --n: more is hours of generation, not a better estimate
+MIN_CHANGE = 0.02        # --with-ablated: a cell "changes" by at least this share of the clean - corrupted gap
 
 
-def add_pair_arguments(parser):
-    """--clean/--corrupted/--answer/--wrong or --pairs: shared with attribution-patch (read by pairs_from_args)."""
+def add_pair_arguments(parser, tasks=("ioi", "facts")):
+    """--clean/--corrupted/--answer/--wrong, --pairs FILE or --task NAME --n N: shared with attribution-patch
+    and path-patch (read by prompt_pairs)."""
     parser.add_argument("--clean", help="clean prompt (default: an IOI sentence)")
     parser.add_argument("--corrupted", help="corrupted prompt with the same number of tokens")
     parser.add_argument("--answer", help="the clean answer (one token; default for IOI: mary)")
     parser.add_argument("--wrong", help="the corrupted answer (one token; default for IOI: john)")
     parser.add_argument("--pairs", help="JSON / JSONL file of {clean, corrupted, answer, wrong} pairs (instead of --clean ...)")
+    parser.add_argument("--task", choices=tasks, help="a bundled prompt set with corrupted twins (instead of --clean ...)")
+    parser.add_argument("--n", type=int, default=32, help="--task: number of prompts (default: %(default)s)")
+
+
+def prompt_pairs(args, engine):
+    """The prompt pairs (a tasks.PromptSet) of --task, --pairs FILE or --clean/--corrupted/--answer/--wrong
+    (default: the IOI example, with its named positions)."""
+    from mechscope import tasks
+    from mechscope.errors import BadInput
+
+    given = [name for name, value in (("--task", args.task), ("--pairs", args.pairs),
+                                      ("--clean/--corrupted", args.clean or args.corrupted)) if value]
+    if len(given) > 1:
+        raise BadInput(f"pass one of --task, --pairs FILE or --clean/--corrupted (not both {' and '.join(given)})")
+    if args.task:
+        check_n(args.n)
+        return tasks.load_task(engine, args.task, n=args.n, seed=args.seed)
+    if args.pairs:
+        from mechscope.inputs import read_text
+
+        text = read_text(args.pairs, "pairs file")  # a missing file, a directory, not UTF-8: one line each
+        if text.strip() in ("", "[]"):
+            raise BadInput(f"no prompt pairs in {args.pairs}; write one "
+                           f'{{"clean": ..., "corrupted": ..., "answer": ..., "wrong": ...}} per line')
+        return tasks.read_pair_file(args.pairs)
+    if not args.clean and not args.corrupted:
+        prompt = tasks.Prompt(IOI_CLEAN, answer=args.answer or "mary", wrong=args.wrong or "john",
+                              corrupted=IOI_CORRUPTED, positions=IOI_POSITIONS)
+        return tasks.PromptSet("ioi-example", [prompt], tuple(IOI_POSITIONS) + (tasks.END,))
+    if not (args.clean and args.corrupted and args.answer and args.wrong):
+        raise BadInput("--clean needs --corrupted, --answer and --wrong (the clean and the corrupted answer tokens)")
+    return tasks.PromptSet("pair", [tasks.Prompt(args.clean, answer=args.answer, wrong=args.wrong,
+                                                 corrupted=args.corrupted)])
+
+
+def check_n(n: int) -> None:
+    """--n: prompts (or sequences) to draw, 1..MAX_PROMPTS."""
+    from mechscope.errors import BadInput
+
+    if not 1 <= n <= MAX_PROMPTS:
+        raise BadInput(f"--n must be at least 1 and at most {MAX_PROMPTS} (prompts drawn for --task)")
+
+
+def pair_records(prompt_set, batch) -> list[dict]:
+    """The pairs as they ran, for result.json: texts, answers, group and named positions (token indices)."""
+    return [{"clean": p.text, "corrupted": p.corrupted, "answer": p.answer, "wrong": p.wrong, "group": p.group,
+             "positions": {name: int(index[i]) for name, index in batch.positions.items()}}
+            for i, p in enumerate(prompt_set.prompts)]
+
+
+def position_columns(engine, batch) -> tuple[bool, list[str]]:
+    """(aligned, column labels): aligned = prompts differ in length or template and name positions, so columns
+    are those names; else the first prompt's tokens (positions past it, in longer prompts, by index)."""
+    names = [name for name in batch.positions if name != "END"]
+    if names and not batch.same_layout:
+        return True, list(batch.positions)
+    first = engine.to_str_tokens(batch.clean[0, :int(batch.lengths[0])])
+    labels = [f"{i} {t}" for i, t in enumerate(first)]
+    return False, labels + [str(i) for i in range(len(labels), batch.clean.shape[1])]
+
+
+def _components(engine, spec: str) -> tuple[list[str], dict]:
+    """The requested components the model has, and {component: why skipped} for `all`."""
+    from mechscope.inputs import names_from_list
+    from mechscope.techniques.patching import COMPONENTS
+
+    names = names_from_list(spec, COMPONENTS, "component")
+    sites = {name: [COMPONENTS[name].format(layer) for layer in range(engine.cfg.n_layers)] for name in names}
+    if spec.strip() != "all":
+        for name in names:
+            engine.require(sites[name], f"patching {name}")
+        return names, {}
+    skipped = {name: engine.missing_site_hint(next(s for s in sites[name] if not engine.has_site(s)))
+               for name in names if not all(engine.has_site(s) for s in sites[name])}
+    return [name for name in names if name not in skipped], skipped
+
+
+def _row_labels(result, n_heads: int) -> list[str]:
+    layers = result.meta["layers"]
+    if "head" in result.axes and "pos" in result.axes:
+        return [f"L{l}H{h}" for l in layers for h in range(n_heads)]
+    return [f"L{l}" for l in layers]
+
+
+def _grid(values):
+    """[rows, cols] view of a [layers, (heads), (pos)] tensor."""
+    if values.ndim == 1:
+        return values[:, None]
+    return values.reshape(-1, values.shape[-1])
+
+
+def rounded(t, digits: int = 4):
+    """A tensor as nested lists of rounded floats (None where not finite)."""
+    import math
+
+    if t.ndim == 0:
+        x = float(t)
+        return round(x, digits) if math.isfinite(x) else None
+    return [rounded(row, digits) for row in t]
+
+
+def number(x, spec: str = ".3f") -> str:
+    """A summary number for text output: formatted, or "null" where undefined."""
+    return "null" if x is None else format(x, spec)
+
+
+def _cell(grid, rows, cols, i, **extra) -> dict:
+    return {"row": rows[i // grid.shape[1]], "col": cols[i % grid.shape[1]], **extra}
+
+
+def _label(rows, cols, i) -> str:
+    """"ROW/COL" of flat cell index i."""
+    return f"{rows[i // len(cols)]}/{cols[i % len(cols)]}"
+
+
+def _write_grid(path, grid, rows, cols) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([""] + cols)
+        writer.writerows([[r] + [f"{v:.6g}" for v in row] for r, row in zip(rows, grid.tolist())])
+
+
+def _write_per_prompt(path, result, effect, rows, cols) -> None:
+    """One line per prompt and cell: the metric after the patch and the (normalised) effect."""
+    import csv
+
+    values = result.per_prompt.reshape(len(result.per_prompt), len(rows), len(cols))
+    effect = effect.reshape(values.shape)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "row", "col", result.metric, "effect"])
+        for p in range(values.shape[0]):
+            for i, r in enumerate(rows):
+                for j, c in enumerate(cols):
+                    writer.writerow([p, r, c, f"{values[p, i, j]:.6g}", f"{effect[p, i, j]:.6g}"])
+
+
+def run(ctx):
+    import torch
+
+    from mechscope import plotting, stats
+    from mechscope.errors import BadInput
+    from mechscope.techniques import ablation, patching
+
+    args = ctx.args
+    if args.batch_size is not None and not 1 <= args.batch_size <= 1_000_000:
+        raise BadInput("--batch-size must be at least 1 and at most 1000000")
+    engine = ctx.engine
+    components, skipped = _components(engine, args.component)
+    held = ablation.parse_components(engine, args.with_ablated) if args.with_ablated else []
+    prompt_set = prompt_pairs(args, engine)
+    batch = patching.pair_batch(engine, prompt_set)
+    metric = {"recovery": patching.logit_diff_metric(batch.answer, batch.wrong),
+              "logit_diff": patching.logit_diff_metric(batch.answer, batch.wrong),
+              "prob": patching.answer_prob_metric(batch.answer),
+              "kl": patching.kl_to_clean_metric()}[args.metric]
+    recovery = args.metric == "recovery"
+    aligned, position_labels = position_columns(engine, batch)
+    edits = []
+    if held:
+        edits = ablation.ablation_edits(engine, held, args.ablation, reference=batch.clean, lengths=batch.lengths)
+
+    def sweep(component, edits=()):
+        result = patching.patch_sweep(engine, batch.clean, batch.corrupted, component, metric, mode=args.mode,
+                                      by_position=not args.all_positions, lengths=batch.lengths,
+                                      batch_size=args.batch_size, edits=edits)
+        return result.at_positions(batch.positions) if aligned else result
+
+    summary = {"mode": args.mode, "metric": args.metric, "n_pairs": len(batch.clean), "prompts": prompt_set.name,
+               "engine": engine.name, "columns": "named positions" if aligned else "token positions",
+               "named_positions": None if aligned else {k: int(v[0]) for k, v in batch.positions.items()},
+               "positions": position_labels if len(position_labels) <= MAX_LABELS else "in result.json",
+               "components": {}}
+    if skipped:
+        summary["skipped"] = skipped
+    full, lines, notes = {}, [], []
+    heatmap_budget = HEATMAP_MAX_CELLS
+    for component in components:
+        result = sweep(component)
+        cells = patching.cell_summary(result, recovery=recovery, k=TOP, seed=args.seed)
+        values = cells["mean"]
+        grid = _grid(values)
+        rows = _row_labels(result, values.shape[1] if "head" in result.axes else 0)
+        cols = position_labels if "pos" in result.axes else \
+            ([f"H{h}" for h in range(grid.shape[1])] if "head" in result.axes else ["all positions"])
+        png = plotting.heatmap(grid, ctx.run_dir / f"{component}.png", row_labels=rows, col_labels=cols,
+                               title=f"{args.mode} {component}: {args.metric} (mean of {len(batch.clean)})",
+                               xlabel="position" if "pos" in result.axes else "head",
+                               ylabel="layer" if len(result.axes) < 3 else "layer.head", colorbar_label=args.metric)
+        _write_grid(ctx.run_dir / f"{component}.csv", grid, rows, cols)
+        effect = result.effect_per_prompt(normalise=recovery)
+        _write_per_prompt(ctx.run_dir / f"{component}_per_prompt.csv", result, effect, rows, cols)
+        # a cell matters as much as it moves the metric away from the unpatched target run
+        unpatched = 0.0 if recovery and args.mode == "denoise" else 1.0 if recovery else float(result.target.mean())
+        size = torch.nan_to_num((grid - unpatched).abs(), nan=-1.0).flatten()
+        top = size.topk(min(TOP, size.numel())).indices.tolist()
+        flat = {key: _grid(cells[key]).flatten() for key in ("ci_low", "ci_high", "sign_share")}
+        best = [_cell(grid, rows, cols, i, value=rounded(grid.flatten()[i]),
+                      ci=[rounded(flat["ci_low"][i]), rounded(flat["ci_high"][i])],
+                      sign_share=rounded(flat["sign_share"][i], 3)) for i in top]
+        stability = cells["stability"]
+        clean_stats, corrupted_stats = stats.summary(result.clean), stats.summary(result.corrupted)
+        entry = {"shape": list(values.shape), "axes": list(result.axes), "top": best, "plot": png.name,
+                 "clean": clean_stats["mean"], "clean_ci": [clean_stats["ci_low"], clean_stats["ci_high"]],
+                 "corrupted": corrupted_stats["mean"],
+                 "corrupted_ci": [corrupted_stats["ci_low"], corrupted_stats["ci_high"]],
+                 "stability": {"top_k": [_label(rows, cols, i) for i in stability["top_k"]],
+                               "top_k_set_frequency": stability["top_k_set_frequency"],
+                               "in_top_k_frequency": [stability["in_top_k_frequency"][i] for i in stability["top_k"]],
+                               "median_rank_correlation": stability["median_rank_correlation"]},
+                 "implementation": result.meta.get("implementation")}
+        if "pos" not in result.axes:
+            entry["columns"] = cols
+        if grid.numel() <= heatmap_budget:  # rows: layers (L0, L1, ...) or heads by layer (L0H0, L0H1, ...)
+            entry["heatmap"] = rounded(grid, 3)
+            heatmap_budget -= grid.numel()
+        else:
+            entry["heatmap"] = "in result.json"
+        if "pos" in result.axes and "head" not in result.axes:
+            entry["top_position_per_layer"] = [cols[int(i)] for i in torch.nan_to_num(
+                (grid - unpatched).abs(), nan=-1.0).argmax(1)]
+        full[component] = {"values": grid, "ci_low": _grid(cells["ci_low"]),
+                           "ci_high": _grid(cells["ci_high"]),
+                           "sign_share": _grid(cells["sign_share"]), "raw_metric": result.values,
+                           "per_prompt": result.per_prompt, "clean": result.clean, "corrupted": result.corrupted,
+                           "axes": result.axes, "row_labels": rows, "col_labels": cols}
+        interval = (lambda b: f" [{b['ci'][0]}, {b['ci'][1]}]") if len(batch.clean) > 1 else (lambda b: "")
+        line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; top "
+                + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)}" for b in best[:3]))
+        if held:
+            entry["backup"], full[component]["backup"] = _backup(ctx, component, result, sweep(component, edits),
+                                                                 recovery, rows, cols, args.seed)
+            line += f"; with {args.with_ablated} ablated: {entry['backup']['n_changed']} cell(s) change"
+        summary["components"][component] = entry
+        lines.append(line)
+        undefined = int((~torch.isfinite(values) & ~result.values.isnan()).sum()) if recovery else 0
+        if undefined:
+            notes.append(f"{component}: recovery is undefined (null) in {undefined} cell(s): clean and corrupted give "
+                         f"the same logit diff there, so (patched - corrupted) / (clean - corrupted) divides by zero; "
+                         f"use a corrupted prompt that changes the answer, or --metric logit_diff")
+    if held:
+        summary["with_ablated"] = {"components": [c.label for c in held], "ablation": args.ablation,
+                                   "reference": "the clean prompts (BOS and padding excluded)"
+                                   if args.ablation == "mean" else None}
+    if skipped:
+        lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    text = (f"{args.mode} patching on {engine.name}, metric {args.metric}, {len(batch.clean)} pair(s) "
+            f"({prompt_set.name}), {'named positions' if aligned else 'token positions'}\n" + "\n".join(lines))
+    return {"summary": summary, "results": full, "pairs": pair_records(prompt_set, batch), "text": text,
+            "notes": notes}
+
+
+def _backup(ctx, component, base, ablated, recovery, rows, cols, seed) -> tuple[dict, dict]:
+    """Which cells' effects change with the components held ablated -> (summary entry, full result)."""
+    from mechscope import plotting
+    from mechscope.techniques import patching
+
+    change = patching.effect_change(base, ablated, recovery=recovery, seed=seed)
+    grid = {key: _grid(change[key]) for key in ("mean", "ci_low", "ci_high", "sign_share")}
+    plotting.heatmap(grid["mean"], ctx.run_dir / f"{component}_backup.png", row_labels=rows, col_labels=cols,
+                     title=f"{component}: change of each cell's effect with components held ablated",
+                     colorbar_label="change" + (" (of clean - corrupted)" if recovery else ""))
+    _write_grid(ctx.run_dir / f"{component}_backup.csv", grid["mean"], rows, cols)
+    mean = grid["mean"].flatten()
+    gap = 1.0 if recovery else float((base.clean - base.corrupted).mean().abs())
+    changed = mean.abs() >= MIN_CHANGE * gap
+    if len(base.per_prompt) > 1:  # and the 95% interval of the change excludes 0
+        changed &= ((grid["ci_low"] > 0) | (grid["ci_high"] < 0)).flatten()
+    order = [i for i in mean.abs().nan_to_num(-1.0).argsort(descending=True).tolist() if changed[i]]
+    entry = {"n_changed": len(order), "plot": f"{component}_backup.png",
+             "clean": rounded(ablated.clean.mean()), "corrupted": rounded(ablated.corrupted.mean()),
+             "changed": [_cell(grid["mean"], rows, cols, i, change=rounded(mean[i]),
+                               ci=[rounded(grid["ci_low"].flatten()[i]), rounded(grid["ci_high"].flatten()[i])],
+                               sign_share=rounded(grid["sign_share"].flatten()[i], 3)) for i in order[:10]]}
+    return entry, {"change": grid["mean"], "ci_low": grid["ci_low"], "ci_high": grid["ci_high"],
+                   "per_prompt": change["per_prompt"], "ablated_values": _grid(ablated.values)}
 
 
 def add_arguments(parser):
     add_pair_arguments(parser)
     parser.add_argument("--component", default="resid_pre,attn_out,mlp_out",
                         help="comma-separated: resid_pre resid_mid resid_post attn_out mlp_out z q k v pattern, "
-                             "or all (default: %(default)s)")
+                             "or all (those the model has) (default: %(default)s)")
     parser.add_argument("--all-positions", action="store_true", help="patch every position at once (default: one position at a time)")
     parser.add_argument("--mode", default="denoise", choices=("denoise", "noise"),
                         help="denoise: clean into corrupted; noise: corrupted into clean (default: %(default)s)")
     parser.add_argument("--metric", default="recovery", choices=METRICS, help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, help="patched rows per forward call (default: from a memory budget)")
-
-
-def _read_pairs(path: str) -> list[dict]:
-    import json
-    from pathlib import Path
-
-    from mechscope.errors import BadInput
-
-    file = Path(path)
-    if not file.is_file():
-        raise BadInput(f"pairs file {path} does not exist")
-    text = file.read_text()
-    try:
-        data = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path} is not JSON / JSONL ({e.msg}, line {e.lineno}); write one "
-                       f'{{"clean": ..., "corrupted": ..., "answer": ..., "wrong": ...}} per line') from None
-    if not all(isinstance(d, dict) for d in data):
-        raise BadInput(f"{path}: every pair must be an object with clean, corrupted, answer, wrong")
-    return data
-
-
-def pairs_from_args(args) -> list[dict]:
-    """The prompt pairs of --pairs FILE, or of --clean/--corrupted/--answer/--wrong (default: IOI); shared by
-    attribution-patch and path-patch."""
-    from mechscope.errors import BadInput
-
-    if args.pairs:
-        if args.clean or args.corrupted:
-            raise BadInput("pass either --pairs FILE or --clean/--corrupted, not both")
-        return _read_pairs(args.pairs)
-    if not args.clean and not args.corrupted:
-        return [{"clean": IOI_CLEAN, "corrupted": IOI_CORRUPTED, "answer": args.answer or "mary",
-                 "wrong": args.wrong or "john"}]
-    if not (args.clean and args.corrupted and args.answer and args.wrong):
-        raise BadInput("--clean needs --corrupted, --answer and --wrong (the clean and the corrupted answer tokens)")
-    return [{"clean": args.clean, "corrupted": args.corrupted, "answer": args.answer, "wrong": args.wrong}]
-
-
-def _components(spec: str) -> list[str]:
-    from mechscope.inputs import names_from_list
-    from mechscope.techniques.patching import COMPONENTS
-
-    return names_from_list(spec, COMPONENTS, "component")
-
-
-def _labels(model, tokens, n_heads: int, result) -> tuple[list[str], list[str]]:
-    """Row and column labels of the 2-D view of result.values."""
-    layers = result.meta["layers"]
-    tokens_ = [f"{i} {t}" for i, t in enumerate(model.to_str_tokens(tokens))]
-    if result.axes == ("layer", "head", "pos"):
-        return [f"L{l}H{h}" for l in layers for h in range(n_heads)], tokens_
-    if result.axes == ("layer", "head"):
-        return [f"L{l}" for l in layers], [f"H{h}" for h in range(n_heads)]
-    return [f"L{l}" for l in layers], tokens_ if "pos" in result.axes else ["all positions"]
-
-
-def run(ctx):
-    import csv
-
-    import torch
-
-    from mechscope import plotting
-    from mechscope.errors import BadInput
-    from mechscope.techniques import patching
-
-    args = ctx.args
-    if args.batch_size is not None and args.batch_size < 1:
-        raise BadInput("--batch-size must be at least 1")
-    components = _components(args.component)
-    pairs = pairs_from_args(args)
-    model = ctx.model
-    batch = patching.pair_batch(model, pairs)
-    metric = {"recovery": patching.logit_diff_metric(batch.answer, batch.wrong),
-              "logit_diff": patching.logit_diff_metric(batch.answer, batch.wrong),
-              "prob": patching.answer_prob_metric(batch.answer),
-              "kl": patching.kl_to_clean_metric()}[args.metric]
-    first_tokens = batch.clean[0, :int(batch.lengths[0])]
-    summary = {"mode": args.mode, "metric": args.metric, "n_pairs": len(pairs), "components": {}}
-    full, lines = {}, []
-    for component in components:
-        result = patching.patch_sweep(model, batch.clean, batch.corrupted, component, metric, mode=args.mode,
-                                      by_position=not args.all_positions, lengths=batch.lengths,
-                                      batch_size=args.batch_size)
-        values = result.recovery if args.metric == "recovery" else result.values
-        grid = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values[:, None]
-        rows, cols = _labels(model, first_tokens, values.shape[1] if "head" in result.axes else 0, result)
-        cols = cols[:grid.shape[1]] + [f"{i}" for i in range(len(cols), grid.shape[1])]
-        png = plotting.heatmap(grid, ctx.run_dir / f"{component}.png", row_labels=rows, col_labels=cols,
-                               title=f"{args.mode} {component}: {args.metric}",
-                               xlabel="position" if "pos" in result.axes else "head",
-                               ylabel="layer" if len(result.axes) < 3 else "layer.head", colorbar_label=args.metric)
-        with open(ctx.run_dir / f"{component}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([""] + cols)
-            writer.writerows([[r] + [f"{v:.6g}" for v in row] for r, row in zip(rows, grid.tolist())])
-        # a cell matters as much as it moves the metric away from the unpatched target run
-        unpatched = {"recovery": 0.0 if args.mode == "denoise" else 1.0}.get(
-            args.metric, float((result.corrupted if args.mode == "denoise" else result.clean).mean()))
-        effect = torch.nan_to_num((grid - unpatched).abs(), nan=-1.0)
-        top = effect.flatten().topk(min(5, effect.numel())).indices.tolist()
-        best = [{"row": rows[i // grid.shape[1]], "col": cols[i % grid.shape[1]],
-                 "value": round(float(grid.flatten()[i]), 4)} for i in top]
-        entry = {"shape": list(values.shape), "axes": list(result.axes), "top": best, "plot": png.name,
-                 "clean": round(float(result.clean.mean()), 4), "corrupted": round(float(result.corrupted.mean()), 4)}
-        if "pos" in result.axes and "head" not in result.axes:
-            entry["top_position_per_layer"] = [cols[int(i)] for i in effect.argmax(1)]
-        summary["components"][component] = entry
-        full[component] = {"values": values, "raw_metric": result.values, "per_prompt": result.per_prompt,
-                           "axes": result.axes, "row_labels": rows, "col_labels": cols}
-        lines.append(f"{component}: clean {entry['clean']:.3f}, corrupted {entry['corrupted']:.3f}; top "
-                     + ", ".join(f"{b['row']}/{b['col']} {b['value']:.3f}" for b in best[:3]))
-    text = f"{args.mode} patching, metric {args.metric}, {len(pairs)} pair(s)\n" + "\n".join(lines)
-    return {"summary": summary, "results": full, "pairs": pairs, "text": text}
+    parser.add_argument("--with-ablated", metavar="COMPONENTS",
+                        help="re-run with these held ablated (heads 0.2, attn1, mlp1) and report the cells whose "
+                             "effect changes (backup test)")
+    parser.add_argument("--ablation", default="mean", choices=("mean", "zero"),
+                        help="--with-ablated: mean over the clean prompts, or zero (default: %(default)s)")

@@ -2,25 +2,30 @@
 
     mechscope probe --task sentiment                 # built-in dataset for the bundled model
     mechscope probe --task ioi-io --random-model     # which name is the IO? + a random-init-model control
-    mechscope probe --data labels.jsonl --position last --ci bootstrap
+    mechscope probe --prompts labels.jsonl --position last --ci bootstrap
 
---data: JSONL lines {"prompt": ..., "label": ..., "position": optional} or a CSV with a header
-prompt,label[,position]. A position is "last", a token index (0 is BOS; negative counts from the end)
-or a word (its last occurrence in the prompt, one token); a row's own "position" beats --position.
+--prompts (alias --data): JSONL / JSON list {"prompt", "label", "position"?, "group"?, "control"?} or a CSV
+with a header prompt,label[,position,group,control]. A position is "last", a token index (0 is BOS; negative
+counts from the end) or a word (its last occurrence in the prompt, one token); a row's own "position" beats
+--position. "group" keeps prompts together on one side of the split (a template; default: each prompt),
+"control" is the control-task key (default: the word at the probed position).
 
-Each site (resid_pre of every layer, then the final resid_post) gets a logistic-regression probe:
-train / validation / test split (stratified, seeded), validation picks the L2 strength, test accuracy
-is reported with a 95% interval. Controls: shuffled labels (chance), optionally a random-init model of
-the same config (what the tokens alone give away). Writes probe.csv and accuracy_by_layer.png.
+Examples are deduplicated, then split train / validation / test by group (stratified by label, seeded); the
+rule is printed. Each site (resid_pre of every layer, then the final resid_post) gets a logistic-regression
+probe; validation picks the L2 strength; test accuracy comes with a 95% interval. Controls: the control
+task (Hewitt & Liang 2019: labels fixed at random per control key; selectivity = accuracy - control-task
+accuracy, with a paired bootstrap interval), shuffled labels (a sanity check: chance), and optionally a
+random-init model of the same config (tl engine). Writes probe.csv and accuracy_by_layer.png.
 """
-HELP = "linear probes per layer with controls and confidence intervals"
+HELP = "linear probes per layer with a control task, leak-free splits and confidence intervals"
 
 MAX_EXAMPLES = 20_000
 
 
 def add_arguments(parser):
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", help="JSONL or CSV file of prompts and labels")
+    source.add_argument("--prompts", "--data", dest="data", metavar="FILE",
+                        help="JSONL / JSON / CSV file of prompts and labels (optional position, group, control)")
     source.add_argument("--task", choices=("sentiment", "ioi-io", "ioi-order"),
                         help="built-in dataset for the bundled model (default: sentiment when --data is absent)")
     parser.add_argument("--n", type=int, default=400, help="examples drawn for --task (default: %(default)s)")
@@ -36,12 +41,9 @@ def add_arguments(parser):
 
 
 def _floats(text: str, what: str) -> list[float]:
-    from mechscope.errors import BadInput
+    from mechscope.inputs import float_list
 
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise BadInput(f"{what} {text!r} is not a comma-separated list of numbers") from None
+    return float_list(text, what)
 
 
 def read_examples(path: str) -> list[dict]:
@@ -51,13 +53,19 @@ def read_examples(path: str) -> list[dict]:
     from pathlib import Path
 
     from mechscope.errors import BadInput
+    from mechscope.inputs import read_text
 
     file = Path(path)
-    if not file.is_file():
-        raise BadInput(f"data file {path} does not exist")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file, "data file")
     if file.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
+    elif text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path} is not JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(rows, list):
+            raise BadInput(f"{path} must hold a JSON list of examples")
     else:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -84,38 +92,51 @@ def run(ctx):
 
     args = ctx.args
     fractions = _floats(args.split, "--split")
-    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+    if len(fractions) != 3 or not all(0 < f < 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise BadInput(f"--split {args.split!r} must be three positive fractions summing to 1, e.g. 0.6,0.2,0.2")
     l2_grid = _floats(args.l2, "--l2")
-    if not l2_grid or min(l2_grid) < 0:
-        raise BadInput("--l2 needs one or more non-negative strengths, e.g. 1e-3,1e-2,1e-1")
+    if not l2_grid or min(l2_grid) < 0 or not all(x < float("inf") for x in l2_grid):
+        raise BadInput("--l2 needs one or more finite non-negative strengths, e.g. 1e-3,1e-2,1e-1")
     if args.batch_size < 1:
         raise BadInput("--batch-size must be at least 1")
+    rules = {}
     if args.data:
         examples = read_examples(args.data)
+        for key, rule in (("group", "by the file's \"group\""), ("control", "a random class per the file's \"control\"")):
+            given = [e.get(key) not in (None, "") for e in examples]
+            if any(given) and not all(given):
+                raise BadInput(f"{args.data}: give \"{key}\" for every example or for none")
+            rules[key] = rule if all(given) else None
     else:
         if not 10 <= args.n <= MAX_EXAMPLES:
             raise BadInput(f"--n must be in 10..{MAX_EXAMPLES}")
-        prompts, labels = probing.task_dataset(args.task or "sentiment", args.n, args.seed)
-        examples = [{"prompt": p, "label": y} for p, y in zip(prompts, labels)]
+        data = probing.task_dataset(args.task or "sentiment", args.n, args.seed)
+        examples = [{"prompt": p, "label": y, "group": g, "control": c}
+                    for p, y, g, c in zip(data.prompts, data.labels, data.groups, data.controls)]
+        rules = {"group": data.group_rule, "control": data.control_rule}
 
-    model = ctx.model
-    rows = [inputs.tokens(model, str(e["prompt"]))[0].cpu() for e in examples]
+    engine = ctx.engine
+    rows = [inputs.tokens(engine, str(e["prompt"]))[0].cpu() for e in examples]
     own = [e.get("position") not in (None, "") for e in examples]  # a row's own position beats --position
-    positions = [probing.resolve_position(model, r, e["position"] if mine else args.position)
+    positions = [probing.resolve_position(engine, r, e["position"] if mine else args.position)
                  for r, e, mine in zip(rows, examples, own)]
-    result = probing.probe_layers(model, rows, positions, [str(e["label"]) for e in examples], seed=args.seed,
-                                  fractions=fractions, l2_grid=l2_grid, ci=args.ci,
-                                  random_model=args.random_model, batch_size=args.batch_size)
+    result = probing.probe_layers(
+        engine, rows, positions, [str(e["label"]) for e in examples], seed=args.seed, fractions=fractions,
+        l2_grid=l2_grid, ci=args.ci, random_model=args.random_model, batch_size=args.batch_size,
+        groups=[str(e["group"]) for e in examples] if rules["group"] else None,
+        controls=[str(e["control"]) for e in examples] if rules["control"] else None,
+        group_rule=rules["group"] and f"{rules['group']} (deduplicated first)", control_rule=rules["control"])
 
     table = result.rows()
-    labels = probing.site_labels(model)
+    labels = probing.site_labels(engine)
     with open(ctx.run_dir / "probe.csv", "w") as f:
         f.write(",".join(table[0]) + "\n")
         f.writelines(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n"
                      for row in table)
-    curves = {"probe": (result.accuracy, *zip(*result.ci)),
-              "shuffled labels": (result.shuffled_accuracy, *zip(*result.shuffled_ci))}
+    curves = {"probe": (result.accuracy, *zip(*result.ci))}
+    if result.control_accuracy is not None:
+        curves["control task"] = (result.control_accuracy, *zip(*result.control_ci))
+    curves["shuffled labels"] = (result.shuffled_accuracy, *zip(*result.shuffled_ci))
     if result.random_model_accuracy is not None:
         curves["random-init model"] = (result.random_model_accuracy, *zip(*result.random_model_ci))
     plot = plotting.lines(
@@ -123,22 +144,37 @@ def run(ctx):
         reference=result.chance, reference_label="chance (majority class)", ylabel=f"test accuracy ({args.ci} 95% CI)",
         xlabel="residual stream site", title=f"linear probe: {args.task or args.data or 'sentiment'}")
     best = max(range(len(labels)), key=lambda i: result.accuracy[i])
-    columns = ["site", "accuracy", "ci_low", "ci_high", "shuffled_accuracy"] + (
+    columns = ["site", "accuracy", "ci_low", "ci_high"] + (
+        ["control_accuracy", "selectivity", "selectivity_ci_low", "selectivity_ci_high"]
+        if result.control_accuracy is not None else []) + ["shuffled_accuracy"] + (
         ["random_model_accuracy"] if result.random_model_accuracy is not None else [])
     summary = {
         "task": args.task or ("sentiment" if not args.data else None), "data": args.data,
         "classes": result.classes[:20], "n_train": result.n_train, "n_val": result.n_val, "n_test": result.n_test,
-        "chance": round(result.chance, 4), "best_site": labels[best], "best_accuracy": round(result.accuracy[best], 4),
+        "duplicates_dropped": result.n_duplicates, "split": result.split_rule,
+        "test_groups": result.test_groups[:10], "n_test_groups": len(result.test_groups),
+        "control_task": result.control_rule, "chance": round(result.chance, 4),
+        "control_chance": None if result.control_chance is None else round(result.control_chance, 4),
+        "best_site": labels[best], "best_accuracy": round(result.accuracy[best], 4),
+        "selectivity": "accuracy - control-task accuracy (paired bootstrap 95% CI over test examples)",
         "columns": columns,  # one compact row per site (bounded output on 80-layer models); probe.csv has all
         "layers": [[label] + [round(row[c], 3) for c in columns[1:]] for label, row in zip(labels, table)],
         "files": ["probe.csv", plot.name],
     }
-    lines = [f"probe test accuracy (n_test={result.n_test}, chance {result.chance:.2f}, {args.ci} 95% CI):"]
+    lines = [f"probe test accuracy (n_train={result.n_train}, n_test={result.n_test} in {len(result.test_groups)} "
+             f"held-out groups, chance {result.chance:.2f}, {args.ci} 95% CI)",
+             f"split: {result.split_rule}; {result.n_duplicates} duplicate examples dropped",
+             f"control task: {result.control_rule}" + (f" (chance {result.control_chance:.2f})"
+                                                       if result.control_chance is not None else "")]
     for label, r in zip(labels, table):
-        lines.append(f"  {label:>8}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-                     f"  shuffled {r['shuffled_accuracy']:.3f}"
-                     + (f"  random-model {r['random_model_accuracy']:.3f}" if "random_model_accuracy" in r else ""))
-    text = "\n".join(lines)
-    return {"summary": summary, "text": text, "rows": table, "sites": result.sites, "site_labels": labels,
-            "ci": result.ci, "shuffled_ci": result.shuffled_ci, "random_model_ci": result.random_model_ci,
-            "positions": positions}
+        line = f"  {label:>8}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        if "control_accuracy" in r:
+            line += (f"  control {r['control_accuracy']:.3f}  selectivity {r['selectivity']:+.3f} "
+                     f"[{r['selectivity_ci_low']:+.3f}, {r['selectivity_ci_high']:+.3f}]")
+        line += f"  shuffled {r['shuffled_accuracy']:.3f}"
+        if "random_model_accuracy" in r:
+            line += f"  random-model {r['random_model_accuracy']:.3f}"
+        lines.append(line)
+    return {"summary": summary, "text": "\n".join(lines), "rows": table, "sites": result.sites, "site_labels": labels,
+            "ci": result.ci, "control_ci": result.control_ci, "selectivity_ci": result.selectivity_ci,
+            "shuffled_ci": result.shuffled_ci, "random_model_ci": result.random_model_ci, "positions": positions}

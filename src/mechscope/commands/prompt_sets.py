@@ -24,6 +24,8 @@ def load(ctx):
     if args.task:
         if args.n < 1:
             raise BadInput("--n must be at least 1")
+        if args.n > 100_000:
+            raise BadInput("--n must be at most 100000 (prompts drawn for --task)")
         return tasks.load_task(ctx.engine, args.task, n=args.n, seed=args.seed)
     return None
 

@@ -9,6 +9,8 @@ KL(final || lens) per layer for the logit lens and the tuned lens on held-out te
 Writes translators.safetensors (weight [n, d_model, d_model], bias [n, d_model]; load with
 mechscope.techniques.tuned_lens.TunedLens.load) and kl.png (KL per layer, both lenses).
 """
+from mechscope import inputs
+
 HELP = "train per-layer affine translators and compare KL with the logit lens"
 
 
@@ -17,12 +19,12 @@ def add_arguments(parser):
     parser.add_argument("--sentences", type=int, default=600,
                         help="generated training sentences without --text-file (default: %(default)s; "
                              "held out: a third as many, from another seed)")
-    parser.add_argument("--held-out", type=float, default=0.2,
+    parser.add_argument("--held-out", type=inputs.finite_float, default=0.2,
                         help="fraction of --text-file rows held out for the KL report (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=100_000, help="cap on tokens read from --text-file")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per row, BOS included (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=100, help="Adam steps (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: %(default)s)")
+    parser.add_argument("--lr", type=inputs.finite_float, default=1e-2, help="learning rate (default: %(default)s)")
     parser.add_argument("--batch-tokens", type=int, default=256, help="token positions per step (default: %(default)s)")
     parser.add_argument("--prompt", help="also show each lens' top token per layer at this prompt's last position")
 
@@ -41,6 +43,8 @@ def _split_tokens(ctx, model):
     if args.text_file is None:
         if args.sentences < 30:
             raise BadInput("--sentences must be at least 30")
+        if args.sentences > 1_000_000:
+            raise BadInput("--sentences must be at most 1000000")
         train = corpus_tokens(model, " ".join(corpus_text(args.sentences, seed=args.seed)), args.seq_len)
         held = corpus_tokens(model, " ".join(corpus_text(max(args.sentences // 3, 10), seed=args.seed + 1000)),
                              args.seq_len)
@@ -53,6 +57,8 @@ def _split_tokens(ctx, model):
         raise BadInput(f"--text-file {path} does not exist")
     if not 0 < args.held_out < 1:
         raise BadInput("--held-out must be between 0 and 1")
+    if args.max_tokens < 4 * args.seq_len:
+        raise BadInput(f"--max-tokens {args.max_tokens} gives fewer than 4 rows of --seq-len {args.seq_len} tokens")
     text = path.read_text(encoding="utf-8", errors="replace")[: args.max_tokens * 20]
     rows = corpus_tokens(model, text, args.seq_len)[: max(1, args.max_tokens // args.seq_len)]
     n_held = int(round(len(rows) * args.held_out))
@@ -75,6 +81,8 @@ def run(ctx):
     args, model = ctx.args, ctx.engine
     if args.steps < 1 or args.batch_tokens < 1 or args.lr <= 0:
         raise BadInput("--steps and --batch-tokens must be >= 1 and --lr > 0")
+    if args.prompt is not None:
+        inputs.tokens(model, args.prompt)  # refuse a bad prompt before training, not after
     train, held = _split_tokens(ctx, model)
     started = time.time()
     lens = train_tuned_lens(model, train, steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens,

@@ -54,8 +54,10 @@ class HookedEngine(Engine):
 
     # ---------------------------------------------------------------- sites
     def sites(self) -> list[str]:
-        names = set(self.model.hook_dict)
-        return [n for n in names if n.endswith(SITE_KINDS)] if names else []
+        names = [n for n in self.model.hook_dict if n.endswith(SITE_KINDS)]
+        if self.cfg.attn_only:  # transformer-lens keeps hook_mlp_out on attention-only blocks; it never fires
+            names = [n for n in names if not n.endswith(("hook_mlp_out", "mlp.hook_post"))]
+        return names
 
     # ---------------------------------------------------------------- running
     def _forward(self, tokens, names, hooks, **kwargs):
@@ -73,7 +75,14 @@ class HookedEngine(Engine):
 
     def run(self, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (), positions=None):
         self.require(list(read) + [site for site, _ in edits])
-        logits, acts = self._forward(tokens, read, self._hooks(edits))
+        hooks = self._hooks(edits)
+        if positions is not None and "unembed.hook_in" in self.model.hook_dict:  # unembed only those positions
+            rows = torch.arange(len(tokens), device=tokens.device)
+            at = torch.as_tensor(positions, device=tokens.device)
+            select = ("unembed.hook_in", lambda x, hook: x[rows, at][:, None])
+            logits, acts = self._forward(tokens, read, hooks + [select])
+            return logits[:, 0], acts
+        logits, acts = self._forward(tokens, read, hooks)
         if positions is not None:
             rows = torch.arange(len(tokens), device=logits.device)
             logits = logits[rows, torch.as_tensor(positions, device=logits.device)]

@@ -1,6 +1,6 @@
-"""Ablation: overwrite components' activations and measure how a metric changes.
+"""Ablation: overwrite components' activations and measure how a metric changes (on any engine).
 
-Components and the transformer-lens hook each one lives in:
+Components and the site (transformer-lens hook name) each one lives in:
 - head "L.H":        blocks.L.attn.hook_z    [batch, seq, n_heads, d_head], unit H on dim 2
 - attention "attnL": blocks.L.hook_attn_out  [batch, seq, d_model]
 - MLP "mlpL":        blocks.L.hook_mlp_out   [batch, seq, d_model]
@@ -8,17 +8,20 @@ Components and the transformer-lens hook each one lives in:
 
 Methods (the value written over a component's activation a, at every position):
 - zero:     0. A head's z = 0 still leaves the layer's bias b_O in attn_out; an attn/MLP layer's 0 is exact.
-- mean:     the mean of a over the reference tokens (batch and positions, or per position).
-- resample: a on another prompt: row donors[b] of the reference (one donor per row, shared by all components).
-- noise:    a + std * N(0, 1), std = the standard deviation of a over the reference (one number per component).
+- mean:     the mean of a over the reference prompts' positions, BOS excluded (skip_bos; BOS is an
+            attention sink whose activations are far from every other position's), or one mean per position.
+- resample: a on another prompt: row donors[b] of the reference (by default a random other prompt of the
+            same token length; one donor per row, shared by all components).
+- noise:    a + std * N(0, 1), std = the standard deviation of a over the reference positions (BOS excluded),
+            one number per head / neuron / layer.
 
-The reference statistics come from one cached forward over the reference tokens (only the needed hooks).
+The reference statistics come from one forward over the reference prompts (reading only the needed sites).
 Each group (a set of components ablated together) gets its own copy of the batch, so many groups run in
-one forward; the empty group is the clean run.
+one forward; the empty group is the clean run. Everything goes through the engine API (`engine.run` with
+reads and edits), so the same numbers come out on the tl, bridge and nnsight engines.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mechscope import stats
 from mechscope.errors import BadInput
 
 METHODS = ("zero", "mean", "resample", "noise")
@@ -127,26 +131,57 @@ def _unit(t: torch.Tensor, c: Component) -> torch.Tensor:
     return t if c.index is None else t[:, :, c.index]
 
 
-def reference_values(model, reference: torch.Tensor, hook_names: set[str], method: str,
-                     donors: torch.Tensor | None = None, per_position: bool = False) -> dict[str, torch.Tensor]:
-    """What `method` writes, per hook, from one cached forward over reference tokens [n_ref, seq].
+def as_batch(tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [n, seq], lengths [n]) from a [n, seq] tensor or a list of n rows [seq_i] (right-padded with
+    each row's own last token; with causal attention padding never changes an earlier position)."""
+    from mechscope.techniques.probing import right_padded
 
-    mean -> [1, 1 or seq, ...]; noise -> the std per unit, [1, 1, n_units, 1] for hook_z, [1, 1, d_mlp] for
-    hook_post, [1, 1, 1] for *_out; resample -> the donor rows' activations [batch, seq, ...]; zero -> {}.
+    if isinstance(tokens, torch.Tensor):
+        return tokens, torch.full((tokens.shape[0],), tokens.shape[1])
+    rows = list(tokens)
+    return right_padded(rows), torch.tensor([len(r) for r in rows])
+
+
+def statistics_mask(lengths: torch.Tensor, seq: int, skip_bos: bool = True) -> torch.Tensor:
+    """[n, seq] True at the positions reference statistics are taken over: each row's own tokens, BOS
+    (position 0) excluded when skip_bos (an attention sink whose activations are far from the others)."""
+    pos = torch.arange(seq)
+    start = 1 if skip_bos and seq > 1 else 0
+    return (pos >= start) & (pos < lengths[:, None])
+
+
+def reference_values(model, reference, sites: set[str], method: str, donors: torch.Tensor | None = None,
+                     per_position: bool = False, skip_bos: bool = True) -> dict[str, torch.Tensor]:
+    """What `method` writes, per site, from one forward over `reference` ([n_ref, seq] tokens or n_ref rows).
+
+    mean -> [1, 1, ...] over every reference position (BOS excluded when skip_bos), or [1, seq, ...] per
+    position (per_position); noise -> the std per unit over the same positions, [1, 1, n_heads, 1] for
+    hook_z, [1, 1, d_mlp] for hook_post, [1, 1, 1] for *_out; resample -> the donor rows' activations
+    [batch, seq, ...]; zero -> {}.
     """
-    if method == "zero" or not hook_names:
+    from mechscope.models import as_engine
+
+    if method == "zero" or not sites:
         return {}
-    _, cache = model.run_with_cache(reference, names_filter=lambda name: name in hook_names)
+    engine = as_engine(model)
+    tokens, lengths = as_batch(reference)
+    with torch.no_grad():
+        _, acts = engine.run(tokens, read=sorted(sites))
+    mask = statistics_mask(lengths, tokens.shape[1], skip_bos).to(tokens.device)
     values = {}
-    for name in hook_names:
-        act = cache[name]
-        if method == "mean":
-            values[name] = act.float().mean(0 if per_position else (0, 1), keepdim=True).to(act.dtype)
-        elif method == "noise":
-            dims = [d for d in range(act.ndim) if d != 2] if name.endswith(("hook_z", "hook_post")) else None
-            values[name] = act.float().std(dim=dims, keepdim=True).to(act.dtype)
-        else:
-            values[name] = act[donors]
+    for site in sites:
+        act = acts[site]
+        if method == "resample":
+            values[site] = act[donors]
+        elif method == "mean" and per_position:
+            values[site] = act.float().mean(0, keepdim=True).to(act.dtype)
+        elif method == "mean":
+            values[site] = act[mask].float().mean(0)[None, None].to(act.dtype)
+        else:  # noise: one std per head / neuron, or one for a whole layer's output
+            x = act[mask].float()                                   # [n_positions, ...]
+            dims = [0, 2] if site.endswith("hook_z") else [0] if site.endswith("hook_post") else None
+            std = x.std(dim=dims) if dims is not None else x.std()
+            values[site] = std.reshape(1, 1, *std.shape, *([1] if site.endswith("hook_z") else [])).to(act.dtype)
     return values
 
 
@@ -158,32 +193,60 @@ def other_rows(n: int, seed: int = 0) -> torch.Tensor:
     return (torch.arange(n) + torch.randint(1, n, (n,), generator=gen)) % n
 
 
+def same_length_donors(lengths: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """[n] donor rows: for each row, a random other row of the same token length (so every position of the
+    donor is a real token)."""
+    donors = torch.empty(len(lengths), dtype=torch.long)
+    for length in lengths.unique():
+        rows = (lengths == length).nonzero().flatten()
+        if len(rows) < 2:
+            raise BadInput(f"resample ablation needs at least 2 prompts of each token length (each takes another "
+                           f"prompt's activations); only one prompt has {int(length)} tokens: add prompts of that "
+                           f"length, or use --method mean")
+        donors[rows] = rows[other_rows(len(rows), seed + int(length))]
+    return donors
+
+
 @torch.no_grad()
-def ablated_metric(model, tokens: torch.Tensor, groups: list[list[Component]],
-                   metric: Callable[[torch.Tensor], torch.Tensor], method: str = "mean",
-                   reference: torch.Tensor | None = None, donors: torch.Tensor | None = None,
-                   per_position: bool = False, seed: int = 0, rows_per_forward: int | None = None) -> torch.Tensor:
+def ablated_metric(model, tokens, groups: list[list[Component]], metric: Callable[[torch.Tensor], torch.Tensor],
+                   method: str = "mean", reference=None, donors: torch.Tensor | None = None,
+                   per_position: bool = False, seed: int = 0, rows_per_forward: int | None = None,
+                   skip_bos: bool = True) -> torch.Tensor:
     """The metric with each group of components ablated. -> [n_groups, batch] (float32, on CPU)
 
-    tokens: [batch, seq]; metric(logits [batch, seq, d_vocab]) -> [batch]; an empty group is the clean run.
-    reference: [n_ref, seq'] tokens for mean / noise / resample statistics (default: `tokens`);
-    donors: [batch] rows of `reference` that resample takes from (default: random other rows, seeded).
+    tokens: [batch, seq], or a list of rows [seq_i] of different lengths (right-padded here; the metric then
+    reads each row at its own positions); metric(logits [batch, seq, d_vocab]) -> [batch]; an empty group is
+    the clean run. reference: tokens or rows for mean / noise / resample statistics (default: `tokens`;
+    BOS excluded from the mean and std when skip_bos); donors: [batch] rows of `reference` that resample
+    takes from (default: random other rows of the same length, seeded).
     rows_per_forward: batch rows per forward (default: up to 512, fewer when the logits would pass ~512 MB).
     """
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
     if method not in METHODS:
         raise BadInput(f"unknown ablation method {method!r}; use one of {', '.join(METHODS)}")
-    reference = tokens if reference is None else reference
+    own_reference = reference is None
+    reference = tokens if own_reference else reference
+    tokens, lengths = as_batch(tokens)
+    ref_tokens, ref_lengths = as_batch(reference)
     batch = tokens.shape[0]
-    if method == "resample":
-        if reference.shape[1] != tokens.shape[1]:
-            raise BadInput("resample ablation needs reference prompts with the same number of tokens as the prompts")
-        if donors is None:
-            donors = other_rows(batch, seed) if reference is tokens else \
-                torch.randint(0, reference.shape[0], (batch,), generator=torch.Generator().manual_seed(seed))
-    if per_position and reference.shape[1] != tokens.shape[1]:
-        raise BadInput("per-position means need reference prompts with the same number of tokens as the prompts")
-    hook_names = {c.hook_name for group in groups for c in group}
-    values = reference_values(model, reference, hook_names, method, donors, per_position)
+    if method == "mean" and own_reference and batch == 1:
+        raise BadInput("mean ablation of a single prompt with no reference would take the mean over that prompt's own "
+                       "positions (close to a no-op); pass reference prompts (--reference, repeatable), or several "
+                       "prompts (--prompts FILE, --task)")
+    if per_position and len(set(lengths.tolist())) > 1:
+        raise BadInput("per-position means need prompts of one token length (one template); drop --per-position")
+    if not own_reference and (method == "resample" or per_position) and \
+            set(ref_lengths.tolist()) | set(lengths.tolist()) != {tokens.shape[1]}:
+        what = "resample ablation" if method == "resample" else "per-position means"
+        raise BadInput(f"{what} need reference prompts with the same number of tokens as the prompts")
+    if method == "resample" and donors is None:
+        donors = same_length_donors(lengths, seed) if own_reference else \
+            torch.randint(0, ref_tokens.shape[0], (batch,), generator=torch.Generator().manual_seed(seed))
+    sites = {c.hook_name for group in groups for c in group}
+    engine.require(sorted(sites), "ablation")
+    values = reference_values(engine, reference, sites, method, donors, per_position, skip_bos)
     gen = torch.Generator(device=tokens.device).manual_seed(seed)
 
     def replacement(current: torch.Tensor, c: Component) -> torch.Tensor:
@@ -192,30 +255,30 @@ def ablated_metric(model, tokens: torch.Tensor, groups: list[list[Component]],
         if method == "noise":
             noise = torch.randn(current.shape, generator=gen, device=current.device, dtype=current.dtype)
             return current + _unit(values[c.hook_name], c) * noise
-        return _unit(values[c.hook_name], c)
+        return _unit(values[c.hook_name], c).expand_as(current)
 
-    def make_hook(chunk: list[list[Component]]):
-        def hook(act, hook):
+    def make_edit(site: str, chunk: list[list[Component]]):
+        def edit(act):
+            act = act.clone()
             for i, group in enumerate(chunk):
-                rows = act[i * batch:(i + 1) * batch]
+                rows = act[i * batch:(i + 1) * batch]       # a view: writes go into act
                 for c in group:
-                    if c.hook_name == hook.name:
+                    if c.hook_name == site:
                         if c.index is None:
                             rows[:] = replacement(rows, c)
                         else:
                             rows[:, :, c.index] = replacement(rows[:, :, c.index], c)
             return act
-        return hook
+        return edit
 
     if rows_per_forward is None:
-        rows_per_forward = min(512, 2**27 // (tokens.shape[1] * model.cfg.d_vocab))
+        rows_per_forward = min(512, 2**27 // (tokens.shape[1] * engine.cfg.d_vocab))
     per_chunk = max(1, rows_per_forward // batch)
     out = []
     for start in range(0, len(groups), per_chunk):
         chunk = groups[start:start + per_chunk]
-        names = {c.hook_name for group in chunk for c in group}
-        logits = model.run_with_hooks(tokens.repeat(len(chunk), 1),
-                                      fwd_hooks=[(name, make_hook(chunk)) for name in names])
+        names = sorted({c.hook_name for group in chunk for c in group})
+        logits, _ = engine.run(tokens.repeat(len(chunk), 1), edits=[(name, make_edit(name, chunk)) for name in names])
         out += [metric(logits[i * batch:(i + 1) * batch]).float().cpu() for i in range(len(chunk))]
     return torch.stack(out)
 
@@ -233,21 +296,11 @@ def ablation_edits(model, components: list[Component], method: str = "mean", ref
         raise BadInput(f"components held ablated take --ablation zero or mean, not {method!r}")
     sites = sorted({c.hook_name for c in components})
     engine.require(sites, "ablation")
-    means = {}
-    if method == "mean":
-        if reference is None:
-            raise BadInput("mean ablation needs reference prompts (the distribution the mean is taken over)")
-        with torch.no_grad():
-            _, acts = engine.run(reference, read=sites)
-        seq = reference.shape[1]
-        keep = torch.arange(seq)[None, :] < (torch.full((len(reference),), seq) if lengths is None
-                                             else torch.as_tensor(lengths).cpu())[:, None]
-        if skip_bos and seq > 1:
-            keep[:, 0] = False                                               # keep: [n_ref, seq]
-        means = {}
-        for site in sites:
-            mask = keep.to(acts[site].device).reshape(*keep.shape, *[1] * (acts[site].ndim - 2))
-            means[site] = (acts[site].float() * mask).sum((0, 1)) / mask.sum()
+    if method == "mean" and reference is None:
+        raise BadInput("mean ablation needs reference prompts (the distribution the mean is taken over)")
+    if lengths is not None and reference is not None:  # right-padded rows: only each row's own tokens count
+        reference = [row[:int(n)] for row, n in zip(reference, lengths)]
+    means = reference_values(engine, reference, set(sites), method, skip_bos=skip_bos)
 
     def edit(site):
         here = [c for c in components if c.hook_name == site]
@@ -255,11 +308,12 @@ def ablation_edits(model, components: list[Component], method: str = "mean", ref
         def fn(act):
             act = act.clone()
             for c in here:
-                value = 0.0 if method == "zero" else means[site].to(act.dtype)
+                value = torch.zeros((), dtype=act.dtype, device=act.device) if method == "zero" else \
+                    _unit(means[site], c).to(act.dtype)
                 if c.index is None:
-                    act[:] = value if method == "zero" else value.expand_as(act)
+                    act[:] = value
                 else:
-                    act[:, :, c.index] = value if method == "zero" else value[c.index]
+                    act[:, :, c.index] = value
             return act
         return fn
     return [(site, edit(site)) for site in sites]
@@ -274,27 +328,39 @@ class AblationResult:
     ablated: torch.Tensor
 
     @property
+    def differences(self) -> torch.Tensor:
+        """[batch, n_groups] per-prompt change of the metric (ablated - clean)."""
+        return (self.ablated - self.clean).T
+
+    @property
     def effect(self) -> torch.Tensor:
         """[n_groups] mean change of the metric (ablated - clean)."""
-        return (self.ablated - self.clean).mean(1)
+        return self.differences.mean(0)
 
     @property
     def stderr(self) -> torch.Tensor:
-        """[n_groups] standard error of the effect over the batch (0 for a batch of one)."""
-        diff = self.ablated - self.clean
-        return diff.std(1) / math.sqrt(diff.shape[1]) if diff.shape[1] > 1 else torch.zeros(diff.shape[0])
+        """[n_groups] standard error of the effect over the prompts (0 for one prompt)."""
+        return stats.standard_error(self.differences)
 
-    def rows(self) -> list[dict]:
-        return [{"component": label, "method": self.method, "effect": float(e), "stderr": float(s),
+    def summary(self, seed: int = 0) -> dict:
+        """mechscope.stats.summary of the per-prompt effects: {mean, ci_low, ci_high, sign_share, stderr} as
+        [n_groups] lists (95% bootstrap over prompts), n_prompts."""
+        return stats.summary(self.differences, seed=seed)
+
+    def rows(self, seed: int = 0) -> list[dict]:
+        s = self.summary(seed)
+        return [{"component": label, "method": self.method, "effect": float(e), "stderr": s["stderr"][i],
+                 "ci_low": s["ci_low"][i], "ci_high": s["ci_high"][i], "sign_share": s["sign_share"][i],
                  "ablated_metric": float(a), "clean_metric": float(self.clean.mean())}
-                for label, e, s, a in zip(self.labels, self.effect, self.stderr, self.ablated.mean(1))]
+                for i, (label, e, a) in enumerate(zip(self.labels, self.effect, self.ablated.mean(1)))]
 
 
 def ablate(model, tokens: torch.Tensor, groups: list[list[Component]],
            metric: Callable[[torch.Tensor], torch.Tensor], method: str = "mean", **kwargs) -> AblationResult:
     """Each group ablated on its own (one batch copy per group, shared reference statistics).
 
-    tokens: [batch, seq]; kwargs go to `ablated_metric` (reference, donors, per_position, seed, rows_per_forward).
+    tokens: [batch, seq] or rows [seq_i]; kwargs go to `ablated_metric` (reference, donors, per_position, seed,
+    rows_per_forward, skip_bos).
     """
     values = ablated_metric(model, tokens, [[]] + list(groups), metric, method, **kwargs)
     return AblationResult([group_label(g) for g in groups], method, values[0], values[1:])

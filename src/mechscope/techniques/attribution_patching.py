@@ -13,13 +13,19 @@ swapped token at layer 0, leave the linear regime (false negatives). So compare 
 
 AtP* QK fix (Kramár et al. 2024, sec. 3.1.1), `atp_star=True`: for q and k patches the attention pattern is
 recomputed exactly with the clean query (or key), and only the step from the pattern onwards is linearised:
-Δpattern . dm/dpattern. Their second fix (GradDrop) is not implemented.
+Δpattern . dm/dpattern (transformer-lens engine only: it reads attention scores). Their second fix
+(GradDrop) is not implemented.
+
+Every engine: the two runs are engine.run (clean) and engine.run_with_grads (corrupted); per-prompt
+estimates are kept (`per_prompt`), so a prompt set gives intervals and per-prompt agreement with exact
+patching (`exact_effects(..., per_prompt=True)`).
 
 Score names and shapes (the same as `transformer_lens.patching.get_act_patch_*`):
     resid_pre, attn_out, mlp_out      [n_layers, pos]
     head_out, head_q, head_k, head_v  [n_layers, n_heads]          (all positions patched together)
     head_*_by_pos                     [n_layers, pos, n_heads]
     neurons                           [n_layers, d_mlp]           (hook_post, all positions together)
+per_prompt adds a leading [n_prompts] axis.
 """
 from __future__ import annotations
 
@@ -28,49 +34,70 @@ from typing import Callable, Sequence
 
 import torch
 
+from mechscope.errors import BadInput
+
 SITES = ("resid", "attn_out", "mlp_out", "heads", "qkv", "neurons")
 DEFAULT_SITES = ("resid", "attn_out", "mlp_out", "heads", "neurons")
+BY_POSITION = ("resid_pre", "attn_out", "mlp_out", "head_out_by_pos", "head_q_by_pos", "head_k_by_pos", "head_v_by_pos")
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, d_vocab] -> [batch]
 
 
 @dataclass
 class AttributionResult:
-    """AtP estimates of metric(corrupted + clean patch) - metric(corrupted), averaged over the batch."""
+    """AtP estimates of metric(corrupted + clean patch) - metric(corrupted). scores: {name: mean over prompts},
+    per_prompt: {name: [n_prompts, *score shape]} (NaN at a prompt's padding positions); clean / corrupted:
+    [n_prompts] the metric of the two runs."""
     scores: dict[str, torch.Tensor]
-    clean_metric: float
-    corrupted_metric: float
+    per_prompt: dict[str, torch.Tensor]
+    clean: torch.Tensor
+    corrupted: torch.Tensor
     atp_star: bool = False
     meta: dict = field(default_factory=dict)
 
+    @property
+    def clean_metric(self) -> float:
+        return self.clean.mean().item()
 
-def _hook_suffixes(model, sites: Sequence[str], atp_star: bool) -> list[str]:
+    @property
+    def corrupted_metric(self) -> float:
+        return self.corrupted.mean().item()
+
+
+def _hook_suffixes(cfg, sites: Sequence[str]) -> list[str]:
     unknown = set(sites) - set(SITES)
     if unknown:
-        raise ValueError(f"unknown sites {sorted(unknown)}; choose from {SITES}")
-    has_mlp = not model.cfg.attn_only
+        raise BadInput(f"unknown sites {sorted(unknown)}; choose from {', '.join(SITES)}")
+    has_mlp = not cfg.attn_only
     suffixes = {"resid": ["hook_resid_pre"], "attn_out": ["hook_attn_out"],
                 "mlp_out": ["hook_mlp_out"] if has_mlp else [], "heads": ["attn.hook_z"],
                 "qkv": ["attn.hook_q", "attn.hook_k", "attn.hook_v"], "neurons": ["mlp.hook_post"] if has_mlp else []}
-    out = [s for site in sites for s in suffixes[site]]
-    if atp_star and "qkv" in sites:
-        out += ["attn.hook_pattern", "attn.hook_attn_scores"]
-        if model.cfg.positional_embedding_type == "rotary":
-            out += ["attn.hook_rot_q", "attn.hook_rot_k"]
-    return out
+    return [s for site in sites for s in suffixes[site]]
 
 
-def _check_atp_star(model) -> None:
-    if model.cfg.attn_scores_soft_cap > 0:
-        raise ValueError("AtP* assumes attention scores bilinear in q and k; this model soft-caps them")
-    if model.cfg.n_key_value_heads not in (None, model.cfg.n_heads):
-        raise ValueError("AtP* needs one key per head; this model uses grouped-query attention")
+def _star_extras(engine, clean_tokens, corrupted_tokens) -> tuple[dict, dict]:
+    """AtP* reads attention scores (and rotary q / k) that are not engine sites: transformer-lens only.
+    -> (clean, corrupted) {hook name: activation}."""
+    if engine.name != "tl":
+        raise BadInput(f"AtP* (--atp-star) reads attention scores, which the {engine.name} engine does not offer; "
+                       f"use --backend tl or drop --atp-star")
+    model, cfg = engine.model, engine.model.cfg
+    if cfg.attn_scores_soft_cap > 0:
+        raise BadInput("AtP* assumes attention scores bilinear in q and k; this model soft-caps them; drop --atp-star")
+    if cfg.n_key_value_heads not in (None, cfg.n_heads):
+        raise BadInput("AtP* needs one key per head; this model uses grouped-query attention; drop --atp-star")
+    extra = ["attn.hook_attn_scores"] + (["attn.hook_rot_q", "attn.hook_rot_k"]
+                                         if cfg.positional_embedding_type == "rotary" else [])
+    names = [f"blocks.{layer}.{s}" for layer in range(cfg.n_layers) for s in extra]
+    with torch.no_grad():
+        caches = [dict(model.run_with_cache(t, names_filter=names)[1].items()) for t in (clean_tokens, corrupted_tokens)]
+    return caches[0], caches[1]
 
 
-def _qk_star(model, layer: int, clean: dict, corrupted: dict, grads: dict) -> dict[str, torch.Tensor]:
+def _qk_star(engine, layer: int, clean: dict, corrupted: dict, grads: dict) -> dict[str, torch.Tensor]:
     """AtP* estimates for q and k patches of one layer -> q/k by_pos [batch, pos, n_heads], all_pos [batch, n_heads]."""
     name = f"blocks.{layer}.attn.hook_"
-    rot = "rot_" if model.cfg.positional_embedding_type == "rotary" else ""
-    scale = model.blocks[layer].attn.attn_scale
+    rot = "rot_" if engine.cfg.positional_embedding_type == "rotary" else ""
+    scale = engine.model.blocks[layer].attn.attn_scale
     q, k = corrupted[name + rot + "q"], corrupted[name + rot + "k"]                # [batch, pos, head, d_head]
     dq, dk = clean[name + rot + "q"] - q, clean[name + rot + "k"] - k
     scores, pattern = corrupted[name + "attn_scores"], corrupted[name + "pattern"]  # [batch, head, dest, src]
@@ -94,46 +121,47 @@ def _qk_star(model, layer: int, clean: dict, corrupted: dict, grads: dict) -> di
 
 
 def attribution_patch(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric: Metric,
-                      sites: Sequence[str] = DEFAULT_SITES, atp_star: bool = False) -> AttributionResult:
+                      sites: Sequence[str] = DEFAULT_SITES, atp_star: bool = False,
+                      lengths: torch.Tensor | None = None) -> AttributionResult:
     """AtP estimates of patching each clean activation into the corrupted run, for every cell of `sites`.
 
-    clean_tokens, corrupted_tokens: [batch, pos] (same shape); metric: logits -> [batch].
-    Two forwards (clean without grad, corrupted with grad) and one backward, caching only the needed hooks.
+    model: an engine (or a HookedTransformer / TransformerBridge / nnsight model).
+    clean_tokens, corrupted_tokens: [batch, pos] (same shape; right-padded rows give `lengths` [batch]);
+    metric: logits -> [batch]. One forward on clean, one forward + backward on corrupted
+    (engine.run_with_grads), reading only the needed sites.
     """
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
     if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(f"clean {tuple(clean_tokens.shape)} and corrupted {tuple(corrupted_tokens.shape)} differ")
-    if atp_star and "qkv" in sites:
-        _check_atp_star(model)
-    n_layers = model.cfg.n_layers
-    suffixes = _hook_suffixes(model, sites, atp_star)
-    names = [f"blocks.{layer}.{s}" for layer in range(n_layers) for s in suffixes]
+        raise BadInput(f"clean {tuple(clean_tokens.shape)} and corrupted {tuple(corrupted_tokens.shape)} tokens differ "
+                       f"in shape; pair prompts of the same token length")
+    cfg = engine.cfg
+    n, seq = clean_tokens.shape
+    star = atp_star and "qkv" in sites
+    suffixes = _hook_suffixes(cfg, sites) + (["attn.hook_pattern"] if star else [])
+    names = [f"blocks.{layer}.{s}" for layer in range(cfg.n_layers) for s in suffixes]
+    engine.require(names, "attribution patching")
+    extra_clean, extra_corrupted = _star_extras(engine, clean_tokens, corrupted_tokens) if star else ({}, {})
 
     with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
-        clean_metric = metric(clean_logits).mean().item()
-    corrupted = {}
-
-    def keep(act, hook):
-        corrupted[hook.name] = act
-
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
-        corrupted_values = metric(model(corrupted_tokens))
-    with_grad = [n for n in names if not n.endswith(("attn_scores", "rot_q", "rot_k"))]
-    grads = dict(zip(with_grad, torch.autograd.grad(corrupted_values.sum(), [corrupted[n] for n in with_grad])))
-    corrupted = {n: a.detach() for n, a in corrupted.items()}
+        clean_logits, clean_acts = engine.run(clean_tokens, read=names)
+        clean_values = metric(clean_logits).float()
+    corrupted_values, corrupted, grads = engine.run_with_grads(corrupted_tokens, metric, read=names)
+    clean_acts, corrupted = {**clean_acts, **extra_clean}, {**corrupted, **extra_corrupted}
 
     def atp(name):  # [batch, pos, ...] per-cell estimate, summed over the last (feature) axis
-        return ((clean_cache[name] - corrupted[name]) * grads[name]).sum(-1)
+        return ((clean_acts[name] - corrupted[name]) * grads[name]).float().sum(-1)
 
     per_layer: dict[str, list[torch.Tensor]] = {}
-    for layer in range(n_layers):
+    for layer in range(cfg.n_layers):
         block = f"blocks.{layer}."
         found = {}
         if "resid" in sites:
             found["resid_pre"] = atp(block + "hook_resid_pre")
         if "attn_out" in sites:
             found["attn_out"] = atp(block + "hook_attn_out")
-        if "mlp_out" in sites and not model.cfg.attn_only:
+        if "mlp_out" in sites and not cfg.attn_only:
             found["mlp_out"] = atp(block + "hook_mlp_out")
         if "heads" in sites:
             found["head_out_by_pos"] = atp(block + "attn.hook_z")
@@ -142,16 +170,24 @@ def attribution_patch(model, clean_tokens: torch.Tensor, corrupted_tokens: torch
             for c in "qkv":
                 found[f"head_{c}_by_pos"] = atp(block + f"attn.hook_{c}")
                 found[f"head_{c}"] = found[f"head_{c}_by_pos"].sum(1)
-            if atp_star:
-                found.update(_qk_star(model, layer, clean_cache, corrupted, grads))
-        if "neurons" in sites and not model.cfg.attn_only:
+            if star:
+                found.update({k: v.float() for k, v in _qk_star(engine, layer, clean_acts, corrupted, grads).items()})
+        if "neurons" in sites and not cfg.attn_only:
             name = block + "mlp.hook_post"
-            found["neurons"] = ((clean_cache[name] - corrupted[name]) * grads[name]).sum(1)
+            found["neurons"] = ((clean_acts[name] - corrupted[name]) * grads[name]).float().sum(1)
         for key, value in found.items():
-            per_layer.setdefault(key, []).append(value.mean(0))  # mean over the batch
-    scores = {key: torch.stack(per_layer_values) for key, per_layer_values in per_layer.items()}
-    return AttributionResult(scores=scores, clean_metric=clean_metric, corrupted_metric=corrupted_values.mean().item(),
-                             atp_star=atp_star, meta={"sites": list(sites), "n_prompts": clean_tokens.shape[0]})
+            per_layer.setdefault(key, []).append(value.detach())
+    per_prompt = {key: torch.stack(values, 1).cpu() for key, values in per_layer.items()}  # [n, layers, ...]
+    if lengths is not None:  # padding positions are no cells of that prompt
+        pad = torch.arange(seq)[None] >= lengths.cpu()[:, None]                              # [n, pos]
+        for key, value in per_prompt.items():
+            if key in BY_POSITION:
+                view = pad.view(n, 1, seq, *[1] * (value.ndim - 3))
+                per_prompt[key] = value.masked_fill(view, float("nan"))
+    scores = {key: value.nanmean(0) for key, value in per_prompt.items()}
+    return AttributionResult(scores=scores, per_prompt=per_prompt, clean=clean_values.cpu(),
+                             corrupted=corrupted_values.float().cpu(), atp_star=star,
+                             meta={"sites": list(sites), "n_prompts": n, "engine": engine.name})
 
 
 # ------------------------------------------------------------------------------------------- exact patching
@@ -163,11 +199,13 @@ EXACT = {"resid_pre": ("resid_pre", True), "attn_out": ("attn_out", True), "mlp_
 
 
 def exact_effects(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric,
-                  score_names: Sequence[str], lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  score_names: Sequence[str], lengths: torch.Tensor | None = None,
+                  per_prompt: bool = False) -> dict[str, torch.Tensor]:
     """Exact metric(corrupted + clean patch) - metric(corrupted) for the named score grids (not neurons),
-    shaped like the AtP scores, from the exact engine `patching.patch_sweep` (metric: a `patching.Metric`).
+    shaped like the AtP scores, from the exact sweep `patching.patch_sweep` (metric: a `patching.Metric`).
 
-    With right-padded prompts (`lengths` [batch]) a padding cell counts as 0 effect, as in AtP.
+    Mean over prompts, or per_prompt=True: [n_prompts, *shape] (NaN at a prompt's padding positions, as in
+    AttributionResult.per_prompt). Mean: a padding cell counts as missing (NaN-aware mean).
     """
     from mechscope.techniques.patching import patch_sweep
 
@@ -176,42 +214,70 @@ def exact_effects(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Ten
         component, by_position = EXACT[name]
         result = patch_sweep(model, clean_tokens, corrupted_tokens, component, metric, mode="denoise",
                              by_position=by_position, lengths=lengths)
-        corrupted = result.corrupted.view(-1, *[1] * (result.per_prompt.ndim - 1))
-        effect = (result.per_prompt - corrupted).nan_to_num(0.0).mean(0)
-        out[name] = effect.transpose(1, 2) if result.axes == ("layer", "head", "pos") else effect
+        effect = result.effect_per_prompt(normalise=False)
+        effect = effect.transpose(2, 3) if result.axes == ("layer", "head", "pos") else effect
+        out[name] = effect if per_prompt else effect.nanmean(0)
     return out
 
 
 @torch.no_grad()
 def exact_neuron_effects(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric,
-                         neurons: Sequence[tuple[int, int]], lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact effect of patching each (layer, neuron)'s clean hook_post (all positions) into the corrupted run,
-    mean over prompts; metric: a `patching.Metric`. One batched forward, one row per neuron -> [len(neurons)]."""
+                         neurons: Sequence[tuple[int, int]], lengths: torch.Tensor | None = None,
+                         per_prompt: bool = False) -> torch.Tensor:
+    """Exact effect of patching each (layer, neuron)'s clean hook_post (all positions) into the corrupted run;
+    metric: a `patching.Metric`. One batched forward (engine.run with edits), one row block per neuron ->
+    [len(neurons)] mean over prompts, or [len(neurons), n_prompts] with per_prompt."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
     n, seq = corrupted_tokens.shape
     read = torch.full((n,), seq - 1, device=corrupted_tokens.device) if lengths is None else lengths - 1
     rows = len(neurons)
     names = sorted({f"blocks.{layer}.mlp.hook_post" for layer, _ in neurons})
-    clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
-    at_read = lambda logits: logits[torch.arange(len(logits)), read.repeat(len(logits) // n)].float()  # noqa: E731
+    engine.require(names, "patching neurons")
     prompt = torch.arange(n, device=corrupted_tokens.device)
-    clean_logits = at_read(clean_logits)
-    base = metric(at_read(model(corrupted_tokens)), prompt, clean_logits)
+    clean_logits, clean_acts = engine.run(clean_tokens, read=names, positions=read)
+    base_logits, _ = engine.run(corrupted_tokens, positions=read)
+    clean_logits = clean_logits.float()
+    base = metric(base_logits.float(), prompt, clean_logits)
 
-    def patch(post, hook):  # post: [rows * n, pos, d_mlp]; row i*n + j = neuron i on prompt j
-        for i, (layer, unit) in enumerate(neurons):
-            if hook.layer() == layer:
-                post[i * n:(i + 1) * n, :, unit] = clean_cache[hook.name][:, :, unit]
-        return post
+    def patch(name):  # post: [rows * n, pos, d_mlp]; row i*n + j = neuron i on prompt j
+        layer = int(name.split(".")[1])
+        mask = torch.zeros(rows, 1, 1, clean_acts[name].shape[-1], dtype=torch.bool, device=corrupted_tokens.device)
+        for i, (neuron_layer, unit) in enumerate(neurons):
+            mask[i, ..., unit] = neuron_layer == layer
+        return name, lambda post: torch.where(mask, clean_acts[name][None], post.unflatten(0, (rows, n))
+                                              ).flatten(0, 1)
 
-    logits = model.run_with_hooks(corrupted_tokens.repeat(rows, 1), fwd_hooks=[(name, patch) for name in names])
-    return (metric(at_read(logits), prompt.repeat(rows), clean_logits).view(rows, n) - base).mean(1)
+    logits, _ = engine.run(corrupted_tokens.repeat(rows, 1), edits=[patch(name) for name in names],
+                           positions=read.repeat(rows))
+    effects = metric(logits.float(), prompt.repeat(rows), clean_logits).view(rows, n) - base
+    return effects.cpu() if per_prompt else effects.mean(1).cpu()
 
 
 def agreement(estimate: torch.Tensor, exact: torch.Tensor, k: int = 10) -> dict:
-    """Pearson r over all cells and the overlap of the top-k cells by |effect| (fraction of k)."""
+    """Pearson r over all cells and the overlap of the top-k cells by |effect| (fraction of k); cells that
+    are NaN in either (a prompt's padding) are left out."""
     a, b = estimate.flatten().double(), exact.flatten().double()
+    keep = ~(a.isnan() | b.isnan())
+    a, b = a[keep], b[keep]
     k = min(k, a.numel())
     r = torch.corrcoef(torch.stack([a, b]))[0, 1].item() if a.numel() > 1 else float("nan")
     top_a, top_b = set(a.abs().topk(k).indices.tolist()), set(b.abs().topk(k).indices.tolist())
-    return {"pearson_r": r, "top_k": k, "top_k_overlap": len(top_a & top_b) / k,
-            "max_abs_error": (a - b).abs().max().item()}
+    return {"pearson_r": r, "top_k": k, "top_k_overlap": len(top_a & top_b) / max(k, 1),
+            "max_abs_error": (a - b).abs().max().item() if a.numel() else float("nan")}
+
+
+def agreement_over_prompts(estimate: torch.Tensor, exact: torch.Tensor, k: int = 10, seed: int = 0) -> dict:
+    """Agreement of AtP with exact patching on each prompt: estimate, exact [n_prompts, *cells] ->
+    {pearson_r, top_k_overlap: {mean, ci_low, ci_high, median}, n_prompts} over prompts (95% bootstrap)."""
+    from mechscope import stats
+
+    rows = [agreement(a, b, k) for a, b in zip(estimate, exact)]
+    out = {}
+    for key in ("pearson_r", "top_k_overlap"):
+        values = torch.tensor([row[key] for row in rows], dtype=torch.float32)
+        mean, low, high = stats.interval(values[:, None], seed=seed)
+        out[key] = {"mean": mean.item(), "ci_low": low.item(), "ci_high": high.item(),
+                    "median": values.nanmedian().item()}
+    return dict(out, top_k=rows[0]["top_k"] if rows else k, n_prompts=len(rows))

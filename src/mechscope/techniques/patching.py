@@ -1,44 +1,44 @@
-"""Activation patching with a fast exact engine.
+"""Activation patching, exact, on every engine.
 
 Patching copies one activation from a *source* run into a *target* run and scores the target's output:
 - denoising (default): source = clean, target = corrupted. "Is this activation enough to restore the
   clean behaviour?" Recovery 1 = fully restored, 0 = no effect.
 - noising: source = corrupted, target = clean. "Is this activation necessary?" Recovery stays 1 where the
   patch changes nothing and falls towards 0 (or below) where the activation matters.
-Recovery is always (patched - corrupted) / (clean - corrupted), in both modes.
+Recovery is (patched - corrupted) / (clean - corrupted) in both modes. Over a prompt set, a cell's
+recovery is a ratio of means over the prompts that have that cell (a padded prompt lacks the positions
+past its end): mean(patched - corrupted) / mean(clean - corrupted), both over the same prompts; its 95%
+interval bootstraps prompts for numerator and denominator together (`cell_summary`).
 
-Components (transformer-lens hook names; positions are token positions, heads are attention heads):
+Components (transformer-lens hook names, the engines' sites; positions are token positions):
     resid_pre / resid_mid / resid_post / attn_out / mlp_out   blocks.{l}.hook_*, [batch, pos, d_model]
     z / q / k / v                                             blocks.{l}.attn.hook_*, [batch, pos, head, d_head]
     pattern                                                   blocks.{l}.attn.hook_pattern, [batch, head, dest, src]
 `z` is a head's output (transformer-lens' "attn_head_out"); `pattern` "by position" patches one
 destination row. k / v have n_key_value_heads heads on grouped-query models.
 
-The engine computes exactly what transformer_lens.patching computes (one patched forward per cell),
-but recomputes only what a patch can change:
-- the source run and the target run are run once each, caching only the hooks needed;
-- a patch at layer l starts from the target's cached residual entering block l (block l + 1 for
-  resid_post) and runs blocks l..L-1 only; patches inside block l are applied by a hook there;
-- all cells (positions x heads) of one layer go through the blocks as one batch, chunked to a memory
-  budget; the logits are computed at the metric's read position only (each prompt's last token);
-- a patch at position p cannot change positions < p (causal attention): the cells are split into a few
-  groups of positions, and a group whose first position is p0 runs only positions >= p0, reading the
-  prefix's keys and values from the target's cache;
-- cells before the first position where clean and corrupted tokens differ patch identical activations:
-  they are the target's own value, filled in without a forward;
-- nothing is moved to the host until the sweep ends.
+Two implementations compute the same numbers as transformer_lens.patching (one patched forward per cell):
+- tl engine: the suffix-only engine of mechscope.engines.hooked_sweep (restarts at the patched layer,
+  runs only positions after the patch, logits at the read position only);
+- every engine (bridge, nnsight; `implementation="generic"` on tl): `engine.run` with edits. The cells of
+  all layers go through the model as batch rows (chunked to a memory budget), one edit per site writing
+  each row's cell; logits are read at the metric's positions only; a cell whose source and target
+  activations are equal (every position before the first differing token) is the target's own value,
+  filled in without a forward.
 
 Padded batches: right-padded tokens with `lengths` (pair_batch builds them). The metric reads each
-prompt's last real token; cells at a prompt's padding positions are NaN in `per_prompt`.
+prompt's last real token; cells at a prompt's padding positions are NaN in `per_prompt`. Prompt sets of
+different lengths are compared by named positions (`PatchResult.at_positions`: IO, S1, S2, END, ...).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from mechscope import inputs, metrics
+from mechscope import inputs, metrics, stats
+from mechscope.engines import hooked_sweep
 from mechscope.errors import BadInput
 from mechscope.progress import progress
 
@@ -56,9 +56,7 @@ COMPONENTS = {
 }
 HEAD_COMPONENTS = ("z", "q", "k", "v", "pattern")
 MODES = ("denoise", "noise")
-MEMORY_BUDGET = 2**29  # bytes of activations per batched call (the default batch size follows from it)
-MAX_GROUPS = 8         # at most this many suffix-only position groups per layer
-CALL_COST_TOKENS = 64  # the fixed cost of one batched call through the blocks, in tokens of work
+IMPLEMENTATIONS = ("auto", "generic")
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -107,36 +105,72 @@ def kl_to_clean_metric() -> Metric:
 # ---------------------------------------------------------------------------------------------- inputs
 @dataclass
 class PairBatch:
-    """Right-padded clean / corrupted token ids [n, seq], lengths [n], answer / wrong ids [n]."""
+    """Right-padded clean / corrupted token ids [n, seq], lengths [n], answer / wrong ids [n], and named
+    positions {name: [n] token index} (END = each prompt's last token; the task's names, e.g. IO, S1, S2)."""
     clean: torch.Tensor
     corrupted: torch.Tensor
     lengths: torch.Tensor
     answer: torch.Tensor
     wrong: torch.Tensor
+    positions: dict = field(default_factory=dict)
+
+    @property
+    def same_layout(self) -> bool:
+        """True when every prompt has the same length and its named positions at the same indices (one
+        template): then position columns mean the same thing in every prompt."""
+        return bool((self.lengths == self.lengths[0]).all()) and \
+            all(bool((index == index[0]).all()) for index in self.positions.values())
 
 
-def pair_batch(model, pairs: list[dict]) -> PairBatch:
-    """Tokenise {"clean", "corrupted", "answer", "wrong"} pairs; each pair's two prompts must have the same
-    number of tokens (BadInput otherwise); pairs of different lengths are right-padded."""
+def _prompt_set(pairs):
+    """A tasks.PromptSet from a PromptSet or a list of {"clean", "corrupted", "answer", "wrong"} dicts."""
+    from mechscope import tasks
+
+    if isinstance(pairs, tasks.PromptSet):
+        return pairs
     if not pairs:
-        raise BadInput("no prompt pairs given; pass --clean/--corrupted or a --pairs file with one pair per line")
-    rows = []
+        raise BadInput("no prompt pairs given; pass --clean/--corrupted, --task or a --pairs file with one pair per line")
+    prompts = []
     for i, pair in enumerate(pairs):
         missing = [key for key in ("clean", "corrupted", "answer", "wrong") if not pair.get(key)]
         if missing:
             raise BadInput(f"pair {i} lacks {', '.join(missing)}: each pair needs clean, corrupted, answer, wrong")
-        clean, corrupted = inputs.paired_tokens(model, pair["clean"], pair["corrupted"])
-        rows.append((clean[0], corrupted[0], inputs.single_token(model, pair["answer"]),
-                     inputs.single_token(model, pair["wrong"])))
-    lengths = torch.tensor([len(r[0]) for r in rows])
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    clean = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+        prompts.append(tasks.Prompt(pair["clean"], answer=pair["answer"], wrong=pair["wrong"],
+                                    corrupted=pair["corrupted"], positions=pair.get("positions") or {}))
+    names = tuple(dict.fromkeys(name for p in prompts for name in p.positions if name != tasks.END))
+    return tasks.PromptSet("pairs", prompts, names + (tasks.END,))
+
+
+def pair_batch(model, pairs) -> PairBatch:
+    """Tokenise pairs (a tasks.PromptSet with corrupted twins, or {"clean", "corrupted", "answer", "wrong"}
+    dicts); each pair's two prompts must have the same number of tokens (BadInput otherwise); pairs of
+    different lengths are right-padded."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    prompt_set = _prompt_set(pairs)
+    if not len(prompt_set):
+        raise BadInput("the prompt set is empty")
+    clean_rows, positions = prompt_set.tokens(engine)
+    corrupted_rows, _ = prompt_set.tokens(engine, corrupted=True)
+    for i, (c, k, p) in enumerate(zip(clean_rows, corrupted_rows, prompt_set.prompts)):
+        if len(c) != len(k):
+            raise BadInput(f"pair {i}: clean and corrupted prompts must have the same number of tokens "
+                           f"(clean: {len(c)}, corrupted: {len(k)}); clean = {engine.to_str_tokens(c)}, "
+                           f"corrupted = {engine.to_str_tokens(k)}")
+        if not p.answer or not p.wrong:
+            raise BadInput(f"pair {i} needs an answer and a wrong answer (one token each)")
+    answer = [inputs.single_token(engine, p.answer) for p in prompt_set.prompts]
+    wrong = [inputs.single_token(engine, p.wrong) for p in prompt_set.prompts]
+    lengths = torch.tensor([len(r) for r in clean_rows])
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+    clean = torch.full((len(clean_rows), int(lengths.max())), pad, dtype=torch.long)
     corrupted = clean.clone()
-    for i, (c, k, _, _) in enumerate(rows):
-        clean[i, :len(c)], corrupted[i, :len(k)] = c, k
-    device = model.cfg.device
-    return PairBatch(clean.to(device), corrupted.to(device), lengths.to(device),
-                     torch.tensor([r[2] for r in rows], device=device), torch.tensor([r[3] for r in rows], device=device))
+    for i, (c, k) in enumerate(zip(clean_rows, corrupted_rows)):
+        clean[i, :len(c)], corrupted[i, :len(k)] = c.cpu(), k.cpu()
+    device = engine.cfg.device
+    return PairBatch(clean.to(device), corrupted.to(device), lengths.to(device), torch.tensor(answer, device=device),
+                     torch.tensor(wrong, device=device), {k: v.to(device) for k, v in positions.items()})
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -144,8 +178,8 @@ def pair_batch(model, pairs: list[dict]) -> PairBatch:
 class PatchResult:
     """values: the metric after each patch, mean over prompts (NaN-aware), shaped by `axes`:
     [n_layers] (all positions), [n_layers, pos], [n_layers, n_heads] or [n_layers, n_heads, pos].
-    per_prompt: [n_prompts, *values.shape]. clean / corrupted: [n_prompts] metric of the unpatched runs.
-    recovery: (values - corrupted) / (clean - corrupted) with the prompt means (1 = clean, 0 = corrupted)."""
+    per_prompt: [n_prompts, *values.shape] (NaN where a prompt lacks the cell). clean / corrupted:
+    [n_prompts] metric of the unpatched runs. meta["position_names"]: the columns' names after at_positions."""
     values: torch.Tensor
     per_prompt: torch.Tensor
     clean: torch.Tensor
@@ -156,233 +190,223 @@ class PatchResult:
     axes: tuple[str, ...]
     meta: dict = field(default_factory=dict)
 
+    def _per_cell(self, per_prompt_value: torch.Tensor) -> torch.Tensor:
+        """[n_prompts] -> [n_prompts, *cells], NaN where the prompt lacks the cell."""
+        value = per_prompt_value.view(-1, *[1] * (self.per_prompt.ndim - 1)).expand_as(self.per_prompt)
+        return torch.where(self.per_prompt.isnan(), torch.full_like(value, float("nan")), value)
+
+    @property
+    def target(self) -> torch.Tensor:
+        """[n_prompts] the unpatched target run's metric (corrupted when denoising, clean when noising)."""
+        return self.corrupted if self.mode == "denoise" else self.clean
+
     @property
     def recovery(self) -> torch.Tensor:
-        return metrics.normalized(self.values, self.corrupted.mean(), self.clean.mean())
+        """Per cell: mean(patched - corrupted) / mean(clean - corrupted) over the prompts that have the cell
+        (1 = clean, 0 = corrupted)."""
+        corrupted = self._per_cell(self.corrupted).nanmean(0)
+        return (self.values - corrupted) / (self._per_cell(self.clean).nanmean(0) - corrupted)
+
+    def effect_per_prompt(self, normalise: bool = True) -> torch.Tensor:
+        """[n_prompts, *cells] what each patch changes on each prompt: patched - target, divided by that
+        prompt's (clean - corrupted) when normalise (a change of recovery)."""
+        effect = self.per_prompt - self._per_cell(self.target)
+        return effect / self._per_cell(self.clean - self.corrupted) if normalise else effect
+
+    def at_positions(self, positions: dict) -> "PatchResult":
+        """The result at named positions: positions {name: [n_prompts] token index} -> the position axis
+        becomes one column per name, each prompt's value gathered at its own index."""
+        if "pos" not in self.axes:
+            return self
+        per_prompt = gather_positions(self.per_prompt, positions)
+        return replace(self, values=per_prompt.nanmean(0), per_prompt=per_prompt,
+                       meta=dict(self.meta, position_names=list(positions)))
 
 
-# ---------------------------------------------------------------------------------------------- engine
-def final_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function [n, d_model] final residual -> [n, d_vocab] logits: ln_final, unembed, soft cap, as
-    model.forward. The unembed's transposed copy (transformer-lens makes one on every call: 154 MB for
-    GPT-2) is made once here."""
-    weight = model.unembed.W_U.T.contiguous()
-    cap = model.cfg.output_logits_soft_cap
-
-    def readout(resid):
-        x = model.ln_final(resid[:, None])[:, 0] if model.cfg.normalization_type is not None else resid
-        logits = torch.nn.functional.linear(x, weight, model.unembed.b_U)
-        return cap * torch.tanh(logits / cap) if cap is not None and cap > 0 else logits
-    return readout
+def gather_positions(per_prompt: torch.Tensor, positions: dict, axis: int = -1) -> torch.Tensor:
+    """per_prompt [n_prompts, ..., pos, ...] -> the same with `axis` (the position axis) holding one entry per
+    named position, each prompt's value taken at its own index. positions: {name: [n_prompts] index}."""
+    index = torch.stack([torch.as_tensor(v).cpu() for v in positions.values()], -1)    # [n, k]
+    moved = per_prompt.movedim(axis, -1)
+    index = index.view(index.shape[0], *[1] * (moved.ndim - 2), index.shape[1])
+    return moved.gather(-1, index.expand(*moved.shape[:-1], index.shape[-1])).movedim(-1, axis)
 
 
-def cached_run(model, tokens: torch.Tensor, read: torch.Tensor, names: list[str], readout=None):
-    """One forward caching `names`, with logits at `read` only. tokens [n, seq], read [n] positions ->
-    (logits [n, d_vocab] float32, {name: activation}). readout: final_logits(model), if already made."""
-    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    _, cache = model.run_with_cache(tokens, names_filter=list(names) + [final], return_type=None,
-                                    attention_mask=torch.ones_like(tokens))
-    cache = dict(cache.items())
-    rows = torch.arange(len(tokens), device=tokens.device)
-    logits = (readout or final_logits(model))(cache[final][rows, read.to(tokens.device)])
-    return logits.float(), cache
-
-
-def _axes(component: str) -> tuple[int, int | None]:
-    """(position axis, head axis) of the component's activation without its batch axis."""
-    if component == "pattern":
-        return 1, 0
-    if component in HEAD_COMPONENTS:
-        return 0, 1
-    return 0, None
-
-
-def _cell_mask(component: str, shape: torch.Size, n_cells: int, pos: torch.Tensor | None,
-               head: torch.Tensor | None, device) -> torch.Tensor:
-    """Bool mask [n_cells, *shape] (size 1 on the axes a cell does not select) of what each cell patches.
-    shape: the activation's shape without batch; pos / head: [n_cells] indices, or None for all."""
-    pos_axis, head_axis = _axes(component)
-    mask = torch.ones(n_cells, *[1] * len(shape), dtype=torch.bool, device=device)
-    for axis, index in ((pos_axis, pos), (head_axis, head)):
-        if index is not None:
-            view = [1] * len(shape)
-            view[axis] = shape[axis]
-            along = torch.arange(shape[axis], device=device).view(1, *view)
-            mask = mask & (along == index.view(-1, *[1] * len(shape)))
-    return mask
-
-
-def _run_cells(model, component: str, layer: int, src: torch.Tensor, target: dict, read: torch.Tensor,
-               p0: int, n_cells: int, pos: torch.Tensor | None, head: torch.Tensor | None, metric: Metric,
-               clean_logits: torch.Tensor, readout: Callable) -> torch.Tensor:
-    """Score n_cells patches of one layer in one batched call -> [n_cells, n_prompts].
-
-    src: the source activation of this layer [n_prompts, ...]; target: the target run's cache;
-    p0: the first position run (positions < p0 come from the cache); pos / head: [n_cells] or None;
-    readout: final_logits(model)."""
-    n_layers, n_prompts = model.cfg.n_layers, len(read)
-    pos_axis, _ = _axes(component)
-    start = layer + 1 if component == "resid_post" else layer
-    src = src.narrow(pos_axis + 1, p0, src.shape[pos_axis + 1] - p0)
-    mask = _cell_mask(component, src.shape[1:], n_cells, None if pos is None else pos - p0, head, src.device)
-
-    def patch(act, hook=None):  # act [n_cells * n_prompts, ...]
-        act = act.unflatten(0, (n_cells, n_prompts))
-        return torch.where(mask[:, None], src[None], act).flatten(0, 1)
-
-    resid = _resid_entering(target, start, n_layers)[:, p0:].repeat(n_cells, 1, 1)
-    hooks = []
-    if component in ("resid_pre", "resid_post"):
-        resid = patch(resid)
+def cell_summary(result: PatchResult, recovery: bool = True, k: int = 5, seed: int = 0) -> dict:
+    """Per-cell uncertainty over the prompts -> {mean, ci_low, ci_high, sign_share: [*cells] tensors,
+    stability: stats.rank_stability of the cells by |effect|}. recovery: summarise result.recovery (a ratio of
+    means; its interval bootstraps numerator and denominator with the same resamples), else result.values.
+    sign_share: the share of prompts whose effect (patched - target) has the sign of the mean effect."""
+    effect = result.effect_per_prompt(normalise=recovery)
+    if recovery:
+        mean = result.recovery
+        numerator = result.per_prompt - result._per_cell(result.corrupted)
+        denominator = result._per_cell(result.clean - result.corrupted)
+        if len(effect) > 1:
+            ratios = stats.bootstrap_means(numerator, seed=seed) / stats.bootstrap_means(denominator, seed=seed)
+            low, high = ratios.nanquantile(0.025, 0), ratios.nanquantile(0.975, 0)
+        else:
+            low, high = mean.clone(), mean.clone()
     else:
-        hooks = [(COMPONENTS[component].format(layer), patch)]
-    pos_embed = None
-    if model.cfg.positional_embedding_type == "shortformer":
-        pos_embed = target["hook_pos_embed"][:, p0:].repeat(n_cells, 1, 1)
-    with model.hooks(fwd_hooks=hooks):
-        for i in range(start, n_layers):
-            past = None
-            if p0 > 0:
-                past = _kv_entry(target[f"blocks.{i}.attn.hook_k"][:, :p0].repeat(n_cells, 1, 1, 1),
-                                 target[f"blocks.{i}.attn.hook_v"][:, :p0].repeat(n_cells, 1, 1, 1))
-            resid = model.blocks[i](resid, past_kv_cache_entry=past, shortformer_pos_embed=pos_embed)
-    rows = torch.arange(len(resid), device=resid.device)
-    logits = readout(resid[rows, (read - p0).repeat(n_cells)]).float()
-    prompt = torch.arange(n_prompts, device=logits.device).repeat(n_cells)
-    return metric(logits, prompt, clean_logits).view(n_cells, n_prompts)
+        mean, low, high = stats.interval(result.per_prompt, seed=seed)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "sign_share": stats.sign_share(effect),
+            "stability": stats.rank_stability(effect.reshape(len(effect), -1), k=k, seed=seed)}
 
 
-def _kv_entry(keys, values):
-    """A frozen cache entry that gives block attention the prefix's keys / values [n, p0, kv_heads, d_head]."""
-    try:
-        from transformer_lens import TransformerLensKeyValueCacheEntry as Entry
-    except ImportError:  # transformer-lens 2.x
-        from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCacheEntry as Entry
-    return Entry(past_keys=keys, past_values=values, frozen=True)
+def effect_change(base: PatchResult, ablated: PatchResult, recovery: bool = True, seed: int = 0) -> dict:
+    """How each cell's effect changes with components held ablated (the backup test of Wang et al.): per
+    prompt, (patched - target) with the ablation minus without, divided by the unablated (clean - corrupted)
+    when `recovery`. -> {per_prompt [n, *cells], mean, ci_low, ci_high, sign_share: [*cells]}."""
+    change = ablated.effect_per_prompt(normalise=False) - base.effect_per_prompt(normalise=False)
+    if recovery:
+        change = change / base._per_cell(base.clean - base.corrupted)
+    mean, low, high = stats.interval(change, seed=seed)
+    return {"per_prompt": change, "mean": mean, "ci_low": low, "ci_high": high, "sign_share": stats.sign_share(change)}
 
 
-def _resid_entering(cache: dict, block: int, n_layers: int) -> torch.Tensor:
-    """The residual stream entering `block` ([n, seq, d_model]); block n_layers = the final residual."""
-    if block < n_layers:
-        return cache[f"blocks.{block}.hook_resid_pre"]
-    return cache[f"blocks.{n_layers - 1}.hook_resid_post"]
+# ---------------------------------------------------------------------------------------------- the sweep
+def _merge_edits(edits) -> list:
+    """One edit per site: several edits of a site are applied in the order given."""
+    by_site: dict[str, list] = {}
+    for site, fn in edits:
+        by_site.setdefault(site, []).append(fn)
+
+    def chain(fns):
+        def fn(act):
+            for f in fns:
+                act = f(act)
+            return act
+        return fn
+    return [(site, fns[0] if len(fns) == 1 else chain(fns)) for site, fns in by_site.items()]
 
 
-def _position_groups(positions: list[int], n_groups: int) -> list[list[int]]:
-    """Split sorted positions into n_groups contiguous groups of near-equal size."""
-    n_groups = max(1, min(n_groups, len(positions)))
-    bounds = [round(i * len(positions) / n_groups) for i in range(n_groups + 1)]
-    return [positions[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+def _changed_cells(source: torch.Tensor, target: torch.Tensor, site: str, by_position: bool) -> torch.Tensor:
+    """[n_cells] (head-major) whether a cell's source and target activations differ for any prompt.
+    source, target: [n_prompts, *shape] one site's activations."""
+    differs = (source != target).any(0)
+    pos_axis, head_axis = hooked_sweep.site_axes(site)
+    if head_axis is None:                       # [pos, d_model]
+        grid = differs.any(-1)[None]            # [1, pos]
+    elif pos_axis == 1:                         # pattern [head, dest, src]
+        grid = differs.any(-1)                  # [head, dest]
+    else:                                       # [pos, head, d_head]
+        grid = differs.any(-1).T                # [head, pos]
+    return (grid if by_position else grid.any(-1, keepdim=True)).flatten()
 
 
-def _cheapest_groups(positions: list[int], rows_per_position: int, seq: int) -> list[list[int]]:
-    """The grouping (1..MAX_GROUPS groups) with the least estimated work: the tokens run (a group starting at
-    p0 runs rows x (seq - p0) tokens) plus CALL_COST_TOKENS for every extra call through the blocks."""
-    def cost(groups):
-        return sum(len(g) * rows_per_position * (seq - g[0]) + CALL_COST_TOKENS for g in groups)
-    return min((_position_groups(positions, n) for n in range(1, MAX_GROUPS + 1)), key=cost)
-
-
-def default_batch_size(model, seq_len: int) -> int:
-    """Rows (patched prompt copies) per batched call that keep a block's activations near MEMORY_BUDGET."""
-    cfg = model.cfg
-    per_row = seq_len * (4 * cfg.d_model + 2 * (cfg.d_mlp or 0) + 2 * cfg.n_heads * seq_len)
-    return max(1, MEMORY_BUDGET // (per_row * torch.tensor([], dtype=cfg.dtype).element_size()))
+def _patch_edit(mask: torch.Tensor, source: torch.Tensor, n_prompts: int) -> Callable:
+    """An edit writing source [n_prompts, *shape] where mask [n_rows_cells, *shape(1s)] is set, on rows
+    ordered cell-major (row = cell * n_prompts + prompt)."""
+    def fn(act):
+        act = act.unflatten(0, (mask.shape[0], n_prompts))
+        return torch.where(mask[:, None], source[None].to(act.dtype), act).flatten(0, 1)
+    return fn
 
 
 @torch.no_grad()
+def _generic_sweep(engine, source, target, site, metric, read, layers, by_position, clean, edits,
+                   batch_size) -> hooked_sweep.Sweep:
+    """The sweep over engine.run (any engine); the same result layout as hooked_sweep.sweep."""
+    n_prompts, seq = source.shape
+    device = source.device
+    names = [site.format(layer) for layer in layers]
+    source_logits, source_acts = engine.run(source, read=names, edits=_merge_edits(edits), positions=read)
+    target_logits, target_acts = engine.run(target, read=names, edits=_merge_edits(edits), positions=read)
+    source_logits, target_logits = source_logits.float(), target_logits.float()
+    clean_logits = source_logits if clean == "source" else target_logits
+    prompt = torch.arange(n_prompts, device=device)
+    target_value = metric(target_logits, prompt, clean_logits)
+
+    _, head_axis = hooked_sweep.site_axes(site)
+    n_heads = source_acts[names[0]].shape[1 + head_axis] if head_axis is not None else 1
+    n_pos = seq if by_position else 1
+    cell_head = torch.arange(n_heads, device=device).repeat_interleave(n_pos)
+    cell_pos = torch.arange(n_pos, device=device).repeat(n_heads)
+    todo = []  # (layer index, cell) of every cell whose source and target activations differ
+    for li, name in enumerate(names):
+        cells = _changed_cells(source_acts[name], target_acts[name], site, by_position).nonzero()[:, 0]
+        todo.append(torch.stack([torch.full_like(cells, li), cells], 1))
+    todo = torch.cat(todo).to(device)                                                  # [n_run, 2]
+    batch_size = batch_size or hooked_sweep.default_batch_size(engine.cfg, seq, source_acts[names[0]].dtype)
+    out = target_value.repeat(len(layers), n_heads * n_pos, 1)                         # [layers, cells, prompts]
+    for chunk in progress(todo.split(max(1, batch_size // n_prompts)), desc=f"patching {site.format('*')}"):
+        patches = []
+        for li in chunk[:, 0].unique().tolist():
+            rows = (chunk[:, 0] == li).nonzero()[:, 0]
+            cells = chunk[rows, 1]
+            act = source_acts[names[li]]
+            mask = hooked_sweep.cell_mask(site, act.shape[1:], len(rows), cell_pos[cells] if by_position else None,
+                                          cell_head[cells] if head_axis is not None else None, device)
+            full = torch.zeros(len(chunk), *mask.shape[1:], dtype=torch.bool, device=device)
+            full[rows] = mask
+            patches.append((names[li], _patch_edit(full, act, n_prompts)))
+        logits, _ = engine.run(target.repeat(len(chunk), 1), edits=_merge_edits(list(edits) + patches),
+                               positions=read.repeat(len(chunk)))
+        values = metric(logits.float(), prompt.repeat(len(chunk)), clean_logits).view(len(chunk), n_prompts)
+        out[chunk[:, 0], chunk[:, 1]] = values.to(out.dtype)
+    return hooked_sweep.Sweep(out, source_logits, target_logits, n_heads, n_pos,
+                              meta={"cells_run": len(todo), "batch_size": batch_size,
+                                    "implementation": f"generic ({engine.name})"})
+
+
 def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, component: str,
                 metric: Metric, mode: str = "denoise", by_position: bool = True,
                 lengths: torch.Tensor | None = None, layers: list[int] | None = None,
-                batch_size: int | None = None, suffix_groups: int | None = None) -> PatchResult:
+                batch_size: int | None = None, suffix_groups: int | None = None, edits=(),
+                implementation: str = "auto") -> PatchResult:
     """Patch `component` at every layer (and position, and head), one cell at a time, exactly.
 
+    model: an engine (or a HookedTransformer / TransformerBridge / nnsight model).
     clean_tokens, corrupted_tokens: [n_prompts, seq] (right-padded when `lengths` [n_prompts] is given).
     layers: the layers to sweep (default all; `values` then has one row per listed layer).
-    batch_size: rows (cells x prompts) per forward call (default: from MEMORY_BUDGET).
-    suffix_groups: how many position groups run suffix-only (default: the cheapest estimate; 1 = each
-    layer's cells run every position in one group).
+    batch_size: rows (cells x prompts) per forward call (default: from a memory budget).
+    suffix_groups: (tl) how many position groups run suffix-only (default: the cheapest estimate).
+    edits: engine edits held in every run, e.g. techniques.ablation.ablation_edits (the same on every row).
+    implementation: "auto" (suffix-only on tl, generic elsewhere) or "generic" (engine.run on any engine).
     Returns a PatchResult whose values are [layers], [layers, pos], [layers, heads] or [layers, heads, pos].
     """
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
     if component not in COMPONENTS:
         raise BadInput(f"unknown component {component!r}; use one of {', '.join(COMPONENTS)}")
     if mode not in MODES:
         raise BadInput(f"unknown mode {mode!r}; use denoise (patch clean into corrupted) or noise (the reverse)")
+    if implementation not in IMPLEMENTATIONS:
+        raise BadInput(f"unknown implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
     if clean_tokens.shape != corrupted_tokens.shape:
         raise BadInput(f"clean and corrupted tokens must have the same shape (clean {tuple(clean_tokens.shape)}, "
                        f"corrupted {tuple(corrupted_tokens.shape)}); pair prompts of the same token length")
-    cfg = model.cfg
     n_prompts, seq = clean_tokens.shape
     device = clean_tokens.device
     lengths = torch.full((n_prompts,), seq, device=device) if lengths is None else lengths.to(device)
     read = lengths - 1
-    layers = list(range(cfg.n_layers)) if layers is None else [inputs.layer(model, layer) for layer in layers]
+    layers = list(range(engine.cfg.n_layers)) if layers is None else [inputs.layer(engine, layer) for layer in layers]
+    site = COMPONENTS[component]
+    engine.require([site.format(layer) for layer in layers], f"patching {component}")
     source, target = (clean_tokens, corrupted_tokens) if mode == "denoise" else (corrupted_tokens, clean_tokens)
-
-    # suffix-only runs read the prefix's keys from hook_k: not where keys change after it (q/k norm, clipping)
-    causal = cfg.attention_dir == "causal"
-    prefix_ok = causal and by_position and getattr(cfg, "clip_qkv", None) is None and \
-        cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-    target_names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]
-    if cfg.positional_embedding_type == "shortformer":
-        target_names += ["hook_pos_embed"]
-    if prefix_ok:  # the keys / values of positions before a run's first position
-        target_names += [f"blocks.{i}.attn.hook_{kv}" for i in range(cfg.n_layers) for kv in "kv"]
-    readout = final_logits(model)
-    source_logits, source_cache = cached_run(model, source, read, [COMPONENTS[component].format(i) for i in layers],
-                                             readout)
-    target_logits, target_cache = cached_run(model, target, read, target_names, readout)
-    clean_logits = source_logits if mode == "denoise" else target_logits
-    prompt = torch.arange(n_prompts, device=device)
-    source_value = metric(source_logits, prompt, clean_logits)
-    target_value = metric(target_logits, prompt, clean_logits)
-
-    # the cells of one layer: heads (if any) x positions (if by_position), head-major
-    n_heads = 1
-    if component in HEAD_COMPONENTS:
-        n_heads = source_cache[COMPONENTS[component].format(layers[0])].shape[1 + _axes(component)[1]]
-    n_pos = seq if by_position else 1
-    cell_head = torch.arange(n_heads, device=device).repeat_interleave(n_pos)
-    cell_pos = torch.arange(n_pos, device=device).repeat(n_heads)
-
-    # positions before the first differing token hold identical activations in both runs (causality)
-    differs = (clean_tokens != corrupted_tokens).any(0).nonzero()
-    first = int(differs[0]) if causal and len(differs) else 0
-    first = first if by_position else 0
-    run_positions = list(range(first, n_pos))
-    if not prefix_ok or suffix_groups == 1:
-        groups = [run_positions]
-    elif suffix_groups:
-        groups = _position_groups(run_positions, suffix_groups)
+    clean = "source" if mode == "denoise" else "target"
+    if engine.name == "tl" and implementation == "auto":
+        sweep = hooked_sweep.sweep(engine.model, source, target, site, metric, read, layers, by_position, clean,
+                                   edits, batch_size, suffix_groups)
     else:
-        groups = _cheapest_groups(run_positions, n_heads * n_prompts, seq)
-    max_p0 = int(read.min())  # a prompt's own last position must be run
-    batch_size = batch_size or default_batch_size(model, seq)
-    cells_per_call = max(1, batch_size // n_prompts)
-    chunks = []  # (first position run, cell indices [n]) for every batched call of a layer
-    for group in groups:
-        in_group = torch.isin(cell_pos, torch.tensor(group, device=device)).nonzero()[:, 0]
-        chunks += [(min(group[0], max_p0) if prefix_ok else 0, chunk) for chunk in in_group.split(cells_per_call)]
+        sweep = _generic_sweep(engine, source, target, site, metric, read, layers, by_position, clean, edits,
+                               batch_size)
+    clean_logits = sweep.source_logits if clean == "source" else sweep.target_logits
+    prompt = torch.arange(n_prompts, device=device)
+    source_value = metric(sweep.source_logits, prompt, clean_logits)
+    target_value = metric(sweep.target_logits, prompt, clean_logits)
 
-    out = target_value.repeat(len(layers), n_heads * n_pos, 1)  # [layers, cells, prompts]
-    for li, layer in enumerate(progress(layers, desc=f"patching {component}")):
-        src = source_cache[COMPONENTS[component].format(layer)]
-        for p0, chunk in chunks:
-            values = _run_cells(model, component, layer, src, target_cache, read, p0, len(chunk),
-                                cell_pos[chunk] if by_position else None,
-                                cell_head[chunk] if component in HEAD_COMPONENTS else None,
-                                metric, clean_logits, readout)
-            out[li, chunk] = values.to(out.dtype)
-
-    per_prompt = out.permute(2, 0, 1).float()                    # [prompts, layers, cells]
+    per_prompt = sweep.values.permute(2, 0, 1).float()                 # [prompts, layers, cells]
     if by_position:
-        pad = cell_pos[None, :] >= lengths[:, None]             # [prompts, cells]
+        cell_pos = torch.arange(sweep.n_pos, device=device).repeat(sweep.n_heads)
+        pad = cell_pos[None, :] >= lengths[:, None]                    # [prompts, cells]
         per_prompt = per_prompt.masked_fill(pad[:, None, :], float("nan"))
-    shape = [len(layers)] + ([n_heads] if component in HEAD_COMPONENTS else []) + ([n_pos] if by_position else [])
+    heads = component in HEAD_COMPONENTS
+    shape = [len(layers)] + ([sweep.n_heads] if heads else []) + ([sweep.n_pos] if by_position else [])
     per_prompt = per_prompt.reshape(n_prompts, *shape).cpu()
-    axes = ("layer",) + (("head",) if component in HEAD_COMPONENTS else ()) + (("pos",) if by_position else ())
+    axes = ("layer",) + (("head",) if heads else ()) + (("pos",) if by_position else ())
     clean_value, corrupted_value = (source_value, target_value) if mode == "denoise" else (target_value, source_value)
     return PatchResult(values=per_prompt.nanmean(0), per_prompt=per_prompt, clean=clean_value.float().cpu(),
                        corrupted=corrupted_value.float().cpu(), component=component, mode=mode, metric=metric.name,
-                       axes=axes, meta={"layers": layers, "first_differing_position": first,
-                                        "position_groups": len(groups), "batch_size": batch_size})
+                       axes=axes, meta={"layers": layers, **sweep.meta})

@@ -1,21 +1,24 @@
 """Path patching (Wang et al. 2022): the effect of sender heads on receivers through one path only.
 
 A target run t (usually the clean input) and a source run s (usually the corrupted one); metric m(logits) -> [batch].
-Each batch row is one path (a sender set and a receiver set):
- 1. run t and s once, caching every head's output (hook_z), and the MLP outputs of t;
+Each batch row is one path (a sender set and a receiver set), on every engine (engine.run with edits):
+ 1. run t and s once, reading every head's output (hook_z), and the MLP outputs of t;
  2. run t with the row's sender heads' z taken from s and every other head's z frozen to its value in t
     (MLP outputs frozen to t too with freeze_mlps=True; by default they recompute, as in Wang et al.);
-    cache the receivers' q / k / v (hook_q / hook_k / hook_v of the receiver heads);
+    read the receivers' q / k / v (hook_q / hook_k / hook_v of the receiver heads);
  3. run t again replacing only the receivers' q / k / v by the step-2 values (everything downstream of the
     receivers recomputes); measure m.
 effect = m(step 3) - m(t). Replacing hook_q[:, :, h] is the same as patching head h's query input
 (q = LN(resid) W_Q + b_Q; rotary embeddings act after hook_q), so set_use_split_qkv_input is not needed.
 
-Receivers = "logits": the senders' change reaches the logits by the direct path only: the final residual of t
-gets sum_senders (z_s - z_t) W_O added, then the final LayerNorm (recomputed) and the unembedding.
+Receivers "logits" (Wang et al.'s definition): step 2 alone, measured at the logits: the senders' change
+reaches the final residual directly and through the MLPs, which recompute (frozen with freeze_mlps=True);
+every other head is frozen. Receivers "logits-direct": the direct path only (every MLP frozen too), i.e.
+the senders' output change added to the final residual, then the final norm and the unembedding; the same
+as "logits" with freeze_mlps=True.
 
-Shapes: tokens [n_prompts, pos]; effects [n_rows] (mean over prompts; NaN for a row with no path, i.e. every
-sender at or after every receiver's layer).
+Shapes: tokens [n_prompts, pos]; per_prompt [n_rows, n_prompts]; effects [n_rows] (mean over prompts; NaN
+for a row with no path, i.e. every sender at or after every receiver's layer).
 """
 from __future__ import annotations
 
@@ -24,34 +27,54 @@ from typing import Callable, Sequence
 
 import torch
 
+from mechscope.errors import BadInput
+
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, d_vocab] -> [batch]
 Head = tuple[int, int]
 Receiver = tuple[int, int, str]  # (layer, head, "q" | "k" | "v")
 SWEEPS = ("senders", "receivers", "none")
+LOGITS = ("logits", "logits-direct")
 
 
 @dataclass
 class PathPatchResult:
-    """effects[i] = metric with path i patched - metric of the target run (mean over prompts)."""
-    effects: torch.Tensor
+    """per_prompt[i, j] = metric with path i patched - metric of the target run, on prompt j;
+    effects[i] its mean over prompts."""
+    per_prompt: torch.Tensor
     rows: list[tuple[list[Head], list[Receiver] | str]]
-    target_metric: float
-    source_metric: float
+    target: torch.Tensor                 # [n_prompts] metric of the target run
+    source: torch.Tensor                 # [n_prompts] metric of the source run
     freeze_mlps: bool
     meta: dict = field(default_factory=dict)
+
+    @property
+    def effects(self) -> torch.Tensor:
+        return self.per_prompt.mean(1)
+
+    @property
+    def target_metric(self) -> float:
+        return self.target.mean().item()
+
+    @property
+    def source_metric(self) -> float:
+        return self.source.mean().item()
 
     @property
     def fraction(self) -> torch.Tensor:
         """effects / (source - target): 1 = the path carries the whole source-vs-target difference."""
         return self.effects / (self.source_metric - self.target_metric)
 
+    @property
+    def fraction_per_prompt(self) -> torch.Tensor:
+        """[n_rows, n_prompts] each prompt's effect / its own (source - target)."""
+        return self.per_prompt / (self.source - self.target)
 
-def _masks(model, rows, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+def _masks(cfg, rows, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """senders [n_rows, n_layers, n_heads] and receivers [n_rows, 3 (q, k, v), n_layers, n_heads] (None: logits)."""
-    cfg = model.cfg
     send = torch.zeros(len(rows), cfg.n_layers, cfg.n_heads, dtype=torch.bool, device=device)
-    recv = None if rows[0][1] == "logits" else torch.zeros(len(rows), 3, cfg.n_layers, cfg.n_heads,
-                                                           dtype=torch.bool, device=device)
+    recv = None if rows[0][1] in LOGITS else torch.zeros(len(rows), 3, cfg.n_layers, cfg.n_heads,
+                                                         dtype=torch.bool, device=device)
     for i, (senders, receivers) in enumerate(rows):
         for layer, head in senders:
             send[i, layer, head] = True
@@ -60,80 +83,55 @@ def _masks(model, rows, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     return send, recv
 
 
-def _direct_path_logits(model, t_cache, s_cache, send) -> torch.Tensor:
-    """Logits [n_rows * n_prompts, pos, d_vocab] of t, each row's senders' output change added to the final residual."""
-    n_layers = model.cfg.n_layers
-    delta = 0
-    for layer in range(n_layers):
+def _freezing_edits(t_acts, s_acts, send, n, layers, freeze_mlps) -> list:
+    """Edits for rows r * n + j (path r on prompt j): every head's z at `layers` frozen to the target's, the
+    row's senders' to the source's; MLP outputs frozen to the target's when freeze_mlps."""
+    n_rows = send.shape[0]
+
+    def heads(layer):
         name = f"blocks.{layer}.attn.hook_z"
-        dz = s_cache[name] - t_cache[name]                                          # [n, pos, head, d_head]
-        per_head = torch.einsum("nphd,hdm->nphm", dz, model.W_O[layer])            # [n, pos, head, d_model]
-        delta = delta + torch.einsum("rh,nphm->rnpm", send[:, layer].to(dz.dtype), per_head)
-    resid = (t_cache[f"blocks.{n_layers - 1}.hook_resid_post"] + delta).flatten(0, 1)
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    logits, cap = model.unembed(resid), model.cfg.output_logits_soft_cap
-    return cap * torch.tanh(logits / cap) if cap is not None and cap > 0 else logits
+        mask = send[:, layer].repeat_interleave(n, 0)[:, None, :, None]                # [rows, 1, head, 1]
+        source, target = s_acts[name].repeat(n_rows, 1, 1, 1), t_acts[name].repeat(n_rows, 1, 1, 1)
+        return name, lambda z: torch.where(mask, source, target).to(z.dtype)
 
-
-def _receiver_path_logits(model, target, t_cache, s_cache, send, recv, freeze_mlps) -> torch.Tensor:
-    """Steps 2 and 3 for a chunk of rows -> logits [n_rows * n_prompts, pos, d_vocab]."""
-    n_rows, n = send.shape[0], target.shape[0]
-    rows = target.repeat(n_rows, 1)                                  # row r * n + j: path r on prompt j
-
-    def per_row(mask):  # [n_rows, ...] -> [n_rows * n, ...]
-        return mask.repeat_interleave(n, 0)
-    last = int(recv.any(0).any(0).any(-1).nonzero().max())          # the last layer with a receiver
-    names = [f"blocks.{layer}.attn.hook_{c}" for layer in range(last + 1) for i, c in enumerate("qkv")
-             if recv[:, i, layer].any()]
-
-    def freeze_heads(z, hook):
-        layer = hook.layer()
-        mask = per_row(send[:, layer])[:, None, :, None]
-        source, target_z = s_cache[hook.name].repeat(n_rows, 1, 1, 1), t_cache[hook.name].repeat(n_rows, 1, 1, 1)
-        return torch.where(mask, source, target_z)
-
-    def freeze_mlp(out, hook):
-        return t_cache[hook.name].repeat(n_rows, 1, 1)
-
-    received = {}
-
-    def keep(x, hook):
-        received[hook.name] = x
-
-    hooks = [(f"blocks.{layer}.attn.hook_z", freeze_heads) for layer in range(last)] + [(n_, keep) for n_ in names]
-    if freeze_mlps and not model.cfg.attn_only:
-        hooks += [(f"blocks.{layer}.hook_mlp_out", freeze_mlp) for layer in range(last)]
-    model.run_with_hooks(rows, fwd_hooks=hooks, stop_at_layer=last + 1)
-
-    def patch_receivers(x, hook):
-        mask = per_row(recv[:, "qkv".index(hook.name[-1]), hook.layer()])[:, None, :, None]
-        return torch.where(mask, received[hook.name], x)
-
-    return model.run_with_hooks(rows, fwd_hooks=[(n_, patch_receivers) for n_ in names])
+    edits = [heads(layer) for layer in layers]
+    if freeze_mlps:
+        edits += [(f"blocks.{layer}.hook_mlp_out", lambda out, name=f"blocks.{layer}.hook_mlp_out":
+                   t_acts[name].repeat(n_rows, 1, 1).to(out.dtype)) for layer in layers]
+    return edits
 
 
 @torch.no_grad()
 def path_patch(model, target_tokens: torch.Tensor, source_tokens: torch.Tensor, senders: Sequence[Head],
                receivers: Sequence[Receiver] | str, metric: Metric, sweep: str = "senders",
                freeze_mlps: bool = False, max_batch: int = 64) -> PathPatchResult:
-    """Path patching from `senders` to `receivers` ((layer, head, "q"|"k"|"v") list, or "logits").
+    """Path patching from `senders` to `receivers`: (layer, head, "q"|"k"|"v") list, "logits" (Wang et al.)
+    or "logits-direct" (the direct path only).
 
+    model: an engine (or a HookedTransformer / TransformerBridge / nnsight model).
     sweep="senders": one path per sender head (all receivers together); "receivers": one path per receiver
     (all senders together); "none": one path, all senders to all receivers.
-    target_tokens, source_tokens: [n_prompts, pos]; max_batch: rows x prompts per forward call.
+    target_tokens, source_tokens: [n_prompts, pos]; metric(logits [rows, pos, d_vocab]) -> [rows] with row
+    r * n_prompts + j on prompt j; max_batch: rows x prompts per forward call.
     """
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    cfg = engine.cfg
     if sweep not in SWEEPS:
-        raise ValueError(f"sweep must be one of {SWEEPS}")
+        raise BadInput(f"sweep must be one of {SWEEPS}")
     to_logits = isinstance(receivers, str)
-    if to_logits and receivers != "logits":
-        raise ValueError(f"receivers must be a list of (layer, head, component) or 'logits', not {receivers!r}")
+    if to_logits and receivers not in LOGITS:
+        raise BadInput(f"receivers must be a list of (layer, head, component), 'logits' or 'logits-direct', "
+                       f"not {receivers!r}")
     if to_logits and sweep == "receivers":
-        raise ValueError("sweep='receivers' needs receiver heads, not 'logits'")
-    if not to_logits and model.cfg.n_key_value_heads not in (None, model.cfg.n_heads) \
-            and any(c in "kv" for _, _, c in receivers):
-        raise ValueError("k / v receivers are shared by several heads on grouped-query models; use q receivers")
-    receivers = "logits" if to_logits else [tuple(r) for r in receivers]
+        raise BadInput("sweep='receivers' needs receiver heads, not logits")
+    if not to_logits and cfg.n_key_value_heads not in (None, cfg.n_heads) and any(c in "kv" for _, _, c in receivers):
+        raise BadInput("k / v receivers are shared by several heads on grouped-query models; use q receivers")
+    if receivers == "logits-direct":
+        freeze_mlps = True
+    freeze_mlps = freeze_mlps and not cfg.attn_only
+    receivers = receivers if to_logits else [tuple(r) for r in receivers]
     senders = [tuple(s) for s in senders]
     if sweep == "senders":
         rows = [([s], receivers) for s in senders]
@@ -142,31 +140,40 @@ def path_patch(model, target_tokens: torch.Tensor, source_tokens: torch.Tensor, 
     else:
         rows = [(senders, receivers)]
 
-    n_layers, n = model.cfg.n_layers, target_tokens.shape[0]
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
-    t_names = names + [f"blocks.{n_layers - 1}.hook_resid_post"]
-    if freeze_mlps and not model.cfg.attn_only:
-        t_names += [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
-    t_logits, t_cache = model.run_with_cache(target_tokens, names_filter=t_names)
-    s_logits, s_cache = model.run_with_cache(source_tokens, names_filter=names)
-    target_metric, source_metric = metric(t_logits).mean(), metric(s_logits).mean()
+    n_layers, n = cfg.n_layers, target_tokens.shape[0]
+    last = n_layers if to_logits else max(layer for layer, _, _ in receivers)  # heads after it need no freezing
+    frozen = range(last)
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in frozen]
+    mlp_names = [f"blocks.{layer}.hook_mlp_out" for layer in frozen] if freeze_mlps else []
+    received = [] if to_logits else sorted({f"blocks.{layer}.attn.hook_{c}" for layer, _, c in receivers})
+    engine.require(z_names + mlp_names + received, "path patching")
+    t_logits, t_acts = engine.run(target_tokens, read=z_names + mlp_names)
+    s_logits, s_acts = engine.run(source_tokens, read=z_names)
+    target_value, source_value = metric(t_logits).float(), metric(s_logits).float()
 
     def has_path(row):
-        last = n_layers if row[1] == "logits" else max(layer for layer, _, _ in row[1])
-        return len(row[0]) > 0 and min(layer for layer, _ in row[0]) < last
+        end = n_layers if row[1] in LOGITS else max(layer for layer, _, _ in row[1])
+        return len(row[0]) > 0 and min(layer for layer, _ in row[0]) < end
 
-    effects = torch.full((len(rows),), float("nan"))
+    per_prompt = torch.full((len(rows), n), float("nan"))
     live = [i for i, row in enumerate(rows) if has_path(row)]
     for chunk in torch.tensor(live, dtype=torch.long).split(max(1, max_batch // n)):
-        send, recv = _masks(model, [rows[i] for i in chunk], target_tokens.device)
+        send, recv = _masks(cfg, [rows[i] for i in chunk], target_tokens.device)
+        tokens = target_tokens.repeat(len(chunk), 1)
+        edits = _freezing_edits(t_acts, s_acts, send, n, frozen, freeze_mlps)
         if to_logits:
-            logits = _direct_path_logits(model, t_cache, s_cache, send)
+            logits, _ = engine.run(tokens, edits=edits)
         else:
-            logits = _receiver_path_logits(model, target_tokens, t_cache, s_cache, send, recv, freeze_mlps)
-        effects[chunk] = (metric(logits).view(len(chunk), n).mean(1) - target_metric).float().cpu()
-    return PathPatchResult(effects=effects, rows=rows, target_metric=target_metric.item(),
-                           source_metric=source_metric.item(), freeze_mlps=freeze_mlps,
-                           meta={"sweep": sweep, "n_prompts": n})
+            _, inputs = engine.run(tokens, read=received, edits=edits)
+
+            def patch_receivers(name):
+                mask = recv[:, "qkv".index(name[-1]), int(name.split(".")[1])].repeat_interleave(n, 0)
+                return name, lambda x: torch.where(mask[:, None, :, None], inputs[name].to(x.dtype), x)
+            logits, _ = engine.run(tokens, edits=[patch_receivers(name) for name in received])
+        values = metric(logits).float().view(len(chunk), n)
+        per_prompt[chunk] = (values - target_value).cpu()
+    return PathPatchResult(per_prompt=per_prompt, rows=rows, target=target_value.cpu(), source=source_value.cpu(),
+                           freeze_mlps=freeze_mlps, meta={"sweep": sweep, "n_prompts": n, "engine": engine.name})
 
 
 # ------------------------------------------------------------------------------------------- induction task

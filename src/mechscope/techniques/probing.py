@@ -1,17 +1,25 @@
-"""Linear probes on the residual stream, layer by layer, with a shuffled-label control and confidence intervals.
+"""Linear probes on the residual stream, layer by layer, with a control task, leak-free splits and intervals.
 
 A probe is multinomial logistic regression (torch, L-BFGS) on the residual stream at one position per
 prompt, read at every `blocks.{l}.hook_resid_pre` and at the final `blocks.{L-1}.hook_resid_post`
-("sites"). Data are split train / validation / test (stratified by label, seeded); validation picks
-the L2 strength; the reported number is test accuracy with a Wilson or bootstrap interval.
+("sites"). Examples are deduplicated (same tokens and position: the first is kept) and split train /
+validation / test by *group* (a template, an opener, a name pair: every prompt of a group lands on one
+side, stratified by the groups' labels), so no test prompt is a copy or a near-copy of a training prompt;
+validation picks the L2 strength; the reported number is test accuracy with a Wilson or bootstrap interval.
 
-Controls: the same pipeline on shuffled labels (what a probe finds with no real signal: chance), and
-optionally on a random-init model of the same config (what the tokens alone make decodable).
+Controls:
+- the control task (Hewitt & Liang 2019): labels fixed at random per *control key* (by default the word type
+  at the probed position; the bundled tasks name theirs), balanced over as many classes as the task has,
+  and probed with the same pipeline and split. It measures what the probe can learn about an arbitrary
+  property of the input: selectivity = accuracy - control-task accuracy. It can fail: a control key that the
+  residual encodes linearly gives a control accuracy far above chance.
+- shuffled labels: a sanity check only (with a leak-free split it sits at chance by construction);
+- optionally a random-init model of the same config (what the tokens alone make decodable; tl engine).
 A probe finds what is *linearly decodable*, not what the model *uses*; compare with patching.
 
-Extraction is batched: one `run_with_cache` per batch, caching only the probed hooks. Prompts of
-different lengths are right-padded (with each row's own last token) and read only at their own
-positions; with causal attention the padding cannot change an earlier position.
+Extraction is batched through the engine API (`engine.run(read=sites)`): prompts of different lengths are
+right-padded (with each row's own last token) and read only at their own positions; with causal attention
+the padding cannot change an earlier position.
 """
 from __future__ import annotations
 
@@ -72,37 +80,22 @@ def residuals_at(model, rows: list[torch.Tensor], positions: list[int], hook_nam
                  batch_size: int = 64) -> torch.Tensor:
     """Residual stream of each prompt at its own position. rows: n x [seq_i]; positions: n ints
     (each < its row's length) -> [n_hooks, n, d_model] (float32, CPU)."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    engine.require(hook_names, "probing")
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        tokens = right_padded(batch).to(model.cfg.device)
+        tokens = right_padded(batch).to(engine.cfg.device)
         pos = torch.tensor(positions[start:start + batch_size], device=tokens.device)
-        _, cache = model.run_with_cache(tokens, names_filter=hook_names)
+        _, acts = engine.run(tokens, read=hook_names)
         index = torch.arange(len(batch), device=tokens.device)
-        out.append(torch.stack([cache[name][index, pos] for name in hook_names]).float().cpu())
+        out.append(torch.stack([acts[name][index, pos] for name in hook_names]).float().cpu())
     return torch.cat(out, dim=1)
 
 
 # ------------------------------------------------------------------------------------------ probes
-def stratified_split(labels: torch.Tensor, fractions=(0.6, 0.2, 0.2), seed: int = 0, class_names=None):
-    """(train, val, test) index tensors; each class is split by `fractions` (each split gets >= 1).
-    labels: [n] class ids."""
-    gen = torch.Generator().manual_seed(seed)
-    parts = ([], [], [])
-    for c in labels.unique():
-        idx = (labels == c).nonzero().flatten()
-        if len(idx) < 3:
-            name = class_names[int(c)] if class_names else int(c)
-            raise BadInput(f"label {name!r} has {len(idx)} examples; each label needs at least 3 "
-                           f"(train, validation, test) — add examples")
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_train = max(1, min(len(idx) - 2, round(fractions[0] * len(idx))))
-        n_val = max(1, min(len(idx) - n_train - 1, round(fractions[1] * len(idx))))
-        for part, chunk in zip(parts, (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])):
-            part.append(chunk)
-    return tuple(torch.cat(p).sort().values for p in parts)
-
-
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 100, init=None):
     """Multinomial logistic regression: min mean cross-entropy + l2/2 |W|^2 by L-BFGS, from `init` (W, b)
     or zeros. x: [n, d], y: [n] class ids -> (W [d, n_classes], b [n_classes])."""
@@ -178,21 +171,85 @@ def interval(correct: torch.Tensor, ci: str, seed: int = 0) -> tuple[float, floa
 
 
 # ---------------------------------------------------------------------------------------- pipeline
+def deduplicate(rows: list[torch.Tensor], positions: list[int]) -> list[int]:
+    """Indices of the first example of each distinct (tokens, position)."""
+    seen, keep = set(), []
+    for i, (r, p) in enumerate(zip(rows, positions)):
+        key = (tuple(r.tolist()), int(p))
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def group_split(labels: torch.Tensor, groups: list, fractions=(0.6, 0.2, 0.2), seed: int = 0, class_names=None):
+    """(train, val, test) index tensors with every group on one side. Groups are stratified by the set of labels
+    they hold (groups of one label are split label by label; when a stratum has fewer than 3 groups, all
+    groups form one stratum); each stratum's groups are shuffled (seeded) and cut by `fractions`, each part
+    getting >= 1 group. labels: [n] class ids; groups: n hashable keys."""
+    keys = [str(g) for g in groups]
+    members: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        members.setdefault(k, []).append(i)
+    if len(members) < 3:
+        raise BadInput(f"a train / validation / test split by group needs 3+ groups; these examples form "
+                       f"{len(members)} (give more groups, or none: each prompt is then its own group)")
+    strata: dict[tuple, list[str]] = {}
+    for k in sorted(members):
+        strata.setdefault(tuple(sorted(set(labels[members[k]].tolist()))), []).append(k)
+    if any(len(v) < 3 for v in strata.values()):
+        strata = {(): sorted(members)}
+    rng = random.Random(seed)
+    parts = ([], [], [])
+    for stratum in strata.values():
+        rng.shuffle(stratum)
+        n = len(stratum)
+        n_train = max(1, min(n - 2, round(fractions[0] * n)))
+        n_val = max(1, min(n - n_train - 1, round(fractions[1] * n)))
+        for part, chunk in zip(parts, (stratum[:n_train], stratum[n_train:n_train + n_val], stratum[n_train + n_val:])):
+            part += [i for k in chunk for i in members[k]]
+    train = set(labels[parts[0]].tolist())
+    missing = [c for c in labels.unique().tolist() if c not in train]
+    if missing:
+        name = class_names[missing[0]] if class_names else missing[0]
+        raise BadInput(f"label {name!r} has no training example once whole groups are held out; add groups "
+                       f"that hold it")
+    return tuple(torch.tensor(sorted(p), dtype=torch.long) for p in parts)
+
+
+def control_labels(keys: list, n_classes: int, seed: int = 0) -> torch.Tensor:
+    """[n] control-task labels (Hewitt & Liang 2019): each distinct key gets a class fixed at random, balanced
+    (the shuffled keys take classes 0, 1, ..., n_classes - 1 in turn). keys: n hashable values."""
+    types = sorted({str(k) for k in keys})
+    random.Random(seed).shuffle(types)
+    label = {t: i % n_classes for i, t in enumerate(types)}
+    return torch.tensor([label[str(k)] for k in keys])
+
+
 @dataclass
 class ProbeResult:
     """Test accuracy per site ([n_sites] lists) of the probe and its controls."""
     sites: list[str]
     accuracy: list[float]
     ci: list[tuple[float, float]]
+    control_accuracy: list[float] | None         # the control task (None when its keys take one value)
+    control_ci: list[tuple[float, float]] | None
+    selectivity: list[float] | None              # accuracy - control accuracy, paired over the test examples
+    selectivity_ci: list[tuple[float, float]] | None
     shuffled_accuracy: list[float]
     shuffled_ci: list[tuple[float, float]]
     chance: float                      # majority-class share of the test split
+    control_chance: float | None
     l2: list[float]
     val_accuracy: list[float]
     classes: list[str]
     n_train: int
     n_val: int
     n_test: int
+    split_rule: str = ""
+    control_rule: str = ""
+    n_duplicates: int = 0
+    test_groups: list[str] | None = None
     random_model_accuracy: list[float] | None = None
     random_model_ci: list[tuple[float, float]] | None = None
     weights: torch.Tensor | None = None  # [n_sites, d_model, n_classes], raw residual space
@@ -200,10 +257,13 @@ class ProbeResult:
     def rows(self) -> list[dict]:
         out = []
         for i, site in enumerate(self.sites):
-            row = {"site": site, "accuracy": self.accuracy[i], "ci_low": self.ci[i][0], "ci_high": self.ci[i][1],
-                   "shuffled_accuracy": self.shuffled_accuracy[i],
-                   "selectivity": self.accuracy[i] - self.shuffled_accuracy[i], "l2": self.l2[i],
-                   "val_accuracy": self.val_accuracy[i]}
+            row = {"site": site, "accuracy": self.accuracy[i], "ci_low": self.ci[i][0], "ci_high": self.ci[i][1]}
+            if self.control_accuracy is not None:
+                row.update({"control_accuracy": self.control_accuracy[i], "selectivity": self.selectivity[i],
+                            "selectivity_ci_low": self.selectivity_ci[i][0],
+                            "selectivity_ci_high": self.selectivity_ci[i][1]})
+            row.update({"shuffled_accuracy": self.shuffled_accuracy[i], "l2": self.l2[i],
+                        "val_accuracy": self.val_accuracy[i]})
             if self.random_model_accuracy is not None:
                 row["random_model_accuracy"] = self.random_model_accuracy[i]
             out.append(row)
@@ -218,32 +278,74 @@ def _probe_sites(features: torch.Tensor, y: torch.Tensor, n_classes: int, split,
 
 
 def random_init_like(model, seed: int = 0):
-    """A HookedTransformer of the same config and tokenizer with freshly initialised weights."""
+    """A model of the same config and tokenizer with freshly initialised weights (transformer-lens engine)."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    if engine.name != "tl":
+        raise BadInput(f"--random-model builds a random-init HookedTransformer; it needs --backend tl "
+                       f"(this run uses {engine.name})")
     from transformer_lens import HookedTransformer
 
     torch.manual_seed(seed)
-    return HookedTransformer(model.cfg, tokenizer=model.tokenizer, move_to_device=False).to(model.cfg.device).eval()
+    return HookedTransformer(engine.model.cfg, tokenizer=engine.tokenizer, move_to_device=False) \
+        .to(engine.cfg.device).eval()
 
 
 def probe_layers(model, rows: list[torch.Tensor], positions: list[int], labels: list[str], seed: int = 0,
                  fractions=(0.6, 0.2, 0.2), l2_grid=L2_GRID, ci: str = "wilson", random_model: bool = False,
-                 batch_size: int = 64) -> ProbeResult:
-    """Probe every site for `labels` at `positions`. rows: n x [seq_i] token ids; positions: n ints."""
+                 batch_size: int = 64, groups: list | None = None, controls: list | None = None,
+                 group_rule: str | None = None, control_rule: str | None = None) -> ProbeResult:
+    """Probe every site for `labels` at `positions`. rows: n x [seq_i] token ids; positions: n ints.
+
+    groups: n keys kept on one side of the split (default: each distinct prompt is its own group);
+    controls: n control-task keys (default: the token at the probed position, Hewitt & Liang's word type);
+    group_rule / control_rule: how they were chosen, for the report."""
+    from mechscope import stats
+
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise BadInput(f"all {len(labels)} examples have the label {classes[0]!r}; a probe needs two or more labels")
+    keep = deduplicate(rows, positions)
+    n_duplicates = len(rows) - len(keep)
+    rows, positions, labels = [rows[i] for i in keep], [positions[i] for i in keep], [labels[i] for i in keep]
+    groups = [groups[i] for i in keep] if groups is not None else [tuple(r.tolist()) for r in rows]
+    if controls is not None:
+        controls = [controls[i] for i in keep]
+    else:
+        controls = [int(r[p]) for r, p in zip(rows, positions)]
+        control_rule = control_rule or "a random class per word type at the probed position"
     y = torch.tensor([classes.index(label) for label in labels])
-    split = stratified_split(y, fractions, seed, classes)
+    split = group_split(y, groups, fractions, seed, classes)
     names = site_names(model)
     features = residuals_at(model, rows, positions, names, batch_size)
     fits, acc, intervals = _probe_sites(features, y, len(classes), split, l2_grid, ci, seed)
+    test = split[2]
+
+    control = dict(control_accuracy=None, control_ci=None, selectivity=None, selectivity_ci=None, control_chance=None)
+    y_control = control_labels(controls, len(classes), seed)
+    n_control = len(y_control.unique())
+    if n_control >= 2 and len(y_control[split[0]].unique()) >= 2:
+        control_fits, control_acc, control_ci = _probe_sites(features, y_control, n_control, split, l2_grid, ci, seed)
+        paired = [(f.test_correct.float() - c.test_correct.float())[:, None] for f, c in zip(fits, control_fits)]
+        sel = [stats.interval(d, seed=seed) for d in paired]
+        control = dict(control_accuracy=control_acc, control_ci=control_ci,
+                       selectivity=[float(m) for m, _, _ in sel], selectivity_ci=[(float(lo), float(hi)) for _, lo, hi in sel],
+                       control_chance=float(y_control[test].bincount().max() / len(test)))
+    else:
+        control_rule = (control_rule or "") + " (undefined here: the control keys take one value; give each " \
+                                              "example a \"control\" key)"
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))]
     _, shuffled_acc, shuffled_ci = _probe_sites(features, shuffled, len(classes), split, l2_grid, ci, seed)
-    test_labels = y[split[2]]
-    result = ProbeResult(sites=names, accuracy=acc, ci=intervals, shuffled_accuracy=shuffled_acc,
-                         shuffled_ci=shuffled_ci, chance=float(test_labels.bincount().max() / len(test_labels)),
-                         l2=[f.l2 for f in fits], val_accuracy=[f.val_accuracy for f in fits], classes=classes, n_train=len(split[0]), n_val=len(split[1]),
-                         n_test=len(split[2]), weights=torch.stack([f.weight for f in fits]))
+    test_labels = y[test]
+    test_groups = sorted({str(groups[i]) for i in test.tolist()})
+    result = ProbeResult(
+        sites=names, accuracy=acc, ci=intervals, shuffled_accuracy=shuffled_acc, shuffled_ci=shuffled_ci,
+        chance=float(test_labels.bincount().max() / len(test_labels)), l2=[f.l2 for f in fits],
+        val_accuracy=[f.val_accuracy for f in fits], classes=classes, n_train=len(split[0]), n_val=len(split[1]),
+        n_test=len(test), split_rule=group_rule or "by prompt (deduplicated; no groups given)",
+        control_rule=control_rule or "", n_duplicates=n_duplicates, test_groups=test_groups,
+        weights=torch.stack([f.weight for f in fits]), **control)
     if random_model:
         features = residuals_at(random_init_like(model, seed), rows, positions, names, batch_size)
         _, result.random_model_accuracy, result.random_model_ci = _probe_sites(
@@ -252,41 +354,61 @@ def probe_layers(model, rows: list[torch.Tensor], positions: list[int], labels: 
 
 
 # ----------------------------------------------------------------------------- built-in datasets
-IOI_IO_NAMES = ("mary", "john", "alice", "bob")
+IOI_IO_NAMES = ("mary", "john", "alice", "bob", "tom", "sarah", "james", "emma")
 
 
-def task_dataset(name: str, n: int = 400, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(prompts, labels) of a built-in task for the bundled model; read at the last position, whose token
-    never depends on the label (so resid_pre 0 there is at chance by construction).
+@dataclass
+class ProbeDataset:
+    """Distinct prompts with a label, a split group and a control-task key each, and how they were chosen."""
+    prompts: list[str]
+    labels: list[str]
+    groups: list[str]
+    controls: list[str]
+    group_rule: str
+    control_rule: str
 
-    sentiment: a filler sentence, then a positive or negative opener ("i love this !" / "i hate this !"),
-      then "it ' s <intensifier>"; label "positive" / "negative".
-    ioi-io: IOI prompts over four names (IOI_IO_NAMES); label = the indirect object, the name the model
-      must say next ("when mary and john went to the store , john gave a drink to" -> "mary").
-    ioi-order: IOI prompts; label "io_first" (ABBA: "A and B ..., B gave ... to" -> A) or "io_second" (BABA).
+
+def task_dataset(name: str, n: int = 400, seed: int = 0) -> ProbeDataset:
+    """n distinct prompts of a built-in task for the bundled model, read at the last position, whose token never
+    depends on the label (so resid_pre 0 there is at chance by construction).
+
+    sentiment: a filler sentence, a positive or negative opener ("i love this !" / "i hate this !"), then
+      "it ' s <intensifier>"; label "positive" / "negative"; split by opener (a test opener is never seen in
+      training); control key: the intensifier (the probed word, Hewitt & Liang's word type).
+    ioi-io: IOI prompts over eight names (IOI_IO_NAMES); label = the indirect object, the name the model must
+      say next ("when mary and john went to the store , john gave a drink to" -> "mary"); split by the
+      unordered name pair; control key: the template.
+    ioi-order: IOI prompts over all names; label "io_first" (ABBA) or "io_second" (BABA); split by the
+      unordered name pair; control key: the template.
+    Fewer than n prompts come back when the task has fewer distinct ones.
     """
     from mechscope.toy import corpus
 
     if name not in TASKS:
         raise BadInput(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     rng = random.Random(seed)
-    prompts, labels = [], []
-    for _ in range(n):
+    examples: dict[str, tuple[str, str, str]] = {}
+    for _ in range(50 * n):
+        if len(examples) == n:
+            break
         if name == "sentiment":
             positive = rng.random() < 0.5
             opener = rng.choice(corpus.POSITIVE_OPENERS if positive else corpus.NEGATIVE_OPENERS)
-            filler = " ".join(corpus.filler_sentence(rng))
-            prompts.append(f"{filler} {opener} it ' s {rng.choice(corpus.INTENSIFIERS)}")
-            labels.append("positive" if positive else "negative")
-        elif name == "ioi-io":
-            io, s = rng.sample(IOI_IO_NAMES, 2)
-            a, b = (io, s) if rng.random() < 0.5 else (s, io)
-            place, obj = rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
-            prompts.append(rng.choice(corpus.IOI_TEMPLATES).format(a=a, b=b, s=s, place=place, obj=obj))
-            labels.append(io)
+            intensifier = rng.choice(corpus.INTENSIFIERS)
+            prompt = f"{' '.join(corpus.filler_sentence(rng))} {opener} it ' s {intensifier}"
+            example = ("positive" if positive else "negative", opener, intensifier)
         else:
-            prompt, io, s = corpus.ioi_prompt(rng, held_out=rng.random() < 0.5)
-            words = prompt.split()
-            prompts.append(prompt)
-            labels.append("io_first" if words.index(io) < words.index(s) else "io_second")
-    return prompts, labels
+            names = IOI_IO_NAMES if name == "ioi-io" else corpus.NAMES
+            io, s = rng.sample(names, 2)
+            io_first = rng.random() < 0.5
+            t = rng.randrange(len(corpus.IOI_TEMPLATES))
+            prompt = corpus.IOI_TEMPLATES[t].format(a=io if io_first else s, b=s if io_first else io, s=s,
+                                                    place=rng.choice(corpus.PLACES), obj=rng.choice(corpus.OBJECTS))
+            label = io if name == "ioi-io" else ("io_first" if io_first else "io_second")
+            example = (label, "+".join(sorted((io, s))), f"template {t}")
+        examples.setdefault(prompt, example)
+    labels, groups, controls = (list(x) for x in zip(*examples.values()))
+    rules = {"sentiment": ("by opener", "a random class per intensifier (the probed word)"),
+             "ioi-io": ("by unordered name pair", "a random class per template"),
+             "ioi-order": ("by unordered name pair", "a random class per template")}[name]
+    return ProbeDataset(list(examples), labels, groups, controls, *rules)

@@ -1,24 +1,35 @@
-"""Activation addition: add strength * v to the residual stream at one layer while the model generates.
+"""Activation addition: add strength * v to the residual stream at one layer, and measure what it does against
+same-norm random directions, on held-out prompts, with its cost to the language model.
 
-v is the mean difference of `blocks.{layer}.hook_resid_pre` between a positive and a negative prompt
-set (at each prompt's last position, or averaged over its positions after BOS), or a given direction.
-The control is a random direction of the same norm, swept over the same strengths.
+v is the mean difference of `blocks.{layer}.hook_resid_pre` between a positive and a negative prompt set (at
+each prompt's last position, or averaged over its positions after BOS), or a given direction.
 
-Generation goes through `with model.hooks(fwd_hooks=[...]): model.generate(...)`. transformer-lens
-ignores `model.generate(..., fwd_hooks=...)` (it warns and steers nothing).
+`steering_sweep` measures, for v and for n random Gaussian directions of the same norm, at every strength:
+- logit_diff: next-token mean(positive word logits) - mean(negative word logits) at each prompt's end;
+- positive_rate / negative_rate: sentiment words per generated token in greedy generations (up to EOS);
+  the share positive / (positive + negative) is kept too, but it saturates (5 sentiment words among 300
+  tokens can read 1.00);
+- lm_loss: the mean next-token loss on neutral texts with the same vector added (the side effect).
+Every value is kept per prompt (per text), so intervals are over prompts; `placement` puts v's effect in the
+distribution of the random directions' effects (z-score, share of random directions it beats).
 
-Positions under the KV cache: on the first step the hook sees every prompt position, then one new
-position per step. The rule here is "add v at every position >= from_position": on a chunk of several
-positions (the prompt, or the whole sequence without the cache) v goes to positions >= from_position;
-a chunk of one position is a generated token, always past the prompt, so it gets v too. That makes
-`use_past_kv_cache=True` and `False` generate the same tokens, provided prompts have at least 2 tokens
-and from_position <= the prompt length. Default from_position=1 leaves BOS (the attention sink) alone.
+Positions under the KV cache: on the first step an edit sees every prompt position, then one new position per
+step. The rule here is "add v at every position >= from_position": on a chunk of several positions (the
+prompt, or the whole sequence without the cache) v goes to positions >= from_position; a chunk of one
+position is a generated token, always past the prompt, so it gets v too. That makes generation with and
+without the KV cache give the same tokens, provided prompts have at least 2 tokens and from_position <= the
+prompt length. Default from_position=1 leaves BOS (the attention sink) alone.
+
+Everything goes through the engine API (`engine.run` with edits, `engine.generate(edits=...)`), so the same
+function steers on the tl, bridge and nnsight engines. (transformer-lens's own `model.generate(...,
+fwd_hooks=...)` ignores the hooks, with a warning: see references/pitfalls.md.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from mechscope.techniques.probing import residuals_at, right_padded
 
@@ -43,99 +54,230 @@ def mean_difference(model, positive: list[torch.Tensor], negative: list[torch.Te
     return (mean_resid(positive) - mean_resid(negative)).to(model.cfg.device)
 
 
+def random_directions_like(vector: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """n Gaussian random directions, each with the norm of `vector` [d_model]. -> [n, d_model]"""
+    r = torch.randn((n, vector.shape[-1]), generator=torch.Generator().manual_seed(seed)).to(vector.device, vector.dtype)
+    return r * (vector.norm() / r.norm(dim=-1, keepdim=True))
+
+
 def random_direction_like(vector: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A Gaussian random direction with the same norm as `vector`. [d_model]"""
-    r = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed)).to(vector.device, vector.dtype)
-    return r * (vector.norm() / r.norm())
+    """One Gaussian random direction with the norm of `vector`. [d_model]"""
+    return random_directions_like(vector, 1, seed)[0]
 
 
-def add_vector_hook(vector: torch.Tensor, from_position: int = 1):
-    """A hook adding `vector` [d_model] at every position >= from_position (see the module docstring)."""
-    def hook(resid, hook):  # resid: [batch, positions seen this call, d_model]
+def add_vector_edit(vector: torch.Tensor, from_position: int = 1):
+    """An engine edit adding `vector` ([d_model], or [batch, d_model] one per row) at every position
+    >= from_position of a chunk of several positions, and to every one-position chunk (a KV-cache step)."""
+    def edit(resid):  # resid: [batch, positions seen this call, d_model]
         v = vector.to(resid.device, resid.dtype)
-        if resid.shape[1] == 1:  # a KV-cache step: one generated position, past the prompt
+        v = v[:, None] if v.ndim == 2 else v
+        if resid.shape[1] == 1:
             return resid + v
         return torch.cat([resid[:, :from_position], resid[:, from_position:] + v], dim=1)
-    return hook
+    return edit
 
 
 @torch.no_grad()
 def generate(model, tokens: torch.Tensor, layer: int, vector: torch.Tensor, max_new_tokens: int = 10,
              from_position: int = 1, use_past_kv_cache: bool = True) -> torch.Tensor:
-    """Greedy generation with `vector` added at `layer`. tokens: [batch, seq] (same length, seq >= 2)
-    -> [batch, seq + max_new_tokens] (rows that emit EOS are padded with EOS)."""
-    with model.hooks(fwd_hooks=[(hook_name(layer), add_vector_hook(vector, from_position))]):
-        return model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False,
-                              use_past_kv_cache=use_past_kv_cache, verbose=False)
+    """Greedy generation with `vector` ([d_model] or [batch, d_model]) added at `layer`. tokens: [batch, seq]
+    (same length, seq >= 2) -> [batch, seq + max_new_tokens] (rows that emit EOS continue with EOS)."""
+    from mechscope.models import as_engine
+
+    return as_engine(model).generate(tokens, edits=[(hook_name(layer), add_vector_edit(vector, from_position))],
+                                     max_new_tokens=max_new_tokens, use_kv_cache=use_past_kv_cache)
 
 
 @torch.no_grad()
+def steered_logits(model, rows: list[torch.Tensor], layer: int, vectors: torch.Tensor, from_position: int = 1,
+                   last_only: bool = True) -> torch.Tensor:
+    """Logits with vectors[i] ([n, d_model], or one [d_model] for all) added to row i (rows: n x [seq_i]).
+    -> [n, d_vocab] at each row's last token (last_only), else [n, max_seq, d_vocab] (right-padded)."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    tokens = right_padded(rows).to(engine.cfg.device)
+    last = torch.tensor([len(r) - 1 for r in rows], device=tokens.device)
+    logits, _ = engine.run(tokens, edits=[(hook_name(layer), add_vector_edit(vectors, from_position))],
+                           positions=last if last_only else None)
+    return logits.float()
+
+
 def next_token_logits(model, rows: list[torch.Tensor], layer: int, vector: torch.Tensor,
                       from_position: int = 1) -> torch.Tensor:
     """Steered logits at each prompt's last position. rows: n x [seq_i] -> [n, d_vocab]."""
-    tokens = right_padded(rows).to(model.cfg.device)
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name(layer), add_vector_hook(vector, from_position))])
-    last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-    return logits[torch.arange(len(rows), device=logits.device), last].float()
+    return steered_logits(model, rows, layer, vector, from_position)
+
+
+def lm_loss(model, rows: list[torch.Tensor], layer: int, vectors: torch.Tensor, from_position: int = 1) -> torch.Tensor:
+    """Mean next-token loss (nats) of each text with vectors[i] added (rows: n x [seq_i], 2+ tokens). -> [n]
+    Every token after the first is predicted (the first prediction reads BOS only)."""
+    logits = steered_logits(model, rows, layer, vectors, from_position, last_only=False)
+    tokens = right_padded(rows).to(logits.device)
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")   # [n, seq - 1]
+    lengths = torch.tensor([len(r) for r in rows], device=logits.device)
+    mask = torch.arange(loss.shape[1], device=logits.device) < (lengths[:, None] - 1)
+    return ((loss * mask).sum(1) / mask.sum(1)).cpu()
+
+
+def word_counts(new_tokens: torch.Tensor, positive_ids: torch.Tensor, negative_ids: torch.Tensor,
+                eos: int | None) -> torch.Tensor:
+    """new_tokens: [batch, new] -> [3, batch]: positive words, negative words and tokens generated, each row
+    stopping at its first EOS."""
+    alive = torch.ones_like(new_tokens, dtype=torch.bool) if eos is None else (new_tokens == eos).cumsum(1) == 0
+    positive = (torch.isin(new_tokens, positive_ids) & alive).sum(1)
+    negative = (torch.isin(new_tokens, negative_ids) & alive).sum(1)
+    return torch.stack([positive, negative, alive.sum(1)])
 
 
 @dataclass
-class SteeringResult:
-    """Effects per strength ([n_strengths] lists) for the steering vector and the random control."""
+class SteeringSweep:
+    """Per direction (0 = the steering vector, then the random directions), strength and prompt: each tensor
+    is [n_directions, n_strengths, n_prompts] (lm_loss: [..., n_texts]). Rates are NaN where a prompt
+    generated nothing before EOS, shares where it generated no sentiment word."""
     strengths: list[float]
-    positive_share: list[float]            # positive / (positive + negative) words generated, pooled
-    control_positive_share: list[float]
-    positive_rate: list[float]             # positive words / all generated tokens
-    control_positive_rate: list[float]
-    logit_diff: list[float]                # mean(positive word logits) - mean(negative word logits), next position
-    control_logit_diff: list[float]
     vector_norm: float
-    generations: dict = field(default_factory=dict)  # {"steer"/"control": [strength][prompt] -> new token ids}
+    logit_diff: torch.Tensor
+    positive_words: torch.Tensor       # counts in the generation, up to EOS
+    negative_words: torch.Tensor
+    generated: torch.Tensor            # tokens generated before EOS
+    lm_loss: torch.Tensor
+    generations: list = field(default_factory=list)   # [direction][strength][prompt] -> new token ids (to EOS)
 
+    @property
+    def n_random(self) -> int:
+        return self.logit_diff.shape[0] - 1
 
-def _word_counts(new_tokens: torch.Tensor, positive_ids: torch.Tensor, negative_ids: torch.Tensor, eos: int | None):
-    """new_tokens: [batch, new] -> (positive, negative, total) counts, stopping at the first EOS."""
-    alive = torch.ones_like(new_tokens, dtype=torch.bool) if eos is None else (new_tokens == eos).cumsum(1) == 0
-    pos = (torch.isin(new_tokens, positive_ids) & alive).sum()
-    neg = (torch.isin(new_tokens, negative_ids) & alive).sum()
-    return pos, neg, alive.sum()
+    def _per_token(self, counts: torch.Tensor) -> torch.Tensor:
+        return counts / self.generated.where(self.generated > 0, torch.tensor(float("nan")))
+
+    @property
+    def positive_rate(self) -> torch.Tensor:
+        """Positive words per generated token."""
+        return self._per_token(self.positive_words)
+
+    @property
+    def negative_rate(self) -> torch.Tensor:
+        return self._per_token(self.negative_words)
+
+    @property
+    def net_rate(self) -> torch.Tensor:
+        """(positive - negative words) per generated token."""
+        return self._per_token(self.positive_words - self.negative_words)
+
+    @property
+    def positive_share(self) -> torch.Tensor:
+        """positive / (positive + negative) words of each prompt's generation (saturates; NaN without any)."""
+        both = self.positive_words + self.negative_words
+        return self.positive_words / both.where(both > 0, torch.tensor(float("nan")))
+
+    def pooled_positive_share(self) -> torch.Tensor:
+        """positive / (positive + negative) words pooled over the prompts. [n_directions, n_strengths]"""
+        return self.positive_words.sum(-1) / (self.positive_words + self.negative_words).sum(-1).clamp_min(1)
+
+    def placement(self, name: str) -> list[dict]:
+        """Per strength: the steering vector's mean (over prompts) of metric `name` against the random
+        directions' means -> {random_mean, random_std, random_min, random_max, z, beats}: z = (steer - mean) /
+        std of the random directions; beats = share of random directions whose mean is below the vector's
+        (above it for lm_loss, where lower is better; ties count half)."""
+        means = getattr(self, name).nanmean(-1)                      # [D, S]
+        out = []
+        for s in range(means.shape[1]):
+            steer, rand = means[0, s], means[1:, s]
+            if len(rand) == 0:
+                out.append({})
+                continue
+            std = rand.std() if len(rand) > 1 else torch.tensor(float("nan"))
+            below = (rand > steer) if name == "lm_loss" else (rand < steer)
+            beats = (below.float() + 0.5 * (rand == steer).float()).mean()
+            spread = std > 1e-6 * max(1.0, float(rand.abs().max()))   # identical directions (strength 0): no z
+            z = (steer - rand.mean()) / std if spread else torch.tensor(float("nan"))
+            out.append({"random_mean": float(rand.mean()), "random_std": float(std), "random_min": float(rand.min()),
+                        "random_max": float(rand.max()), "z": float(z), "beats": float(beats)})
+        return out
 
 
 @torch.no_grad()
-def measure(model, rows: list[torch.Tensor], layer: int, vector: torch.Tensor, positive_ids: torch.Tensor,
-            negative_ids: torch.Tensor, max_new_tokens: int = 10, from_position: int = 1):
-    """Generate from each prompt (rows: n x [seq_i], batched by length) with `vector` added.
-    -> (positive share, positive rate, mean next-token logit diff, n lists of new token ids)."""
-    eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
+def steering_sweep(model, rows: list[torch.Tensor], layer: int, vector: torch.Tensor, strengths: list[float],
+                   positive_ids: list[int], negative_ids: list[int], max_new_tokens: int = 10,
+                   from_position: int = 1, n_random: int = 10, seed: int = 0,
+                   neutral: list[torch.Tensor] | None = None, batch_size: int = 256) -> SteeringSweep:
+    """The sweep described in the module docstring. rows: prompts to steer, n x [seq_i] (2+ tokens each);
+    vector: [d_model] (on LayerNorm models centred first, and the random directions too, so that every direction's
+    norm is the norm the model sees); neutral: texts for the side-effect loss (rows; none: lm_loss is empty).
+    Prompts of one length, all directions and strengths go through `engine.generate` together in batches
+    of up to batch_size rows; strength 0 is run once and shared by every direction."""
+    from mechscope.models import as_engine
+
+    engine = as_engine(model)
+    device = engine.cfg.device
+    vector = vector.to(device).float()
+    if (engine.cfg.normalization_type or "").startswith("LN"):
+        # LayerNorm removes the mean over d_model: only the centred part of a direction acts, and engines that do
+        # not centre the residual stream (Hugging Face) would otherwise give random controls a larger real norm
+        vector = vector - vector.mean()
+        randoms = random_directions_like(vector, n_random, seed)
+        randoms = randoms - randoms.mean(-1, keepdim=True)
+        randoms = randoms * (vector.norm() / randoms.norm(dim=-1, keepdim=True))
+    else:
+        randoms = random_directions_like(vector, n_random, seed)
+    directions = torch.cat([vector[None], randoms])                                            # [D, d_model]
+    D, S = len(directions), len(strengths)
+    jobs = [(d, s) for s in range(S) for d in range(D) if strengths[s] != 0 or d == 0]
+    job_vectors = torch.stack([strengths[s] * directions[d] for d, s in jobs])               # [J, d_model]
+    pos_ids, neg_ids = torch.tensor(positive_ids, device=device), torch.tensor(negative_ids, device=device)
+    eos = engine.tokenizer.eos_token_id
+
+    def spread(per_job: torch.Tensor) -> torch.Tensor:
+        """[J, n] -> [D, S, n], strength-0 values copied to every direction."""
+        out = torch.full((D, S, per_job.shape[-1]), float("nan"))
+        for j, (d, s) in enumerate(jobs):
+            if strengths[s] == 0:
+                out[:, s] = per_job[j]
+            else:
+                out[d, s] = per_job[j]
+        return out
+
+    # next-token logit diff at each prompt's end: one forward per batch of (job, prompt) rows
+    n = len(rows)
+    diffs = []
+    for start in range(0, len(jobs) * n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(jobs) * n))
+        logits = steered_logits(engine, [rows[int(i) % n] for i in idx], layer, job_vectors[idx // n], from_position)
+        diffs.append((logits[:, pos_ids].mean(1) - logits[:, neg_ids].mean(1)).cpu())
+    logit_diff = spread(torch.cat(diffs).view(len(jobs), n))
+
+    # greedy generations: prompts of one length together, every job's vector on its own rows
+    counts = torch.zeros(3, len(jobs), n)
+    generations = [[[None] * n for _ in range(S)] for _ in range(D)]
     by_length: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_length.setdefault(len(r), []).append(i)
-    counts = torch.zeros(3, device=model.cfg.device)
-    new = [None] * len(rows)
-    for length, idx in by_length.items():
-        generated = generate(model, torch.stack([rows[i] for i in idx]).to(model.cfg.device), layer, vector,
-                             max_new_tokens, from_position)[:, length:]
-        counts += torch.stack(_word_counts(generated, positive_ids, negative_ids, eos))
-        for j, i in enumerate(idx):
-            new[i] = generated[j].tolist()
-    logits = next_token_logits(model, rows, layer, vector, from_position)
-    diff = (logits[:, positive_ids].mean(1) - logits[:, negative_ids].mean(1)).mean()
-    return counts[0] / (counts[0] + counts[1]).clamp_min(1), counts[0] / counts[2].clamp_min(1), diff, new
+    for length, prompt_idx in by_length.items():
+        prompts = torch.stack([rows[i] for i in prompt_idx]).to(device)
+        pairs = [(j, i) for j in range(len(jobs)) for i in range(len(prompt_idx))]
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            out = generate(engine, prompts[[i for _, i in chunk]], layer, job_vectors[[j for j, _ in chunk]],
+                           max_new_tokens, from_position)[:, length:]
+            c = word_counts(out, pos_ids, neg_ids, eos).float().cpu()
+            for k, (j, i) in enumerate(chunk):
+                counts[:, j, prompt_idx[i]] = c[:, k]
+                d, s = jobs[j]
+                ids = out[k].tolist()
+                ids = ids[:ids.index(eos)] if eos in ids else ids
+                for dd in (range(D) if strengths[s] == 0 else [d]):
+                    generations[dd][s][prompt_idx[i]] = ids
 
-
-def steering_sweep(model, rows: list[torch.Tensor], layer: int, vector: torch.Tensor, strengths: list[float],
-                   positive_ids: list[int], negative_ids: list[int], max_new_tokens: int = 10,
-                   from_position: int = 1, control_seed: int = 0) -> SteeringResult:
-    """`measure` at every strength, for `vector` [d_model] and for a same-norm random direction."""
-    pos_ids = torch.tensor(positive_ids, device=model.cfg.device)
-    neg_ids = torch.tensor(negative_ids, device=model.cfg.device)
-    runs = {}
-    for kind, direction in (("steer", vector), ("control", random_direction_like(vector, control_seed))):
-        runs[kind] = [measure(model, rows, layer, s * direction, pos_ids, neg_ids, max_new_tokens, from_position)
-                      for s in strengths]
-    share, rate, diff = (torch.stack([torch.stack([m[k] for m in runs[kind]]) for kind in ("steer", "control")])
-                         .float().tolist() for k in range(3))  # one sync per metric: [2, n_strengths]
-    return SteeringResult(strengths=list(strengths), positive_share=share[0], control_positive_share=share[1],
-                          positive_rate=rate[0], control_positive_rate=rate[1], logit_diff=diff[0],
-                          control_logit_diff=diff[1], vector_norm=float(vector.norm()),
-                          generations={kind: [m[3] for m in runs[kind]] for kind in runs})
+    # side effect: loss on neutral texts with each job's vector
+    losses = torch.zeros(len(jobs), 0)
+    if neutral:
+        m = len(neutral)
+        per = []
+        for start in range(0, len(jobs) * m, batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(jobs) * m))
+            per.append(lm_loss(engine, [neutral[int(i) % m] for i in idx], layer, job_vectors[idx // m], from_position))
+        losses = torch.cat(per).view(len(jobs), m)
+    return SteeringSweep(strengths=list(strengths), vector_norm=float(vector.norm()), logit_diff=logit_diff,
+                         positive_words=spread(counts[0]), negative_words=spread(counts[1]), generated=spread(counts[2]),
+                         lm_loss=spread(losses), generations=generations)

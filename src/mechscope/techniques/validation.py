@@ -14,6 +14,8 @@ when only the circuit is ablated. minimality[c] = faithfulness(circuit) - faithf
 a component whose removal costs ~0 is not needed. Both ratios work whether the metric rises (logit diff)
 or falls (loss) with the behaviour. Random circuits of the same make-up give the baseline to beat.
 All runs (clean, baselines, minimality, random circuits) share one reference forward and batch together.
+Intervals: each ratio recomputed on 1000 bootstrap resamples of the prompts (95% percentile interval; the
+standard error is the resamples' standard deviation).
 """
 from __future__ import annotations
 
@@ -23,13 +25,16 @@ from typing import Callable
 
 import torch
 
+from mechscope import stats
 from mechscope.errors import BadInput
 from mechscope.techniques.ablation import Component, ablated_metric, all_heads, all_mlps, group_label
 
 
 @dataclass
 class CircuitValidation:
-    """Metric values are batch means; minimality: label -> drop in faithfulness when that component is removed."""
+    """Metric values are batch means; minimality: label -> drop in faithfulness when that component is removed.
+    intervals: {"faithfulness" | "necessity": {ci_low, ci_high, stderr}, "minimality": {label: {...}}}, from
+    bootstrap resamples of the prompts (each ratio recomputed from the resample's means)."""
     circuit: list[str]
     method: str
     clean: float
@@ -40,6 +45,8 @@ class CircuitValidation:
     necessity: float
     minimality: dict[str, float]
     random_circuits: list[dict] = field(default_factory=list)  # {"circuit", "faithfulness", "necessity"}
+    intervals: dict = field(default_factory=dict)
+    n_prompts: int = 0
 
 
 def universe(model, ablate_mlps: bool) -> list[Component]:
@@ -70,16 +77,26 @@ def random_circuits(model, circuit: list[Component], n: int, ablate_mlps: bool, 
     return [[c for kind in pools for c in rng.sample(pools[kind], counts[kind])] for _ in range(n)]
 
 
-def _normalized(values: torch.Tensor, clean: float, baseline: float) -> list[float]:
-    return [float((v - baseline) / (clean - baseline)) for v in values]
+def scores(means: torch.Tensor, n_circuit: int) -> torch.Tensor:
+    """Faithfulness, necessity and per-component faithfulness without it, from group means [..., n_groups]
+    laid out as validate_circuit runs them (clean, everything, circuit only, circuit ablated, circuit minus
+    each component, then (circuit only, circuit ablated) per random circuit). -> [..., n_groups - 2]:
+    faithfulness, necessity, n_circuit faithfulness-without values, then (faithfulness, necessity) pairs."""
+    clean, baseline = means[..., :1], means[..., 1:2]
+    recovered = (means[..., 2:] - baseline) / (clean - baseline)        # [..., n_groups - 2]
+    out = recovered.clone()
+    out[..., 1] = 1 - recovered[..., 1]                                   # necessity
+    out[..., 3 + n_circuit::2] = 1 - recovered[..., 3 + n_circuit::2]     # random circuits' necessity
+    return out
 
 
-def validate_circuit(model, tokens: torch.Tensor, circuit: list[Component],
-                     metric: Callable[[torch.Tensor], torch.Tensor], method: str = "mean",
-                     ablate_mlps: bool = False, n_random: int = 0, seed: int = 0, **kwargs) -> CircuitValidation:
-    """Necessity, faithfulness and minimality of `circuit` on tokens [batch, seq] under `metric` ([batch]).
+def validate_circuit(model, tokens, circuit: list[Component], metric: Callable[[torch.Tensor], torch.Tensor],
+                     method: str = "mean", ablate_mlps: bool = False, n_random: int = 0, seed: int = 0,
+                     **kwargs) -> CircuitValidation:
+    """Necessity, faithfulness and minimality of `circuit` on tokens ([batch, seq] or rows [seq_i]) under
+    `metric` ([batch]), with 95% bootstrap intervals over the prompts.
 
-    kwargs go to `ablated_metric` (reference, donors, per_position, rows_per_forward).
+    kwargs go to `ablated_metric` (reference, donors, per_position, rows_per_forward, skip_bos).
     """
     check_circuit(model, circuit, ablate_mlps)
     everything = universe(model, ablate_mlps)
@@ -91,18 +108,29 @@ def validate_circuit(model, tokens: torch.Tensor, circuit: list[Component],
     groups = [[], everything, without(circuit), list(circuit)]
     groups += [without([k for k in circuit if k != c]) for c in circuit]
     groups += [g for r in randoms for g in (without(r), r)]
-    means = ablated_metric(model, tokens, groups, metric, method, seed=seed, **kwargs).mean(1)
+    values = ablated_metric(model, tokens, groups, metric, method, seed=seed, **kwargs)   # [n_groups, batch]
+    means = values.mean(1)
     clean, baseline = float(means[0]), float(means[1])
     if abs(clean - baseline) < 1e-6 * max(1.0, abs(clean)):
         raise BadInput(f"ablating every component leaves the metric unchanged ({clean:.4g}); faithfulness is "
                        f"undefined: pick a task the model does, or another ablation method")
-    faithful, circuit_only = _normalized(means[2:3], clean, baseline)[0], float(means[2])
-    necessity = 1 - _normalized(means[3:4], clean, baseline)[0]
-    minimal = _normalized(means[4:4 + len(circuit)], clean, baseline)
-    rest = means[4 + len(circuit):].view(-1, 2) if randoms else torch.zeros(0, 2)
-    random_rows = [{"circuit": group_label(r), "faithfulness": _normalized(v[:1], clean, baseline)[0],
-                    "necessity": 1 - _normalized(v[1:], clean, baseline)[0]} for r, v in zip(randoms, rest)]
+    k = len(circuit)
+    point = scores(means, k).tolist()
+    faithful, necessity = point[0], point[1]
+    resampled = scores(stats.bootstrap_means(values.T, seed=seed), k)                # [n_resamples, n_groups - 2]
+    resampled = torch.cat([resampled[:, :2], resampled[:, :1] - resampled[:, 2:2 + k], resampled[:, 2 + k:]], 1)
+    low, high = resampled.nanquantile(0.025, 0), resampled.nanquantile(0.975, 0)
+    spread = resampled.std(0) if values.shape[1] > 1 else torch.zeros(resampled.shape[1])
+
+    def interval(i: int) -> dict:
+        return {"ci_low": float(low[i]), "ci_high": float(high[i]), "stderr": float(spread[i])}
+
+    random_rows = [{"circuit": group_label(r), "faithfulness": point[2 + k + 2 * j],
+                    "necessity": point[3 + k + 2 * j]} for j, r in enumerate(randoms)]
     return CircuitValidation(
         circuit=[c.label for c in circuit], method=method, clean=clean, all_ablated=baseline,
-        circuit_only=circuit_only, circuit_ablated=float(means[3]), faithfulness=faithful, necessity=necessity,
-        minimality={c.label: faithful - f for c, f in zip(circuit, minimal)}, random_circuits=random_rows)
+        circuit_only=float(means[2]), circuit_ablated=float(means[3]), faithfulness=faithful, necessity=necessity,
+        minimality={c.label: faithful - f for c, f in zip(circuit, point[2:2 + k])}, random_circuits=random_rows,
+        intervals={"faithfulness": interval(0), "necessity": interval(1),
+                   "minimality": {c.label: interval(2 + i) for i, c in enumerate(circuit)}},
+        n_prompts=int(values.shape[1]))

@@ -1,0 +1,6 @@
+"""`python -m mechscope ARGS` is `mechscope ARGS`."""
+import sys
+
+from mechscope.cli import main
+
+sys.exit(main())
