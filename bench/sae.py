@@ -19,16 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from mechscope.models import load_model
-from mechscope.techniques import sae as saes
-from mechscope.techniques import sae_features as sf
-from mechscope.techniques import sae_training
 
 
 def per_prompt_loop(engine, sae, rows, k: int = 20):
     """The reference: one full forward per row, then the same incremental top-k as the batched search."""
+    import torch
+
     hook = sae.cfg.metadata.hook_name
     model, n_f, seq = engine.model, sae.cfg.d_sae, rows.shape[1]
     top_v, top_i = torch.zeros(n_f, k), torch.full((n_f, k), -1, dtype=torch.long)
@@ -56,6 +52,13 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    import torch  # after --help, which answers without torch
+
+    from mechscope.models import load_model
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_features as sf
+    from mechscope.techniques import sae_training
+
     torch.set_num_threads(args.threads)
     n_search, n_train = (100_000, 50_000) if args.quick else (1_000_000, 200_000)
 

@@ -66,7 +66,7 @@ BAD = [
     (["sae-ablate", "--features", "3", "--positions", "99"], "--positions must be"),
     (["sae-ablate", "--features", "3", "--positions", "x"], "--positions"),
     (["sae-ablate", "--prompt", "the capital of france is", "--prompt", "the capital of the france is",
-      "--answer", "paris"], "same number of tokens"),
+      "--answer", "paris"], "one token count"),
     (["sae-train", "--k", "0"], "--k must be"),
     (["sae-train", "--lr", "nan"], "positive finite"),
     (["sae-train", "--l1-coefficient", "inf", "--architecture", "standard"], "positive finite"),

@@ -31,8 +31,10 @@ def test_saved_metadata_describes_the_model_as_it_was_run(toy_engine, toy_model_
     meta = json.loads((out / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == HOOK and meta["model_name"] == "mechscope-toy"
     assert meta["context_size"] == 32 and meta["prepend_bos"] is True and meta["exclude_special_tokens"] is True
-    # sae-lens's default {"center_writing_weights": False} would misdescribe the folded model
-    assert meta["model_from_pretrained_kwargs"] == dict.fromkeys(saes.PROCESSING, True)
+    # sae-lens's default {"center_writing_weights": False} would misdescribe the folded model; mechscope never
+    # folds value biases (so hook_z equals the output projection's input on every engine)
+    assert meta["model_from_pretrained_kwargs"] == {"fold_ln": True, "center_writing_weights": True,
+                                                    "center_unembed": True, "fold_value_biases": False}
     assert type(sae).__name__ == "TopKSAE" and sae.cfg.k == 4
     saes.check_fits(sae, toy_engine)
     with pytest.raises(BadInput, match="center_writing_weights"):

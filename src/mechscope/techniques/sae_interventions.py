@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from mechscope import stats
 from mechscope.techniques import sae as saes
-from mechscope.techniques.steering import add_vector_hook
+from mechscope.techniques.steering import add_vector_edit
 
 CONTROL_KINDS = ("random_feature", "random_direction")
 
@@ -38,8 +38,8 @@ CONTROL_KINDS = ("random_feature", "random_direction")
 # ------------------------------------------------------------------------------------------- steering
 def add_direction(vector: torch.Tensor, from_position: int = 1):
     """An engine edit adding vector [d_in] at every position >= from_position (and at every KV-cache step)."""
-    hook = add_vector_hook(vector, from_position)
-    return lambda x: hook(saes.flat_heads(x), None).reshape(x.shape)
+    edit = add_vector_edit(vector, from_position)
+    return lambda x: edit(saes.flat_heads(x)).reshape(x.shape)
 
 
 def control_directions(sae, feature: int, n: int, live: torch.Tensor | None = None, seed: int = 0) -> dict:
