@@ -50,6 +50,12 @@ def test_curves_are_recorded_and_training_learns(tiny_sae):
     assert curves[-1]["mse"] < curves[0]["mse"]
 
 
+def test_the_command_offers_every_trainable_architecture():
+    from mechscope.commands import sae_train
+
+    assert sae_train.ARCHITECTURES == st.ARCHITECTURES
+
+
 def test_training_refuses_other_engines():
     with pytest.raises(BadInput, match="--backend tl"):
         st.require_trainable(types.SimpleNamespace(name="nnsight"), HOOK)

@@ -18,11 +18,11 @@ also copies cfg.json and sae_weights.safetensors into a directory (how the shipp
 `make sae`). Needs --backend tl: sae-lens's runner drives a transformer-lens HookedTransformer.
 """
 HELP = "train a sparse autoencoder with sae-lens (curves, checkpoints, correct metadata)"
+ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")  # = techniques.sae_training.ARCHITECTURES, without torch
 
 
 def add_arguments(parser):
     from mechscope.commands.sae_eval import add_data_arguments
-    from mechscope.techniques.sae_training import ARCHITECTURES
 
     parser.add_argument("--hook", default="blocks.1.hook_resid_pre", help="site to train on (default: %(default)s)")
     parser.add_argument("--architecture", default="topk", choices=ARCHITECTURES, help="(default: %(default)s)")
