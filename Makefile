@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-tl4 test-slow bench model card clean
+.PHONY: install demo test test-tl4 test-slow bench bench-sae model card sae sae-card clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,18 @@ card: $(STAMP)
 
 model: $(STAMP)
 	$(PY) -m mechscope.toy.train
+
+# the SAE shipped for the bundled model (src/mechscope/toy/saes/), then its named features and SAE_CARD.md's numbers
+sae: $(STAMP)
+	$(VENV)/bin/mechscope sae-train --hook blocks.1.hook_resid_pre --architecture topk --d-sae 256 --k 8 \
+		--training-tokens 1000000 --seed 0 --save-to src/mechscope/toy/saes/blocks.1.hook_resid_pre
+	$(PY) -m mechscope.toy.sae_card --write-names
+
+sae-card: $(STAMP)
+	$(PY) -m mechscope.toy.sae_card
+
+bench-sae: $(STAMP)
+	$(PY) bench/sae.py
 
 clean:
 	rm -rf $(VENV) $(VENV_TL4) runs demo_runs

@@ -266,7 +266,7 @@ def test_gradients_agree(pair):
 
 
 def steer(vector, from_position: int = 1):
-    """Add `vector` at every position >= from_position (techniques/steering.add_vector_hook's rule)."""
+    """Add `vector` at every position >= from_position (techniques/steering.add_vector_edit's rule)."""
     def edit(resid):
         if resid.shape[1] == 1:  # a KV-cache step: one generated position
             return resid + vector

@@ -401,6 +401,17 @@ CASES = [
     (["report", "{run_ok}", "--out", "{full}"], "is a directory"),
     (["report", "{run_ok}", "--out", "{a_file}"], "not a mechscope report"),
     (["report", "{run_ok}", "--out", "{under_file}/page.html"], "not a directory"),
+    # ---- SAE commands (SAEs that do not fit the model: tests/test_sae_cli.py)
+    (["sae-eval", "--sae", "/no/such/sae"], "does not exist"),
+    (["sae-eval", "--n-tokens", "0"], "--n-tokens must be"),
+    (["sae-features", "--features", "99999"], "out of range"),
+    (["sae-features", "--prompt", ""], "empty"),
+    (["sae-steer", "--feature", "3", "--strengths", "nan,1"], "finite"),
+    (["sae-steer", "--feature", "3", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["sae-ablate", "--prompt", "the capital of france is"], "needs --answer"),
+    (["sae-ablate", "--features", "3", "--positions", "99"], "--positions must be"),
+    (["sae-train", "--lr", "nan"], "positive finite"),
+    (["sae-train", "--hook", "blocks.7.hook_resid_pre"], "blocks.7.hook_resid_pre"),
 ]
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,11 @@ COMMANDS = {
     "probe": ("probe", "linear probes per layer with controls and confidence intervals"),
     "steer": ("steer", "activation addition steering with a random-direction control"),
     "validate-circuit": ("validate_circuit", "necessity, sufficiency / faithfulness and minimality of a circuit"),
+    "sae-train": ("sae_train", "train a sparse autoencoder with sae-lens (curves, checkpoints, correct metadata)"),
+    "sae-eval": ("sae_eval", "evaluate an SAE: L0, explained variance, CE loss recovered, dead / dense features"),
+    "sae-features": ("sae_features", "SAE features: top features, max-activating contexts, logit effects, HTML page"),
+    "sae-steer": ("sae_steer", "steer generation along an SAE feature, with random-feature / direction controls"),
+    "sae-ablate": ("sae_ablate", "ablate SAE features (error term kept); attribute a metric to features, checked exactly"),
     "new": ("new", "scaffold a new research repository from templates"),
     "report": ("report", "one self-contained offline HTML page from run directories"),
 }

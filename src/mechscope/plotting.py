@@ -244,3 +244,68 @@ def token_heatmap(values, cell_text: Sequence[Sequence[str]], path: Path, row_la
     ax.set_ylabel(ylabel)
     fig.colorbar(im, ax=ax, label=colorbar_label)
     return _save(fig, path)
+
+
+def histogram(values, path: Path, bins: int = 40, title: str = "", xlabel: str = "", ylabel: str = "count") -> Path:
+    """A histogram of values [n] (e.g. log10 feature densities)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    data = _array(values)
+    if data.size:
+        ax.hist(data, bins=bins, color="#2e86c1", alpha=0.85)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+_FEATURE_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>
+body{font-family:sans-serif;margin:1.5em;color:#222;max-width:70em}
+section{border-top:1px solid #ccc;margin-top:1.2em;padding-top:.6em}
+.ex{font-family:monospace;font-size:13px;margin:2px 0;white-space:nowrap;overflow-x:auto}
+.ex span{padding:1px 2px;border-radius:2px}
+.ex span.at{outline:1px solid #c0392b}
+.val{display:inline-block;width:4.5em;color:#666}
+.tok{display:inline-block;margin:1px 3px;padding:1px 4px;border-radius:3px;font-family:monospace;font-size:12px}
+.up{background:#fadbd8}.down{background:#d6eaf8}
+nav a{margin-right:.6em}
+</style></head><body>
+{% macro example(ex, top) %}<div class="ex"><span class="val">{{ "%.2f"|format(ex["values"][ex["at"]]) }}</span>
+{%- for t in ex.tokens %}{% set v = ex["values"][loop.index0] %}<span{% if loop.index0 == ex["at"] %} class="at"{% endif %}
+ style="background:rgba(192,57,43,{{ '%.3f'|format([v / top, 0]|max if top > 0 else 0) }})" title="{{ '%.3f'|format(v) }}">{{ t }}</span>
+{%- endfor %}</div>{% endmacro %}
+<h2>{{ title }}</h2>
+<p>{{ subtitle }}</p>
+<nav>{% for f in features %}<a href="#f{{ f.feature }}">{{ f.label }}</a>{% endfor %}</nav>
+{% for f in features %}
+<section id="f{{ f.feature }}">
+<h3>{{ f.label }}</h3>
+<p>density {{ "%.4f"|format(f.density) }} (active on {{ f.count }} of {{ f.n_tokens }} tokens), max activation
+{{ "%.3f"|format(f.max) }}, mean when active {{ "%.3f"|format(f.mean_active) }}
+{% if f.neuronpedia %} &middot; <a href="{{ f.neuronpedia }}">Neuronpedia</a>{% endif %}</p>
+<p>pushes up: {% for t, v in f.logit_up %}<span class="tok up" title="{{ '%.3f'|format(v) }}">{{ t }}</span>{% endfor %}<br>
+pushes down: {% for t, v in f.logit_down %}<span class="tok down" title="{{ '%.3f'|format(v) }}">{{ t }}</span>{% endfor %}</p>
+<h4>top activations</h4>
+{% for ex in f.top %}{{ example(ex, f.max) }}
+{% endfor %}
+{% for band in f.bands %}<h4>activation quantile {{ band.band }} ({{ "%.2f"|format(band.low) }} to {{ "%.2f"|format(band.high) }})</h4>
+{% for ex in band.examples %}{{ example(ex, f.max) }}
+{% endfor %}{% endfor %}
+</section>
+{% endfor %}
+</body></html>
+"""
+
+
+def feature_pages_html(features: Sequence[dict], path: Path, title: str = "SAE features", subtitle: str = "") -> Path:
+    """One self-contained offline page (no scripts, no network) with a section per feature: its density, logit
+    effect (tokens pushed up / down) and example contexts, each token shaded by the feature's activation.
+    features: [{feature, label, density, count, n_tokens, max, mean_active, neuronpedia, logit_up, logit_down,
+    top: [{tokens, values, at}], bands: [{band, low, high, examples: [...]}]}]."""
+    import jinja2
+
+    page = jinja2.Environment(autoescape=True).from_string(_FEATURE_PAGE)
+    Path(path).write_text(page.render(features=features, title=title, subtitle=subtitle), encoding="utf-8")
+    return Path(path)

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""`python scripts/sae_ablate.py ARGS` is `mechscope sae-ablate ARGS`; run with --help for the arguments."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # works without `pip install -e .`
+from mechscope.cli import main  # noqa: E402
+
+sys.exit(main(["sae-ablate", *sys.argv[1:]]))

@@ -1,0 +1,105 @@
+"""Evaluate an SAE on held-out text: L0, explained variance, MSE, CE loss recovered, dead and dense features.
+
+    mechscope sae-eval                                  # the shipped SAE on 50k held-out tokens of the bundled corpus
+    mechscope sae-eval --sae runs/sae-train-.../sae --n-tokens 200000
+    mechscope sae-eval --sae gpt2-small-res-jb:blocks.8.hook_resid_pre --model gpt2-small --data text.txt
+
+Positions holding BOS / EOS / PAD are left out of every number. CE loss recovered is
+(L_zero - L_spliced) / (L_zero - L_clean) of the next-token loss, with the hook's activation replaced
+by the SAE's reconstruction (spliced) or by zeros (zero) at every non-special position, and a 95%
+bootstrap interval over rows. Dead: never active on the evaluation tokens; dense: active on more than
+10% of them. An SAE trained on another model, hook, width or weight processing is refused. Writes
+density.csv and density_histogram.png.
+
+--sae: mechscope-toy (the SAE shipped for the bundled model), a directory written by sae.save_model /
+`mechscope sae-train`, or RELEASE:SAE_ID from sae-lens's pretrained directory (needs the hub).
+--data: a .txt file, a .jsonl file of {"text": ...} lines, a .pt / .npy tensor of token ids ([rows, seq],
+each row starting with BOS, or 1-D), or a directory saved by `datasets` (tokens / input_ids / text column).
+Without it: held-out sentences of the bundled corpus (a seed other than training's).
+"""
+HELP = "evaluate an SAE: L0, explained variance, CE loss recovered, dead / dense features"
+
+HELD_OUT_SEED = 1000  # the bundled corpus seed for evaluation text (training uses --seed, default 0)
+
+
+def add_sae_argument(parser):
+    parser.add_argument("--sae", default="mechscope-toy",
+                        help="mechscope-toy (shipped), an SAE directory, or RELEASE:SAE_ID (default: %(default)s)")
+
+
+def add_data_arguments(parser, n_tokens: int):
+    parser.add_argument("--data", help="text / jsonl / token-id file or datasets directory (default: the bundled corpus)")
+    parser.add_argument("--n-tokens", type=int, default=n_tokens,
+                        help="tokens of the bundled corpus, or at most this many of --data (default: %(default)s)")
+    parser.add_argument("--context", type=int, help="tokens per row, BOS included (default: the SAE's context size, or 64)")
+
+
+def load_checked_sae(ctx):
+    """The SAE of --sae, refused (BadInput) unless it fits the engine's model."""
+    from mechscope.techniques import sae as saes
+
+    sae = saes.load_sae(ctx.args.sae, device=str(ctx.engine.cfg.device))
+    saes.check_fits(sae, ctx.engine)
+    return sae
+
+
+def rows_from_args(ctx, sae=None, seed: int = HELD_OUT_SEED):
+    """[rows, context] token ids from --data or the bundled corpus (--n-tokens, --context)."""
+    from mechscope.errors import BadInput
+    from mechscope.techniques import sae as saes
+
+    args, engine = ctx.args, ctx.engine
+    context = args.context or (sae.cfg.metadata.context_size if sae is not None else None) or 64
+    if not 2 <= context <= engine.cfg.n_ctx:
+        raise BadInput(f"--context must be in 2..{engine.cfg.n_ctx} (the model's context)")
+    if not 1 <= args.n_tokens <= 50_000_000:
+        raise BadInput("--n-tokens must be in 1..50,000,000")
+    if args.data:
+        return saes.rows_from_file(engine, args.data, context)[: -(-args.n_tokens // context)]
+    return saes.corpus_rows(engine, args.n_tokens, context, seed=seed)
+
+
+def add_arguments(parser):
+    add_sae_argument(parser)
+    add_data_arguments(parser, n_tokens=50_000)
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward (default: %(default)s)")
+
+
+def run(ctx):
+    from mechscope.errors import BadInput
+    from mechscope.techniques import sae_training
+
+    if ctx.args.batch_size < 1:
+        raise BadInput("--batch-size must be at least 1")
+    sae = load_checked_sae(ctx)
+    rows = rows_from_args(ctx, sae)
+    result = sae_training.evaluate(ctx.engine, sae, rows, ctx.args.batch_size)
+    return eval_outputs(ctx.run_dir, sae, result)
+
+
+def eval_outputs(run_dir, sae, result) -> dict:
+    """The result dict, text, density.csv and density_histogram.png of an evaluation (shared with sae-train)."""
+    import math
+
+    from mechscope import plotting
+    from mechscope.techniques import sae as saes
+
+    density = result.density
+    with open(run_dir / "density.csv", "w") as f:
+        f.write("feature,density\n")
+        f.writelines(f"{i},{d:.6g}\n" for i, d in enumerate(density))
+    log_density = [math.log10(d) for d in density if d > 0]
+    plot = plotting.histogram(log_density, run_dir / "density_histogram.png",
+                              title=f"feature density ({sum(d == 0 for d in density)} dead of {len(density)})",
+                              xlabel="log10 fraction of tokens active", ylabel="features")
+    numbers = {k: v for k, v in vars(result).items() if k != "density"}
+    summary = {"sae": saes.describe(sae), **{k: round(v, 5) if isinstance(v, float) else v for k, v in numbers.items()},
+               "files": ["density.csv", plot.name]}
+    text = (f"{sae.cfg.architecture()} SAE at {sae.cfg.metadata.hook_name} ({sae.cfg.d_sae} features), "
+            f"{result.n_tokens} tokens (BOS excluded):\n"
+            f"  L0 {result.l0:.2f} [{result.l0_ci[0]:.2f}, {result.l0_ci[1]:.2f}]  explained variance "
+            f"{result.explained_variance:.3f}  MSE {result.mse:.4g}\n"
+            f"  CE loss {result.ce_clean:.4f} clean, {result.ce_spliced:.4f} spliced, {result.ce_zero:.4f} zero-ablated: "
+            f"{result.ce_recovered:.1%} recovered [{result.ce_recovered_ci[0]:.1%}, {result.ce_recovered_ci[1]:.1%}]\n"
+            f"  dead {result.dead_fraction:.1%}  dense (> 10% of tokens) {result.dense_fraction:.1%}")
+    return {"summary": summary, "text": text, "density": density}

@@ -1,0 +1,127 @@
+"""Train a sparse autoencoder on one hook of a model with sae-lens's training runner.
+
+    mechscope sae-train                                   # TopK (k 16), 1024 features, blocks.1.hook_resid_pre, 1M tokens
+    mechscope sae-train --architecture standard --l1-coefficient 2 --training-tokens 200000
+    mechscope sae-train --data corpus.txt --hook blocks.2.hook_resid_pre --checkpoints 4
+    mechscope sae-train --resume runs/sae-train-.../sae/checkpoints/<id>/<tokens>   # continue from a checkpoint
+
+Architectures: topk (--k active features per token), batchtopk (--k on average over a batch; saved as
+JumpReLU), standard (ReLU with an L1 penalty, --l1-coefficient), jumprelu (--target-l0 through the
+quadratic L0 loss). Data: --data (a .txt / .jsonl / token-id file or a datasets directory) or --n-tokens of
+the bundled corpus, cut into rows of --context tokens that start with BOS; BOS positions are not trained
+on. L0, MSE, explained variance and the dead-feature fraction are printed every --log-every steps
+(stderr) and saved as curves (curves.csv, training_*.png); at the end the SAE is evaluated on --eval-tokens
+held-out tokens (as `mechscope sae-eval`). The SAE is saved in sae-lens's format in RUN_DIR/sae (load it
+with `--sae RUN_DIR/sae` or `SAE.load_from_disk`) with metadata that describes the model as it was run:
+name, hook, context size, prepend_bos, and the weight processing measured from the model. --save-to
+also copies cfg.json and sae_weights.safetensors into a directory (how the shipped SAE is made:
+`make sae`). Needs --backend tl: sae-lens's runner drives a transformer-lens HookedTransformer.
+"""
+HELP = "train a sparse autoencoder with sae-lens (curves, checkpoints, correct metadata)"
+ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")  # = techniques.sae_training.ARCHITECTURES, without torch
+
+
+def add_arguments(parser):
+    from mechscope.commands.sae_eval import add_data_arguments
+
+    parser.add_argument("--hook", default="blocks.1.hook_resid_pre", help="site to train on (default: %(default)s)")
+    parser.add_argument("--architecture", default="topk", choices=ARCHITECTURES, help="(default: %(default)s)")
+    parser.add_argument("--d-sae", type=int, default=1024, help="number of features (default: %(default)s)")
+    parser.add_argument("--k", type=float, default=16, help="topk / batchtopk: active features (default: %(default)s)")
+    parser.add_argument("--l1-coefficient", type=float, default=2.0, help="standard: L1 penalty (default: %(default)s)")
+    parser.add_argument("--target-l0", type=float, default=16, help="jumprelu: target L0 (default: %(default)s)")
+    parser.add_argument("--training-tokens", type=int, default=1_000_000, help="(default: %(default)s)")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per training step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's, 1e-2, cosine to 1e-3)")
+    add_data_arguments(parser, n_tokens=1_000_000)
+    parser.add_argument("--eval-tokens", type=int, default=50_000, help="held-out tokens evaluated at the end; 0 "
+                        "skips (default: %(default)s)")
+    parser.add_argument("--log-every", type=int, default=25, help="steps between curve points (default: %(default)s)")
+    parser.add_argument("--checkpoints", type=int, default=0, help="checkpoints saved during training (default: none)")
+    parser.add_argument("--resume", help="a checkpoint directory of an earlier run to continue from")
+    parser.add_argument("--save-to", help="also copy the SAE's cfg.json and weights into this directory")
+
+
+def _check(args):
+    from pathlib import Path
+
+    from mechscope.errors import BadInput
+
+    if not 1 <= args.d_sae <= 1_000_000:
+        raise BadInput("--d-sae must be in 1..1,000,000")
+    if args.architecture in ("topk", "batchtopk") and not 1 <= args.k <= args.d_sae:
+        raise BadInput(f"--k must be in 1..{args.d_sae} (--d-sae)")
+    for name in ("l1_coefficient", "target_l0", "lr"):
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and value < float("inf")):
+            raise BadInput(f"--{name.replace('_', '-')} must be a positive finite number")
+    if not 1 <= args.batch_tokens <= 1_000_000:
+        raise BadInput("--batch-tokens must be in 1..1,000,000")
+    if not args.batch_tokens <= args.training_tokens <= 10_000_000_000:
+        raise BadInput("--training-tokens must be at least --batch-tokens (one step)")
+    if not 0 <= args.eval_tokens <= 10_000_000 or args.log_every < 1 or not 0 <= args.checkpoints <= 100:
+        raise BadInput("--eval-tokens must be in 0..10,000,000, --log-every >= 1, --checkpoints in 0..100")
+    if args.resume and not (Path(args.resume) / "cfg.json").exists():
+        raise BadInput(f"--resume {args.resume} is not a checkpoint directory (no cfg.json); pass one under "
+                       f"RUN_DIR/sae/checkpoints/")
+
+
+def run(ctx):
+    import shutil
+    import sys
+    import time
+    from pathlib import Path
+
+    from mechscope import plotting
+    from mechscope.commands.sae_eval import eval_outputs, rows_from_args
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_training
+
+    args, engine = ctx.args, ctx.engine
+    _check(args)
+    sae_training.require_trainable(engine, args.hook)
+    args.context = args.context or 64
+    rows = rows_from_args(ctx, seed=args.seed)
+    sparsity = {"topk": args.k, "batchtopk": args.k, "standard": args.l1_coefficient, "jumprelu": args.target_l0}
+
+    def show(p):
+        print(f"step {p['step']}  tokens {p['tokens']}  L0 {p['l0']:.2f}  MSE {p['mse']:.4g}  explained variance "
+              f"{p['explained_variance']:.3f}  dead {p['dead_fraction']:.1%}", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    out = ctx.run_dir / "sae"
+    sae, curves = sae_training.train_on_model(
+        engine, args.hook, rows, out, args.architecture, args.d_sae, sparsity[args.architecture], args.training_tokens,
+        args.batch_tokens, args.lr, args.seed, dataset_name=args.data or f"mechscope-toy corpus (seed {args.seed})",
+        n_checkpoints=args.checkpoints, resume_from=args.resume, log_every=args.log_every, print_fn=show)
+    seconds = time.perf_counter() - started
+    with open(ctx.run_dir / "curves.csv", "w") as f:
+        f.write(",".join(curves[0]) + "\n")
+        f.writelines(",".join(f"{v:.6g}" for v in p.values()) + "\n" for p in curves)
+    tokens = [p["tokens"] for p in curves]
+    plots = [plotting.lines({label: [p[key] for p in curves]}, ctx.run_dir / f"training_{key}.png", x=tokens,
+                            title=f"{args.architecture} SAE at {args.hook}", xlabel="training tokens", ylabel=label)
+             for key, label in (("l0", "L0 (active features per token)"), ("explained_variance", "explained variance"),
+                                ("dead_fraction", "dead-feature fraction"))]
+    result = {"summary": {}, "text": ""}
+    if args.eval_tokens:
+        held_out = saes.corpus_rows(engine, args.eval_tokens, rows.shape[1], seed=args.seed + 1000) if not args.data \
+            else rows[-max(1, args.eval_tokens // rows.shape[1]):]
+        result = eval_outputs(ctx.run_dir, sae, sae_training.evaluate(engine, sae, held_out))
+    if args.save_to:
+        target = Path(args.save_to)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("cfg.json", "sae_weights.safetensors"):
+            shutil.copy(out / name, target / name)
+    checkpoints = sorted(str(p.relative_to(ctx.run_dir)) for p in (out / "checkpoints").glob("*/*") if p.is_dir())
+    throughput = args.training_tokens / seconds
+    summary = {"sae_dir": str(out), "hook": args.hook, "architecture": args.architecture, "d_sae": args.d_sae,
+               "training_tokens": args.training_tokens, "corpus_tokens": int(rows.numel()),
+               "epochs": round(args.training_tokens / rows.numel(), 2), "seconds": round(seconds, 1),
+               "tokens_per_second": round(throughput), "final": curves[-1], "checkpoints": checkpoints,
+               "evaluation": result["summary"], "saved_to": args.save_to,
+               "files": ["curves.csv", *[p.name for p in plots], *result["summary"].get("files", [])]}
+    text = (f"trained {args.architecture} SAE ({args.d_sae} features) at {args.hook} on {args.training_tokens} tokens "
+            f"in {seconds:.0f} s ({throughput:.0f} tokens/s): final L0 {curves[-1]['l0']:.2f}, explained variance "
+            f"{curves[-1]['explained_variance']:.3f}\n" + result["text"] + f"\nSAE: {out}")
+    return {"summary": summary, "text": text, "curves": curves, "evaluation": result.get("summary")}

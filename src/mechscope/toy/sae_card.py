@@ -1,0 +1,233 @@
+"""The measurements behind SAE_CARD.md: the shipped SAE's quality, and its named features with max-activating
+examples and causal tests.
+
+    python -m mechscope.toy.sae_card                  # the card's numbers as JSON (stdout)
+    python -m mechscope.toy.sae_card --write-names    # find the named features by rule, write features.json
+
+Named features are found by rule, not picked by hand, so a retrained SAE gets them back. A feature is
+"pure" for a word group when at least 90% of its 20 largest activations on the corpus are on that group.
+- capital_of: the top feature (mean activation) at "of" in the 23 prompts "the capital of X is";
+- country: of the features pure for countries, the one active on the most X positions of those prompts;
+- person_name: of the features pure for names, the one active on the most name positions (IO, S1, S2) of
+  held-out IOI prompts.
+Causal tests (error term kept), each against random controls: live features and Gaussian directions of the
+feature's norm for steering, random features active at the same positions for ablation:
+- steering: strength = the feature's largest corpus activation, added at every position of 16 prompts
+  without a name or place; measured: the next-token log-probability of the target words (capital_of:
+  countries, country: capital cities, person_name: names) and their share of 8 generated tokens;
+- ablation: capital_of at "of" in "<a filler sentence> the capital of" (log P(a country next));
+  country at X in "the capital of X is" (the answer's logit minus the mean logit); person_name at IO, S1
+  and S2 of IOI prompts (the logit difference IO - S).
+The tests (tests/test_sae_card.py) assert what these show on the shipped weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+
+import torch
+
+from mechscope.toy import corpus
+
+PURITY = 0.9
+N_CONTROLS = 8
+WORDS = {"country": list(corpus.CAPITALS), "city": sorted(set(corpus.CAPITALS.values()) | set(corpus.LANDMARKS.values())),
+         "person_name": list(corpus.NAMES)}
+DESCRIPTIONS = {
+    "capital_of": "fires on 'of' after 'capital' (the capital of ...): a country comes next",
+    "country": "fires on country tokens in fact sentences (the capital of [norway] is oslo)",
+    "person_name": "fires on person names, most at the start of a clause ([adam] gave a phone ...)",
+}
+TARGETS = {"capital_of": "country", "country": "city", "person_name": "person_name"}   # what steering should raise
+
+
+def word_ids(engine, group: str) -> list[int]:
+    return sorted({int(engine.to_tokens(w, prepend_bos=False)[0, 0]) for w in WORDS[group]})
+
+
+def steer_prompts(n: int = 16, seed: int = 0) -> list[str]:
+    """Prompts without a person or place name, of one length: filler sentences cut before their object."""
+    rng = random.Random(seed)
+    return [f"the {rng.choice(corpus.FILLER_ADJECTIVES)} {rng.choice(corpus.FILLER_NOUNS)} "
+            f"{rng.choice(corpus.FILLER_VERBS)} the" for _ in range(n)]
+
+
+def filler_sentences(n: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(corpus.filler_sentence(rng)) for _ in range(n)]
+
+
+def _share_in(values: torch.Tensor, index: torch.Tensor, flat: torch.Tensor, ids: list[int]) -> float:
+    """Share of the entries with values > 0 whose token (flat[index]) is in ids."""
+    index = index[values > 0]
+    return float(torch.isin(flat[index], torch.tensor(ids)).float().mean()) if len(index) else 0.0
+
+
+def find_names(engine, sae, search, rows) -> dict[str, int]:
+    """{name: feature index} by the rules of the module docstring. search: sae_features.max_activating over all
+    features of the corpus rows."""
+    from mechscope import tasks
+    from mechscope.techniques import sae_features as sf
+
+    flat = rows.reshape(-1)
+    pure = {g: [j for j in search.features if _share_in(search.top_values[j], search.top_index[j], flat,
+                                                       word_ids(engine, g)) >= PURITY] for g in ("country", "person_name")}
+    capitals = [engine.to_tokens(f"the capital of {c} is")[0] for c in corpus.CAPITALS]
+    at_of = sf.acts_at(engine, sae, capitals, [3] * len(capitals)).mean(0)
+    on_country = (sf.acts_at(engine, sae, capitals, [4] * len(capitals)) > 0).float().mean(0)
+    ioi_rows, named = tasks.load_task(engine, "ioi", n=64, seed=0).tokens(engine)
+    on_names = sum((sf.acts_at(engine, sae, ioi_rows, named[p].tolist()) > 0).float().mean(0) for p in ("IO", "S1", "S2"))
+    most = lambda score, allowed: max(allowed, key=lambda j: (float(score[j]), -j))  # noqa: E731
+    return {"capital_of": int(at_of.argmax()), "country": most(on_country, pure["country"]),
+            "person_name": most(on_names, pure["person_name"])}
+
+
+def _examples(engine, sae, rows, search, feature: int, scale: float) -> dict:
+    """Max-activating contexts, quantile-band examples and the logit effect of one feature."""
+    from mechscope.commands.sae_features import context_text
+    from mechscope.techniques import sae_features as sf
+
+    top = search.top_index[feature][search.top_values[feature] > 0]
+    flat = rows.reshape(-1)
+    up, down = sf.top_tokens(engine, sf.logit_effects(engine, sae, [feature], scale))
+    return {"density": float(search.count[feature] / search.n_tokens), "max_activation": float(search.top_values[feature, 0]),
+            "top_tokens": [engine.to_single_str_token(int(flat[i])) for i in top],
+            "top_contexts": [context_text(c) for c in sf.contexts(engine, sae, rows, feature, top[:6].tolist())],
+            "quantile_examples": {b["band"]: [context_text(c) for c in sf.contexts(
+                engine, sae, rows, feature, [i for _, i in b["examples"]])] for b in sf.quantile_examples(search, feature, 2)},
+            "logit_up": [t for t, _ in up[0]], "logit_down": [t for t, _ in down[0]]}
+
+
+def _steering(engine, sae, feature: int, strength: float, target: str, live) -> dict:
+    """Steer at 0 and `strength` on steer_prompts(): log P(target words) and their share of generated tokens."""
+    from mechscope.techniques import sae_interventions as si
+
+    prompts = [engine.to_tokens(p)[0] for p in steer_prompts()]
+    sweep = si.steering_sweep(engine, sae, feature, prompts, [0.0, strength], word_ids(engine, target),
+                              max_new_tokens=8, n_controls=N_CONTROLS, live=live, seed=0)
+    (base, steered), controls = sweep.effects, sweep.controls[1]
+    return {"strength": strength, "target": target, "n_prompts": len(prompts),
+            "log_mass": [base["log_mass"]["mean"], steered["log_mass"]["mean"]],
+            "log_mass_ci": [steered["log_mass"]["ci_low"], steered["log_mass"]["ci_high"]],
+            "share": [base["share"]["mean"], steered["share"]["mean"]],
+            "controls_log_mass_max": {k: controls[k]["log_mass"]["high"] for k in si.CONTROL_KINDS},
+            "controls_share_max": {k: controls[k]["share"]["high"] for k in si.CONTROL_KINDS},
+            "fluency_cost": [base["fluency_cost"]["mean"], steered["fluency_cost"]["mean"]]}
+
+
+def _ablation(engine, sae, feature: int, tokens, mask, metric, what: str) -> dict:
+    """Zero-ablate the feature at mask [n, seq] (error term kept) and as many random active features there."""
+    from mechscope import stats
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_interventions as si
+
+    clean, ablated = si.ablate(engine, sae, tokens, metric, [feature], mask)
+    active = saes.feature_acts(engine, sae, tokens)[mask.to(tokens.device)][None]
+    controls = [float((si.ablate(engine, sae, tokens, metric, s, mask)[1] - clean).mean())
+                for s in si.random_active_sets(active, 1, N_CONTROLS, [feature], seed=0)]
+    return {"metric": what, "n_prompts": len(tokens), "clean": float(clean.mean()),
+            "effect": stats.summary(ablated - clean), "controls": controls}
+
+
+def _ablation_tests(engine, sae, names: dict[str, int]) -> dict[str, dict]:
+    """The three ablations of the module docstring."""
+    from mechscope import tasks
+    from mechscope.commands.sae_ablate import make_metric
+    from mechscope.techniques.probing import right_padded
+
+    ids = lambda words: torch.tensor([int(engine.to_tokens(w, prepend_bos=False)[0, 0]) for w in words])  # noqa: E731
+    out = {}
+    # capital_of at "of": is a country predicted next?
+    rows = [engine.to_tokens(f"{s} the capital of")[0] for s in filler_sentences(32)]
+    tokens, last = right_padded(rows), torch.tensor([len(r) - 1 for r in rows])
+    countries = torch.tensor(word_ids(engine, "country"))
+    at = lambda logits: logits[torch.arange(len(logits)), last.repeat(len(logits) // len(last))].float()  # noqa: E731
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[torch.arange(len(tokens)), last] = True
+    out["capital_of"] = _ablation(engine, sae, names["capital_of"], tokens, mask,
+                                  lambda lg: at(lg).log_softmax(-1)[:, countries].logsumexp(-1), "log P(country next)")
+    # country at X: the answer's logit against the others
+    tokens = torch.cat([engine.to_tokens(f"the capital of {c} is") for c in corpus.CAPITALS])
+    answers = ids(corpus.CAPITALS.values())
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[:, 4] = True
+
+    def answer_logit(logits):
+        lg = logits[:, -1].float()
+        return lg[torch.arange(len(lg)), answers.repeat(len(lg) // len(answers))] - lg.mean(-1)
+    out["country"] = _ablation(engine, sae, names["country"], tokens, mask, answer_logit, "answer logit - mean logit")
+    # person_name at IO, S1, S2: the IOI logit difference
+    prompt_set = tasks.load_task(engine, "ioi", n=64, seed=1)
+    rows, named = prompt_set.tokens(engine)
+    tokens = right_padded(rows)
+    metric = make_metric(ids([p.answer for p in prompt_set.prompts]), ids([p.wrong for p in prompt_set.prompts]),
+                         named[tasks.END])
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    for p in ("IO", "S1", "S2"):
+        mask[torch.arange(len(tokens)), named[p]] = True
+    out["person_name"] = _ablation(engine, sae, names["person_name"], tokens, mask, metric, "IOI logit diff (IO - S)")
+    return out
+
+
+def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens: int = 100_000,
+            names: dict[str, int] | None = None) -> dict:
+    """The card: evaluation, the rule-found names, and for each named feature (`names`, default: the rule's)
+    its examples, purity, logit effect and causal tests."""
+    from mechscope.models import load_model
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_features as sf
+    from mechscope.techniques import sae_training
+
+    engine = engine or load_model("mechscope-toy", backend="tl", device="cpu")
+    sae = sae or saes.load_sae(saes.SHIPPED_RELEASE)
+    saes.check_fits(sae, engine)
+    quality = sae_training.evaluate(engine, sae, saes.corpus_rows(engine, n_eval_tokens, 64, seed=1000))
+    rows = saes.corpus_rows(engine, n_search_tokens, 64, seed=1001)
+    search = sf.max_activating(engine, sae, rows, None, k=20)
+    found = find_names(engine, sae, search, rows)
+    names = names or found
+    scale = sf.final_scale(engine, rows)
+    live = saes.live_features(engine, sae)
+    capital = int(engine.to_tokens("capital", prepend_bos=False)[0, 0])
+    features = {}
+    for name, feature in names.items():
+        entry = {"feature": feature, "description": DESCRIPTIONS[name], **_examples(engine, sae, rows, search, feature, scale)}
+        top = search.top_index[feature][search.top_values[feature] > 0]
+        if name == "capital_of":
+            entry["top20_after_capital"] = float((rows.reshape(-1)[top - 1] == capital).float().mean())
+        else:
+            group = word_ids(engine, name)
+            entry["top20_purity"] = _share_in(search.top_values[feature], search.top_index[feature], rows.reshape(-1), group)
+            entry["sample_purity"] = _share_in(search.sample_values[feature], search.sample_index[feature],
+                                               rows.reshape(-1), group)
+        entry["steering"] = _steering(engine, sae, feature, float(round(entry["max_activation"])), TARGETS[name], live)
+        features[name] = entry
+    for name, result in _ablation_tests(engine, sae, names).items():
+        features[name]["ablation"] = result
+    return {"sae": saes.describe(sae), "evaluation": {k: v for k, v in vars(quality).items() if k != "density"},
+            "n_search_tokens": search.n_tokens, "names": names, "names_found_by_rule": found, "features": features}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write-names", action="store_true", help="write the rule-found names to features.json")
+    args = parser.parse_args(argv)
+    from mechscope.techniques import sae as saes
+
+    shipped = {k: int(v["feature"]) for k, v in saes.named_features(saes.SHIPPED_RELEASE).items()}
+    card = measure(names=None if args.write_names else shipped or None)
+    if args.write_names:
+        out = {name: {"feature": feature, "description": DESCRIPTIONS[name], "steer_prompts": steer_prompts(),
+                      "strengths": [0, card["features"][name]["steering"]["strength"]],
+                      "target_words": WORDS[TARGETS[name]]}
+               for name, feature in card["names_found_by_rule"].items()}
+        path = saes.shipped_saes()[saes.DEFAULT_SHIPPED_ID] / "features.json"
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+    print(json.dumps(card, indent=1))
+
+
+if __name__ == "__main__":
+    main()
