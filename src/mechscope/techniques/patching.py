@@ -66,10 +66,12 @@ class Metric:
 
     score(logits, prompt, clean_logits) -> [n]: logits [n, d_vocab] at each row's read position (float32),
     prompt [n] the index of the prompt each row belongs to, clean_logits [n_prompts, d_vocab] the clean
-    run's logits at the read positions.
+    run's logits at the read positions. logit_pair: (answer [n], wrong [n]) token ids when the score is
+    logit[answer] - logit[wrong] (a linear metric): the tl engine then unembeds those two columns only.
     """
     name: str
     score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    logit_pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, logits, prompt, clean_logits):
         return self.score(logits, prompt, clean_logits)
@@ -82,7 +84,7 @@ def logit_diff_metric(answer, wrong) -> Metric:
     def score(logits, prompt, clean_logits):
         a, w = answer.to(logits.device), wrong.to(logits.device)
         return metrics.logit_diff(logits, a[prompt % len(a)], w[prompt % len(w)])
-    return Metric("logit_diff", score)
+    return Metric("logit_diff", score, (answer, wrong))
 
 
 def answer_prob_metric(answer) -> Metric:
@@ -388,7 +390,7 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     clean = "source" if mode == "denoise" else "target"
     if engine.name == "tl" and implementation == "auto":
         sweep = hooked_sweep.sweep(engine.model, source, target, site, metric, read, layers, by_position, clean,
-                                   edits, batch_size, suffix_groups)
+                                   edits, batch_size, suffix_groups, getattr(metric, "logit_pair", None))
     else:
         sweep = _generic_sweep(engine, source, target, site, metric, read, layers, by_position, clean, edits,
                                batch_size)
