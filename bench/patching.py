@@ -137,12 +137,19 @@ def matmul_rate(cfg, seq: int, repeats: int = 20) -> float:
     return repeats * 2 * rows * cfg.d_model * cfg.d_mlp / (time.perf_counter() - start)
 
 
-def bounds(model, clean, corrupted, sweep: str) -> tuple[float, float]:
-    """(bound, strict bound) in seconds: bound_macs over every position / after the first differing token."""
+def timed_with_bound(fn, model, clean, corrupted, sweep: str, repeats: int = 3):
+    """(median seconds of fn, (bound, strict bound) seconds, fn's result): bound_macs over every position /
+    after the first differing token, at the matmul rate measured just before each of the `repeats` timings (on
+    a shared machine the rate moves with the load; both medians come from the same interleaved rounds)."""
     seq = clean.shape[1]
     first = int((clean != corrupted).any(0).nonzero()[0])
-    rate = matmul_rate(model.cfg, seq)
-    return bound_macs(model.cfg, seq, sweep) / rate, bound_macs(model.cfg, seq, sweep, first) / rate
+    rates, runs = [], []
+    for _ in range(repeats):
+        rates.append(matmul_rate(model.cfg, seq))
+        runs.append(timed(fn))
+    rate = sorted(rates)[repeats // 2]
+    bound = (bound_macs(model.cfg, seq, sweep) / rate, bound_macs(model.cfg, seq, sweep, first) / rate)
+    return sorted(t for t, _ in runs)[repeats // 2], bound, runs[0][1]
 
 
 def row(name, t_ours, bound, t_tl, t_tut=None, diff=None, diff_tut=None):
@@ -263,22 +270,25 @@ def main():
     clean, corrupted = make_tokens(15)
     model(clean)  # warm-up
     header("GPT-2-small shape (12 layers, d_model 768, 12 heads, d_mlp 3072, vocab 50257), 15 tokens, CPU fp32")
-    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
+    t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean, corrupted,
+                                         "resid_pre")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
     t_tut = d_tut = None
     if not args.quick:
         t_tut, v_tut = timed(lambda: tutorial_sweep(model, clean, corrupted))
         d_tut = (v_ms - v_tut).abs().max().item()
-    row("resid_pre layer x pos (180 cells)", t_ms, bounds(model, clean, corrupted, "resid_pre"), t_tl, t_tut,
+    row("resid_pre layer x pos (180 cells)", t_ms, bound, t_tl, t_tut,
         (v_ms - v_tl).abs().max().item(), d_tut)
-    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "z", by_position=False))
+    t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "z", by_position=False), model, clean,
+                                         corrupted, "z_all_pos")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
-    row("head out all_pos (144 cells)", t_ms, bounds(model, clean, corrupted, "z_all_pos"), t_tl, None,
+    row("head out all_pos (144 cells)", t_ms, bound, t_tl, None,
         (v_ms - v_tl).abs().max().item())
     if not args.quick:
-        t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z"))
+        t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "z"), model, clean, corrupted,
+                                             "z_by_pos")
         t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
-        row("head out by_pos (2160 cells)", t_ms, bounds(model, clean, corrupted, "z_by_pos"), t_tl, None,
+        row("head out by_pos (2160 cells)", t_ms, bound, t_tl, None,
             (v_ms - v_tl.permute(0, 2, 1)).abs().max().item())
     attribution_cost(model, clean, corrupted)
 
@@ -288,13 +298,15 @@ def main():
     model = make_model(4, 256)
     clean, corrupted = make_tokens(64)
     header("4 layers, d_model 256, 4 heads, d_mlp 1024, vocab 50257, 64 tokens, CPU fp32")
-    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
+    t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean, corrupted,
+                                         "resid_pre")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
-    row("resid_pre layer x pos (256 cells)", t_ms, bounds(model, clean, corrupted, "resid_pre"), t_tl, None,
+    row("resid_pre layer x pos (256 cells)", t_ms, bound, t_tl, None,
         (v_ms - v_tl).abs().max().item())
-    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "z", by_position=False))
+    t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "z", by_position=False), model, clean,
+                                         corrupted, "z_all_pos")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
-    row("head out all_pos (16 cells)", t_ms, bounds(model, clean, corrupted, "z_all_pos"), t_tl, None,
+    row("head out all_pos (16 cells)", t_ms, bound, t_tl, None,
         (v_ms - v_tl).abs().max().item())
 
     print("\nscaling with sequence length: resid_pre layer x pos, 4 layers, d_model 256 (* = TL timed on 16 cells x n_cells / 16)")
@@ -303,8 +315,8 @@ def main():
     for seq in (16, 64, 256):
         clean, corrupted = make_tokens(seq)
         n_cells = 4 * seq
-        t_ms, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"), 3 if seq < 256 else 1)
-        bound, strict = bounds(model, clean, corrupted, "resid_pre")
+        t_ms, (bound, strict), _ = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean,
+                                                    corrupted, "resid_pre")
         sample = pd.DataFrame({"layer": [i % 4 for i in range(16)], "pos": [(i * 7) % seq for i in range(16)]})
         t_cache, (_, clean_cache) = timed(lambda: model.run_with_cache(clean))
         t_cells, _ = timed(lambda: tlp.generic_activation_patch(

@@ -77,14 +77,13 @@ def cell_mask(site: str, shape: torch.Size, n_cells: int, pos: torch.Tensor | No
 # ---------------------------------------------------------------------------------------------- runs
 def final_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function [n, d_model] final residual -> [n, d_vocab] logits: ln_final, unembed, soft cap, as
-    model.forward. The unembed's transposed copy (transformer-lens makes one on every call: 154 MB for
-    GPT-2) is made once here."""
-    weight = model.unembed.W_U.T.contiguous()
+    model.forward (without the transposed copy of W_U that transformer-lens makes on every call: 154 MB for
+    GPT-2)."""
     cap = model.cfg.output_logits_soft_cap
 
     def readout(resid):
         x = model.ln_final(resid[:, None])[:, 0] if model.cfg.normalization_type is not None else resid
-        logits = torch.nn.functional.linear(x, weight, model.unembed.b_U)
+        logits = torch.addmm(model.unembed.b_U, x, model.unembed.W_U)
         return cap * torch.tanh(logits / cap) if cap is not None and cap > 0 else logits
     return readout
 
@@ -111,17 +110,22 @@ def _hooks(edits: Sequence[tuple[str, Callable]]) -> list:
     return [(site, lambda act, hook, fn=fn: fn(act)) for site, fn in edits]
 
 
-def cached_run(model, tokens: torch.Tensor, read: torch.Tensor, names: list[str], readout=None, edits=()):
-    """One forward caching `names`, with logits at `read` only. tokens [n, seq], read [n] positions ->
-    (logits [n, d_vocab] float32, {name: activation}). readout: final_logits(model), if already made."""
+def cached_runs(model, source: torch.Tensor, target: torch.Tensor, read: torch.Tensor, source_names: list[str],
+                target_names: list[str], readout: Callable, edits=()):
+    """The source and target runs as one batched forward (the weights are streamed once), caching the names
+    each needs, with logits at `read` only. source, target: [n, seq] tokens, read [n] positions ->
+    (source logits, target logits: [n, d_vocab] float32, source cache, target cache: {name: activation})."""
+    n_prompts = len(source)
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    tokens = torch.cat([source, target])
     with model.hooks(fwd_hooks=_hooks(edits)):
-        _, cache = model.run_with_cache(tokens, names_filter=list(names) + [final], return_type=None,
-                                        attention_mask=torch.ones_like(tokens))
-    cache = dict(cache.items())
+        _, cache = model.run_with_cache(tokens, names_filter=sorted({*source_names, *target_names, final}),
+                                        return_type=None, attention_mask=torch.ones_like(tokens))
     rows = torch.arange(len(tokens), device=tokens.device)
-    logits = (readout or final_logits(model))(cache[final][rows, read.to(tokens.device)])
-    return logits.float(), cache
+    logits = readout(cache[final][rows, read.to(tokens.device).repeat(2)]).float()
+    source_cache = {name: cache[name][:n_prompts] for name in source_names}
+    target_cache = {name: cache[name][n_prompts:] for name in {*target_names, final}}
+    return logits[:n_prompts], logits[n_prompts:], source_cache, target_cache
 
 
 def _kv_entry(keys, values):
@@ -299,11 +303,39 @@ def _attention(attn, q, k, v, first_pos: torch.Tensor, prefix_k, prefix_v, n_pro
     return z
 
 
+FUSED_ACTIVATIONS = {"gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+                     "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+                     "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu, "silu": torch.nn.functional.silu}
+
+
+def _norm(module, x: torch.Tensor) -> torch.Tensor:
+    """A transformer-lens norm module on rows x [R, d_model]: LayerNorm / LayerNormPre as one fused
+    F.layer_norm in float32 (the same arithmetic as transformer-lens' five passes), others through the module."""
+    from transformer_lens.components import LayerNorm, LayerNormPre
+
+    if x.dtype == torch.float32 and isinstance(module, (LayerNorm, LayerNormPre)):
+        weight, bias = (module.w, module.b) if isinstance(module, LayerNorm) else (None, None)
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, module.eps)
+    return module(x[None])[0]
+
+
+def _mlp(block, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP on normalised rows x [R, d_model]: a plain MLP with its activation as one fused kernel
+    (gelu_new = tanh-approximate gelu), others (gated, LN activations) through the module."""
+    from transformer_lens.components import MLP
+
+    mlp = block.mlp
+    act = FUSED_ACTIVATIONS.get(block.cfg.act_fn)
+    if type(mlp) is not MLP or act is None:
+        return mlp(x[None])[0]
+    return torch.addmm(mlp.b_out, act(torch.addmm(mlp.b_in, x, mlp.W_in)), mlp.W_out)
+
+
 def _attention_in(block, x: torch.Tensor, pos: torch.Tensor, weights):
     """Queries, keys, values [R, heads, d_head] of packed residual rows x [R, d_model] at positions pos [R]."""
     attn, cfg = block.attn, block.cfg
     w_qkv, b_qkv, _, _ = weights
-    qkv = torch.nn.functional.linear(block.ln1(x[None])[0], w_qkv, b_qkv)
+    qkv = torch.nn.functional.linear(_norm(block.ln1, x), w_qkv, b_qkv)
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     q, k, v = qkv.split([cfg.n_heads * cfg.d_head, n_kv * cfg.d_head, n_kv * cfg.d_head], -1)
     q, k, v = (t.unflatten(-1, (-1, cfg.d_head)) for t in (q, k, v))
@@ -319,14 +351,14 @@ def _block_out(block, resid: torch.Tensor, z: torch.Tensor, weights) -> torch.Te
     _, _, w_o, b_o = weights
     attn_out = torch.nn.functional.linear(z.flatten(1), w_o, b_o)
     if cfg.use_normalization_before_and_after:
-        attn_out = block.ln1_post(attn_out[None])[0]
+        attn_out = _norm(block.ln1_post, attn_out)
     if cfg.attn_only:
         return resid + attn_out
     mid = resid + attn_out
-    mlp_out = block.mlp(block.ln2((resid if cfg.parallel_attn_mlp else mid)[None]))
+    mlp_out = _mlp(block, _norm(block.ln2, resid if cfg.parallel_attn_mlp else mid))
     if cfg.use_normalization_before_and_after:
-        mlp_out = block.ln2_post(mlp_out)
-    return mid + mlp_out[0]
+        mlp_out = _norm(block.ln2_post, mlp_out)
+    return mid + mlp_out
 
 
 def _entry_rows(site: str, block: int, cells: Cells, rows, source: dict, target: dict, n_layers: int):
@@ -457,8 +489,8 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
     if packed and site.endswith("attn.hook_z"):
         target_names += [site.format(i) for i in layers]
     readout = final_logits(model)
-    source_logits, source_cache = cached_run(model, source, read, [site.format(i) for i in layers], readout, edits)
-    target_logits, target_cache = cached_run(model, target, read, target_names, readout, edits)
+    source_logits, target_logits, source_cache, target_cache = cached_runs(
+        model, source, target, read, [site.format(i) for i in layers], target_names, readout, edits)
     clean_logits = source_logits if clean == "source" else target_logits
     prompt = torch.arange(n_prompts, device=device)
     target_value = metric(target_logits, prompt, clean_logits)
