@@ -2,6 +2,7 @@
 
     python bench/patching.py            # everything (about 20 minutes on 2 CPU cores)
     python bench/patching.py --quick    # no tutorial loop, no TL per-head-by-position sweep, no large shapes
+    python bench/patching.py --bound    # the sweeps against the compute bound and transformer-lens (~10 minutes)
     python bench/patching.py --engines  # only mechscope on nnsight / bridge / tl vs the naive nnsight loop and
                                         # transformer_lens.patching on the bridge (a few minutes)
 
@@ -155,10 +156,11 @@ def timed_with_bound(fn, model, clean, corrupted, sweep: str, repeats: int = 3):
 def row(name, t_ours, bound, t_tl, t_tut=None, diff=None, diff_tut=None):
     """One table row; bound: (bound, strict bound) seconds."""
     tut_txt = f"{t_tut:9.2f}" if t_tut is not None else "        -"
+    tl_txt, ratio_tl = (f"{t_tl:8.2f}", f"{t_tl / t_ours:7.1f}x") if t_tl is not None else ("       -", "       -")
     ratio_tut = f"{t_tut / t_ours:8.1f}x" if t_tut is not None else "        -"
     diffs = (f"{diff:.1e}" if diff is not None else "-") + (f" / {diff_tut:.1e}" if diff_tut is not None else "")
     print(f"{name:34s} {t_ours:8.2f} {bound[0]:7.2f} {t_ours / bound[0]:6.2f}x {bound[1]:7.2f} {t_ours / bound[1]:6.2f}x "
-          f"{t_tl:8.2f} {tut_txt}  {t_tl / t_ours:7.1f}x {ratio_tut}   {diffs}", flush=True)
+          f"{tl_txt} {tut_txt}  {ratio_tl} {ratio_tut}   {diffs}", flush=True)
 
 
 def header(title):
@@ -249,6 +251,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the tutorial loop, TL's head-by-position sweep and the large shapes")
     parser.add_argument("--engines", action="store_true", help="only the engines comparison (nnsight, bridge, tl)")
+    parser.add_argument("--bound", action="store_true", help="only the sweeps against the compute bound and "
+                        "transformer-lens (no tutorial loop, no head-by-position sweep, no engines section)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     global pd, torch, tl, tlp, patching  # imported here: --help stays fast
@@ -274,7 +278,7 @@ def main():
                                          "resid_pre")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
     t_tut = d_tut = None
-    if not args.quick:
+    if not (args.quick or args.bound):
         t_tut, v_tut = timed(lambda: tutorial_sweep(model, clean, corrupted))
         d_tut = (v_ms - v_tut).abs().max().item()
     row("resid_pre layer x pos (180 cells)", t_ms, bound, t_tl, t_tut,
@@ -287,12 +291,15 @@ def main():
     if not args.quick:
         t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "z"), model, clean, corrupted,
                                              "z_by_pos")
-        t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
-        row("head out by_pos (2160 cells)", t_ms, bound, t_tl, None,
-            (v_ms - v_tl.permute(0, 2, 1)).abs().max().item())
+        t_tl = diff = None
+        if not args.bound:  # transformer-lens takes about 10 minutes here
+            t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
+            diff = (v_ms - v_tl.permute(0, 2, 1)).abs().max().item()
+        row("head out by_pos (2160 cells)", t_ms, bound, t_tl, None, diff)
     attribution_cost(model, clean, corrupted)
 
-    engines_bench(rounds=1 if args.quick else 3)
+    if not args.bound:
+        engines_bench(rounds=1 if args.quick else 3)
     if args.quick:
         return
     model = make_model(4, 256)

@@ -2,7 +2,7 @@
 
 It computes exactly what transformer_lens.patching computes (one patched forward per cell), but recomputes
 only what a patch can change:
-- the source run and the target run are run once each, caching only the hooks needed;
+- the source run and the target run are one batched forward, caching only the hooks needed;
 - a patch at layer l starts from the target's cached residual entering block l (block l + 1 for
   resid_post) and runs blocks l..L-1 only; patches inside block l are applied by a hook there;
 - all cells (positions x heads) of one layer go through the blocks as one batch, chunked to a memory
@@ -14,6 +14,14 @@ only what a patch can change:
   they are the target's own value, filled in without a forward;
 - nothing is moved to the host until the sweep ends.
 
+Two implementations. The packed path (resid_pre, resid_post, z; `packed_supported` architectures; no edits)
+puts the suffix rows of every cell (cell p: positions p..T-1 of every prompt) into one [rows, d_model] matrix
+and runs each block once on the rows of all cells started at or before it, with the blocks' weights used
+directly: one matmul per weight per block, attention once per start position (prefix keys / values from the
+target cache), and for a logit difference two unembedding columns per cell (`logit_pair_readout`). The
+per-layer path (`_run_cells`: every site, edits, any architecture) batches one layer's cells through the
+blocks' own forward with hooks, in a few suffix-only position groups.
+
 Self-contained: it knows sites (transformer-lens hook names) and a metric callable, not the patching
 technique (mechscope.techniques.patching), which calls `sweep` on the tl engine. `site_axes` and
 `cell_mask` describe which part of an activation a cell patches; the technique's generic path uses them too.
@@ -24,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from mechscope.progress import progress
 from transformer_lens.utilities.activation_functions import apply_softcap
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+from mechscope.progress import progress
 
 MEMORY_BUDGET = 2**29  # bytes of activations per batched call (the default batch size follows from it)
 MAX_GROUPS = 8         # at most this many suffix-only position groups per layer

@@ -19,7 +19,8 @@ destination row. k / v have n_key_value_heads heads on grouped-query models.
 
 Two implementations compute the same numbers as transformer_lens.patching (one patched forward per cell):
 - tl engine: the suffix-only engine of mechscope.engines.hooked_sweep (restarts at the patched layer,
-  runs only positions after the patch, logits at the read position only);
+  runs only positions after the patch, logits at the read position only; resid_pre / resid_post / z pack
+  every cell's suffix into one matrix per block, and a logit-difference metric unembeds two columns only);
 - every engine (bridge, nnsight; `implementation="generic"` on tl): `engine.run` with edits. The cells of
   all layers go through the model as batch rows (chunked to a memory budget), one edit per site writing
   each row's cell; logits are read at the metric's positions only; a cell whose source and target
