@@ -2,16 +2,24 @@
 
     python bench/patching.py            # everything (about 20 minutes on 2 CPU cores)
     python bench/patching.py --quick    # no tutorial loop, no TL per-head-by-position sweep, no large shapes
+    python bench/patching.py --bound    # the sweeps against the compute bound and transformer-lens (~10 minutes)
     python bench/patching.py --engines  # only mechscope on nnsight / bridge / tl vs the naive nnsight loop and
                                         # transformer_lens.patching on the bridge (a few minutes)
 
 Random-weight HookedTransformers (the arithmetic of real weights), CPU, float32. For each sweep it
-prints seconds for mechscope, transformer-lens and the tutorial loop, the ratios, and the largest
-|difference| between mechscope's cells and transformer-lens' (and the tutorial's). Each timing includes
-the clean / corrupted runs that the method needs; mechscope's is the median of 3 runs (the others
-take minutes and run once). The tutorial loop is the widely copied per-cell
-function (/work/shared/bench/patching_anchor.py): it re-runs the clean cache and the corrupted
-baseline for every cell. "TL (est.)" in the scaling table times transformer-lens on 16 cells and
+prints seconds for mechscope, the compute bound, transformer-lens and the tutorial loop, the ratios, and the
+largest |difference| between mechscope's cells and transformer-lens' (and the tutorial's). Each timing
+includes the clean / corrupted runs that the method needs; mechscope's is the median of 3 runs (the others
+take minutes and run once). The tutorial loop is the widely copied per-cell function
+(bench/patching_anchor.py): it re-runs the clean cache and the corrupted baseline for every cell.
+
+The bound (`bound_macs`) counts the multiply-adds any exact engine must do: a cell patched at layer l,
+position p recomputes layers >= l at positions >= p (4 d^2 + 2 d d_mlp per token and layer: q, k, v, out
+projection, MLP; attention scores not counted); a head patch leaves its own layer's q, k, v alone (d^2 +
+2 d d_mlp there); the metric is a logit difference, so the unembedding is one direction, d per cell. It is
+divided by this machine's fp32 matmul rate measured in the same run on the sweep's own shapes
+(`matmul_rate`). "bound" counts every position, "strict" only the cells after the first token where the
+clean and corrupted prompts differ (cells before it are the target run itself, by causality). "TL (est.)" in the scaling table times transformer-lens on 16 cells and
 multiplies by the number of cells (its cost per cell is constant: one full forward).
 
 The engines section saves a random GPT-2-small-shaped Hugging Face checkpoint and loads it on each engine:
@@ -26,13 +34,6 @@ import os
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mechscope command sets it: no spinning threads
-
-import pandas as pd
-import torch
-import transformer_lens as tl
-from transformer_lens import patching as tlp
-
-from mechscope.techniques import patching
 
 A, B = 1234, 4321
 
@@ -107,23 +108,65 @@ def ours(model, clean, corrupted, component, by_position=True, **kw):
                                 by_position=by_position, **kw).values
 
 
-def groups(model, clean, corrupted, component):
-    """How many suffix-only position groups the engine chooses for this sweep."""
-    return patching.patch_sweep(model, clean, corrupted, component, patching.logit_diff_metric(A, B),
-                                layers=[model.cfg.n_layers - 1]).meta["position_groups"]
+# ---------------------------------------------------------------------------------------------- the bound
+def bound_macs(cfg, seq: int, sweep: str, first: int = 0) -> int:
+    """Multiply-adds of an exact sweep ("resid_pre", "z_all_pos", "z_by_pos") over positions >= first.
+    cfg: n_layers, d_model, d_mlp, n_heads."""
+    n_layers, d, d_mlp, heads = cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.n_heads
+    block, after_attention = 4 * d * d + 2 * d * d_mlp, d * d + 2 * d * d_mlp
+    positions = range(first, seq)
+    if sweep == "resid_pre":
+        cells = [(n_layers - l) * (seq - p) * block for l in range(n_layers) for p in positions]
+    elif sweep == "z_all_pos":
+        cells = [len(positions) * (after_attention + (n_layers - l - 1) * block) for l in range(n_layers)] * heads
+    else:
+        cells = [after_attention + (n_layers - l - 1) * (seq - p) * block for l in range(n_layers) for p in positions]
+        cells *= heads
+    return sum(cells) + len(cells) * d  # + one unembedding direction per cell
 
 
-def row(name, t_ours, t_tl, t_tut=None, diff=None, diff_tut=None, est=False):
-    tl_txt = f"{t_tl:8.2f}" + ("*" if est else " ")
+def matmul_rate(cfg, seq: int, repeats: int = 20) -> float:
+    """This machine's fp32 multiply-adds per second on the sweep's shapes: [T(T+1)/2, d] @ [d, d_mlp] @ [d_mlp, d]
+    (the rows of one layer's cells), as ../shared/bench/flop_bound.py measures it."""
+    rows = seq * (seq + 1) // 2
+    a, w1, w2 = torch.randn(rows, cfg.d_model), torch.randn(cfg.d_model, cfg.d_mlp), torch.randn(cfg.d_mlp, cfg.d_model)
+    for _ in range(3):
+        (a @ w1) @ w2
+    start = time.perf_counter()
+    for _ in range(repeats):
+        (a @ w1) @ w2
+    return repeats * 2 * rows * cfg.d_model * cfg.d_mlp / (time.perf_counter() - start)
+
+
+def timed_with_bound(fn, model, clean, corrupted, sweep: str, repeats: int = 3):
+    """(median seconds of fn, (bound, strict bound) seconds, fn's result): bound_macs over every position /
+    after the first differing token, at the matmul rate measured just before each of the `repeats` timings (on
+    a shared machine the rate moves with the load; both medians come from the same interleaved rounds)."""
+    seq = clean.shape[1]
+    first = int((clean != corrupted).any(0).nonzero()[0])
+    rates, runs = [], []
+    for _ in range(repeats):
+        rates.append(matmul_rate(model.cfg, seq))
+        runs.append(timed(fn))
+    rate = sorted(rates)[repeats // 2]
+    bound = (bound_macs(model.cfg, seq, sweep) / rate, bound_macs(model.cfg, seq, sweep, first) / rate)
+    return sorted(t for t, _ in runs)[repeats // 2], bound, runs[0][1]
+
+
+def row(name, t_ours, bound, t_tl, t_tut=None, diff=None, diff_tut=None):
+    """One table row; bound: (bound, strict bound) seconds."""
     tut_txt = f"{t_tut:9.2f}" if t_tut is not None else "        -"
+    tl_txt, ratio_tl = (f"{t_tl:8.2f}", f"{t_tl / t_ours:7.1f}x") if t_tl is not None else ("       -", "       -")
     ratio_tut = f"{t_tut / t_ours:8.1f}x" if t_tut is not None else "        -"
     diffs = (f"{diff:.1e}" if diff is not None else "-") + (f" / {diff_tut:.1e}" if diff_tut is not None else "")
-    print(f"{name:34s} {t_ours:8.2f} {tl_txt} {tut_txt}  {t_tl / t_ours:7.1f}x {ratio_tut}   {diffs}", flush=True)
+    print(f"{name:34s} {t_ours:8.2f} {bound[0]:7.2f} {t_ours / bound[0]:6.2f}x {bound[1]:7.2f} {t_ours / bound[1]:6.2f}x "
+          f"{tl_txt} {tut_txt}  {ratio_tl} {ratio_tut}   {diffs}", flush=True)
 
 
 def header(title):
     print(f"\n{title}")
-    print(f"{'sweep':34s} {'mechscope':>8s} {'TL':>9s} {'tutorial':>9s}  {'TL/ms':>8s} {'tut/ms':>9s}   max|ms-TL| / |ms-tut|")
+    print(f"{'sweep':34s} {'mechscope':>8s} {'bound':>7s} {'ms/bnd':>7s} {'strict':>7s} {'ms/str':>7s} {'TL':>8s} "
+          f"{'tutorial':>9s}  {'TL/ms':>8s} {'tut/ms':>9s}   max|ms-TL| / |ms-tut|")
 
 
 # ---------------------------------------------------------------------------------------------- engines
@@ -208,8 +251,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the tutorial loop, TL's head-by-position sweep and the large shapes")
     parser.add_argument("--engines", action="store_true", help="only the engines comparison (nnsight, bridge, tl)")
+    parser.add_argument("--bound", action="store_true", help="only the sweeps against the compute bound and "
+                        "transformer-lens (no tutorial loop, no head-by-position sweep, no engines section)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    global pd, torch, tl, tlp, patching  # imported here: --help stays fast
+    import pandas as pd
+    import torch
+    import transformer_lens as tl
+    from transformer_lens import patching as tlp
+
+    from mechscope.techniques import patching
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -222,57 +274,76 @@ def main():
     clean, corrupted = make_tokens(15)
     model(clean)  # warm-up
     header("GPT-2-small shape (12 layers, d_model 768, 12 heads, d_mlp 3072, vocab 50257), 15 tokens, CPU fp32")
-    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
+    t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean, corrupted,
+                                         "resid_pre")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
     t_tut = d_tut = None
-    if not args.quick:
+    if not (args.quick or args.bound):
         t_tut, v_tut = timed(lambda: tutorial_sweep(model, clean, corrupted))
         d_tut = (v_ms - v_tut).abs().max().item()
-    row("resid_pre layer x pos (180 cells)", t_ms, t_tl, t_tut, (v_ms - v_tl).abs().max().item(), d_tut)
-    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "z", by_position=False))
+    row("resid_pre layer x pos (180 cells)", t_ms, bound, t_tl, t_tut,
+        (v_ms - v_tl).abs().max().item(), d_tut)
+    t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "z", by_position=False), model, clean,
+                                         corrupted, "z_all_pos")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
-    row("head out all_pos (144 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
+    row("head out all_pos (144 cells)", t_ms, bound, t_tl, None,
+        (v_ms - v_tl).abs().max().item())
     if not args.quick:
-        t_ms, v_ms = timed(lambda: ours(model, clean, corrupted, "z"))
-        t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
-        row("head out by_pos (2160 cells)", t_ms, t_tl, None, (v_ms - v_tl.permute(0, 2, 1)).abs().max().item())
-        t_one, _ = timed(lambda: ours(model, clean, corrupted, "z", suffix_groups=1))
-        print(f"suffix-only position groups: head out by_pos {t_ms:.2f} s (default: {groups(model, clean, corrupted, 'z')} "
-              f"groups), {t_one:.2f} s with every cell running all positions")
-    t_one, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1))
-    t_def, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
-    print(f"suffix-only position groups: resid_pre layer x pos {t_def:.2f} s (default: {groups(model, clean, corrupted, 'resid_pre')} "
-          f"group(s)), {t_one:.2f} s with every cell running all positions")
+        t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "z"), model, clean, corrupted,
+                                             "z_by_pos")
+        t_tl = diff = None
+        if not args.bound:  # transformer-lens takes about 10 minutes here
+            t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
+            diff = (v_ms - v_tl.permute(0, 2, 1)).abs().max().item()
+        row("head out by_pos (2160 cells)", t_ms, bound, t_tl, None, diff)
+    attribution_cost(model, clean, corrupted)
 
-    engines_bench(rounds=1 if args.quick else 3)
+    if not args.bound:
+        engines_bench(rounds=1 if args.quick else 3)
     if args.quick:
         return
     model = make_model(4, 256)
     clean, corrupted = make_tokens(64)
     header("4 layers, d_model 256, 4 heads, d_mlp 1024, vocab 50257, 64 tokens, CPU fp32")
-    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"))
+    t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean, corrupted,
+                                         "resid_pre")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
-    row("resid_pre layer x pos (256 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
-    t_ms, v_ms = timed_median(lambda: ours(model, clean, corrupted, "z", by_position=False))
+    row("resid_pre layer x pos (256 cells)", t_ms, bound, t_tl, None,
+        (v_ms - v_tl).abs().max().item())
+    t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "z", by_position=False), model, clean,
+                                         corrupted, "z_all_pos")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
-    row("head out all_pos (16 cells)", t_ms, t_tl, None, (v_ms - v_tl).abs().max().item())
+    row("head out all_pos (16 cells)", t_ms, bound, t_tl, None,
+        (v_ms - v_tl).abs().max().item())
 
     print("\nscaling with sequence length: resid_pre layer x pos, 4 layers, d_model 256 (* = TL timed on 16 cells x n_cells / 16)")
-    print(f"{'tokens':>6s} {'cells':>6s} {'groups':>6s} {'mechscope':>10s} {'no suffix':>10s} {'TL (est.)':>10s} {'TL/ms':>7s}")
+    print(f"{'tokens':>6s} {'cells':>6s} {'mechscope':>10s} {'bound':>8s} {'ms/bound':>8s} {'strict':>8s} {'ms/strict':>9s} "
+          f"{'TL (est.)':>10s} {'TL/ms':>7s}")
     for seq in (16, 64, 256):
         clean, corrupted = make_tokens(seq)
         n_cells = 4 * seq
-        repeats = 3 if seq < 256 else 1
-        t_ms, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre"), repeats)
-        t_one, _ = timed_median(lambda: ours(model, clean, corrupted, "resid_pre", suffix_groups=1), repeats)
+        t_ms, (bound, strict), _ = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean,
+                                                    corrupted, "resid_pre")
         sample = pd.DataFrame({"layer": [i % 4 for i in range(16)], "pos": [(i * 7) % seq for i in range(16)]})
         t_cache, (_, clean_cache) = timed(lambda: model.run_with_cache(clean))
         t_cells, _ = timed(lambda: tlp.generic_activation_patch(
             model, corrupted, clean_cache, tl_metric, patch_setter=tlp.layer_pos_patch_setter,
             activation_name="resid_pre", index_df=sample))
         t_tl = t_cache + t_cells * n_cells / 16
-        print(f"{seq:6d} {n_cells:6d} {groups(model, clean, corrupted, 'resid_pre'):6d} {t_ms:10.2f} {t_one:10.2f} {t_tl:10.2f} {t_tl / t_ms:6.1f}x", flush=True)
+        print(f"{seq:6d} {n_cells:6d} {t_ms:10.2f} {bound:8.2f} {t_ms / bound:7.2f}x {strict:8.2f} {t_ms / strict:8.2f}x "
+              f"{t_tl:10.2f} {t_tl / t_ms:6.1f}x", flush=True)
 
+
+def attribution_cost(model, clean, corrupted, repeats: int = 3):
+    """Attribution patching (every default site) in forward-equivalents: its time over one plain forward's."""
+    from mechscope.techniques import attribution_patching as atp
+
+    def metric(logits):
+        return logits[:, -1, A] - logits[:, -1, B]
+    t_forward, _ = timed_median(lambda: model(corrupted), repeats)
+    t_atp, _ = timed_median(lambda: atp.attribution_patch(model, clean, corrupted, metric), repeats)
+    print(f"attribution patching (sites {', '.join(atp.DEFAULT_SITES)}): {t_atp:.3f} s = "
+          f"{t_atp / t_forward:.2f} forward-equivalents (one forward {t_forward:.3f} s)", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -141,6 +141,24 @@ def test_suffix_groups_and_chunks_do_not_change_results(toy_model, ioi):
     assert torch.allclose(runs[0], runs[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"output_logits_soft_cap": 2.0}])
+@pytest.mark.parametrize("component,by_position", [("resid_pre", True), ("z", True), ("z", False)])
+def test_packed_path_with_two_logits_matches_transformer_lens(overrides, component, by_position):
+    """The packed path (one matmul per block over every cell's suffix rows) with the logit-difference readout
+    (two unembedding columns per cell, soft cap included) and with a metric on the full logits: both equal
+    transformer_lens.patching; chunked runs (batch_size) change nothing."""
+    model = tiny_model(**overrides)
+    clean, corrupted, answer, wrong = tiny_pair()
+    pair_metric = patching.logit_diff_metric(answer, wrong)
+    full_metric = patching.Metric("logit_diff", pair_metric.score)  # no logit_pair: scores full logits
+    ref = tl_reference(model, clean, corrupted, answer, wrong, component, by_position)
+    for metric, batch_size in ((pair_metric, None), (full_metric, None), (pair_metric, 3)):
+        ours = patching.patch_sweep(model, clean, corrupted, component, metric, by_position=by_position,
+                                    batch_size=batch_size)
+        assert ours.meta["implementation"] == "packed suffixes (tl)"
+        torch.testing.assert_close(ours.values, ref, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------- exact identities
 def test_patching_the_whole_residual_restores_clean_logits(toy_model, ioi):
     batch, _ = ioi

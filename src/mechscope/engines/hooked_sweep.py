@@ -2,7 +2,7 @@
 
 It computes exactly what transformer_lens.patching computes (one patched forward per cell), but recomputes
 only what a patch can change:
-- the source run and the target run are run once each, caching only the hooks needed;
+- the source run and the target run are one batched forward, caching only the hooks needed;
 - a patch at layer l starts from the target's cached residual entering block l (block l + 1 for
   resid_post) and runs blocks l..L-1 only; patches inside block l are applied by a hook there;
 - all cells (positions x heads) of one layer go through the blocks as one batch, chunked to a memory
@@ -14,6 +14,14 @@ only what a patch can change:
   they are the target's own value, filled in without a forward;
 - nothing is moved to the host until the sweep ends.
 
+Two implementations. The packed path (resid_pre, resid_post, z; `packed_supported` architectures; no edits)
+puts the suffix rows of every cell (cell p: positions p..T-1 of every prompt) into one [rows, d_model] matrix
+and runs each block once on the rows of all cells started at or before it, with the blocks' weights used
+directly: one matmul per weight per block, attention once per start position (prefix keys / values from the
+target cache), and for a logit difference two unembedding columns per cell (`logit_pair_readout`). The
+per-layer path (`_run_cells`: every site, edits, any architecture) batches one layer's cells through the
+blocks' own forward with hooks, in a few suffix-only position groups.
+
 Self-contained: it knows sites (transformer-lens hook names) and a metric callable, not the patching
 technique (mechscope.techniques.patching), which calls `sweep` on the tl engine. `site_axes` and
 `cell_mask` describe which part of an activation a cell patches; the technique's generic path uses them too.
@@ -24,6 +32,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from transformer_lens.utilities.activation_functions import apply_softcap
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+from mechscope.progress import progress
 
 MEMORY_BUDGET = 2**29  # bytes of activations per batched call (the default batch size follows from it)
 MAX_GROUPS = 8         # at most this many suffix-only position groups per layer
@@ -74,15 +86,31 @@ def cell_mask(site: str, shape: torch.Size, n_cells: int, pos: torch.Tensor | No
 # ---------------------------------------------------------------------------------------------- runs
 def final_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function [n, d_model] final residual -> [n, d_vocab] logits: ln_final, unembed, soft cap, as
-    model.forward. The unembed's transposed copy (transformer-lens makes one on every call: 154 MB for
-    GPT-2) is made once here."""
-    weight = model.unembed.W_U.T.contiguous()
+    model.forward (without the transposed copy of W_U that transformer-lens makes on every call: 154 MB for
+    GPT-2)."""
     cap = model.cfg.output_logits_soft_cap
 
     def readout(resid):
         x = model.ln_final(resid[:, None])[:, 0] if model.cfg.normalization_type is not None else resid
-        logits = torch.nn.functional.linear(x, weight, model.unembed.b_U)
+        logits = torch.addmm(model.unembed.b_U, x, model.unembed.W_U)
         return cap * torch.tanh(logits / cap) if cap is not None and cap > 0 else logits
+    return readout
+
+
+def logit_pair_readout(model, answer: torch.Tensor, wrong: torch.Tensor) -> Callable:
+    """A function (final residual [n, d_model], prompt [n]) -> [n] logit[answer] - logit[wrong] that computes
+    those two logits only (ln_final, two unembedding columns, soft cap), not the vocabulary.
+    answer / wrong: [n_prompts] token ids (one per prompt; a single id is broadcast)."""
+    cap = model.cfg.output_logits_soft_cap
+
+    def logit(x, ids):
+        out = torch.einsum("nd,dn->n", x, model.unembed.W_U[:, ids]) + model.unembed.b_U[ids]
+        return cap * torch.tanh(out / cap) if cap is not None and cap > 0 else out
+
+    def readout(resid, prompt):
+        x = model.ln_final(resid[:, None])[:, 0] if model.cfg.normalization_type is not None else resid
+        a, w = answer.to(resid.device), wrong.to(resid.device)
+        return (logit(x, a[prompt % len(a)]) - logit(x, w[prompt % len(w)])).float()
     return readout
 
 
@@ -91,17 +119,22 @@ def _hooks(edits: Sequence[tuple[str, Callable]]) -> list:
     return [(site, lambda act, hook, fn=fn: fn(act)) for site, fn in edits]
 
 
-def cached_run(model, tokens: torch.Tensor, read: torch.Tensor, names: list[str], readout=None, edits=()):
-    """One forward caching `names`, with logits at `read` only. tokens [n, seq], read [n] positions ->
-    (logits [n, d_vocab] float32, {name: activation}). readout: final_logits(model), if already made."""
+def cached_runs(model, source: torch.Tensor, target: torch.Tensor, read: torch.Tensor, source_names: list[str],
+                target_names: list[str], readout: Callable, edits=()):
+    """The source and target runs as one batched forward (the weights are streamed once), caching the names
+    each needs, with logits at `read` only. source, target: [n, seq] tokens, read [n] positions ->
+    (source logits, target logits: [n, d_vocab] float32, source cache, target cache: {name: activation})."""
+    n_prompts = len(source)
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    tokens = torch.cat([source, target])
     with model.hooks(fwd_hooks=_hooks(edits)):
-        _, cache = model.run_with_cache(tokens, names_filter=list(names) + [final], return_type=None,
-                                        attention_mask=torch.ones_like(tokens))
-    cache = dict(cache.items())
+        _, cache = model.run_with_cache(tokens, names_filter=sorted({*source_names, *target_names, final}),
+                                        return_type=None, attention_mask=torch.ones_like(tokens))
     rows = torch.arange(len(tokens), device=tokens.device)
-    logits = (readout or final_logits(model))(cache[final][rows, read.to(tokens.device)])
-    return logits.float(), cache
+    logits = readout(cache[final][rows, read.to(tokens.device).repeat(2)]).float()
+    source_cache = {name: cache[name][:n_prompts] for name in source_names}
+    target_cache = {name: cache[name][n_prompts:] for name in {*target_names, final}}
+    return logits[:n_prompts], logits[n_prompts:], source_cache, target_cache
 
 
 def _kv_entry(keys, values):
@@ -184,11 +217,255 @@ def default_batch_size(cfg, seq_len: int, dtype=None) -> int:
     return max(1, MEMORY_BUDGET // (per_row * size))
 
 
+# ---------------------------------------------------------------------------------------------- the packed path
+# Every cell's suffix (positions p..T-1 of every prompt) is one block of rows of a single [rows, d_model] matrix;
+# each block of the model runs once on the rows of all cells that start at or before it (one matmul per weight),
+# attention runs per start position with the prefix's keys / values from the target cache, and the logits are
+# read at each row's read position only. It uses the blocks' weights directly (no hooks), so it covers the
+# architectures checked below and falls back to `_run_cells` elsewhere.
+PACKED_SITES = ("hook_resid_pre", "hook_resid_post", "attn.hook_z")
+
+
+def packed_supported(cfg, site: str, seq: int, by_position: bool, edits) -> bool:
+    """Whether the packed path computes this sweep exactly: causal pre-norm blocks (LN / RMS, parallel or
+    sequential, post-sublayer norms), standard or rotary positions, grouped-query heads, local windows, soft caps."""
+    return (site.endswith(PACKED_SITES) and not edits and cfg.attention_dir == "causal"
+            and cfg.positional_embedding_type in ("standard", "rotary")
+            and cfg.original_architecture not in POST_NORM_ARCHITECTURES
+            and getattr(cfg, "clip_qkv", None) is None
+            and not any(getattr(cfg, flag, False) for flag in (
+                "use_qk_norm", "use_logn_attn", "use_dynamic_ntk_rope", "use_attention_sinks", "load_in_4bit",
+                "use_split_qkv_input", "use_attn_in", "ungroup_grouped_query_attention", "use_hook_mlp_in")))
+
+
+@dataclass
+class Cells:
+    """The cells of a packed run, ordered by start block then position. start [C]: the first block a cell
+    runs in full (its patch layer; +1 for resid_post); pos [C]: its first patched position (its rows are
+    positions pos..T-1 of every prompt); head [C] or None; only_pos: whether a cell patches position pos alone
+    (by position) or every position >= pos (all positions)."""
+    start: torch.Tensor
+    pos: torch.Tensor
+    head: torch.Tensor | None
+    only_pos: bool
+
+    def rows(self, n_prompts: int, seq: int):
+        """(cell [R], prompt [R], pos [R]) of every packed row: cell-major, then prompt, then position."""
+        lengths = (seq - self.pos).repeat_interleave(n_prompts)                     # [C * n]
+        pair = torch.arange(len(lengths), device=lengths.device).repeat_interleave(lengths)
+        first = torch.cumsum(lengths, 0) - lengths
+        pos = torch.arange(len(pair), device=lengths.device) - first[pair] + self.pos[pair // n_prompts]
+        return pair // n_prompts, pair % n_prompts, pos
+
+
+def _block_weights(block):
+    """(w_qkv [(n_heads + 2 n_kv) d_head, d_model], b_qkv [...], w_o [d_model, n_heads d_head], b_o [d_model]) of
+    one block's attention, as F.linear weights (q, k, v heads stacked)."""
+    attn = block.attn
+    w_k, b_k = getattr(attn, "_W_K", attn.W_K), getattr(attn, "_b_K", attn.b_K)
+    w_v, b_v = getattr(attn, "_W_V", attn.W_V), getattr(attn, "_b_V", attn.b_V)
+    w_qkv = torch.cat([w.permute(0, 2, 1).reshape(-1, w.shape[1]) for w in (attn.W_Q, w_k, w_v)])
+    b_qkv = torch.cat([attn.b_Q.flatten(), b_k.flatten(), b_v.flatten()])
+    w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T.contiguous()
+    return w_qkv, b_qkv, w_o, attn.b_O
+
+
+def _rotate(attn, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """transformer-lens' rotary embedding of x [R, heads, d_head] at absolute positions pos [R]."""
+    dim = attn.cfg.rotary_dim
+    x_rot, x_pass = x[..., :dim], x[..., dim:]
+    cos, sin = attn.rotary_cos[pos][:, None], attn.rotary_sin[pos][:, None]
+    return torch.cat([x_rot * cos + attn.rotate_every_two(x_rot) * sin, x_pass], -1)
+
+
+def _attention(attn, q, k, v, first_pos: torch.Tensor, prefix_k, prefix_v, n_prompts: int, seq: int):
+    """Causal attention of the packed rows -> z [R, n_heads, d_head].
+
+    q [R, n_heads, d_head], k / v [R, n_kv, d_head]: the rows' own (rotated) queries, keys, values;
+    prefix_k / prefix_v [n_prompts, seq, n_kv, d_head]: the target run's keys / values at this layer, which
+    give each cell the positions before its first; first_pos [C]: the first position of each cell whose rows
+    q holds (cell-major, then prompt, then position). One batched product per first position p."""
+    cfg = attn.cfg
+    z = torch.empty_like(q)
+    cell_rows = (seq - first_pos) * n_prompts
+    first_row = torch.cumsum(cell_rows, 0) - cell_rows
+    repeat = q.shape[1] // k.shape[1]
+    for p in first_pos.unique().tolist():
+        in_p = (first_pos == p).nonzero()[:, 0]                                           # [c]
+        n_rows = seq - p
+        index = (first_row[in_p, None] + torch.arange(n_rows * n_prompts, device=q.device)).flatten()
+        shape = (len(in_p) * n_prompts, n_rows)
+        q_p = q[index].unflatten(0, shape)                                                 # [c n, T-p, h, dh]
+        k_p = torch.cat([prefix_k[:, :p].repeat(len(in_p), 1, 1, 1), k[index].unflatten(0, shape)], 1)
+        v_p = torch.cat([prefix_v[:, :p].repeat(len(in_p), 1, 1, 1), v[index].unflatten(0, shape)], 1)
+        if repeat > 1:
+            k_p, v_p = k_p.repeat_interleave(repeat, 2), v_p.repeat_interleave(repeat, 2)
+        scores = q_p.transpose(1, 2) @ k_p.permute(0, 2, 3, 1) / attn.attn_scale          # [c n, h, T-p, T]
+        scores = apply_softcap(scores, cfg.attn_scores_soft_cap)
+        query = torch.arange(p, seq, device=q.device)[:, None]
+        key = torch.arange(seq, device=q.device)[None]
+        mask = key <= query
+        if attn.attn_type == "local":
+            mask = mask & (key > query - cfg.window_size)
+        pattern = torch.softmax(torch.where(mask, scores, attn.IGNORE), -1)
+        z[index] = (pattern.to(v_p.dtype) @ v_p.transpose(1, 2)).transpose(1, 2).flatten(0, 1)
+    return z
+
+
+FUSED_ACTIVATIONS = {"gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+                     "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+                     "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu, "silu": torch.nn.functional.silu}
+
+
+def _norm(module, x: torch.Tensor) -> torch.Tensor:
+    """A transformer-lens norm module on rows x [R, d_model]: LayerNorm / LayerNormPre as one fused
+    F.layer_norm in float32 (the same arithmetic as transformer-lens' five passes), others through the module."""
+    from transformer_lens.components import LayerNorm, LayerNormPre
+
+    if x.dtype == torch.float32 and isinstance(module, (LayerNorm, LayerNormPre)):
+        weight, bias = (module.w, module.b) if isinstance(module, LayerNorm) else (None, None)
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, module.eps)
+    return module(x[None])[0]
+
+
+def _mlp(block, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP on normalised rows x [R, d_model]: a plain MLP with its activation as one fused kernel
+    (gelu_new = tanh-approximate gelu), others (gated, LN activations) through the module."""
+    from transformer_lens.components import MLP
+
+    mlp = block.mlp
+    act = FUSED_ACTIVATIONS.get(block.cfg.act_fn)
+    if type(mlp) is not MLP or act is None:
+        return mlp(x[None])[0]
+    return torch.addmm(mlp.b_out, act(torch.addmm(mlp.b_in, x, mlp.W_in)), mlp.W_out)
+
+
+def _attention_in(block, x: torch.Tensor, pos: torch.Tensor, weights):
+    """Queries, keys, values [R, heads, d_head] of packed residual rows x [R, d_model] at positions pos [R]."""
+    attn, cfg = block.attn, block.cfg
+    w_qkv, b_qkv, _, _ = weights
+    qkv = torch.nn.functional.linear(_norm(block.ln1, x), w_qkv, b_qkv)
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    q, k, v = qkv.split([cfg.n_heads * cfg.d_head, n_kv * cfg.d_head, n_kv * cfg.d_head], -1)
+    q, k, v = (t.unflatten(-1, (-1, cfg.d_head)) for t in (q, k, v))
+    if cfg.positional_embedding_type == "rotary":
+        q, k = _rotate(attn, q, pos), _rotate(attn, k, pos)
+    return q, k, v
+
+
+def _block_out(block, resid: torch.Tensor, z: torch.Tensor, weights) -> torch.Tensor:
+    """The block's output rows [R, d_model] from its input rows resid [R, d_model] and the heads' outputs
+    z [R, n_heads, d_head] (attention output projection, the residual adds, the MLP)."""
+    cfg = block.cfg
+    _, _, w_o, b_o = weights
+    attn_out = torch.nn.functional.linear(z.flatten(1), w_o, b_o)
+    if cfg.use_normalization_before_and_after:
+        attn_out = _norm(block.ln1_post, attn_out)
+    if cfg.attn_only:
+        return resid + attn_out
+    mid = resid + attn_out
+    mlp_out = _mlp(block, _norm(block.ln2, resid if cfg.parallel_attn_mlp else mid))
+    if cfg.use_normalization_before_and_after:
+        mlp_out = _norm(block.ln2_post, mlp_out)
+    return mid + mlp_out
+
+
+def _entry_rows(site: str, block: int, cells: Cells, rows, source: dict, target: dict, n_layers: int):
+    """The new cells' rows entering `block` (the cells whose start is `block`).
+    -> (resid [r, d_model] the residual entering the block, z [r, n_heads, d_head] or None): for a residual site
+    the target's residual with the source's written at the patched positions; for z the target's residual and
+    the target's head outputs with the cell's head written from the source."""
+    cell, prompt, pos = rows
+    patched = pos == cells.pos[cell] if cells.only_pos else torch.ones_like(pos, dtype=torch.bool)
+    if site.endswith("attn.hook_z"):
+        z = target[site.format(block)][prompt, pos]                                      # [r, h, dh]
+        head = torch.arange(z.shape[1], device=z.device) == cells.head[cell][:, None]  # [r, h]
+        z = torch.where((patched[:, None] & head)[..., None], source[site.format(block)][prompt, pos], z)
+        return target[f"blocks.{block}.hook_resid_pre"][prompt, pos], z
+    layer = block - 1 if site.endswith("hook_resid_post") else block
+    resid = _resid_entering(target, block, n_layers)[prompt, pos]
+    return torch.where(patched[:, None], source[site.format(layer)][prompt, pos], resid), None
+
+
+def _run_packed(model, site: str, cells: Cells, source: dict, target: dict, read: torch.Tensor, weights: list,
+                score: Callable) -> torch.Tensor:
+    """Run one chunk of cells (sorted by start) through the blocks as packed rows -> values [C, n_prompts].
+    source / target: the two runs' caches; read [n_prompts]: read positions; weights: _block_weights per block;
+    score(final resid [C * n_prompts, d_model], prompt [C * n_prompts]) -> [C * n_prompts] values."""
+    cfg = model.cfg
+    n_layers, n_prompts, seq = cfg.n_layers, len(read), target["blocks.0.hook_resid_pre"].shape[1]
+    rows = cells.rows(n_prompts, seq)
+    ends = [0] + torch.cumsum((seq - cells.pos) * n_prompts, 0).tolist()  # cell c's rows: ends[c]:ends[c + 1]
+    starts = cells.start.tolist()
+    enters_with_z = site.endswith("attn.hook_z")
+    k_name = "hook_rot_k" if cfg.positional_embedding_type == "rotary" else "hook_k"
+    resid = target["blocks.0.hook_resid_pre"].new_empty(0, cfg.d_model)
+    for block in range(starts[0], n_layers + 1):
+        entered = sum(s <= block for s in starts)             # cells [0, entered) run from here on
+        new = tuple(t[len(resid):ends[entered]] for t in rows)
+        new_resid, new_z = _entry_rows(site, block, cells, new, source, target, n_layers) if len(new[0]) \
+            else (resid[:0], None)
+        if not enters_with_z:
+            resid = torch.cat([resid, new_resid])
+        if block == n_layers:
+            break
+        layer, attending = model.blocks[block], len(resid)
+        q, k, v = _attention_in(layer, resid, rows[2][:attending], weights[block])
+        z = _attention(layer.attn, q, k, v, cells.pos[:sum(e <= attending for e in ends[1:])],
+                       target[f"blocks.{block}.attn.{k_name}"], target[f"blocks.{block}.attn.hook_v"], n_prompts, seq)
+        if new_z is not None:
+            resid, z = torch.cat([resid, new_resid]), torch.cat([z, new_z])
+        resid = _block_out(layer, resid, z, weights[block])
+    first_row = torch.tensor(ends[:-1], device=read.device)[:, None]
+    suffix = seq - cells.pos[:, None]
+    read_row = first_row + torch.arange(n_prompts, device=read.device) * suffix \
+        + torch.clamp(read[None] - cells.pos[:, None], min=0)                              # [C, n]
+    prompt = torch.arange(n_prompts, device=read.device).repeat(len(starts))
+    return score(resid[read_row.flatten()], prompt).view(len(starts), n_prompts)
+
+
 # ---------------------------------------------------------------------------------------------- the sweep
+def _packed_cells(site: str, layers: list[int], n_heads: int, n_pos: int, first: int, by_position: bool,
+                  device) -> tuple[Cells, torch.Tensor]:
+    """The cells to run (those at or after the first differing position), sorted by start block then position
+    -> (Cells, their indices [C] into the [layers x (heads x positions)] grid of the result)."""
+    start_offset = 1 if site.endswith("hook_resid_post") else 0
+    layer_index, head, pos = torch.meshgrid(torch.arange(len(layers), device=device),
+                                            torch.arange(n_heads, device=device),
+                                            torch.arange(n_pos, device=device), indexing="ij")
+    start = torch.tensor(layers, device=device)[layer_index] + start_offset
+    pos = pos if by_position else torch.full_like(pos, first)
+    grid = torch.arange(start.numel(), device=device).view(start.shape)
+    keep = (pos >= first).flatten() if by_position else torch.ones(start.numel(), dtype=torch.bool, device=device)
+    start, pos, head, grid = (t.flatten()[keep] for t in (start, pos, head, grid))
+    order = torch.argsort(start * (n_pos + 1) + pos, stable=True)
+    cells = Cells(start[order], pos[order], head[order] if site.endswith(HEAD_SITES) else None, by_position)
+    return cells, grid[order]
+
+
+def _packed_chunks(cells: Cells, n_prompts: int, seq: int, max_rows: int, max_cells: int) -> list[slice]:
+    """Consecutive runs of cells whose packed rows (n_prompts x suffix length each) fit max_rows, at most
+    max_cells cells each."""
+    chunks, begin, rows = [], 0, 0
+    for c, length in enumerate(((seq - cells.pos) * n_prompts).tolist()):
+        if c > begin and (rows + length > max_rows or c - begin >= max_cells):
+            chunks.append(slice(begin, c))
+            begin, rows = c, 0
+        rows += length
+    return chunks + [slice(begin, len(cells.pos))]
+
+
+def packed_rows_budget(cfg, seq: int, dtype) -> int:
+    """Packed rows per chunk that keep a block's activations near MEMORY_BUDGET."""
+    per_row = 6 * cfg.d_model + 2 * (cfg.d_mlp or 0) + 2 * cfg.n_heads * seq
+    return max(seq, MEMORY_BUDGET // (per_row * torch.tensor([], dtype=dtype).element_size()))
+
+
 @torch.no_grad()
 def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: Score, read: torch.Tensor,
           layers: list[int], by_position: bool = True, clean: str = "source", edits=(),
-          batch_size: int | None = None, suffix_groups: int | None = None) -> Sweep:
+          batch_size: int | None = None, suffix_groups: int | None = None,
+          logit_pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> Sweep:
     """Patch the source activation at `site` ("blocks.{}.hook_resid_pre", "blocks.{}.attn.hook_z", ...) into
     the target run at every layer of `layers` (x position if by_position, x head for head sites), exactly.
 
@@ -197,7 +474,13 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
     ("source" when denoising). edits: engine edits held in every run (e.g. components ablated); they must act
     the same on every row and see whole sequences (so suffix-only runs are off with edits).
     batch_size: rows (cells x prompts) per call (default: from MEMORY_BUDGET); suffix_groups: position
-    groups run suffix-only (default: the cheapest estimate; 1 = every cell runs all positions)."""
+    groups run suffix-only (default: the cheapest estimate; 1 = every cell runs all positions).
+    logit_pair: (answer [n_prompts], wrong [n_prompts]) when the metric is logit[answer] - logit[wrong]: the
+    packed path then computes those two logits per cell, not the vocabulary (the metric still scores the
+    source and target runs).
+
+    Two implementations: the packed path (`_run_packed`: resid_pre / resid_post / z on the architectures of
+    `packed_supported`, no edits) and `_run_cells` (every site, edits, any architecture)."""
     cfg = model.cfg
     n_prompts, seq = source.shape
     device = source.device
@@ -208,11 +491,15 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
     target_names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]
     if cfg.positional_embedding_type == "shortformer":
         target_names += ["hook_pos_embed"]
-    if prefix_ok:  # the keys / values of positions before a run's first position
-        target_names += [f"blocks.{i}.attn.hook_{kv}" for i in range(cfg.n_layers) for kv in "kv"]
+    packed = packed_supported(cfg, site, seq, by_position, edits)
+    k_name = "rot_k" if packed and cfg.positional_embedding_type == "rotary" else "k"
+    if prefix_ok or packed:  # the keys / values of positions before a run's first position
+        target_names += [f"blocks.{i}.attn.hook_{kv}" for i in range(cfg.n_layers) for kv in (k_name, "v")]
+    if packed and site.endswith("attn.hook_z"):
+        target_names += [site.format(i) for i in layers]
     readout = final_logits(model)
-    source_logits, source_cache = cached_run(model, source, read, [site.format(i) for i in layers], readout, edits)
-    target_logits, target_cache = cached_run(model, target, read, target_names, readout, edits)
+    source_logits, target_logits, source_cache, target_cache = cached_runs(
+        model, source, target, read, [site.format(i) for i in layers], target_names, readout, edits)
     clean_logits = source_logits if clean == "source" else target_logits
     prompt = torch.arange(n_prompts, device=device)
     target_value = metric(target_logits, prompt, clean_logits)
@@ -226,7 +513,13 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
 
     # positions before the first differing token hold identical activations in both runs (causality)
     differs = (source != target).any(0).nonzero()
-    first = int(differs[0]) if causal and by_position and len(differs) else 0
+    first = int(differs[0]) if causal and (by_position or packed) and len(differs) else 0
+    out = target_value.repeat(len(layers), n_heads * n_pos, 1)  # [layers, cells, prompts]
+    if packed:
+        _sweep_packed(model, site, layers, n_heads, n_pos, first, by_position, source_cache, target_cache, read,
+                      metric, clean_logits, readout, logit_pair, batch_size, out)
+        return Sweep(out, source_logits, target_logits, n_heads, n_pos,
+                     meta={"first_differing_position": first, "implementation": "packed suffixes (tl)"})
     run_positions = list(range(first, n_pos))
     if not prefix_ok or suffix_groups == 1:
         groups = [run_positions]
@@ -242,9 +535,6 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
         in_group = torch.isin(cell_pos, torch.tensor(group, device=device)).nonzero()[:, 0]
         chunks += [(min(group[0], max_p0) if prefix_ok else 0, chunk) for chunk in in_group.split(cells_per_call)]
 
-    from mechscope.progress import progress
-
-    out = target_value.repeat(len(layers), n_heads * n_pos, 1)  # [layers, cells, prompts]
     for li, layer in enumerate(progress(layers, desc=f"patching {site.format('*')}")):
         src = source_cache[site.format(layer)]
         for p0, chunk in chunks:
@@ -256,3 +546,26 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
     return Sweep(out, source_logits, target_logits, n_heads, n_pos,
                  meta={"first_differing_position": first, "position_groups": len(groups), "batch_size": batch_size,
                        "implementation": "suffix-only (tl)"})
+
+
+def _sweep_packed(model, site, layers, n_heads, n_pos, first, by_position, source_cache, target_cache, read, metric,
+                  clean_logits, readout, logit_pair, batch_size, out) -> None:
+    """Fill out [layers, heads x positions, prompts] with every cell at or after `first` by the packed path."""
+    n_prompts, seq = target_cache["blocks.0.hook_resid_pre"].shape[:2]
+    if logit_pair is not None:
+        score = logit_pair_readout(model, *logit_pair)
+    else:
+        def score(resid, prompt):
+            return metric(readout(resid).float(), prompt, clean_logits)
+    weights = [_block_weights(block) for block in model.blocks]
+    cells, index = _packed_cells(site, layers, n_heads, n_pos, first, by_position, read.device)
+    max_rows = packed_rows_budget(model.cfg, seq, target_cache["blocks.0.hook_resid_pre"].dtype)
+    max_cells = max(1, batch_size // n_prompts) if batch_size else len(index)
+    flat = out.view(-1, n_prompts)
+    for chunk in progress(_packed_chunks(cells, n_prompts, seq, max_rows, max_cells),
+                          desc=f"patching {site.format('*')}"):
+        part = Cells(cells.start[chunk], cells.pos[chunk], None if cells.head is None else cells.head[chunk],
+                     cells.only_pos)
+        values = _run_packed(model, site, part, source_cache, target_cache, read, weights, score)
+        after_read = part.pos[:, None] > read[None]   # the patch comes after the read position: the target's value
+        flat[index[chunk]] = torch.where(after_read, flat[index[chunk]], values.to(out.dtype))

@@ -19,7 +19,8 @@ destination row. k / v have n_key_value_heads heads on grouped-query models.
 
 Two implementations compute the same numbers as transformer_lens.patching (one patched forward per cell):
 - tl engine: the suffix-only engine of mechscope.engines.hooked_sweep (restarts at the patched layer,
-  runs only positions after the patch, logits at the read position only);
+  runs only positions after the patch, logits at the read position only; resid_pre / resid_post / z pack
+  every cell's suffix into one matrix per block, and a logit-difference metric unembeds two columns only);
 - every engine (bridge, nnsight; `implementation="generic"` on tl): `engine.run` with edits. The cells of
   all layers go through the model as batch rows (chunked to a memory budget), one edit per site writing
   each row's cell; logits are read at the metric's positions only; a cell whose source and target
@@ -66,10 +67,12 @@ class Metric:
 
     score(logits, prompt, clean_logits) -> [n]: logits [n, d_vocab] at each row's read position (float32),
     prompt [n] the index of the prompt each row belongs to, clean_logits [n_prompts, d_vocab] the clean
-    run's logits at the read positions.
+    run's logits at the read positions. logit_pair: (answer [n], wrong [n]) token ids when the score is
+    logit[answer] - logit[wrong] (a linear metric): the tl engine then unembeds those two columns only.
     """
     name: str
     score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    logit_pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, logits, prompt, clean_logits):
         return self.score(logits, prompt, clean_logits)
@@ -82,7 +85,7 @@ def logit_diff_metric(answer, wrong) -> Metric:
     def score(logits, prompt, clean_logits):
         a, w = answer.to(logits.device), wrong.to(logits.device)
         return metrics.logit_diff(logits, a[prompt % len(a)], w[prompt % len(w)])
-    return Metric("logit_diff", score)
+    return Metric("logit_diff", score, (answer, wrong))
 
 
 def answer_prob_metric(answer) -> Metric:
@@ -388,7 +391,7 @@ def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tenso
     clean = "source" if mode == "denoise" else "target"
     if engine.name == "tl" and implementation == "auto":
         sweep = hooked_sweep.sweep(engine.model, source, target, site, metric, read, layers, by_position, clean,
-                                   edits, batch_size, suffix_groups)
+                                   edits, batch_size, suffix_groups, getattr(metric, "logit_pair", None))
     else:
         sweep = _generic_sweep(engine, source, target, site, metric, read, layers, by_position, clean, edits,
                                batch_size)
