@@ -253,6 +253,9 @@ def main():
     parser.add_argument("--engines", action="store_true", help="only the engines comparison (nnsight, bridge, tl)")
     parser.add_argument("--bound", action="store_true", help="only the sweeps against the compute bound and "
                         "transformer-lens (no tutorial loop, no head-by-position sweep, no engines section)")
+    parser.add_argument("--gpt2-tokens", default="",
+                        help="also the GPT-2-small-shaped resid_pre sweep at these token counts, e.g. 64,256 (256: ~5 "
+                        "minutes, timed once)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     global pd, torch, tl, tlp, patching  # imported here: --help stays fast
@@ -297,6 +300,9 @@ def main():
             diff = (v_ms - v_tl.permute(0, 2, 1)).abs().max().item()
         row("head out by_pos (2160 cells)", t_ms, bound, t_tl, None, diff)
     attribution_cost(model, clean, corrupted)
+    if args.gpt2_tokens:
+        seqs = [int(t) for t in args.gpt2_tokens.split(",")]
+        scaling(model, "GPT-2-small shape", seqs, repeats=1 if max(seqs) > 64 else 3)
 
     if not args.bound:
         engines_bench(rounds=1 if args.quick else 3)
@@ -316,15 +322,22 @@ def main():
     row("head out all_pos (16 cells)", t_ms, bound, t_tl, None,
         (v_ms - v_tl).abs().max().item())
 
-    print("\nscaling with sequence length: resid_pre layer x pos, 4 layers, d_model 256 (* = TL timed on 16 cells x n_cells / 16)")
+    scaling(model, "4 layers, d_model 256", (16, 64, 256))
+
+
+def scaling(model, shape: str, seqs, repeats: int = 3):
+    """resid_pre layer x position sweeps at each sequence length: mechscope against the bound, and transformer-lens
+    estimated from 16 timed cells (its cost per cell is one full forward)."""
+    n_layers = model.cfg.n_layers
+    print(f"\nscaling with sequence length: resid_pre layer x pos, {shape} (* = TL timed on 16 cells x n_cells / 16)")
     print(f"{'tokens':>6s} {'cells':>6s} {'mechscope':>10s} {'bound':>8s} {'ms/bound':>8s} {'strict':>8s} {'ms/strict':>9s} "
           f"{'TL (est.)':>10s} {'TL/ms':>7s}")
-    for seq in (16, 64, 256):
+    for seq in seqs:
         clean, corrupted = make_tokens(seq)
-        n_cells = 4 * seq
+        n_cells = n_layers * seq
         t_ms, (bound, strict), _ = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean,
-                                                    corrupted, "resid_pre")
-        sample = pd.DataFrame({"layer": [i % 4 for i in range(16)], "pos": [(i * 7) % seq for i in range(16)]})
+                                                    corrupted, "resid_pre", repeats)
+        sample = pd.DataFrame({"layer": [i % n_layers for i in range(16)], "pos": [(i * 7) % seq for i in range(16)]})
         t_cache, (_, clean_cache) = timed(lambda: model.run_with_cache(clean))
         t_cells, _ = timed(lambda: tlp.generic_activation_patch(
             model, corrupted, clean_cache, tl_metric, patch_setter=tlp.layer_pos_patch_setter,

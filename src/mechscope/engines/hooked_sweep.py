@@ -290,6 +290,7 @@ def _attention(attn, q, k, v, first_pos: torch.Tensor, prefix_k, prefix_v, n_pro
     cell_rows = (seq - first_pos) * n_prompts
     first_row = torch.cumsum(cell_rows, 0) - cell_rows
     repeat = q.shape[1] // k.shape[1]
+    fused = q.dtype == torch.float32 and not cfg.attn_scores_soft_cap
     for p in first_pos.unique().tolist():
         in_p = (first_pos == p).nonzero()[:, 0]                                           # [c]
         n_rows = seq - p
@@ -300,15 +301,20 @@ def _attention(attn, q, k, v, first_pos: torch.Tensor, prefix_k, prefix_v, n_pro
         v_p = torch.cat([prefix_v[:, :p].repeat(len(in_p), 1, 1, 1), v[index].unflatten(0, shape)], 1)
         if repeat > 1:
             k_p, v_p = k_p.repeat_interleave(repeat, 2), v_p.repeat_interleave(repeat, 2)
-        scores = q_p.transpose(1, 2) @ k_p.permute(0, 2, 3, 1) / attn.attn_scale          # [c n, h, T-p, T]
-        scores = apply_softcap(scores, cfg.attn_scores_soft_cap)
         query = torch.arange(p, seq, device=q.device)[:, None]
         key = torch.arange(seq, device=q.device)[None]
-        mask = key <= query
+        mask = key <= query                                                               # [T-p, T]
         if attn.attn_type == "local":
             mask = mask & (key > query - cfg.window_size)
-        pattern = torch.softmax(torch.where(mask, scores, attn.IGNORE), -1)
-        z[index] = (pattern.to(v_p.dtype) @ v_p.transpose(1, 2)).transpose(1, 2).flatten(0, 1)
+        q_p, k_p, v_p = q_p.transpose(1, 2), k_p.transpose(1, 2), v_p.transpose(1, 2)   # [c n, h, ., dh]
+        if fused:  # one kernel: scores, mask (transformer-lens' IGNORE is -inf), softmax, values
+            z_p = torch.nn.functional.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask,
+                                                                   scale=1 / float(attn.attn_scale))
+        else:
+            scores = apply_softcap(q_p @ k_p.transpose(-1, -2) / attn.attn_scale, cfg.attn_scores_soft_cap)
+            pattern = torch.softmax(torch.where(mask, scores, attn.IGNORE), -1)          # [c n, h, T-p, T]
+            z_p = pattern.to(v_p.dtype) @ v_p
+        z[index] = z_p.transpose(1, 2).flatten(0, 1)
     return z
 
 
