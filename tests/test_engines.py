@@ -128,6 +128,13 @@ def _load_tl(directory, fold_ln: bool):
         return load_model(str(directory), backend="tl", device="cpu", fold_ln=fold_ln)
 
 
+def four_engines(directory) -> dict:
+    """{tl (unfolded: the reference), tl_folded, nnsight, bridge} on one saved checkpoint."""
+    return {"tl": _load_tl(directory, fold_ln=False), "tl_folded": _load_tl(directory, fold_ln=True),
+            "nnsight": load_model(str(directory), backend="nnsight", device="cpu"),
+            "bridge": load_model(str(directory), backend="bridge", device="cpu")}
+
+
 @pytest.fixture(scope="module", params=CHECKPOINTS)
 def engines(request, tmp_path_factory):
     """{engine name: engine} on one checkpoint. (Directory names avoid "llama" / "gemma": transformer-lens

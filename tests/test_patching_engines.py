@@ -15,7 +15,7 @@ from mechscope.errors import BadInput
 from mechscope.techniques import attribution_patching as atp
 from mechscope.techniques import patching
 from mechscope.techniques.path_patching import path_patch
-from tests.test_engines import _load_tl, export_toy, save_tiny, tokens_for
+from tests.test_engines import export_toy, four_engines, save_tiny, tokens_for
 
 KINDS = ["gpt2", "neox", "neox_sequential", "llama", "qwen2", "gemma2", "toy"]
 CLOSE = dict(atol=1e-4, rtol=1e-4)
@@ -40,8 +40,6 @@ def _sharpen(directory, scale: float = 10.0) -> None:
 def engines(request, tmp_path_factory):
     """{name: engine} on one checkpoint: tl (unfolded, the reference), tl_folded, nnsight, bridge. (Directory
     names avoid "llama" / "gemma": transformer-lens 3.9 reads the architecture from such a path.)"""
-    from mechscope.models import load_model
-
     kind = request.param
     directory = tmp_path_factory.mktemp(f"patching_{KINDS.index(kind)}")
     if kind == "toy":
@@ -49,9 +47,7 @@ def engines(request, tmp_path_factory):
     else:
         save_tiny(kind, directory, bias_noise=0.2)
         _sharpen(directory)
-    return {"tl": _load_tl(directory, fold_ln=False), "tl_folded": _load_tl(directory, fold_ln=True),
-            "nnsight": load_model(str(directory), backend="nnsight", device="cpu"),
-            "bridge": load_model(str(directory), backend="bridge", device="cpu")}
+    return four_engines(directory)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from mechscope.techniques.dla import dla
 from mechscope.techniques.heads import attention_readout
 from mechscope.techniques.logit_lens import answer_lens
-from tests.test_engines import _load_tl, export_toy, save_tiny, tokens_for
+from tests.test_engines import export_toy, four_engines, save_tiny, tokens_for
 
 KINDS = ["gpt2", "neox", "llama", "qwen2", "gemma2", "toy"]
 CLOSE = dict(atol=1e-4, rtol=1e-4)
@@ -24,17 +24,13 @@ LAYER_PARTS = ("metric", "readout", "embed", "pos_embed", "attn", "mlp")
 def engines(request, tmp_path_factory):
     """{name: engine} on one checkpoint: tl (unfolded, the reference), tl_folded, nnsight, bridge. (Directory
     names avoid "llama" / "gemma": transformer-lens 3.9 reads the architecture from such a path.)"""
-    from mechscope.models import load_model
-
     kind = request.param
     directory = tmp_path_factory.mktemp(f"reading_{KINDS.index(kind)}")
     if kind == "toy":
         directory = export_toy(directory)
     else:
         save_tiny(kind, directory, bias_noise=0.2)   # trained-looking: biases away from 0 (b_O, b_out parts)
-    return {"tl": _load_tl(directory, fold_ln=False), "tl_folded": _load_tl(directory, fold_ln=True),
-            "nnsight": load_model(str(directory), backend="nnsight", device="cpu"),
-            "bridge": load_model(str(directory), backend="bridge", device="cpu")}
+    return four_engines(directory)
 
 
 @pytest.fixture(params=["tl_folded", "nnsight", "bridge"])
