@@ -117,8 +117,10 @@ def test_ctrl_c_in_process_marks_the_run_interrupted(tmp_path, monkeypatch):
 
 
 SLEEPER = """
-import sys, time, types
+import signal, sys, time, types
 from mechscope import cli
+# as in a foreground process: a job started in the background by a non-interactive shell ignores SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 module = types.ModuleType("mechscope.commands.sleeper")
 module.HELP, module.USES_MODEL, module.add_arguments = "sleeps", False, lambda p: None
 def run(ctx):
