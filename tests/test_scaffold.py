@@ -276,21 +276,24 @@ def _engine_missing(backend):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_tl_variant_passes_its_own_make_test_offline(tmp_path, capsys):
-    """IOI on the tl engine: patching identity, DLA sum, the induction heads, the premise (findings)."""
+    """IOI on the tl engine: patching identity, DLA sum, the induction heads, the shipped SAE's capital_of
+    feature, the premise (findings)."""
     target = tmp_path / "ioi"
-    assert new(capsys, target, "--task", "ioi", "--technique", "patch", "dla", "heads")[0] == 0
-    _passed(_make_test(target), 3 + 2)
+    assert new(capsys, target, "--task", "ioi", "--technique", "patch", "dla", "heads", "sae-features")[0] == 0
+    _passed(_make_test(target), 4 + 2)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 @pytest.mark.parametrize("backend", ["nnsight", pytest.param("bridge", marks=pytest.mark.slow)])
 def test_hf_engine_variant_passes_its_own_make_test_offline(tmp_path, capsys, backend):
-    """facts on the nnsight / bridge engine (the bundled model through its Hugging Face export)."""
+    """facts on the nnsight / bridge engine (the bundled model through its Hugging Face export); on nnsight the
+    shipped SAE (trained on transformer-lens's centred residual stream) is refused, on the bridge it fits."""
     if _engine_missing(backend):
         pytest.skip(f"mechscope.engines for {backend} is not in this checkout yet")
     target = tmp_path / "recall"
-    assert new(capsys, target, "--task", "facts", "--backend", backend, "--technique", "logit-lens", "dla")[0] == 0
-    _passed(_make_test(target), 2 + 2)
+    assert new(capsys, target, "--task", "facts", "--backend", backend, "--technique", "logit-lens", "dla",
+               "sae-features")[0] == 0
+    _passed(_make_test(target), 3 + 2)
 
 
 @pytest.mark.slow

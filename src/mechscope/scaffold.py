@@ -96,6 +96,12 @@ TECHNIQUES = {t.name: t for t in [
     Technique("steer", "whether adding a direction to the residual stream changes the output",
               "same-norm random directions, held-out prompts, and the LM loss on neutral text (side effect)",
               "never model.generate(fwd_hooks=...): the hooks are ignored; mechscope steer applies them"),
+    Technique("sae-features", "which sparse-autoencoder features fire at a position of the study's prompts, "
+              "their max-activating contexts (also from lower quantiles) and their logit effects",
+              "an SAE that fits the model (mechscope refuses another model's, hook's or weight processing's); "
+              "test a feature's name causally with mechscope sae-steer / sae-ablate against random features",
+              "a clean max-activating list is not a use: the shipped SAE's 'country' feature looks clean and does "
+              "not beat random features when steered (SAE_CARD.md)"),
     Technique("validate-circuit", "necessity, faithfulness and minimality of a candidate circuit",
               "random circuits of the same size (reported); mean ablation as the default",
               "choose --circuit from patching or path patching, not from DLA alone"),
