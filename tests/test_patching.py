@@ -457,6 +457,19 @@ def test_backup_heads_with_a_head_held_ablated(toy_engine, ioi_set):
     torch.testing.assert_close(generic.per_prompt, runs[1].per_prompt, atol=1e-4, rtol=0)
 
 
+def test_backup_change_is_a_ratio_of_means_like_recovery():
+    """A prompt whose clean and corrupted runs nearly agree must not dominate the change: the mean is
+    mean(change) / mean(gap), as recovery is (the per-prompt ratio gave (0.1 / 1 + 0.1 / 0.001) / 2 = 50)."""
+    def result(patched):
+        per_prompt = torch.tensor(patched).view(2, 1)
+        return patching.PatchResult(per_prompt.mean(0), per_prompt, torch.tensor([1.0, 0.001]), torch.zeros(2),
+                                    "z", "denoise", "logit_diff", ("layer",))
+    change = patching.effect_change(result([0.5, 0.0005]), result([0.6, 0.1005]))
+    assert change["mean"].item() == pytest.approx(0.2 / 1.001)
+    assert change["ci_low"].item() <= change["mean"].item() <= change["ci_high"].item()
+    assert change["per_prompt"][:, 0].tolist() == pytest.approx([0.1, 100.0])
+
+
 def test_command_backup_option(tmp_path, capsys):
     assert main(["patch", "--task", "ioi", "--n", "8", "--component", "z", "--all-positions",
                  "--with-ablated", "0.2", "--ablation", "zero", "--out", str(tmp_path), "--json"]) == 0

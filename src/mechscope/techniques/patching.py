@@ -242,29 +242,40 @@ def cell_summary(result: PatchResult, recovery: bool = True, k: int = 5, seed: i
     sign_share: the share of prompts whose effect (patched - target) has the sign of the mean effect."""
     effect = result.effect_per_prompt(normalise=recovery)
     if recovery:
-        mean = result.recovery
         numerator = result.per_prompt - result._per_cell(result.corrupted)
-        denominator = result._per_cell(result.clean - result.corrupted)
-        if len(effect) > 1:
-            ratios = stats.bootstrap_means(numerator, seed=seed) / stats.bootstrap_means(denominator, seed=seed)
-            low, high = ratios.nanquantile(0.025, 0), ratios.nanquantile(0.975, 0)
-        else:
-            low, high = mean.clone(), mean.clone()
+        mean, low, high = ratio_interval(numerator, result._per_cell(result.clean - result.corrupted), seed)
     else:
         mean, low, high = stats.interval(result.per_prompt, seed=seed)
+    raw = result.effect_per_prompt(normalise=False)  # ranks of the pooled ratio = ranks of the pooled numerator
     return {"mean": mean, "ci_low": low, "ci_high": high, "sign_share": stats.sign_share(effect),
-            "stability": stats.rank_stability(effect.reshape(len(effect), -1), k=k, seed=seed)}
+            "stability": stats.rank_stability(raw.reshape(len(raw), -1), k=k, seed=seed)}
+
+
+def ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, seed: int = 0):
+    """mean(numerator) / mean(denominator) over prompts (NaN = the prompt lacks the cell) and its 95% interval,
+    numerator and denominator bootstrapped with the same resamples. [n, *cells] -> 3 x [*cells]."""
+    mean = numerator.nanmean(0) / denominator.nanmean(0)
+    if len(numerator) < 2:
+        return mean, mean.clone(), mean.clone()
+    ratios = stats.bootstrap_means(numerator, seed=seed) / stats.bootstrap_means(denominator, seed=seed)
+    return mean, ratios.nanquantile(0.025, 0), ratios.nanquantile(0.975, 0)
 
 
 def effect_change(base: PatchResult, ablated: PatchResult, recovery: bool = True, seed: int = 0) -> dict:
     """How each cell's effect changes with components held ablated (the backup test of Wang et al.): per
-    prompt, (patched - target) with the ablation minus without, divided by the unablated (clean - corrupted)
-    when `recovery`. -> {per_prompt [n, *cells], mean, ci_low, ci_high, sign_share: [*cells]}."""
+    prompt, (patched - target) with the ablation minus without; with `recovery` in units of the unablated
+    (clean - corrupted) gap: mean(change) / mean(gap), a ratio of means like `recovery` (per_prompt: each
+    prompt's change over its own gap). -> {per_prompt [n, *cells], mean, ci_low, ci_high, sign_share: [*cells]}."""
     change = ablated.effect_per_prompt(normalise=False) - base.effect_per_prompt(normalise=False)
-    if recovery:
-        change = change / base._per_cell(base.clean - base.corrupted)
-    mean, low, high = stats.interval(change, seed=seed)
-    return {"per_prompt": change, "mean": mean, "ci_low": low, "ci_high": high, "sign_share": stats.sign_share(change)}
+    if not recovery:
+        mean, low, high = stats.interval(change, seed=seed)
+        return {"per_prompt": change, "mean": mean, "ci_low": low, "ci_high": high,
+                "sign_share": stats.sign_share(change)}
+    gap = base._per_cell(base.clean - base.corrupted)
+    mean, low, high = ratio_interval(change, gap, seed)
+    per_prompt = change / gap
+    return {"per_prompt": per_prompt, "mean": mean, "ci_low": low, "ci_high": high,
+            "sign_share": stats.sign_share(per_prompt)}
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
