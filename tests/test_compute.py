@@ -380,3 +380,16 @@ def test_cli_detect_writes_a_run_directory_only_with_out(tmp_path, monkeypatch, 
     result = json.loads((run_dir / "result.json").read_text())
     assert result["summary"]["recommendation"]["model"] == "gpt2-small"
     assert json.loads((run_dir / "meta.json").read_text())["command"] == "detect"
+
+
+def test_detect_offers_exactly_the_commands_that_load_a_model():
+    """`detect --command C` prints a command line with --model / --backend: only for commands that take them
+    (it printed `mechscope report --model ...`, which report refuses)."""
+    import importlib
+
+    from mechscope.cli import COMMANDS
+    from mechscope.commands.detect import NOT_LOADING
+
+    for command, (module, _) in COMMANDS.items():
+        uses_model = getattr(importlib.import_module(f"mechscope.commands.{module}"), "USES_MODEL", True)
+        assert uses_model == (command not in NOT_LOADING), command

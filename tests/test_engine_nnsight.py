@@ -255,15 +255,14 @@ def test_quantization_without_bitsandbytes_says_how_to_install_it(checkpoints, m
 
 
 def test_a_hub_id_offline_fails_in_one_line_quickly(monkeypatch):
-    from huggingface_hub import constants
+    from mechscope import hub
 
-    from mechscope.engines import nnsight
-
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "_probe", None)
     start = time.time()
-    assert not nnsight._hub_reachable()
+    assert hub.offline_reason() is not None
     with pytest.raises(BadInput, match="cannot reach the Hugging Face hub") as error:
         load_model("mechscope-nobody/no-such-model", backend="nnsight", device="cpu")
     assert time.time() - start < 10 and "\n" not in str(error.value)

@@ -20,7 +20,7 @@ HELP = "hardware (or one you describe), and how a model runs on it: engine, devi
 USES_MODEL = False         # takes its own --model string and never loads weights
 WRITES_RUN = "with --out"  # a query about a machine: stdout, and a run directory only when asked
 
-NOT_LOADING = ("detect", "new")
+NOT_LOADING = ("detect", "new", "report")  # the commands without --model (tests/test_compute.py checks)
 
 
 def add_arguments(parser):

@@ -226,7 +226,7 @@ def default_batch_size(cfg, seq_len: int, dtype=None) -> int:
 PACKED_SITES = ("hook_resid_pre", "hook_resid_post", "attn.hook_z")
 
 
-def packed_supported(cfg, site: str, seq: int, by_position: bool, edits) -> bool:
+def packed_supported(cfg, site: str, edits) -> bool:
     """Whether the packed path computes this sweep exactly: causal pre-norm blocks (LN / RMS, parallel or
     sequential, post-sublayer norms), standard or rotary positions, grouped-query heads, local windows, soft caps."""
     return (site.endswith(PACKED_SITES) and not edits and cfg.attention_dir == "causal"
@@ -492,12 +492,15 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
     device = source.device
     # suffix-only runs read the prefix's keys from hook_k: not where keys change after it (q/k norm, clipping)
     causal = cfg.attention_dir == "causal"
+    # (transformer-lens applies q/k norms after hook_k: OLMo's in the attention forward, use_qk_norm's in
+    # calculate_qkv_matrices; a cache of hook_k would be fed to the attention unnormalised)
     prefix_ok = causal and by_position and not edits and getattr(cfg, "clip_qkv", None) is None and \
+        not getattr(cfg, "use_qk_norm", False) and \
         cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
     target_names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]
     if cfg.positional_embedding_type == "shortformer":
         target_names += ["hook_pos_embed"]
-    packed = packed_supported(cfg, site, seq, by_position, edits)
+    packed = packed_supported(cfg, site, edits)
     k_name = "rot_k" if packed and cfg.positional_embedding_type == "rotary" else "k"
     if prefix_ok or packed:  # the keys / values of positions before a run's first position
         target_names += [f"blocks.{i}.attn.hook_{kv}" for i in range(cfg.n_layers) for kv in (k_name, "v")]

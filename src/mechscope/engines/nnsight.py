@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from mechscope import hub
 from mechscope.engines import arch as archs
 from mechscope.engines.base import Edit, Engine, FinalNorm, Metric, ModelConfig, layer_of
 from mechscope.errors import BadInput
@@ -499,26 +500,6 @@ def _source(spec: str) -> tuple[str, str]:
     return spec, spec
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub accepts a connection (huggingface_hub retries an unreachable hub for about
-    35 s per file). With a proxy configured, assume it does."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_error(spec: str, error: Exception, offline: bool) -> BadInput:
     what = (f"cannot reach the Hugging Face hub and {spec!r} is not in its local cache" if offline else
             f"could not fetch {spec!r} from the Hugging Face hub ({type(error).__name__}: a typo, or a gated model?)")
@@ -554,7 +535,7 @@ def _load_remote(spec: str) -> NNsightEngine:
     from transformers import AutoTokenizer
 
     nnsight.CONFIG.API.APIKEY = key
-    offline = not _hub_reachable()
+    offline = hub.offline_reason() is not None
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
         model = TransformersModel(spec, task="text-generation", tokenizer=tokenizer, attn_implementation="eager",
@@ -578,10 +559,10 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
     from mechscope.models import resolve_dtype
 
     source, name = _source(spec)
-    offline = not Path(source).is_dir() and not _hub_reachable()
-    hub = {"local_files_only": True} if offline else {}
+    offline = not Path(source).is_dir() and hub.offline_reason() is not None
+    cache_only = {"local_files_only": True} if offline else {}
     try:
-        config = AutoConfig.from_pretrained(source, **hub)
+        config = AutoConfig.from_pretrained(source, **cache_only)
     except OSError as e:
         raise _hub_error(spec, e, offline) from None
     try:
@@ -589,7 +570,7 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
     except BadInput:
         n_params = None
     torch_dtype = resolve_dtype(dtype, device, n_params) if isinstance(dtype, str) else dtype
-    kwargs = {"dtype": torch_dtype, "attn_implementation": "eager", **hub}
+    kwargs = {"dtype": torch_dtype, "attn_implementation": "eager", **cache_only}
     if quantization:
         kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
         device_map = device_map or {"": device}
@@ -604,5 +585,5 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
     if device_map is None:
         hf = hf.to(device)
     archs.arch_of(hf)  # BadInput before anything else for an architecture without a module map
-    model = TransformersModel(hf.eval(), tokenizer=AutoTokenizer.from_pretrained(source, **hub))
+    model = TransformersModel(hf.eval(), tokenizer=AutoTokenizer.from_pretrained(source, **cache_only))
     return NNsightEngine(model, model_name=name, quantization=quantization)
