@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    import torch  # after --help, which answers without torch
     torch.set_num_threads(args.threads)
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel

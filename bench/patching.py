@@ -2,9 +2,9 @@
 
     python bench/patching.py            # everything (about 20 minutes on 2 CPU cores)
     python bench/patching.py --quick    # no tutorial loop, no TL per-head-by-position sweep, no large shapes
-    python bench/patching.py --bound    # the sweeps against the compute bound and transformer-lens (~10 minutes)
+    python bench/patching.py --bound    # the sweeps against the compute bound and transformer-lens (~6 minutes)
     python bench/patching.py --engines  # only mechscope on nnsight / bridge / tl vs the naive nnsight loop and
-                                        # transformer_lens.patching on the bridge (a few minutes)
+                                        # transformer_lens.patching on the bridge (~6 minutes)
 
 Random-weight HookedTransformers (the arithmetic of real weights), CPU, float32. For each sweep it
 prints seconds for mechscope, the compute bound, transformer-lens and the tutorial loop, the ratios, and the
@@ -127,7 +127,7 @@ def bound_macs(cfg, seq: int, sweep: str, first: int = 0) -> int:
 
 def matmul_rate(cfg, seq: int, repeats: int = 20) -> float:
     """This machine's fp32 multiply-adds per second on the sweep's shapes: [T(T+1)/2, d] @ [d, d_mlp] @ [d_mlp, d]
-    (the rows of one layer's cells), as ../shared/bench/flop_bound.py measures it."""
+    (the rows of one layer's cells)."""
     rows = seq * (seq + 1) // 2
     a, w1, w2 = torch.randn(rows, cfg.d_model), torch.randn(cfg.d_model, cfg.d_mlp), torch.randn(cfg.d_mlp, cfg.d_model)
     for _ in range(3):
@@ -254,8 +254,8 @@ def main():
     parser.add_argument("--bound", action="store_true", help="only the sweeps against the compute bound and "
                         "transformer-lens (no tutorial loop, no head-by-position sweep, no engines section)")
     parser.add_argument("--gpt2-tokens", default="",
-                        help="also the GPT-2-small-shaped resid_pre sweep at these token counts, e.g. 64,256 (256: ~5 "
-                        "minutes, timed once)")
+                        help="also the GPT-2-small-shaped resid_pre sweep at these token counts, e.g. 64,256 (256: ~7 "
+                        "minutes, timed once; shorter ones the median of 3)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     global pd, torch, tl, tlp, patching  # imported here: --help stays fast
@@ -302,7 +302,7 @@ def main():
     attribution_cost(model, clean, corrupted)
     if args.gpt2_tokens:
         seqs = [int(t) for t in args.gpt2_tokens.split(",")]
-        scaling(model, "GPT-2-small shape", seqs, repeats=1 if max(seqs) > 64 else 3)
+        scaling(model, "GPT-2-small shape", seqs, long_once=True)
 
     if not args.bound:
         engines_bench(rounds=1 if args.quick else 3)
@@ -325,9 +325,10 @@ def main():
     scaling(model, "4 layers, d_model 256", (16, 64, 256))
 
 
-def scaling(model, shape: str, seqs, repeats: int = 3):
-    """resid_pre layer x position sweeps at each sequence length: mechscope against the bound, and transformer-lens
-    estimated from 16 timed cells (its cost per cell is one full forward)."""
+def scaling(model, shape: str, seqs, long_once: bool = False):
+    """resid_pre layer x position sweeps at each sequence length: mechscope (median of 3; once above 64 tokens
+    with long_once) against the bound, and transformer-lens estimated from 16 timed cells (its cost per cell is
+    one full forward)."""
     n_layers = model.cfg.n_layers
     print(f"\nscaling with sequence length: resid_pre layer x pos, {shape} (* = TL timed on 16 cells x n_cells / 16)")
     print(f"{'tokens':>6s} {'cells':>6s} {'mechscope':>10s} {'bound':>8s} {'ms/bound':>8s} {'strict':>8s} {'ms/strict':>9s} "
@@ -336,7 +337,7 @@ def scaling(model, shape: str, seqs, repeats: int = 3):
         clean, corrupted = make_tokens(seq)
         n_cells = n_layers * seq
         t_ms, (bound, strict), _ = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean,
-                                                    corrupted, "resid_pre", repeats)
+                                                    corrupted, "resid_pre", 1 if long_once and seq > 64 else 3)
         sample = pd.DataFrame({"layer": [i % n_layers for i in range(16)], "pos": [(i * 7) % seq for i in range(16)]})
         t_cache, (_, clean_cache) = timed(lambda: model.run_with_cache(clean))
         t_cells, _ = timed(lambda: tlp.generic_activation_patch(

@@ -127,3 +127,28 @@ def test_sae_ablate_command_attribution_and_ablation(capsys, tmp_path):
                                 "--positions", "IO,S1,S2", "--controls", "2"], tmp_path)
     assert summary["features"] and summary["n_prompts"] == 16 and summary["controls"]["n"] == 2
     assert summary["effect"]["ci_low"] <= summary["effect"]["mean"] <= summary["effect"]["ci_high"]
+
+
+def test_sae_ablate_command_agrees_with_the_technique(capsys, tmp_path, toy_engine):
+    """Known answers: the effect equals techniques.sae_interventions.ablate on the same prompts, and the share
+    of prompts with the feature active where it is ablated counts prompts (capital_of fires at "of", the last
+    token of the second prompt only: 1 of 2; it was computed over all prompts' positions at once, giving 1)."""
+    import torch
+
+    from mechscope.commands.sae_ablate import make_metric
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_interventions as si
+
+    prompts = ["the capital of france is", "the capital of"]
+    argv = ["sae-ablate", "--features", "capital_of", "--positions", "last", "--answer", "paris", "--controls", "0"]
+    summary, _ = _json(capsys, argv + [a for p in prompts for a in ("--prompt", p)], tmp_path)
+    assert summary["prompts_with_feature_active"] == 0.5
+    sae = saes.load_sae("mechscope-toy")
+    rows = [toy_engine.to_tokens(p)[0] for p in prompts]
+    last = torch.tensor([len(r) - 1 for r in rows])
+    tokens = torch.stack([torch.cat([r, r.new_zeros(5 - len(r) + 1)]) for r in rows])  # right-padded
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[torch.arange(2), last] = True
+    answer = torch.full((2,), toy_engine.model.to_single_token("paris"))
+    clean, ablated = si.ablate(toy_engine, sae, tokens, make_metric(answer, None, last), [237], mask)
+    assert summary["effect"]["mean"] == pytest.approx(float((ablated - clean).mean()), abs=1e-4)

@@ -138,3 +138,17 @@ def test_sae_train_command_checkpoints_and_resumes(tmp_path, capsys):
     curve = (tmp_path / resumed["sae_dir"].split("/")[-2] / "curves.csv").read_text().splitlines()
     steps = [int(line.split(",")[0]) for line in curve[1:]]
     assert steps[0] >= 4 and steps[-1] >= 6                            # it continued from the checkpoint's step
+
+
+def test_sae_train_holds_out_its_evaluation_rows_from_a_data_file(toy_engine, tmp_path, capsys):
+    """With --data the evaluation rows are cut off before training (they used to be the last training rows)."""
+    from mechscope.toy.corpus import corpus_text
+
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(corpus_text(600, seed=3)))
+    n_rows = len(saes.rows_from_file(toy_engine, str(data), 32))
+    assert main(["sae-train", "--data", str(data), "--context", "32", "--n-tokens", str(32 * n_rows),
+                 "--training-tokens", "2048", "--batch-tokens", "1024", "--d-sae", "32", "--k", "4",
+                 "--eval-tokens", "640", "--out", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["corpus_tokens"] == 32 * (n_rows - 640 // 32)

@@ -164,12 +164,12 @@ def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompt
 
     engine, args = ctx.engine, ctx.args
     hook = sae.cfg.metadata.hook_name
-    clean, ablated = si.ablate(engine, sae, tokens, metric, features, positions)
-    effect = ablated - clean
-    with torch.no_grad():
-        base = engine.run(tokens, positions=last)[0].float()
+    with torch.no_grad():  # si.ablate's two runs, keeping the logits for the next-token changes too
         edit = saes.splice(sae, tokens, engine, edit=si.zero_features(features, positions))
-        after = engine.run(tokens, edits=[(hook, edit)], positions=last)[0].float()
+        base_logits, after_logits = engine.run(tokens)[0], engine.run(tokens, edits=[(hook, edit)])[0]
+        clean, ablated = metric(base_logits).float().cpu(), metric(after_logits).float().cpu()
+        rows = torch.arange(len(tokens), device=base_logits.device)
+        base, after = base_logits[rows, last.to(rows.device)].float(), after_logits[rows, last.to(rows.device)].float()
         inside = torch.arange(tokens.shape[1]) <= last[:, None]          # [n, seq] not padding
         acts = saes.feature_acts(engine, sae, tokens) * inside[..., None].to(tokens.device)
     flipped = (base.argmax(-1) != after.argmax(-1)).float().mean()
@@ -179,8 +179,11 @@ def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompt
     scope = acts if positions is None else acts[positions.to(acts.device)][None]   # [*, positions, d_sae]
     control_sets = si.random_active_sets(scope, len(features), args.controls, features, seed=args.seed)
     control_means = [float((si.ablate(engine, sae, tokens, metric, s, positions)[1] - clean).mean()) for s in control_sets]
+    effect = ablated - clean
     effect_summary = stats.summary(effect, seed=args.seed)
-    active = float((scope[..., torch.tensor(features, device=scope.device)] > 0).any(-1).any(-1).float().mean())
+    hit = (acts[..., torch.tensor(features, device=acts.device)] > 0).any(-1)          # [n, seq]
+    hit = hit if positions is None else hit & positions.to(hit.device)
+    active = float(hit.any(-1).float().mean())  # the share of prompts with a chosen feature active where ablated
     with open(ctx.run_dir / "ablation.csv", "w") as f:
         f.write("prompt,clean,ablated,effect\n")
         f.writelines(f"\"{p}\",{c:.6g},{a:.6g},{e:.6g}\n" for p, c, a, e in zip(prompts, clean, ablated, effect))

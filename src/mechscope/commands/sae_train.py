@@ -82,6 +82,15 @@ def run(ctx):
     sae_training.require_trainable(engine, args.hook)
     args.context = args.context or 64
     rows = rows_from_args(ctx, seed=args.seed)
+    held_out = None
+    from mechscope.errors import BadInput
+
+    if args.eval_tokens and args.data:  # held out from the user's data before training
+        n_eval = max(1, args.eval_tokens // rows.shape[1])
+        if n_eval >= len(rows):
+            raise BadInput(f"--data has {len(rows)} rows of {rows.shape[1]} tokens: too few to hold out --eval-tokens "
+                           f"{args.eval_tokens} and train; pass a lower --eval-tokens (or 0) or more data")
+        rows, held_out = rows[:-n_eval], rows[-n_eval:]
     sparsity = {"topk": args.k, "batchtopk": args.k, "standard": args.l1_coefficient, "jumprelu": args.target_l0}
 
     def show(p):
@@ -105,8 +114,8 @@ def run(ctx):
                                 ("dead_fraction", "dead-feature fraction"))]
     result = {"summary": {}, "text": ""}
     if args.eval_tokens:
-        held_out = saes.corpus_rows(engine, args.eval_tokens, rows.shape[1], seed=args.seed + 1000) if not args.data \
-            else rows[-max(1, args.eval_tokens // rows.shape[1]):]
+        if held_out is None:
+            held_out = saes.corpus_rows(engine, args.eval_tokens, rows.shape[1], seed=args.seed + 1000)
         result = eval_outputs(ctx.run_dir, sae, sae_training.evaluate(engine, sae, held_out))
     if args.save_to:
         target = Path(args.save_to)

@@ -256,8 +256,13 @@ def check_fits(sae, engine) -> None:
     actual = weight_processing(engine)
     for flag, sites in PROCESSING_THAT_MATTERS.items():
         if hook.endswith(sites) and expected[flag] != actual[flag]:
-            fix = ("load the model with LayerNorm folded (the default; --backend tl or bridge)" if expected[flag]
-                   else "load the model unprocessed (fold_ln=False, or --backend nnsight)")
+            if flag == "fold_value_biases":
+                fix = ("mechscope keeps the value biases in hook_v / hook_z on every engine (they equal the output "
+                       "projection's input), so this SAE does not fit any of them")
+            elif expected[flag]:
+                fix = "load the model with LayerNorm folded (the default; --backend tl or bridge)"
+            else:
+                fix = "load the model unprocessed (fold_ln=False, or --backend nnsight)"
             raise BadInput(f"the SAE was trained with {flag}={expected[flag]} but this {engine.name} model has "
                            f"{flag}={actual[flag]}, which changes the activations at {hook}; {fix}")
 
