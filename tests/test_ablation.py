@@ -14,7 +14,6 @@ from mechscope.cli import main
 from mechscope.techniques.ablation import (METHODS, Component, ablate, ablated_metric, parse_components,
                                            parse_groups, second_copy_loss)
 from mechscope.techniques.heads import repeated_random_tokens
-from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
 
 def ioi_tokens(model, n: int, seed: int):
@@ -335,11 +334,10 @@ def test_ablate_prompts_file(toy_model, tmp_path, capsys):
 # ------------------------------------------------------------------ engines (issue 12)
 
 
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request, toy_engine):
-    from mechscope.models import load_model
-
-    return toy_engine if request.param == "tl" else load_model("mechscope-toy", backend=request.param, device="cpu")
+@pytest.fixture
+def engine(toy_on):
+    """mechscope-toy on each engine (conftest's toy_on: loaded once per session)."""
+    return toy_on
 
 
 def test_engines_agree_on_ablation_effects_and_find_the_induction_head(engine, toy_engine, toy_card):

@@ -187,7 +187,7 @@ def test_cli_attribution_patch_bad_input(tmp_path, capsys, argv, message):
 
 
 # ------------------------------------------------------------------------- prompt sets and engines
-ENGINES = ["tl", "bridge", "nnsight"]
+from tests.conftest import BACKENDS as ENGINES  # noqa: E402  every engine
 
 
 def test_padded_prompt_set_equals_each_prompt_alone(toy_engine):

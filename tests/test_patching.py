@@ -483,7 +483,7 @@ def test_command_backup_option(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------- engines
-ENGINES = ["tl", "bridge", "nnsight"]
+from tests.conftest import BACKENDS as ENGINES  # noqa: E402  every engine
 
 
 @pytest.mark.parametrize("backend", ENGINES)

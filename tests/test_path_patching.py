@@ -243,7 +243,7 @@ def test_other_paths_carry_little(toy_model, induction):
     assert pair.fraction.abs().max() < 0.05
 
 
-ENGINES = ["tl", "bridge", "nnsight"]
+from tests.conftest import BACKENDS as ENGINES  # noqa: E402  every engine
 
 
 @pytest.mark.parametrize("backend", ENGINES)

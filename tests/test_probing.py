@@ -16,15 +16,13 @@ import torch
 from mechscope.cli import main
 from mechscope.techniques import probing
 from mechscope.toy import card, corpus
-from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
 
 
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request, toy_engine):
-    from mechscope.models import load_model
-
-    return toy_engine if request.param == "tl" else load_model("mechscope-toy", backend=request.param, device="cpu")
+@pytest.fixture
+def engine(toy_on):
+    """mechscope-toy on each engine (conftest's toy_on: loaded once per session)."""
+    return toy_on
 
 
 def probe_task(model, name, n, **kwargs):

@@ -13,16 +13,14 @@ from mechscope.cli import main
 from mechscope.commands import steer as steer_command
 from mechscope.techniques import steering
 from mechscope.toy import corpus
-from tests.conftest import BACKENDS as ENGINES  # every engine: cross-engine agreement
 
 LAYER = 1
 
 
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request, toy_engine):
-    from mechscope.models import load_model
-
-    return toy_engine if request.param == "tl" else load_model("mechscope-toy", backend=request.param, device="cpu")
+@pytest.fixture
+def engine(toy_on):
+    """mechscope-toy on each engine (conftest's toy_on: loaded once per session)."""
+    return toy_on
 
 
 @pytest.fixture(scope="module")

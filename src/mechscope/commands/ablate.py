@@ -54,16 +54,6 @@ def add_task_arguments(parser):
                         help="induction: length of the repeated random sequence (default: %(default)s)")
 
 
-def _per_prompt(engine, words, n, flag):
-    from mechscope import inputs
-    from mechscope.errors import BadInput
-
-    if len(words) not in (1, n):
-        raise BadInput(f"give one {flag} for all prompts or one per prompt ({n} prompts, {len(words)} {flag}s)")
-    ids = [inputs.single_token(engine, w) for w in words]
-    return ids * n if len(ids) == 1 else ids
-
-
 def _answer_metric(engine, rows, answers, wrongs):
     """(metric, name) for rows [seq_i]: logit diff answer - wrong at each row's last token (or log p(answer))."""
     import torch
@@ -84,6 +74,7 @@ def build_task(engine, args) -> dict:
     reference (rows or None), reference_note} from the task options."""
     from mechscope import inputs, tasks
     from mechscope.errors import BadInput
+    from mechscope.commands import prompt_sets
     from mechscope.techniques.ablation import second_copy_loss
     from mechscope.techniques.heads import repeated_random_tokens
 
@@ -101,8 +92,8 @@ def build_task(engine, args) -> dict:
             if not args.answer:
                 raise BadInput("--prompt needs --answer (the expected next token), and optionally --wrong")
             texts, what = args.prompt, f"{len(args.prompt)} prompt(s) from --prompt"
-            answers = _per_prompt(engine, args.answer, len(texts), "--answer")
-            wrongs = _per_prompt(engine, args.wrong, len(texts), "--wrong") if args.wrong else None
+            answers = prompt_sets.ids_per_prompt(engine, args.answer, len(texts), "--answer")
+            wrongs = prompt_sets.ids_per_prompt(engine, args.wrong, len(texts), "--wrong") if args.wrong else None
         else:
             ps = tasks.read_prompt_file(args.prompts)
             missing = [i + 1 for i, p in enumerate(ps.prompts) if not p.answer]

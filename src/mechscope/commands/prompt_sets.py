@@ -50,3 +50,14 @@ def batch(engine, ps):
         raise BadInput("answer and wrong are the same token (for --prompt: --answer and --wrong); pick two "
                        "different tokens")
     return tokens, lengths, where, answers, wrongs
+
+
+def ids_per_prompt(engine, words: list[str], n: int, flag: str) -> list[int]:
+    """One single-token id per prompt from `flag`'s words (one word for all n prompts, or one per prompt)."""
+    from mechscope import inputs
+    from mechscope.errors import BadInput
+
+    if len(words) not in (1, n):
+        raise BadInput(f"give one {flag} for all prompts or one per prompt ({n} prompts, {len(words)} {flag}s)")
+    ids = [inputs.single_token(engine, w) for w in words]
+    return ids * n if len(ids) == 1 else ids

@@ -49,6 +49,7 @@ def _prompts(ctx):
     import torch
 
     from mechscope import inputs, tasks
+    from mechscope.commands import prompt_sets
     from mechscope.errors import BadInput
     from mechscope.techniques.probing import right_padded
     from mechscope.toy import corpus
@@ -75,10 +76,7 @@ def _prompts(ctx):
     n = len(prompts)
 
     def per_prompt(words, flag):
-        if len(words) not in (1, n):
-            raise BadInput(f"give one --{flag} for all prompts or one per prompt ({n} prompts, {len(words)} given)")
-        ids = [inputs.single_token(engine, w) for w in words]
-        return torch.tensor(ids * n if len(ids) == 1 else ids)
+        return torch.tensor(prompt_sets.ids_per_prompt(engine, words, n, f"--{flag}"))
     last = torch.tensor([len(r) - 1 for r in rows])
     tokens = right_padded(rows).to(engine.cfg.device)   # padding comes after each row's last token: it cannot matter
     return (tokens, last, per_prompt(answers, "answer"), per_prompt(wrongs, "wrong") if wrongs else None, prompts,

@@ -39,21 +39,6 @@ def add_arguments(parser):
                         "(default: %(default)s)")
 
 
-def parse_strengths(spec: str) -> list[float]:
-    """'0,2,4' -> [0.0, 2.0, 4.0]: 1 to 20 finite numbers."""
-    import math
-
-    from mechscope.errors import BadInput
-
-    try:
-        values = [float(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise BadInput(f"--strengths {spec!r} is not a comma-separated list of numbers") from None
-    if not 1 <= len(values) <= 20 or not all(math.isfinite(v) for v in values):
-        raise BadInput("--strengths needs 1 to 20 finite numbers, e.g. 0,2,4,8")
-    return values
-
-
 def word_ids(engine, spec: str | list[str], what: str) -> list[int]:
     """Token ids of comma-separated single-token words (at least one)."""
     from mechscope import inputs
@@ -86,6 +71,7 @@ def run(ctx):
 
     from mechscope import inputs, plotting
     from mechscope.commands.sae_eval import load_checked_sae
+    from mechscope.commands.steer import parse_strengths
     from mechscope.errors import BadInput
     from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_interventions as si

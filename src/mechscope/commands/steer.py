@@ -124,7 +124,8 @@ def _overlap(contrast: list[str], prompts: list[str]) -> list[str]:
     return [c for c in contrast if any(c.lower() in p or p in c.lower() for p in low)]
 
 
-def _strengths(spec: str) -> list[float]:
+def parse_strengths(spec: str) -> list[float]:
+    """'0,2,4' -> [0.0, 2.0, 4.0]: 1 to 20 finite numbers of magnitude <= 1e6."""
     import math
 
     from mechscope.errors import BadInput
@@ -150,7 +151,7 @@ def run(ctx):
     from mechscope.toy import corpus
 
     args = ctx.args
-    strengths = _strengths(args.strengths)
+    strengths = parse_strengths(args.strengths)
     if not 1 <= args.max_new_tokens <= 200:
         raise BadInput("--max-new-tokens must be in 1..200")
     if not 0 <= args.n_random <= 200:
