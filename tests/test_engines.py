@@ -128,8 +128,17 @@ def _load_tl(directory, fold_ln: bool):
         return load_model(str(directory), backend="tl", device="cpu", fold_ln=fold_ln)
 
 
-def four_engines(directory) -> dict:
-    """{tl (unfolded: the reference), tl_folded, nnsight, bridge} on one saved checkpoint."""
+def four_engines(kind: str, directory, prepare=None) -> dict:
+    """{tl (unfolded: the reference), tl_folded, nnsight, bridge} on one checkpoint saved in `directory`: the
+    bundled model's export (kind "toy") or a tiny random `kind` with biases away from 0 (b_O, b_out parts), then
+    prepare(directory). (Directory names must avoid "llama" / "gemma": transformer-lens 3.9 reads the
+    architecture from such a path.)"""
+    if kind == "toy":
+        directory = export_toy(directory)
+    else:
+        save_tiny(kind, directory, bias_noise=0.2)
+        if prepare is not None:
+            prepare(directory)
     return {"tl": _load_tl(directory, fold_ln=False), "tl_folded": _load_tl(directory, fold_ln=True),
             "nnsight": load_model(str(directory), backend="nnsight", device="cpu"),
             "bridge": load_model(str(directory), backend="bridge", device="cpu")}

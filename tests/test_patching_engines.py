@@ -15,7 +15,7 @@ from mechscope.errors import BadInput
 from mechscope.techniques import attribution_patching as atp
 from mechscope.techniques import patching
 from mechscope.techniques.path_patching import path_patch
-from tests.test_engines import export_toy, four_engines, save_tiny, tokens_for
+from tests.test_engines import four_engines, tokens_for
 
 KINDS = ["gpt2", "neox", "neox_sequential", "llama", "qwen2", "gemma2", "toy"]
 CLOSE = dict(atol=1e-4, rtol=1e-4)
@@ -38,16 +38,10 @@ def _sharpen(directory, scale: float = 10.0) -> None:
 
 @pytest.fixture(scope="module", params=KINDS)
 def engines(request, tmp_path_factory):
-    """{name: engine} on one checkpoint: tl (unfolded, the reference), tl_folded, nnsight, bridge. (Directory
-    names avoid "llama" / "gemma": transformer-lens 3.9 reads the architecture from such a path.)"""
+    """{name: engine} on one checkpoint (tests.test_engines.four_engines)."""
     kind = request.param
     directory = tmp_path_factory.mktemp(f"patching_{KINDS.index(kind)}")
-    if kind == "toy":
-        directory = export_toy(directory)
-    else:
-        save_tiny(kind, directory, bias_noise=0.2)
-        _sharpen(directory)
-    return four_engines(directory)
+    return four_engines(kind, directory, prepare=_sharpen)
 
 
 @pytest.fixture(scope="module")

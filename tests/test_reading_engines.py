@@ -13,7 +13,7 @@ import torch
 from mechscope.techniques.dla import dla
 from mechscope.techniques.heads import attention_readout
 from mechscope.techniques.logit_lens import answer_lens
-from tests.test_engines import export_toy, four_engines, save_tiny, tokens_for
+from tests.test_engines import four_engines, tokens_for
 
 KINDS = ["gpt2", "neox", "llama", "qwen2", "gemma2", "toy"]
 CLOSE = dict(atol=1e-4, rtol=1e-4)
@@ -22,15 +22,10 @@ LAYER_PARTS = ("metric", "readout", "embed", "pos_embed", "attn", "mlp")
 
 @pytest.fixture(scope="module", params=KINDS)
 def engines(request, tmp_path_factory):
-    """{name: engine} on one checkpoint: tl (unfolded, the reference), tl_folded, nnsight, bridge. (Directory
-    names avoid "llama" / "gemma": transformer-lens 3.9 reads the architecture from such a path.)"""
+    """{name: engine} on one checkpoint (tests.test_engines.four_engines)."""
     kind = request.param
     directory = tmp_path_factory.mktemp(f"reading_{KINDS.index(kind)}")
-    if kind == "toy":
-        directory = export_toy(directory)
-    else:
-        save_tiny(kind, directory, bias_noise=0.2)   # trained-looking: biases away from 0 (b_O, b_out parts)
-    return four_engines(directory)
+    return four_engines(kind, directory)
 
 
 @pytest.fixture(params=["tl_folded", "nnsight", "bridge"])
