@@ -38,10 +38,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mechscope command 
 A, B = 1234, 4321
 
 
+DEVICE, DTYPE = "cpu", "float32"  # set from --device / --dtype in main()
+
+
 def make_model(n_layers: int, d_model: int):
     cfg = tl.HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=d_model // 64, d_head=64,
                                      d_mlp=4 * d_model, n_ctx=1024, d_vocab=50257, act_fn="gelu_new",
-                                     normalization_type="LN", seed=0)
+                                     normalization_type="LN", seed=0, device=DEVICE, dtype=getattr(torch, DTYPE))
     return tl.HookedTransformer(cfg).eval()
 
 
@@ -50,7 +53,32 @@ def make_tokens(seq: int):
     clean = torch.randint(1000, 20000, (1, seq), generator=gen)
     corrupted = clean.clone()
     corrupted[0, 2], corrupted[0, 4] = 777, 888
-    return clean, corrupted
+    return clean.to(DEVICE), corrupted.to(DEVICE)
+
+
+def synchronize():
+    """Wait for queued GPU work: a CUDA timing without it measures the launch, not the computation."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def machine_state() -> str:
+    """The load average and CPU count, printed beside every table: a busy machine slows the matmuls the bound
+    divides by more than mechscope's fixed costs, so ratios measured under load flatter mechscope."""
+    load = os.getloadavg()
+    return f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) on {os.cpu_count()} cores"
+
+
+def warn_if_busy() -> None:
+    """One line on stderr when the 1-minute load average shows other work (> 0.5 beyond this process's threads
+    on the CPU): the bound ratios of this run are then flattering; rerun on a quiet machine for published numbers."""
+    import sys
+
+    busy = os.getloadavg()[0] - (torch.get_num_threads() if DEVICE == "cpu" else 1)
+    if busy > 0.5:
+        print(f"warning: the machine is busy ({machine_state()}): other work slows the matmul rate the bound "
+              "divides by, so the ratios below flatter mechscope; publish only numbers measured quiet",
+              file=sys.stderr, flush=True)
 
 
 def tl_metric(logits):
@@ -58,15 +86,19 @@ def tl_metric(logits):
 
 
 def timed(fn):
+    synchronize()
     start = time.perf_counter()
     out = fn()
+    synchronize()
     return time.perf_counter() - start, out
 
 
 def timed_cpu(fn):
     """(wall seconds, this process's CPU seconds, result)."""
+    synchronize()
     start, cpu = time.perf_counter(), time.process_time()
     out = fn()
+    synchronize()
     return time.perf_counter() - start, time.process_time() - cpu, out
 
 
@@ -91,7 +123,7 @@ def tutorial_sweep(model, clean, corrupted):
         patched = model.run_with_hooks(corrupted, fwd_hooks=[(hook_point, patch_hook)])
         return tl_metric(patched) - baseline
 
-    out = torch.zeros(n_layers, seq)
+    out = torch.zeros(n_layers, seq, device=DEVICE)
     for layer in range(n_layers):
         for p in range(seq):
             out[layer, p] = tutorial_cell(f"blocks.{layer}.hook_resid_pre", p)
@@ -126,16 +158,23 @@ def bound_macs(cfg, seq: int, sweep: str, first: int = 0) -> int:
 
 
 def matmul_rate(cfg, seq: int, repeats: int = 20) -> float:
-    """This machine's fp32 multiply-adds per second on the sweep's shapes: [T(T+1)/2, d] @ [d, d_mlp] @ [d_mlp, d]
-    (the rows of one layer's cells)."""
+    """This machine's multiply-adds per second (in the run's device and dtype) on the sweep's shapes:
+    [T(T+1)/2, d] @ [d, d_mlp] @ [d_mlp, d] (the rows of one layer's cells)."""
     rows = seq * (seq + 1) // 2
-    a, w1, w2 = torch.randn(rows, cfg.d_model), torch.randn(cfg.d_model, cfg.d_mlp), torch.randn(cfg.d_mlp, cfg.d_model)
+    kw = dict(device=DEVICE, dtype=getattr(torch, DTYPE))
+    a, w1, w2 = torch.randn(rows, cfg.d_model, **kw), torch.randn(cfg.d_model, cfg.d_mlp, **kw), \
+        torch.randn(cfg.d_mlp, cfg.d_model, **kw)
     for _ in range(3):
         (a @ w1) @ w2
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         (a @ w1) @ w2
+    synchronize()
     return repeats * 2 * rows * cfg.d_model * cfg.d_mlp / (time.perf_counter() - start)
+
+
+RATES: list[float] = []  # every matmul rate measured, for the table footers
 
 
 def timed_with_bound(fn, model, clean, corrupted, sweep: str, repeats: int = 3):
@@ -149,6 +188,7 @@ def timed_with_bound(fn, model, clean, corrupted, sweep: str, repeats: int = 3):
         rates.append(matmul_rate(model.cfg, seq))
         runs.append(timed(fn))
     rate = sorted(rates)[repeats // 2]
+    RATES.append(rate)
     bound = (bound_macs(model.cfg, seq, sweep) / rate, bound_macs(model.cfg, seq, sweep, first) / rate)
     return sorted(t for t, _ in runs)[repeats // 2], bound, runs[0][1]
 
@@ -163,8 +203,16 @@ def row(name, t_ours, bound, t_tl, t_tut=None, diff=None, diff_tut=None):
           f"{tl_txt} {tut_txt}  {ratio_tl} {ratio_tut}   {diffs}", flush=True)
 
 
+def conditions() -> None:
+    """The table's footer: the machine's load and the matmul rates its bound ratios divided by."""
+    rates = ", ".join(f"{r / 1e9:.0f}" for r in RATES)
+    print(f"  ({machine_state()}; matmul rate {rates} GMAC/s)", flush=True)
+    RATES.clear()
+
+
 def header(title):
-    print(f"\n{title}")
+    warn_if_busy()
+    print(f"\n{title}  [{machine_state()}]")
     print(f"{'sweep':34s} {'mechscope':>8s} {'bound':>7s} {'ms/bnd':>7s} {'strict':>7s} {'ms/str':>7s} {'TL':>8s} "
           f"{'tutorial':>9s}  {'TL/ms':>8s} {'tut/ms':>9s}   max|ms-TL| / |ms-tut|")
 
@@ -192,7 +240,7 @@ def naive_nnsight_sweep(nnsight_model, clean, corrupted):
     n_layers, seq = len(h), clean.shape[1]
     with nnsight_model.trace(clean):
         clean_inputs = nnsight.save([h[layer].input for layer in range(n_layers)])
-    out = torch.zeros(n_layers, seq)
+    out = torch.zeros(n_layers, seq, device=DEVICE)
     for layer in range(n_layers):
         for p in range(seq):
             with nnsight_model.trace(corrupted):
@@ -215,11 +263,13 @@ def engines_bench(rounds: int = 3):
 
     with tempfile.TemporaryDirectory() as directory:
         save_gpt2_small_shape(directory)
-        engines = {name: load_model(directory, backend=name, device="cpu") for name in ("nnsight", "bridge", "tl")}
+        engines = {name: load_model(directory, backend=name, device=DEVICE, dtype=DTYPE)
+                   for name in ("nnsight", "bridge", "tl")}
     clean, corrupted = make_tokens(15)
     clean[0, 0] = corrupted[0, 0] = engines["tl"].bos_token_id
+    warn_if_busy()
     print(f"\nengines: resid_pre layer x position (180 cells), GPT-2-small-shaped random HF checkpoint, 15 tokens, "
-          f"CPU fp32, medians of {rounds} interleaved rounds")
+          f"{DEVICE} {DTYPE}, medians of {rounds} interleaved rounds  [{machine_state()}]")
     for engine in engines.values():  # warm-up
         engine.run(clean)
     methods = {"naive nnsight loop (1 trace / cell)":
@@ -257,8 +307,12 @@ def main():
                         help="also the GPT-2-small-shaped resid_pre sweep at these token counts, e.g. 64,256 (256: ~7 "
                         "minutes, timed once; shorter ones the median of 3)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: timings synchronise the GPU")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the models' and the matmul rate's dtype (default float32; the 1e-5 agreement with "
+                        "transformer-lens holds in float32 only)")
     args = parser.parse_args()
-    global pd, torch, tl, tlp, patching  # imported here: --help stays fast
+    global pd, torch, tl, tlp, patching, DEVICE, DTYPE  # imported here: --help stays fast
     import pandas as pd
     import torch
     import transformer_lens as tl
@@ -267,8 +321,12 @@ def main():
     from mechscope.techniques import patching
     if args.threads:
         torch.set_num_threads(args.threads)
+    DEVICE, DTYPE = args.device, args.dtype
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
     torch.set_grad_enabled(False)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, transformer-lens patching vs mechscope")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {DTYPE}, transformer-lens patching vs mechscope; {machine_state()}")
     if args.engines:
         engines_bench()
         return
@@ -276,7 +334,7 @@ def main():
     model = make_model(12, 768)
     clean, corrupted = make_tokens(15)
     model(clean)  # warm-up
-    header("GPT-2-small shape (12 layers, d_model 768, 12 heads, d_mlp 3072, vocab 50257), 15 tokens, CPU fp32")
+    header(f"GPT-2-small shape (12 layers, d_model 768, 12 heads, d_mlp 3072, vocab 50257), 15 tokens, {DEVICE} {DTYPE}")
     t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean, corrupted,
                                          "resid_pre")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
@@ -299,6 +357,7 @@ def main():
             t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_by_pos))
             diff = (v_ms - v_tl.permute(0, 2, 1)).abs().max().item()
         row("head out by_pos (2160 cells)", t_ms, bound, t_tl, None, diff)
+    conditions()
     attribution_cost(model, clean, corrupted)
     if args.gpt2_tokens:
         seqs = [int(t) for t in args.gpt2_tokens.split(",")]
@@ -310,7 +369,7 @@ def main():
         return
     model = make_model(4, 256)
     clean, corrupted = make_tokens(64)
-    header("4 layers, d_model 256, 4 heads, d_mlp 1024, vocab 50257, 64 tokens, CPU fp32")
+    header(f"4 layers, d_model 256, 4 heads, d_mlp 1024, vocab 50257, 64 tokens, {DEVICE} {DTYPE}")
     t_ms, bound, v_ms = timed_with_bound(lambda: ours(model, clean, corrupted, "resid_pre"), model, clean, corrupted,
                                          "resid_pre")
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_resid_pre))
@@ -321,6 +380,7 @@ def main():
     t_tl, v_tl = timed(lambda: tl_sweep(model, clean, corrupted, tlp.get_act_patch_attn_head_out_all_pos))
     row("head out all_pos (16 cells)", t_ms, bound, t_tl, None,
         (v_ms - v_tl).abs().max().item())
+    conditions()
 
     scaling(model, "4 layers, d_model 256", (16, 64, 256))
 
@@ -330,7 +390,9 @@ def scaling(model, shape: str, seqs, long_once: bool = False):
     with long_once) against the bound, and transformer-lens estimated from 16 timed cells (its cost per cell is
     one full forward)."""
     n_layers = model.cfg.n_layers
-    print(f"\nscaling with sequence length: resid_pre layer x pos, {shape} (* = TL timed on 16 cells x n_cells / 16)")
+    warn_if_busy()
+    print(f"\nscaling with sequence length: resid_pre layer x pos, {shape}, {DEVICE} {DTYPE} (* = TL timed on 16 "
+          f"cells x n_cells / 16)  [{machine_state()}]")
     print(f"{'tokens':>6s} {'cells':>6s} {'mechscope':>10s} {'bound':>8s} {'ms/bound':>8s} {'strict':>8s} {'ms/strict':>9s} "
           f"{'TL (est.)':>10s} {'TL/ms':>7s}")
     for seq in seqs:
@@ -346,6 +408,7 @@ def scaling(model, shape: str, seqs, long_once: bool = False):
         t_tl = t_cache + t_cells * n_cells / 16
         print(f"{seq:6d} {n_cells:6d} {t_ms:10.2f} {bound:8.2f} {t_ms / bound:7.2f}x {strict:8.2f} {t_ms / strict:8.2f}x "
               f"{t_tl:10.2f} {t_tl / t_ms:6.1f}x", flush=True)
+    conditions()
 
 
 def attribution_cost(model, clean, corrupted, repeats: int = 3):
