@@ -74,6 +74,7 @@ def test_patching_agrees(engines, task, other, component, by_position):
     a = patching.patch_sweep(ref, clean, corrupted, component, metric, by_position=by_position, lengths=lengths)
     b = patching.patch_sweep(engine, clean, corrupted, component, metric, by_position=by_position, lengths=lengths)
     assert b.meta["implementation"].endswith("(tl)" if other == "tl_folded" else f"generic ({other})")
+    assert b.meta.get("restarts_at_patched_layer", False) == (other != "tl_folded")  # blocks before it skipped
     assert a.effect_per_prompt(normalise=False).nan_to_num().abs().max() > 0.05     # the patches do something
     torch.testing.assert_close(b.per_prompt, a.per_prompt, **CLOSE, equal_nan=True)
     torch.testing.assert_close(torch.stack([b.clean, b.corrupted]), torch.stack([a.clean, a.corrupted]), **CLOSE)
@@ -114,3 +115,24 @@ def test_path_patching_agrees(engines, task, other):
         largest = max(largest, float(a.per_prompt.abs().max()))
         torch.testing.assert_close(b.per_prompt, a.per_prompt, **CLOSE, msg=str(target))
     assert largest > 0.05  # some path carries something
+
+
+@pytest.mark.parametrize("other", ["nnsight", "bridge"])
+def test_run_from_skips_blocks_exactly(engines, task, other):
+    """run_from(l, resid_pre l of the same tokens) gives run()'s logits and reads; the skipped blocks are really
+    skipped (a wrong resid changes the logits), edits before l are dropped, reads before l refused, and the
+    model computes normally afterwards."""
+    engine = engines[other]
+    clean = task[0]
+    layer = engine.cfg.n_layers - 1
+    site, later = f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"
+    logits, acts = engine.run(clean, read=[site, later])
+    start_logits, start_acts = engine.run_from(layer, acts[site], clean, read=[later],
+                                               edits=[("blocks.0.hook_resid_pre", lambda x: x * 0)])
+    torch.testing.assert_close(start_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(start_acts[later], acts[later], atol=1e-5, rtol=1e-5)
+    wrong, _ = engine.run_from(layer, acts[site] * 0, clean)
+    assert (wrong - logits).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="skipped"):
+        engine.run_from(layer, acts[site], clean, read=["blocks.0.hook_resid_post"])
+    torch.testing.assert_close(engine.run(clean)[0], logits, atol=1e-6, rtol=1e-6)

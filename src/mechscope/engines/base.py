@@ -167,6 +167,14 @@ class Engine:
         `positions` ([batch] per-row indices) when given. Gradients flow where torch's grad mode is on."""
         raise NotImplementedError
 
+    def run_from(self, layer: int, resid, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (),
+                 positions=None):
+        """run() when the blocks before `layer` need not be recomputed: resid [batch, seq, d_model] is block
+        `layer`'s input exactly as those blocks compute it for `tokens` under `edits` (a speed-up, never an
+        edit). Edits before `layer` are inside resid already; reads there are refused. This default runs every
+        block; engines that can skip blocks (nnsight, the bridge) override it."""
+        return self.run(tokens, read, edits, positions)
+
     def run_with_grads(self, tokens, metric: Metric, read: Sequence[str], edits: Sequence[Edit] = ()):
         """-> (metric [batch] detached, {site: activation}, {site: d metric.sum() / d activation})."""
         raise NotImplementedError

@@ -44,6 +44,7 @@ class BridgeEngine(HookedEngine):
                                                      or name),
                            normalization_type=norm)
         self._kv_cache_exact: bool | None = None  # kv_cache_exact() finds out on the first cached generate
+        self._layer_output: int | None = None      # _layer_output_width() finds out on the first run_from
 
     def sites(self) -> list[str]:
         """The hook names that fire: the bridge also lists aliases its architecture never runs (e.g.
@@ -84,6 +85,38 @@ class BridgeEngine(HookedEngine):
                 hooks += [(f"blocks.{layer}.hook_resid_pre", keep(layer)),
                           (f"blocks.{layer}.hook_attn_out", via_attn_out(layer, fn))]
         return hooks
+
+    def run_from(self, layer: int, resid, tokens, read=(), edits=(), positions=None):
+        """Blocks before `layer` skipped: their Hugging Face layers return resid without computing (the bridge's
+        hooks there see it, so edits there are dropped: their effect is inside resid)."""
+        early = [site for site in list(read) if (layer_of(site) if site.startswith("blocks.") else -1) < layer]
+        if early:
+            raise ValueError(f"run_from({layer}) cannot read {early}: those blocks are skipped")
+        if layer == 0:
+            return self.run(tokens, read, edits, positions)
+        edits = [(site, fn) for site, fn in edits if site.startswith("blocks.") and layer_of(site) >= layer]
+        output = resid if self._layer_output_width() == 0 else (resid, *[None] * (self._layer_output_width() - 1))
+        layers = [self.model.blocks[i].original_component for i in range(layer)]
+        try:
+            for hf_layer in layers:
+                hf_layer.forward = lambda *args, **kwargs: output
+            return self.run(tokens, read, edits, positions)
+        finally:
+            for hf_layer in layers:
+                del hf_layer.forward
+
+    def _layer_output_width(self) -> int:
+        """0 when a Hugging Face decoder layer returns a tensor (transformers 5), else its tuple's length (4.x)."""
+        if self._layer_output is None:
+            seen = []
+            handle = self.model.blocks[0].original_component.register_forward_hook(lambda m, i, o: seen.append(o))
+            try:
+                with torch.no_grad():
+                    self.model(torch.full((1, 2), self.bos_token_id, device=self.model.cfg.device))
+            finally:
+                handle.remove()
+            self._layer_output = 0 if torch.is_tensor(seen[0]) else len(seen[0])
+        return self._layer_output
 
     def generate(self, tokens, edits=(), max_new_tokens: int = 10, use_kv_cache: bool = True):
         if use_kv_cache and not self.kv_cache_exact():

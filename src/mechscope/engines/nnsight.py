@@ -107,12 +107,17 @@ def _remote_kwargs(remote) -> dict:
     return {"remote": remote} if remote else {}
 
 
-def _traced_run(model, tokens, steps, unembed, positions, remote):
-    """One trace -> (logits, {site: activation})."""
+def _traced_run(model, tokens, steps, unembed, positions, remote, skip=None):
+    """One trace -> (logits, {site: activation}). skip: (blocks path, layer, resid): blocks before `layer` are
+    not run, block `layer`'s input is resid."""
     import nnsight
 
     with model.trace(tokens, **_remote_kwargs(remote)):
         acts = nnsight.save({})
+        if skip is not None:
+            blocks, layer, resid = skip
+            for skipped in range(layer):  # only the last one's output is used: the next block's input
+                model.get(f"{blocks}.{skipped}").skip(resid)
         _visit(model, steps, acts, len(tokens))
         if positions is not None:  # unembed only the positions asked for
             lm_head = model.get(unembed)
@@ -397,11 +402,23 @@ class NNsightEngine(Engine):
         return tensor.to(self.cfg.device)
 
     def run(self, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (), positions=None):
-        steps = self._plan(read, edits)
+        return self._run(tokens, self._plan(read, edits), positions)
+
+    def run_from(self, layer: int, resid, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (),
+                 positions=None):
+        if layer == 0:
+            return self.run(tokens, read, edits, positions)
+        early = [site for site in read if (layer_of(site) if site.startswith("blocks.") else -1) < layer]
+        if early:
+            raise ValueError(f"run_from({layer}) cannot read {early}: those blocks are skipped")
+        steps = [step for step in self._plan(read, edits) if step.order[0] >= layer]
+        return self._run(tokens, steps, positions, skip=(self.arch.blocks, layer, resid))
+
+    def _run(self, tokens, steps, positions, skip=None):
         tokens = self._tokens(tokens)
         if positions is not None:
             positions = torch.as_tensor(positions, device=tokens.device)
-        logits, acts = _traced_run(self.model, tokens, steps, self.arch.unembed, positions, self.remote)
+        logits, acts = _traced_run(self.model, tokens, steps, self.arch.unembed, positions, self.remote, skip)
         logits = logits[:, 0] if positions is not None else logits
         return self._here(logits), {site: self._here(act) for site, act in acts.items()}
 

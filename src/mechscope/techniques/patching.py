@@ -40,6 +40,7 @@ import torch
 
 from mechscope import inputs, metrics, stats
 from mechscope.engines import hooked_sweep
+from mechscope.engines.base import Engine
 from mechscope.errors import BadInput
 from mechscope.progress import progress
 
@@ -324,8 +325,12 @@ def _generic_sweep(engine, source, target, site, metric, read, layers, by_positi
     n_prompts, seq = source.shape
     device = source.device
     names = [site.format(layer) for layer in layers]
+    # an engine that skips blocks starts each patched run at the patched layer, from the target's residual there
+    restart = type(engine).run_from is not Engine.run_from
+    starts = [f"blocks.{layer}.hook_resid_pre" for layer in layers] if restart else []
     source_logits, source_acts = engine.run(source, read=names, edits=_merge_edits(edits), positions=read)
-    target_logits, target_acts = engine.run(target, read=names, edits=_merge_edits(edits), positions=read)
+    target_logits, target_acts = engine.run(target, read=list(dict.fromkeys(names + starts)),
+                                            edits=_merge_edits(edits), positions=read)
     source_logits, target_logits = source_logits.float(), target_logits.float()
     clean_logits = source_logits if clean == "source" else target_logits
     prompt = torch.arange(n_prompts, device=device)
@@ -343,7 +348,10 @@ def _generic_sweep(engine, source, target, site, metric, read, layers, by_positi
     todo = torch.cat(todo).to(device)                                                  # [n_run, 2]
     batch_size = batch_size or hooked_sweep.default_batch_size(engine.cfg, seq, source_acts[names[0]].dtype)
     out = target_value.repeat(len(layers), n_heads * n_pos, 1)                         # [layers, cells, prompts]
-    for chunk in progress(todo.split(max(1, batch_size // n_prompts)), desc=f"patching {site.format('*')}"):
+    cells_per_run = max(1, batch_size // n_prompts)
+    chunks = ([c for li in range(len(layers)) for c in todo[todo[:, 0] == li].split(cells_per_run)] if restart
+              else list(todo.split(cells_per_run)))                                   # restart: one layer a run
+    for chunk in progress(chunks, desc=f"patching {site.format('*')}"):
         patches = []
         for li in chunk[:, 0].unique().tolist():
             rows = (chunk[:, 0] == li).nonzero()[:, 0]
@@ -354,13 +362,20 @@ def _generic_sweep(engine, source, target, site, metric, read, layers, by_positi
             full = torch.zeros(len(chunk), *mask.shape[1:], dtype=torch.bool, device=device)
             full[rows] = mask
             patches.append((names[li], _patch_edit(full, act, n_prompts)))
-        logits, _ = engine.run(target.repeat(len(chunk), 1), edits=_merge_edits(list(edits) + patches),
-                               positions=read.repeat(len(chunk)))
+        run_edits, rows_read = _merge_edits(list(edits) + patches), read.repeat(len(chunk))
+        if restart:
+            start = layers[int(chunk[0, 0])]
+            resid = target_acts[f"blocks.{start}.hook_resid_pre"].repeat(len(chunk), 1, 1)
+            logits, _ = engine.run_from(start, resid, target.repeat(len(chunk), 1), edits=run_edits,
+                                        positions=rows_read)
+        else:
+            logits, _ = engine.run(target.repeat(len(chunk), 1), edits=run_edits, positions=rows_read)
         values = metric(logits.float(), prompt.repeat(len(chunk)), clean_logits).view(len(chunk), n_prompts)
         out[chunk[:, 0], chunk[:, 1]] = values.to(out.dtype)
     return hooked_sweep.Sweep(out, source_logits, target_logits, n_heads, n_pos,
                               meta={"cells_run": len(todo), "batch_size": batch_size,
-                                    "implementation": f"generic ({engine.name})"})
+                                    "implementation": f"generic ({engine.name})",
+                                    "restarts_at_patched_layer": restart})
 
 
 def patch_sweep(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, component: str,
