@@ -5,11 +5,17 @@ The fast exact patching sweep (mechscope.engines.hooked_sweep) runs on this engi
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 
 from mechscope.engines.base import Edit, Engine, FinalNorm, ModelConfig, Metric, SITE_KINDS
+
+
+# per-receiver inputs (edge patching): transformer-lens fires them only with use_split_qkv_input / use_hook_mlp_in,
+# which run() turns on for a call that reads or edits one of them (the residual stream copied per head: slower)
+INPUT_KINDS = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
 
 
 def _hook(fn):
@@ -54,15 +60,29 @@ class HookedEngine(Engine):
 
     # ---------------------------------------------------------------- sites
     def sites(self) -> list[str]:
-        names = [n for n in self.model.hook_dict if n.endswith(SITE_KINDS)]
+        names = [n for n in self.model.hook_dict if n.endswith(SITE_KINDS + INPUT_KINDS)]
         if self.cfg.attn_only:  # transformer-lens keeps hook_mlp_out on attention-only blocks; it never fires
-            names = [n for n in names if not n.endswith(("hook_mlp_out", "mlp.hook_post"))]
+            names = [n for n in names if not n.endswith(("hook_mlp_out", "mlp.hook_post", "hook_mlp_in"))]
         return names
+
+    @contextlib.contextmanager
+    def _inputs_split(self, names):
+        """Turn on transformer-lens's per-head q/k/v inputs and hook_mlp_in while a call uses one of them."""
+        cfg = self.model.cfg
+        if not any(n.endswith(INPUT_KINDS) for n in names):
+            yield
+            return
+        old = cfg.use_split_qkv_input, cfg.use_hook_mlp_in
+        cfg.use_split_qkv_input, cfg.use_hook_mlp_in = True, not cfg.attn_only
+        try:
+            yield
+        finally:
+            cfg.use_split_qkv_input, cfg.use_hook_mlp_in = old
 
     # ---------------------------------------------------------------- running
     def _forward(self, tokens, names, hooks, **kwargs):
         mask = torch.ones_like(tokens)  # right padding is handled by reading each row's own positions
-        with self.model.hooks(fwd_hooks=hooks):
+        with self.model.hooks(fwd_hooks=hooks), self._inputs_split(list(names) + [name for name, _ in hooks]):
             if names:
                 logits, cache = self.model.run_with_cache(tokens, names_filter=list(names), attention_mask=mask,
                                                           **kwargs)
