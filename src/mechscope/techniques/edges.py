@@ -136,7 +136,7 @@ def _outputs(engine, site: str, act: torch.Tensor) -> torch.Tensor:
     """A sender site's activation -> [batch, pos, n_senders_at_site, d_model] their outputs."""
     if site.endswith("hook_z"):
         layer = int(site.split(".")[1])
-        return torch.einsum("bphe,hed->bphd", act, engine.W_O(layer).to(act.dtype))
+        return torch.einsum("bphe,hed->bphd", act, engine.W_O(layer).detach().to(act.dtype))
     return act[:, :, None]
 
 
