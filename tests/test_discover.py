@@ -152,14 +152,11 @@ def test_discover_command_writes_its_files(tmp_path, monkeypatch, toy_engine):
     assert len(rows) == 263 and sum(r.endswith(",1") for r in rows[1:]) == summary["circuit_edges"]
 
 
-def test_engines_without_per_head_inputs_are_refused(toy_engine):
-    class NoInputs:
-        name, cfg = "nnsight", toy_engine.cfg
-
-        def has_site(self, site):
-            return not site.endswith(("_input", "mlp_in"))
-        require = type(toy_engine).require
-        missing_site_hint = type(toy_engine).missing_site_hint
-    with pytest.raises(BadInput, match="hook_q_input.*nnsight"):
-        edges.edge_scores(NoInputs(), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long),
-                          lambda x: x[:, -1, 0])
+def test_engines_without_per_head_inputs_are_refused(toy_on):
+    """Only the tl engine has per-head q / k / v inputs; the bridge and nnsight refuse in one line (BadInput)."""
+    if toy_on.name == "tl":
+        assert toy_on.has_site("blocks.2.hook_k_input") and toy_on.has_site("blocks.2.hook_mlp_in")
+        return
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(BadInput, match=f"hook_q_input.*{toy_on.name}"):
+        edges.edge_scores(toy_on, tokens, tokens, lambda logits: logits[:, -1, 0])

@@ -39,6 +39,7 @@ def config_from_tl(cfg, n_params: int | None = None) -> ModelConfig:
 class HookedEngine(Engine):
     """transformer-lens's HookedTransformer."""
     name = "tl"
+    split_inputs = True                 # offers INPUT_KINDS (HookedTransformer's use_split_qkv_input / use_hook_mlp_in)
 
     def __init__(self, model):
         self.model = model
@@ -60,7 +61,8 @@ class HookedEngine(Engine):
 
     # ---------------------------------------------------------------- sites
     def sites(self) -> list[str]:
-        names = [n for n in self.model.hook_dict if n.endswith(SITE_KINDS + INPUT_KINDS)]
+        kinds = SITE_KINDS + (INPUT_KINDS if self.split_inputs else ())
+        names = [n for n in self.model.hook_dict if n.endswith(kinds)]
         if self.cfg.attn_only:  # transformer-lens keeps hook_mlp_out on attention-only blocks; it never fires
             names = [n for n in names if not n.endswith(("hook_mlp_out", "mlp.hook_post", "hook_mlp_in"))]
         return names
