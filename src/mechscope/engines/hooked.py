@@ -61,11 +61,17 @@ class HookedEngine(Engine):
 
     # ---------------------------------------------------------------- sites
     def sites(self) -> list[str]:
-        kinds = SITE_KINDS + (INPUT_KINDS if self.split_inputs else ())
-        names = [n for n in self.model.hook_dict if n.endswith(kinds)]
+        names = [n for n in self.model.hook_dict if n.endswith(SITE_KINDS)]
         if self.cfg.attn_only:  # transformer-lens keeps hook_mlp_out on attention-only blocks; it never fires
-            names = [n for n in names if not n.endswith(("hook_mlp_out", "mlp.hook_post", "hook_mlp_in"))]
+            names = [n for n in names if not n.endswith(("hook_mlp_out", "mlp.hook_post"))]
         return names
+
+    def has_site(self, site: str) -> bool:
+        """sites(), plus the per-head / per-MLP inputs (INPUT_KINDS) where split_inputs: not listed in sites(),
+        so that reading every site stays cheap and the same on every engine."""
+        if self.split_inputs and site.endswith(INPUT_KINDS) and site in self.model.hook_dict:
+            return not (self.cfg.attn_only and site.endswith("hook_mlp_in"))
+        return super().has_site(site)
 
     @contextlib.contextmanager
     def _inputs_split(self, names):
