@@ -253,7 +253,7 @@ def evaluate(engine, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metri
 
         def patch(site):
             def fn(act):
-                mask = chunk[:, r_slices[site], :filled].to(act.dtype)                   # [C, k, S']
+                mask = chunk[:, r_slices[site], :filled].to(act.device, act.dtype)       # [C, k, S']
                 fix = (mask @ deltas[:, :filled]).view(c, -1, n, *act.shape[1:2], act.shape[-1])  # [C, k, n, pos, d]
                 fix = fix.permute(0, 2, 3, 1, 4).reshape(c * n, act.shape[1], -1, act.shape[-1])
                 return act - (fix if site.endswith("_input") else fix[:, :, 0])
