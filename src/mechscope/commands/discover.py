@@ -85,7 +85,7 @@ def run(ctx):
         args.task = "induction"
     engine = ctx.engine
     graph = edges.build_graph(engine.cfg)
-    edges._check(engine, graph)
+    edges.require_sites(engine, graph)
     if args.edges is not None and args.edges > len(graph.edges):
         raise BadInput(f"--edges must be at most {len(graph.edges)} (this model's edge count)")
     clean, corrupted, metric, metric_name, pairs = _task(engine, args)

@@ -145,7 +145,8 @@ def _as_heads(x: torch.Tensor, site: str) -> torch.Tensor:
     return x if site.endswith("_input") else x[:, :, None]
 
 
-def _check(engine, graph: Graph) -> None:
+def require_sites(engine, graph: Graph) -> None:
+    """BadInput (one line) when the engine lacks a site edge patching needs (only the tl engine has them all)."""
     engine.require(_sender_sites(graph, engine.cfg.attn_only) + _receiver_sites(graph, engine.cfg.attn_only),
                    "edge discovery (per-head q / k / v inputs; the tl engine offers them)")
 
@@ -174,7 +175,7 @@ def edge_scores(engine, clean: torch.Tensor, corrupted: torch.Tensor, metric: Me
     if steps < 1:
         raise BadInput("--steps must be at least 1")
     graph = graph or build_graph(engine.cfg)
-    _check(engine, graph)
+    require_sites(engine, graph)
     attn_only, n = engine.cfg.attn_only, len(clean)
     senders, receivers = _sender_sites(graph, attn_only), _receiver_sites(graph, attn_only)
     with torch.no_grad():
@@ -220,7 +221,7 @@ def evaluate(engine, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metri
     One forward per max_batch rows (circuits x prompts), after one corrupted forward (skipped when
     corrupted_outputs, from EdgeScores, is given)."""
     graph = graph or build_graph(engine.cfg)
-    _check(engine, graph)
+    require_sites(engine, graph)
     attn_only, n = engine.cfg.attn_only, len(clean)
     senders, receivers = _sender_sites(graph, attn_only), _receiver_sites(graph, attn_only)
     if corrupted_outputs is None:
