@@ -244,6 +244,13 @@ CASES = [
     (["attribution-patch", "--compare-exact", "maybe"], "invalid choice"),
     # ---- path-patch
     (["path-patch"], "--receivers"),
+    (["discover", "--target", "1.5"], "(0, 1]"),
+    (["discover", "--target", "0.5", "--edges", "3"], "not both"),
+    (["discover", "--edges", "0"], "at least 1"),
+    (["discover", "--edges", "99999"], "at most 262"),
+    (["discover", "--steps", "0"], "--steps"),
+    (["discover", "--check", "1"], "--check"),
+    (["discover", "--task", "induction", "--n", "0"], "--n"),
     (["path-patch", "--receivers", "9.9"], "out of range"),
     (["path-patch", "--receivers", "1.9"], "out of range"),
     (["path-patch", "--receivers", "2.1:x"], "qkv"),

@@ -309,3 +309,42 @@ def feature_pages_html(features: Sequence[dict], path: Path, title: str = "SAE f
     page = jinja2.Environment(autoescape=True).from_string(_FEATURE_PAGE)
     Path(path).write_text(page.render(features=features, title=title, subtitle=subtitle), encoding="utf-8")
     return Path(path)
+
+
+def circuit(edges: Sequence[tuple[str, str, float]], n_layers: int, n_heads: int, path: Path, title: str = "") -> Path:
+    """An edge circuit: nodes by layer (input at the bottom, each layer's heads then its MLP, logits on top),
+    one line per edge (sender, receiver, score) with width by |score| and colour by the receiver's input
+    (a head's q / k / v, or an MLP / the logits). Names: "input", "L{l}H{h}", "MLP{l}", "logits";
+    receivers add ".q" / ".k" / ".v" for heads."""
+    def place(name):
+        if name == "input":
+            return (n_heads - 1) / 2, 0.0
+        if name == "logits":
+            return (n_heads - 1) / 2, 2.0 * n_layers + 1
+        if name.startswith("MLP"):
+            return (n_heads - 1) / 2, 2.0 * int(name[3:]) + 2
+        layer, head = name[1:].split("H")
+        return float(head), 2.0 * int(layer) + 1
+
+    colours = {"q": "tab:blue", "k": "tab:orange", "v": "tab:green", "": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * n_heads), max(4.0, 1.1 * (2 * n_layers + 2))))
+    top = max((abs(s) for _, _, s in edges), default=1.0) or 1.0
+    nodes = {"input", "logits"}
+    for sender, receiver, score in edges:
+        node, _, part = receiver.partition(".")
+        nodes |= {sender, node}
+        (x0, y0), (x1, y1) = place(sender), place(node)
+        ax.plot([x0, x1], [y0, y1], color=colours[part], lw=0.5 + 5 * abs(score) / top, alpha=0.7, zorder=1)
+    for name in nodes:
+        x, y = place(name)
+        ax.scatter([x], [y], s=300, color="white", edgecolor="black", zorder=2)
+        ax.annotate(name, (x, y), ha="center", va="center", fontsize=7, zorder=3)
+    for part, colour in colours.items():
+        ax.plot([], [], color=colour, label={"": "MLP / logits input"}.get(part, f"{part} input"))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set_yticks([0] + [2 * l + 1 for l in range(n_layers)] + [2 * n_layers + 1])
+    ax.set_yticklabels(["embed"] + [f"layer {l}" for l in range(n_layers)] + ["logits"])
+    ax.set_xticks([])
+    ax.set_xlim(-0.8, n_heads - 0.2)
+    ax.set_title(title)
+    return _save(fig, path)

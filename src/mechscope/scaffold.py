@@ -80,6 +80,12 @@ TECHNIQUES = {t.name: t for t in [
     Technique("path-patch", "which sender -> receiver paths (via q, k, v or the logits) carry the effect",
               "compare each path with the total effect of its sender (patch); say whether MLPs are frozen",
               "a path's effect is relative to the receivers chosen: name them", pairs=True),
+    Technique("discover", "which edges (head q / k / v inputs, MLPs, logits) form the circuit, and how faithful "
+              "it is: EAP / EAP-IG scores, the circuit checked by exact edge patching",
+              "the faithfulness curve against random edge sets, and the scores' agreement with exact single-edge "
+              "effects (both reported); trust the exact curve over the scores",
+              "EAP's gradients vanish where the clean run is saturated (induction on the bundled model: Spearman "
+              "0.05); use EAP-IG, and read the agreement before the ranking", pairs=True),
     Technique("ablate", "what breaks when components are removed (necessity)",
               "mean or resample ablation over the prompt set (zero ablation leaves the training distribution); "
               "compare with other components of the same kind", "backup components can hide a component's "

@@ -25,6 +25,7 @@ from mechscope.errors import BadInput
 class BridgeEngine(HookedEngine):
     """A transformer-lens TransformerBridge in compatibility mode (transformer-lens 3.9 and 4.x)."""
     name = "bridge"
+    split_inputs = False                # the bridge refuses hooks on hook_q_input / hook_mlp_in (edge discovery)
 
     def __init__(self, model, model_name: str | None = None):
         if not getattr(model, "compatibility_mode", False):

@@ -5,11 +5,17 @@ The fast exact patching sweep (mechscope.engines.hooked_sweep) runs on this engi
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 
 from mechscope.engines.base import Edit, Engine, FinalNorm, ModelConfig, Metric, SITE_KINDS
+
+
+# per-receiver inputs (edge patching): transformer-lens fires them only with use_split_qkv_input / use_hook_mlp_in,
+# which run() turns on for a call that reads or edits one of them (the residual stream copied per head: slower)
+INPUT_KINDS = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
 
 
 def _hook(fn):
@@ -33,6 +39,7 @@ def config_from_tl(cfg, n_params: int | None = None) -> ModelConfig:
 class HookedEngine(Engine):
     """transformer-lens's HookedTransformer."""
     name = "tl"
+    split_inputs = True                 # offers INPUT_KINDS (HookedTransformer's use_split_qkv_input / use_hook_mlp_in)
 
     def __init__(self, model):
         self.model = model
@@ -59,10 +66,31 @@ class HookedEngine(Engine):
             names = [n for n in names if not n.endswith(("hook_mlp_out", "mlp.hook_post"))]
         return names
 
+    def has_site(self, site: str) -> bool:
+        """sites(), plus the per-head / per-MLP inputs (INPUT_KINDS) where split_inputs: not listed in sites(),
+        so that reading every site stays cheap and the same on every engine."""
+        if self.split_inputs and site.endswith(INPUT_KINDS) and site in self.model.hook_dict:
+            return not (self.cfg.attn_only and site.endswith("hook_mlp_in"))
+        return super().has_site(site)
+
+    @contextlib.contextmanager
+    def _inputs_split(self, names):
+        """Turn on transformer-lens's per-head q/k/v inputs and hook_mlp_in while a call uses one of them."""
+        cfg = self.model.cfg
+        if not any(n.endswith(INPUT_KINDS) for n in names):
+            yield
+            return
+        old = cfg.use_split_qkv_input, cfg.use_hook_mlp_in
+        cfg.use_split_qkv_input, cfg.use_hook_mlp_in = True, not cfg.attn_only
+        try:
+            yield
+        finally:
+            cfg.use_split_qkv_input, cfg.use_hook_mlp_in = old
+
     # ---------------------------------------------------------------- running
     def _forward(self, tokens, names, hooks, **kwargs):
         mask = torch.ones_like(tokens)  # right padding is handled by reading each row's own positions
-        with self.model.hooks(fwd_hooks=hooks):
+        with self.model.hooks(fwd_hooks=hooks), self._inputs_split(list(names) + [name for name, _ in hooks]):
             if names:
                 logits, cache = self.model.run_with_cache(tokens, names_filter=list(names), attention_mask=mask,
                                                           **kwargs)
