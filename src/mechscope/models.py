@@ -20,94 +20,13 @@ three. Every technique takes the returned engine (or a raw HookedTransformer / T
 from __future__ import annotations
 
 import contextlib
-import difflib
-import re
 from pathlib import Path
 
+from mechscope.catalog import (  # noqa: F401  (re-exported: `from mechscope.models import BUNDLED` keeps working)
+    BUNDLED, DTYPES, _hooked_transformer_available, _official_name, _table_names, close_names_hint,
+    known_model_names, resolve_device, resolve_dtype)
 from mechscope.engines.base import BACKENDS
 from mechscope.errors import BadInput
-
-BUNDLED = "mechscope-toy"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """'auto' -> cuda, else mps, else cpu; an explicit device must exist here (BadInput otherwise)."""
-    import torch
-
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
-        raise BadInput(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadInput(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise BadInput(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    if device == "mps" and not mps:
-        raise BadInput("device 'mps' requested but MPS (Apple GPU) is not available here; use --device cpu or auto")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str, n_params: float | None = None):
-    """'auto' -> float32 on CPU/MPS and for models up to 1B parameters; bfloat16 on CUDA above that."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        big = n_params is not None and n_params > 1e9
-        if device.startswith("cuda") and big:
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, dtype)
-
-
-def _table_names() -> list[str]:
-    """The bundled model and detect's table (names and hub ids): known without transformer-lens or the hub."""
-    from mechscope import compute
-
-    return [BUNDLED, *compute.COMMON_MODELS, *compute.ALIASES]
-
-
-def known_model_names() -> list[str]:
-    """The bundled model, detect's table, and (transformer-lens 3) every transformer-lens name and alias."""
-    try:
-        from transformer_lens import loading  # removed in transformer-lens 4
-    except ImportError:
-        return _table_names()
-    return _table_names() + list(loading.OFFICIAL_MODEL_NAMES) + [a for group in loading.MODEL_ALIASES.values()
-                                                                  for a in group]
-
-
-def close_names_hint(spec: str, names: list[str] | None = None) -> str:
-    """' Did you mean: a, b?' for names close to spec, or ''. Without `names`: detect's table, and only
-    for a short name (a hub id "org/name" is taken as meant)."""
-    if names is None:
-        if "/" in spec:
-            return ""
-        names = _table_names()
-    close = difflib.get_close_matches(spec, names, n=3, cutoff=0.6)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
-
-
-def _official_name(spec: str) -> str:
-    """transformer-lens's official (hub) name for a transformer-lens name or alias; spec itself on
-    transformer-lens 4, whose TransformerBridge takes hub ids."""
-    try:
-        from transformer_lens import loading  # removed in transformer-lens 4
-    except ImportError:
-        return spec
-    try:
-        return loading.get_official_model_name(spec)
-    except ValueError:
-        raise BadInput(f"unknown model {spec!r}: not {BUNDLED!r}, not a transformer-lens model name, and not "
-                       f"a local directory.{close_names_hint(spec, known_model_names())} "
-                       f"(`mechscope detect --models` lists common ones)") from None
-
 
 def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     """A local Hugging Face checkpoint directory as a HookedTransformer, without the network."""
@@ -195,17 +114,6 @@ def check_hf_directory(directory: Path) -> dict:
     if not isinstance(config, dict) or not config.get("model_type"):
         raise BadInput(f"{directory}/config.json has no model_type: pass a directory written by save_pretrained")
     return config
-
-
-def _hooked_transformer_available() -> bool:
-    """Whether the installed transformer-lens still has HookedTransformer (removed in 4.0); reads only the
-    package version, so it costs no import."""
-    from importlib import metadata
-
-    try:
-        return int(metadata.version("transformer-lens").split(".")[0]) < 4
-    except (metadata.PackageNotFoundError, ValueError):
-        return False
 
 
 def auto_backend(spec: str, remote: bool = False, device_map=None, quantization=None) -> str:
