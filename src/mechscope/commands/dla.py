@@ -70,12 +70,9 @@ def _prompt_set(ctx):
 
 
 def _write_csv(path, header: list[str], rows) -> None:
-    import csv
+    from mechscope.runs import write_csv
 
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    write_csv(path, rows, header=header)
 
 
 def _per_prompt_csv(path, ps, result, answers, wrongs, to_str) -> None:

@@ -1,6 +1,7 @@
-"""The package has no import circle: the graph of mechscope modules importing mechscope modules (at the top of
-a file or inside a function alike) is acyclic, so every module can be read, imported and tested after the
-modules it names. Shared model facts live in the leaf mechscope.catalog."""
+"""The package's structure: no import circle (the graph of mechscope modules importing mechscope modules, at
+the top of a file or inside a function alike, is acyclic; shared model facts live in the leaf
+mechscope.catalog), commands write their CSV files through runs.write_csv (atomic), and one padding helper
+(tasks.padded) builds every right-padded batch."""
 import ast
 from pathlib import Path
 
@@ -76,3 +77,46 @@ def test_no_import_circle_in_mechscope():
     graph = import_graph()
     assert "mechscope.catalog" in graph and graph["mechscope.models"]
     assert cycles(graph) == []
+
+
+def _trees():
+    return {_module(p): ast.parse(p.read_text()) for p in ROOT.rglob("*.py")}
+
+
+def test_commands_write_csv_files_through_runs():
+    """No command opens a CSV writer of its own (runs.write_csv writes atomically: no half-written table)."""
+    own = []
+    for name, tree in _trees().items():
+        if not name.startswith("mechscope.commands."):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "csv" \
+                    and node.attr in ("writer", "DictWriter"):
+                own.append(f"{name}:{node.lineno}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "write_text" \
+                    and ".csv" in ast.unparse(node.func.value):
+                own.append(f"{name}:{node.lineno}")
+    assert own == []
+
+
+def test_one_padding_helper():
+    """Only tasks.padded builds a padded batch: no other function is named after padding, none fills a tensor
+    with a pad id (patching.pair_batch did, probing.right_padded was a second helper)."""
+    found = []
+    for name, tree in _trees().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and "pad" in node.name:
+                found.append(f"{name}.{node.name}")
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.full" and len(node.args) > 1 \
+                    and "pad" in ast.unparse(node.args[1]):
+                found.append(f"{name} torch.full")
+    assert found == ["mechscope.tasks.padded"]
+
+
+def test_padding_is_each_rows_last_token():
+    import torch
+
+    from mechscope import tasks
+
+    tokens, lengths = tasks.padded(None, [torch.tensor([1, 5, 7]), torch.tensor([1, 9])])
+    assert tokens.tolist() == [[1, 5, 7], [1, 9, 9]] and lengths.tolist() == [3, 2]
