@@ -45,7 +45,7 @@ def test_parts_sum_to_the_models_logit(model, prompt, answer, wrong):
     _assert_identities(result)
     # the same identity with heads + b_O in place of the attention layers
     parts = (result.embed + result.pos_embed + result.heads.sum((1, 2)) + result.attn_bias.sum(1)
-             + result.mlp.sum(1) + result.ln_bias + result.unembed_bias)
+             + result.mlp.sum(1) + result.unembed_bias)
     assert torch.allclose(parts, result.metric, rtol=1e-3, atol=1e-4)
     # and with every neuron + b_out in place of the MLP layers
     b_out = torch.stack([model.blocks[layer].mlp.b_out.detach() for layer in range(model.cfg.n_layers)])
@@ -125,7 +125,10 @@ def test_unfolded_model_has_trained_ln_weights_and_bias_terms(toy_model_unfolded
     assert (ln.w - 1).abs().max() > 0.1 and ln.b.abs().max() > 0.01
     a, b = _ids(toy_model_unfolded, "mary", "john")
     result = dla(toy_model_unfolded, toy_model_unfolded.to_tokens(IOI), a, b)
-    assert float(result.ln_bias.abs()) > 1e-3
+    ln_term = (toy_model_unfolded.W_U[:, a] - toy_model_unfolded.W_U[:, b]) @ ln.b   # folded into the constant
+    assert float(ln_term.abs()) > 1e-3
+    assert float(result.unembed_bias) == pytest.approx(float(ln_term + toy_model_unfolded.b_U[a]
+                                                              - toy_model_unfolded.b_U[b]), abs=1e-5)
 
 
 def test_naive_dla_without_the_final_layernorm_is_off(toy_model_unfolded):
@@ -257,7 +260,7 @@ def test_dla_agrees_across_engines_and_folding(toy_on, toy_model_unfolded):
     close = dict(atol=1e-4, rtol=1e-4)
     for field in ("metric", "embed", "pos_embed", "attn", "heads", "mlp", "neurons"):
         torch.testing.assert_close(getattr(ours, field), getattr(ref, field), **close, msg=field)
-    torch.testing.assert_close(ours.ln_bias + ours.unembed_bias, ref.ln_bias + ref.unembed_bias, **close)
+    torch.testing.assert_close(ours.unembed_bias, ref.unembed_bias, **close)
     m = toy_model_unfolded  # the value-bias terms that folding would have moved out of the heads are not small
     value_bias = torch.stack([torch.einsum("hk,hkd,bd->bh", torch.einsum("d,hdk->hk", m.blocks[layer].ln1.b,
                                                                          m.W_V[layer]) + m.b_V[layer],
@@ -280,7 +283,7 @@ def test_dla_command(tmp_path, capsys):
         assert (run / name).exists(), name
     with open(run / "dla.csv") as f:
         table = list(csv.DictReader(f))
-    totals = sum(float(r["value"]) for r in table if r["kind"] in ("embed", "pos_embed", "attn", "mlp", "ln_bias",
+    totals = sum(float(r["value"]) for r in table if r["kind"] in ("embed", "pos_embed", "attn", "mlp",
                                                                   "unembed_bias"))
     assert totals == pytest.approx(summary["model_value"], rel=1e-3)
     assert sum(r["kind"] == "head" for r in table) == 12
@@ -309,7 +312,7 @@ def test_dla_command_on_a_task(tmp_path, capsys):
     for r in rows[:5]:
         parts = float(r["embed"]) + float(r["pos_embed"]) + sum(float(r[f"L{la} {k}"]) for la in range(3)
                                                                 for k in ("attn", "mlp"))
-        parts += float(r["ln_final bias"]) + float(r["unembed bias"])
+        parts += float(r["unembed bias"])
         assert parts == pytest.approx(float(r["metric"]), abs=1e-3)
     assert len(json.dumps(summary)) < 20_000
 

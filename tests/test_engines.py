@@ -75,6 +75,8 @@ def save_tiny(kind: str, directory, bias_noise: float = 0.0) -> None:
                     module.bias.add_(0.1 * torch.randn_like(module.bias))
             elif bias_noise and isinstance(getattr(module, "bias", None), torch.nn.Parameter):
                 module.bias.add_(bias_noise * torch.randn_like(module.bias))
+        if kind == "gemma2":  # final norm gain (1 + w) ~ 300: logits of ~30 reach the soft cap (30), where a
+            hf.model.norm.weight.add_(300.0)  # constant added before the cap (a centred unembedding) shows
     hf.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
 

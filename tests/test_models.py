@@ -14,7 +14,11 @@ def _save_tiny(kind: str, directory):
 
     if kind == "gpt2":
         from transformers import GPT2Config
-        cfg = GPT2Config(vocab_size=320, n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4)
+        cfg = GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4)  # saved without n_ctx
+    elif kind == "phi":
+        from transformers import PhiConfig
+        cfg = PhiConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, partial_rotary_factor=0.5)
     elif kind == "llama":
         from transformers import LlamaConfig
         cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -31,9 +35,14 @@ def _save_tiny(kind: str, directory):
     return hf
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "neox"])
+@pytest.mark.parametrize("kind", ["gpt2", "neox", "phi"])
 def test_local_hf_directory_matches_hf_logits(tmp_path, kind):
+    """GPT-2 as the installed transformers saves it (n_positions, no n_ctx: transformer-lens 3.9 reads n_ctx)
+    and Phi (partial_rotary_factor now inside rope_parameters) load on the tl engine too."""
+    import json
+
     hf = _save_tiny(kind, tmp_path)
+    assert kind != "gpt2" or "n_ctx" not in json.loads((tmp_path / "config.json").read_text())
     model = load_model(str(tmp_path), backend="tl", device="cpu").model
     tokens = torch.tensor([[1, 17, 42, 99, 7, 250]])
     with torch.no_grad():

@@ -44,9 +44,9 @@ def hooked_sae_model(toy_model):
 
 @pytest.fixture(scope="module")
 def tokens(toy_engine):
-    from mechscope.techniques.probing import right_padded
+    from mechscope import tasks
 
-    return right_padded([toy_engine.to_tokens(p)[0] for p in PROMPTS])
+    return tasks.padded(toy_engine, [toy_engine.to_tokens(p)[0] for p in PROMPTS])[0]
 
 
 @pytest.mark.parametrize("hook", [HOOK, "blocks.2.hook_mlp_out", "blocks.1.attn.hook_z"])

@@ -19,94 +19,14 @@ three. Every technique takes the returned engine (or a raw HookedTransformer / T
 """
 from __future__ import annotations
 
-import difflib
-import re
+import contextlib
 from pathlib import Path
 
+from mechscope.catalog import (  # noqa: F401  (re-exported: `from mechscope.models import BUNDLED` keeps working)
+    BUNDLED, DTYPES, _hooked_transformer_available, _official_name, _table_names, close_names_hint,
+    known_model_names, resolve_device, resolve_dtype)
 from mechscope.engines.base import BACKENDS
 from mechscope.errors import BadInput
-
-BUNDLED = "mechscope-toy"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """'auto' -> cuda, else mps, else cpu; an explicit device must exist here (BadInput otherwise)."""
-    import torch
-
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
-        raise BadInput(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadInput(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise BadInput(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    if device == "mps" and not mps:
-        raise BadInput("device 'mps' requested but MPS (Apple GPU) is not available here; use --device cpu or auto")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str, n_params: float | None = None):
-    """'auto' -> float32 on CPU/MPS and for models up to 1B parameters; bfloat16 on CUDA above that."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        big = n_params is not None and n_params > 1e9
-        if device.startswith("cuda") and big:
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, dtype)
-
-
-def _table_names() -> list[str]:
-    """The bundled model and detect's table (names and hub ids): known without transformer-lens or the hub."""
-    from mechscope import compute
-
-    return [BUNDLED, *compute.COMMON_MODELS, *compute.ALIASES]
-
-
-def known_model_names() -> list[str]:
-    """The bundled model, detect's table, and (transformer-lens 3) every transformer-lens name and alias."""
-    try:
-        from transformer_lens import loading  # removed in transformer-lens 4
-    except ImportError:
-        return _table_names()
-    return _table_names() + list(loading.OFFICIAL_MODEL_NAMES) + [a for group in loading.MODEL_ALIASES.values()
-                                                                  for a in group]
-
-
-def close_names_hint(spec: str, names: list[str] | None = None) -> str:
-    """' Did you mean: a, b?' for names close to spec, or ''. Without `names`: detect's table, and only
-    for a short name (a hub id "org/name" is taken as meant)."""
-    if names is None:
-        if "/" in spec:
-            return ""
-        names = _table_names()
-    close = difflib.get_close_matches(spec, names, n=3, cutoff=0.6)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
-
-
-def _official_name(spec: str) -> str:
-    """transformer-lens's official (hub) name for a transformer-lens name or alias; spec itself on
-    transformer-lens 4, whose TransformerBridge takes hub ids."""
-    try:
-        from transformer_lens import loading  # removed in transformer-lens 4
-    except ImportError:
-        return spec
-    try:
-        return loading.get_official_model_name(spec)
-    except ValueError:
-        raise BadInput(f"unknown model {spec!r}: not {BUNDLED!r}, not a transformer-lens model name, and not "
-                       f"a local directory.{close_names_hint(spec, known_model_names())} "
-                       f"(`mechscope detect --models` lists common ones)") from None
-
 
 def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     """A local Hugging Face checkpoint directory as a HookedTransformer, without the network."""
@@ -130,15 +50,58 @@ def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
         if bar:
             hf_logging.enable_progress_bar()
     try:
-        cfg = loading.get_pretrained_model_config(str(directory), fold_ln=fold_ln, device=device, dtype=dtype)
-    except (ValueError, NotImplementedError, KeyError) as e:
-        raise BadInput(f"transformer-lens cannot convert the architecture in {directory}: {e}") from None
+        with _config_filled_for_transformer_lens():
+            cfg = loading.get_pretrained_model_config(str(directory), fold_ln=fold_ln, device=device, dtype=dtype)
+    except (ValueError, NotImplementedError, KeyError, AttributeError) as e:
+        raise BadInput(f"transformer-lens cannot convert the architecture in {directory}: "
+                       f"{' '.join(str(e).split())[:300]}; try --backend bridge or --backend nnsight") from None
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state = loading.get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=dtype)
-    model.load_and_process_state_dict(state, fold_ln=fold_ln, center_writing_weights=fold_ln,
-                                      center_unembed=fold_ln, fold_value_biases=False)
+    model.load_and_process_state_dict(state, **_processing(cfg, fold_ln))
     return model.to(device, print_details=False).to(dtype, print_details=False).eval()
+
+
+def _processing(cfg, fold_ln: bool) -> dict:
+    """load_and_process_state_dict's options: HookedTransformer.from_pretrained's (LayerNorm folded, writing
+    weights and unembedding centred when fold_ln) with its guards: no folding on post-norm architectures, no
+    centred unembedding under a logit soft cap (the cap is not invariant to a constant added to the logits);
+    value biases never folded (see the module docstring)."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    fold = fold_ln and cfg.original_architecture not in POST_NORM_ARCHITECTURES
+    capped = cfg.output_logits_soft_cap is not None and cfg.output_logits_soft_cap > 0
+    return dict(fold_ln=fold, center_writing_weights=fold, center_unembed=fold_ln and not capped,
+                fold_value_biases=False)
+
+
+# fields transformer-lens 3.9's config conversion reads that transformers 5 no longer stores:
+# architecture -> (field, its value from the config)
+_MISSING_CONFIG_FIELDS = {
+    "GPT2LMHeadModel": ("n_ctx", lambda c: c.n_positions),
+    "PhiForCausalLM": ("partial_rotary_factor", lambda c: (getattr(c, "rope_parameters", None) or {}).get(
+        "partial_rotary_factor", 1.0)),
+}
+
+
+@contextlib.contextmanager
+def _config_filled_for_transformer_lens():
+    """While this holds, transformer-lens's config conversion reads Hugging Face configs with the fields of
+    _MISSING_CONFIG_FIELDS filled in (a GPT-2 saved by transformers 5 has n_positions but no n_ctx)."""
+    from unittest import mock
+
+    from transformer_lens import loading
+    from transformers import AutoConfig
+
+    def from_pretrained(*args, **kwargs):
+        config = AutoConfig.from_pretrained(*args, **kwargs)
+        field, fill = _MISSING_CONFIG_FIELDS.get((config.architectures or [None])[0], (None, None))
+        if field and not hasattr(config, field):
+            setattr(config, field, fill(config))
+        return config
+
+    with mock.patch.object(loading, "AutoConfig", mock.Mock(from_pretrained=from_pretrained)):
+        yield
 
 
 def check_hf_directory(directory: Path) -> dict:
@@ -151,17 +114,6 @@ def check_hf_directory(directory: Path) -> dict:
     if not isinstance(config, dict) or not config.get("model_type"):
         raise BadInput(f"{directory}/config.json has no model_type: pass a directory written by save_pretrained")
     return config
-
-
-def _hooked_transformer_available() -> bool:
-    """Whether the installed transformer-lens still has HookedTransformer (removed in 4.0); reads only the
-    package version, so it costs no import."""
-    from importlib import metadata
-
-    try:
-        return int(metadata.version("transformer-lens").split(".")[0]) < 4
-    except (metadata.PackageNotFoundError, ValueError):
-        return False
 
 
 def auto_backend(spec: str, remote: bool = False, device_map=None, quantization=None) -> str:

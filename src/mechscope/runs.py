@@ -211,14 +211,19 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, to_json(obj) + "\n")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """A CSV table (header from the first row's keys), written atomically."""
+def write_csv(path: Path, rows, header: list[str] | None = None) -> None:
+    """A CSV table, written atomically: rows of dicts (the header from the first row's keys), or with `header`
+    rows of values in its order (any iterable of sequences)."""
     import csv
     import io
 
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
+    if header is None:
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+    else:
+        writer = csv.writer(text)
+        writer.writerow(header)
     writer.writerows(rows)
     write_atomic(path, text.getvalue())
 

@@ -115,20 +115,16 @@ def prompt_tokens(engine, text: str):
 
 
 def padded(engine, rows):
-    """(tokens [n, longest] right-padded with the pad token (else BOS), lengths [n]) from n x [seq_i] ids.
-    Right padding leaves a causal model's real positions unchanged: read each row at its own positions."""
+    """(tokens [n, longest], lengths [n]) from n x [seq_i] ids, on the rows' device: each row right-padded with
+    its own last token, never a pad or special id (which a tokenizer or an SAE's special-token rule would treat
+    apart). Right padding leaves a causal model's real positions unchanged: read each row at its own
+    positions. mechscope's one padding helper; `engine` is accepted for its callers (the padding needs none)."""
     import torch
 
-    from mechscope.models import as_engine
-
-    engine = as_engine(engine)
-    pad = engine.tokenizer.pad_token_id
-    pad = engine.bos_token_id if pad is None else pad
     lengths = torch.tensor([len(r) for r in rows])
-    tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.as_tensor(r)
-    return tokens.to(rows[0].device if hasattr(rows[0], "device") else "cpu"), lengths
+    width = int(lengths.max())
+    rows = [torch.as_tensor(r) for r in rows]
+    return torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows]), lengths
 
 
 def resolve_position(engine, text: str, row, spec, name: str) -> int:

@@ -67,11 +67,9 @@ def _named(per_prompt: dict, positions: dict) -> dict:
 
 
 def run(ctx):
-    import csv
-
     import torch
 
-    from mechscope import metrics, plotting, stats
+    from mechscope import metrics, plotting, runs, stats
     from mechscope.commands.patch import number, pair_records, position_columns, prompt_pairs, rounded
     from mechscope.errors import BadInput
     from mechscope.techniques import attribution_patching as atp
@@ -115,10 +113,8 @@ def run(ctx):
         png = plotting.heatmap(grid, ctx.run_dir / f"{name}.png", row_labels=rows, col_labels=cols,
                                title=f"AtP {name}: estimated change of the logit diff (mean of {len(per_prompt)})",
                                colorbar_label="AtP estimate")
-        with open(ctx.run_dir / f"{name}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([""] + cols)
-            writer.writerows([[r] + [f"{v:.6g}" for v in row] for r, row in zip(rows, grid.tolist())])
+        runs.write_csv(ctx.run_dir / f"{name}.csv", [[r] + [f"{v:.6g}" for v in row] for r, row in zip(rows, grid.tolist())],
+                       header=[""] + cols)
         top = torch.nan_to_num(grid.abs(), nan=-1.0).flatten().topk(min(args.top_k, grid.numel())).indices.tolist()
         stability = stats.rank_stability(per_prompt.reshape(len(per_prompt), -1), k=min(5, grid.numel()),
                                          seed=args.seed)

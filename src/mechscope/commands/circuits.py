@@ -81,13 +81,12 @@ def _check_args(args, model):
 
 def _copying(ctx, copying) -> list[dict]:
     """copying.csv + two layer x head heatmaps; returns the 3 heads with the highest eig_ratio."""
-    from mechscope import plotting
+    from mechscope import plotting, runs
 
     L, H = copying.eig_ratio.shape
-    rows = ["layer,head,eig_ratio,positive_fraction"] + [
-        f"{la},{h},{float(copying.eig_ratio[la, h]):.6f},{float(copying.positive_fraction[la, h]):.6f}"
-        for la in range(L) for h in range(H)]
-    (ctx.run_dir / "copying.csv").write_text("\n".join(rows) + "\n")
+    runs.write_csv(ctx.run_dir / "copying.csv",
+                   [[la, h, f"{float(copying.eig_ratio[la, h]):.6f}", f"{float(copying.positive_fraction[la, h]):.6f}"]
+                    for la in range(L) for h in range(H)], header=["layer", "head", "eig_ratio", "positive_fraction"])
     labels = dict(row_labels=[f"L{la}" for la in range(L)], col_labels=[f"H{h}" for h in range(H)],
                   xlabel="head", ylabel="layer")
     embedding = ctx.args.embedding
@@ -126,19 +125,19 @@ def _head_tables(ctx, heads, tokens) -> dict:
 
 def _composition(ctx) -> dict:
     """composition.csv (every valid pair, 3 modes) + one heatmap per mode; returns baseline, top pairs, scores."""
-    from mechscope import plotting
+    from mechscope import plotting, runs
     from mechscope.techniques import circuits
 
     model = circuits.weight_model(ctx.engine)
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    rows = ["mode,layer_a,head_a,layer_b,head_b,score,baseline,excess"]
+    rows = []
     labels = [f"L{la}H{h}" for la in range(L) for h in range(H)]
     out = {}
     for mode in circuits.MODES:
         comp = circuits.composition_scores(model, mode, n_seeds=ctx.args.baseline_seeds)
         for la, ha, lb, hb in circuits.later_layer_mask(L, H).nonzero().tolist():
             s = float(comp.scores[la, ha, lb, hb])
-            rows.append(f"{mode},{la},{ha},{lb},{hb},{s:.6f},{comp.baseline:.6f},{s - comp.baseline:.6f}")
+            rows.append([mode, la, ha, lb, hb, f"{s:.6f}", f"{comp.baseline:.6f}", f"{s - comp.baseline:.6f}"])
         excess = comp.excess[:-1, :, 1:, :].reshape((L - 1) * H, (L - 1) * H)   # writers 0..L-2, readers 1..L-1
         plotting.heatmap(excess, ctx.run_dir / f"composition_{mode}.png", labels[:-H], labels[H:],
                          title=f"{mode}-composition minus random baseline ({comp.baseline:.3f})",
@@ -147,7 +146,8 @@ def _composition(ctx) -> dict:
                      "top_pairs": [{"A": f"L{a}H{b}", "B": f"L{c}H{d}", "excess": round(v, 4),
                                     "score": round(v + comp.baseline, 4)} for a, b, c, d, v in comp.top(5)],
                      "scores": comp.scores}
-    (ctx.run_dir / "composition.csv").write_text("\n".join(rows) + "\n")
+    runs.write_csv(ctx.run_dir / "composition.csv", rows,
+                   header=["mode", "layer_a", "head_a", "layer_b", "head_b", "score", "baseline", "excess"])
     return out
 
 

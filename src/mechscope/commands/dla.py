@@ -70,12 +70,9 @@ def _prompt_set(ctx):
 
 
 def _write_csv(path, header: list[str], rows) -> None:
-    import csv
+    from mechscope.runs import write_csv
 
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    write_csv(path, rows, header=header)
 
 
 def _per_prompt_csv(path, ps, result, answers, wrongs, to_str) -> None:
@@ -149,9 +146,10 @@ def run(ctx):
     answer_word = to_str(int(answers[0])) if single else None
     wrong_word = to_str(int(wrongs[0])) if single and wrongs is not None else None
     if single:
-        metric_name = f"logit({answer_word}) - logit({wrong_word})" if wrongs is not None else f"logit({answer_word})"
+        metric_name = f"logit({answer_word}) - logit({wrong_word})" if wrongs is not None \
+            else f"centred logit({answer_word})"
     else:
-        metric_name = "logit(answer) - logit(wrong)" if wrongs is not None else "logit(answer)"
+        metric_name = "logit(answer) - logit(wrong)" if wrongs is not None else "centred logit(answer)"
     table = result.table(n_neurons=args.neurons)
     _write_csv(ctx.run_dir / "dla.csv", ["name", "kind", "layer", "index", "value"],
                [[r["name"], r["kind"], r["layer"], r["index"], r["value"]] for r in table])

@@ -77,18 +77,16 @@ def _head_names(cfg) -> list[str]:
 
 def _scores(ctx, scores) -> dict:
     """head_scores.csv, scores_<score>.png; -> {score: {top: [...with intervals], rank_stability}}."""
-    from mechscope import plotting, stats
+    from mechscope import plotting, runs, stats
     from mechscope.techniques.heads import SCORE_NAMES
 
     args, cfg = ctx.args, ctx.engine.cfg
     names = _head_names(cfg)
     rows = {score: stats.named_summary(scores.per_sequence[score].flatten(1), names) for score in SCORE_NAMES}
-    lines = ["layer,head," + ",".join(f"{s},{s}_ci_low,{s}_ci_high" for s in SCORE_NAMES)]
-    for i, name in enumerate(names):
-        layer, head = divmod(i, cfg.n_heads)
-        lines.append(f"{layer},{head}," + ",".join(f"{rows[s][i]['mean']},{rows[s][i]['ci_low']},{rows[s][i]['ci_high']}"
-                                                   for s in SCORE_NAMES))
-    (ctx.run_dir / "head_scores.csv").write_text("\n".join(lines) + "\n")
+    runs.write_csv(ctx.run_dir / "head_scores.csv",
+                   ([*divmod(i, cfg.n_heads), *(rows[s][i][k] for s in SCORE_NAMES for k in ("mean", "ci_low", "ci_high"))]
+                    for i in range(len(names))),
+                   header=["layer", "head", *(f"{s}{k}" for s in SCORE_NAMES for k in ("", "_ci_low", "_ci_high"))])
     out = {}
     for score in SCORE_NAMES:
         plotting.heatmap(getattr(scores, score), ctx.run_dir / f"scores_{score}.png", diverging=False,
@@ -104,11 +102,9 @@ def _scores(ctx, scores) -> dict:
 
 def _readout(ctx, ps) -> dict:
     """Attention from --from to each --to position over the prompt set, per head, with intervals."""
-    import csv
-
     import torch
 
-    from mechscope import inputs, plotting, stats, tasks
+    from mechscope import inputs, plotting, runs, stats, tasks
     from mechscope.errors import BadInput
     from mechscope.techniques.heads import attention_readout
 
@@ -127,13 +123,10 @@ def _readout(ctx, ps) -> dict:
     values = attention_readout(engine, tokens, where[args.query], {k: where[k] for k in keys})   # [n, L, H, K]
     cfg, names = engine.cfg, _head_names(engine.cfg)
     out = {}
-    with open(ctx.run_dir / "attention_readout.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["prompt_index", "layer", "head", *keys])
-        for i in range(len(values)):
-            for j, name in enumerate(names):
-                layer, head = divmod(j, cfg.n_heads)
-                writer.writerow([i, layer, head, *(f"{float(v):.6f}" for v in values[i, layer, head])])
+    runs.write_csv(ctx.run_dir / "attention_readout.csv",
+                   ([i, layer, head, *(f"{float(v):.6f}" for v in values[i, layer, head])] for i in range(len(values))
+                    for layer, head in (divmod(j, cfg.n_heads) for j in range(len(names)))),
+                   header=["prompt_index", "layer", "head", *keys])
     for k, key in enumerate(keys):
         per_head = values[..., k].flatten(1)
         summary = stats.named_summary(per_head, names)

@@ -87,9 +87,7 @@ def _single(ctx):
 
 
 def _prompt_set(ctx, ps):
-    import csv
-
-    from mechscope import plotting, stats, tasks
+    from mechscope import plotting, runs, stats, tasks
     from mechscope.commands import prompt_sets
     from mechscope.errors import BadInput
     from mechscope.techniques.logit_lens import answer_lens
@@ -122,16 +120,12 @@ def _prompt_set(ctx, ps):
                        ctx.run_dir / "logit_diff_lens.png", x_labels=labels, reference=0.0, xlabel="residual stream",
                        title=f"logit difference through the lens ({len(ps)} prompts, 95% CI)", ylabel="logit difference")
         summary["files"].append("logit_diff_lens.png")
-    with open(ctx.run_dir / "lens_per_prompt.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["prompt_index", "prompt", "answer", "entry", "rank", "prob", "logit_diff", "top_token"])
-        to_str = engine.to_single_str_token
-        for i, p in enumerate(ps.prompts):
-            for j, label in enumerate(labels):
-                writer.writerow([i, p.text, to_str(int(answers[i])), label, int(lens.rank[i, j]),
-                                 f"{float(lens.prob[i, j]):.6f}",
-                                 "" if wrongs is None else f"{float(lens.logit_diff[i, j]):.6f}",
-                                 to_str(int(lens.top_token[i, j]))])
+    to_str = engine.to_single_str_token
+    runs.write_csv(ctx.run_dir / "lens_per_prompt.csv",
+                   ([i, p.text, to_str(int(answers[i])), label, int(lens.rank[i, j]), f"{float(lens.prob[i, j]):.6f}",
+                     "" if wrongs is None else f"{float(lens.logit_diff[i, j]):.6f}", to_str(int(lens.top_token[i, j]))]
+                    for i, p in enumerate(ps.prompts) for j, label in enumerate(labels)),
+                   header=["prompt_index", "prompt", "answer", "entry", "rank", "prob", "logit_diff", "top_token"])
     text = [f"logit lens on {len(ps)} prompts of {ps.name} at END: answer probability / top-1 share [95% CI], median rank"]
     for j, label in enumerate(labels):
         p, s = summary["answer_prob"], summary["answer_top1_share"]

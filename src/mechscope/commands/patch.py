@@ -167,27 +167,20 @@ def _label(rows, cols, i) -> str:
 
 
 def _write_grid(path, grid, rows, cols) -> None:
-    import csv
+    from mechscope.runs import write_csv
 
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([""] + cols)
-        writer.writerows([[r] + [f"{v:.6g}" for v in row] for r, row in zip(rows, grid.tolist())])
+    write_csv(path, [[r] + [f"{v:.6g}" for v in row] for r, row in zip(rows, grid.tolist())], header=[""] + cols)
 
 
 def _write_per_prompt(path, result, effect, rows, cols) -> None:
     """One line per prompt and cell: the metric after the patch and the (normalised) effect."""
-    import csv
+    from mechscope.runs import write_csv
 
     values = result.per_prompt.reshape(len(result.per_prompt), len(rows), len(cols))
     effect = effect.reshape(values.shape)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["prompt", "row", "col", result.metric, "effect"])
-        for p in range(values.shape[0]):
-            for i, r in enumerate(rows):
-                for j, c in enumerate(cols):
-                    writer.writerow([p, r, c, f"{values[p, i, j]:.6g}", f"{effect[p, i, j]:.6g}"])
+    write_csv(path, ([p, r, c, f"{values[p, i, j]:.6g}", f"{effect[p, i, j]:.6g}"] for p in range(values.shape[0])
+                     for i, r in enumerate(rows) for j, c in enumerate(cols)),
+              header=["prompt", "row", "col", result.metric, "effect"])
 
 
 def run(ctx):

@@ -91,11 +91,9 @@ def _task(engine, args):
 
 
 def run(ctx):
-    import csv
-
     import torch
 
-    from mechscope import inputs, plotting, stats
+    from mechscope import inputs, plotting, runs, stats
     from mechscope.commands.patch import number, rounded
     from mechscope.errors import BadInput
     from mechscope.techniques.path_patching import LOGITS, path_patch
@@ -137,16 +135,13 @@ def run(ctx):
     else:
         plotting.bars(mean, labels, ctx.run_dir / "effects.png", title="path patching",
                       xlabel=f"change of {metric_name}")
-    with open(ctx.run_dir / "effects.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "effect", "ci_low", "ci_high", "sign_share", "fraction"])
-        writer.writerows([[lab, f"{e:.6g}", f"{lo:.6g}", f"{hi:.6g}", f"{s:.3g}", f"{fr:.6g}"] for lab, e, lo, hi, s, fr
-                          in zip(labels, mean.tolist(), low.tolist(), high.tolist(), share.tolist(), fraction.tolist())])
-    with open(ctx.run_dir / "per_prompt.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "prompt", "effect"])
-        writer.writerows([[lab, j, f"{v:.6g}"] for lab, row in zip(labels, result.per_prompt.tolist())
-                          for j, v in enumerate(row)])
+    runs.write_csv(ctx.run_dir / "effects.csv",
+                   [[lab, f"{e:.6g}", f"{lo:.6g}", f"{hi:.6g}", f"{s:.3g}", f"{fr:.6g}"] for lab, e, lo, hi, s, fr
+                    in zip(labels, mean.tolist(), low.tolist(), high.tolist(), share.tolist(), fraction.tolist())],
+                   header=["path", "effect", "ci_low", "ci_high", "sign_share", "fraction"])
+    runs.write_csv(ctx.run_dir / "per_prompt.csv", [[lab, j, f"{v:.6g}"] for lab, row in
+                                                    zip(labels, result.per_prompt.tolist()) for j, v in enumerate(row)],
+                   header=["path", "prompt", "effect"])
     order = torch.nan_to_num(mean.abs(), nan=-1.0).argsort(descending=True).tolist()
     top = [{"path": labels[i], "effect": rounded(mean[i]), "ci": [rounded(low[i]), rounded(high[i])],
             "sign_share": rounded(share[i], 3), "fraction": rounded(fraction[i])} for i in order[:10]]

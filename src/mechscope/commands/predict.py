@@ -33,11 +33,9 @@ def add_arguments(parser):
 
 
 def run(ctx):
-    import csv
-
     import torch
 
-    from mechscope import stats, tasks
+    from mechscope import runs, stats, tasks
     from mechscope.commands import prompt_sets
     from mechscope.errors import BadInput
 
@@ -79,10 +77,8 @@ def run(ctx):
         acc = summary["answers"]["correct"]
         text.append(f"top-1 accuracy {acc['mean']:.3f} [95% CI {acc['ci_low']:.3f}, {acc['ci_high']:.3f}] on {len(ps)} "
                     f"prompts; median answer rank {summary['answers']['answer_rank']['median']}")
-    with open(ctx.run_dir / "predictions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["prompt_index", "prompt", "answer", "answer_rank", "rank", "token", "prob"])
-        for i, p in enumerate(predictions):
-            for k, (token, prob) in enumerate(p["top"]):
-                writer.writerow([i, p["prompt"], p.get("answer", ""), p.get("answer_rank", ""), k, token, prob])
+    runs.write_csv(ctx.run_dir / "predictions.csv",
+                   ([i, p["prompt"], p.get("answer", ""), p.get("answer_rank", ""), k, token, prob]
+                    for i, p in enumerate(predictions) for k, (token, prob) in enumerate(p["top"])),
+                   header=["prompt_index", "prompt", "answer", "answer_rank", "rank", "token", "prob"])
     return {"summary": summary, "predictions": predictions, "text": "\n".join(text)}

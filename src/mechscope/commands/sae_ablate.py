@@ -51,7 +51,6 @@ def _prompts(ctx):
     from mechscope import inputs, tasks
     from mechscope.commands import prompt_sets
     from mechscope.errors import BadInput
-    from mechscope.techniques.probing import right_padded
     from mechscope.toy import corpus
 
     args, engine = ctx.args, ctx.engine
@@ -78,7 +77,7 @@ def _prompts(ctx):
     def per_prompt(words, flag):
         return torch.tensor(prompt_sets.ids_per_prompt(engine, words, n, f"--{flag}"))
     last = torch.tensor([len(r) - 1 for r in rows])
-    tokens = right_padded(rows).to(engine.cfg.device)   # padding comes after each row's last token: it cannot matter
+    tokens = tasks.padded(engine, rows)[0].to(engine.cfg.device)   # padding comes after each row's last token: it cannot matter
     return (tokens, last, per_prompt(answers, "answer"), per_prompt(wrongs, "wrong") if wrongs else None, prompts,
             named)
 

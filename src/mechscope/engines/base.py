@@ -24,10 +24,14 @@ Sites are transformer-lens hook names, and an activation has transformer-lens's 
 (the last two: each head's / MLP's own copy of the residual stream, before its LayerNorm, for edge patching;
 has_site says yes, sites() leaves them out: reading them copies the residual stream per head)
 An edit is (site, fn): fn gets the activation and returns its replacement (same shape); a read
-returns the value after the edits at that site. Engines differ in basis, not in meaning: transformer-
-lens centres the residual stream and the unembedding of LayerNorm models, Hugging Face does not, so
-residual vectors agree after centring and logits up to a constant per position; everything the
-techniques report (logit differences, patching recoveries, DLA through the final norm) agrees.
+returns the value after the edits at that site. Engines differ in basis, not in meaning: with the final
+norm folded, transformer-lens (and the bridge) centre the unembedding (W_U and b_U have mean 0 over the
+vocabulary, on LayerNorm and RMSNorm models alike; not under a logit soft cap, which is not invariant to
+a constant) and, on LayerNorm models, the residual stream; Hugging Face (nnsight) does neither. So residual
+vectors agree after centring, and logits up to a constant per position. Everything the techniques report is
+defined in one basis and agrees across engines: probabilities, ranks, logit differences, patching
+recoveries, and, where one answer stands alone (single-answer DLA, the logit lens's target_logit), the
+centred logit: logit[t] - mean over the vocabulary of the logits (references/pitfalls.md, 19).
 """
 from __future__ import annotations
 

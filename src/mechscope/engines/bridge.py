@@ -173,7 +173,7 @@ class BridgeEngine(HookedEngine):
 
 def _source(spec: str) -> tuple[str, str, bool]:
     """(what boot_transformers loads, the model's name, whether it comes from the hub)."""
-    from mechscope.models import BUNDLED
+    from mechscope.catalog import BUNDLED
 
     if spec in (BUNDLED, "toy"):
         from mechscope.toy import export
@@ -196,7 +196,7 @@ def load_bridge(spec: str, device: str = "cpu", dtype: str = "auto", fold_ln: bo
     import contextlib
 
     from mechscope import compute, hub
-    from mechscope.models import close_names_hint, resolve_dtype
+    from mechscope.catalog import close_names_hint, resolve_dtype
 
     source, name, from_hub = _source(spec)
     known = not from_hub or spec in compute.ALIASES or spec.lower() in compute.COMMON_MODELS  # no hub request

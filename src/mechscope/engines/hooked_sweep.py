@@ -33,7 +33,6 @@ from typing import Callable, Sequence
 
 import torch
 from transformer_lens.utilities.activation_functions import apply_softcap
-from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from mechscope.progress import progress
 
@@ -221,21 +220,50 @@ def default_batch_size(cfg, seq_len: int, dtype=None) -> int:
 # Every cell's suffix (positions p..T-1 of every prompt) is one block of rows of a single [rows, d_model] matrix;
 # each block of the model runs once on the rows of all cells that start at or before it (one matmul per weight),
 # attention runs per start position with the prefix's keys / values from the target cache, and the logits are
-# read at each row's read position only. It uses the blocks' weights directly (no hooks), so it covers the
-# architectures checked below and falls back to `_run_cells` elsewhere.
+# read at each row's read position only. It uses the blocks' weights directly (no hooks), so it covers only what
+# it implements (below) and falls back to `_run_cells` elsewhere.
 PACKED_SITES = ("hook_resid_pre", "hook_resid_post", "attn.hook_z")
+# transformer-lens normalises q and k of these after hook_k, chosen by architecture name (in the attention's
+# forward), not through use_qk_norm
+QK_NORM_BY_NAME = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+# The architectures whose transformer-lens blocks do nothing by name that the packed path leaves out: their blocks
+# follow the config flags that packed_supported checks (tests/test_patching_architectures.py runs packed against
+# the generic path on each that transformer-lens loads from a local config). None / mechscope-toy: a model built
+# from a HookedTransformerConfig (the flags alone).
+PACKED_ARCHITECTURES = frozenset({
+    None, "mechscope-toy", "GPT2LMHeadModel", "GPTNeoForCausalLM", "GPTJForCausalLM", "GPTNeoXForCausalLM",
+    "OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+    "PhiForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM"})
+
+
+def keys_are_cached(cfg) -> bool:
+    """Whether attention uses the keys hook_k (hook_rot_k with rotary) caches: no q/k norm or clipping after it.
+    Suffix-only runs and the packed path read the prefix's keys from that cache."""
+    return (getattr(cfg, "clip_qkv", None) is None and not getattr(cfg, "use_qk_norm", False)
+            and cfg.original_architecture not in QK_NORM_BY_NAME)
 
 
 def packed_supported(cfg, site: str, edits) -> bool:
-    """Whether the packed path computes this sweep exactly: causal pre-norm blocks (LN / RMS, parallel or
-    sequential, post-sublayer norms), standard or rotary positions, grouped-query heads, local windows, soft caps."""
+    """Whether the packed path computes this sweep exactly: what it implements is causal pre-norm blocks (LN / RMS,
+    parallel or sequential, post-sublayer norms), standard or rotary positions, grouped-query heads, local windows,
+    soft caps, keys as cached (`keys_are_cached`), on PACKED_ARCHITECTURES."""
     return (site.endswith(PACKED_SITES) and not edits and cfg.attention_dir == "causal"
+            and cfg.original_architecture in PACKED_ARCHITECTURES and keys_are_cached(cfg)
             and cfg.positional_embedding_type in ("standard", "rotary")
-            and cfg.original_architecture not in POST_NORM_ARCHITECTURES
-            and getattr(cfg, "clip_qkv", None) is None
             and not any(getattr(cfg, flag, False) for flag in (
-                "use_qk_norm", "use_logn_attn", "use_dynamic_ntk_rope", "use_attention_sinks", "load_in_4bit",
+                "use_logn_attn", "use_dynamic_ntk_rope", "use_attention_sinks", "load_in_4bit",
                 "use_split_qkv_input", "use_attn_in", "ungroup_grouped_query_attention", "use_hook_mlp_in")))
+
+
+def user_hooks(model) -> list[str]:
+    """The hook points where hooks are attached to the model (model.add_hook, permanent or not) or a module is
+    spliced in place of a hook point (sae-lens's add_sae): the packed path would skip them, and suffix-only runs
+    would show them only part of each sequence."""
+    from transformer_lens.hook_points import HookPoint
+
+    names = [name for name, point in model.hook_dict.items() if point.fwd_hooks or point._forward_hooks]
+    return names + [name for name, module in model.named_modules()
+                    if name.rpartition(".")[2].startswith("hook_") and not isinstance(module, HookPoint)]
 
 
 @dataclass
@@ -490,17 +518,16 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
     cfg = model.cfg
     n_prompts, seq = source.shape
     device = source.device
-    # suffix-only runs read the prefix's keys from hook_k: not where keys change after it (q/k norm, clipping)
     causal = cfg.attention_dir == "causal"
-    # (transformer-lens applies q/k norms after hook_k: OLMo's in the attention forward, use_qk_norm's in
-    # calculate_qkv_matrices; a cache of hook_k would be fed to the attention unnormalised)
-    prefix_ok = causal and by_position and not edits and getattr(cfg, "clip_qkv", None) is None and \
-        not getattr(cfg, "use_qk_norm", False) and \
-        cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+    hooked = user_hooks(model)  # run like edits: every cell through the blocks' own forward, whole sequences
+    meta = {"note": f"hooks attached to the model at {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}: "
+                    f"every cell runs whole sequences through the blocks"} if hooked else {}
+    # suffix-only runs read the prefix's keys from hook_k: not where keys change after it (q/k norm, clipping)
+    prefix_ok = causal and by_position and not edits and not hooked and keys_are_cached(cfg)
     target_names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]
     if cfg.positional_embedding_type == "shortformer":
         target_names += ["hook_pos_embed"]
-    packed = packed_supported(cfg, site, edits)
+    packed = packed_supported(cfg, site, edits) and not hooked
     k_name = "rot_k" if packed and cfg.positional_embedding_type == "rotary" else "k"
     if prefix_ok or packed:  # the keys / values of positions before a run's first position
         target_names += [f"blocks.{i}.attn.hook_{kv}" for i in range(cfg.n_layers) for kv in (k_name, "v")]
@@ -554,7 +581,7 @@ def sweep(model, source: torch.Tensor, target: torch.Tensor, site: str, metric: 
             out[li, chunk] = values.to(out.dtype)
     return Sweep(out, source_logits, target_logits, n_heads, n_pos,
                  meta={"first_differing_position": first, "position_groups": len(groups), "batch_size": batch_size,
-                       "implementation": "suffix-only (tl)"})
+                       "implementation": "suffix-only (tl)", **meta})
 
 
 def _sweep_packed(model, site, layers, n_heads, n_pos, first, by_position, source_cache, target_cache, read, metric,

@@ -498,7 +498,7 @@ class NNsightEngine(Engine):
 
 def _source(spec: str) -> tuple[str, str]:
     """(what from_pretrained loads, the model's name) for the bundled model, a local directory or a hub id."""
-    from mechscope.models import BUNDLED
+    from mechscope.catalog import BUNDLED
 
     if spec in (BUNDLED, "toy"):
         from mechscope.toy.export import HF_DIR
@@ -511,7 +511,7 @@ def _source(spec: str) -> tuple[str, str]:
     if path.is_dir():
         return str(path), spec
     if "/" not in spec:  # a transformer-lens alias ("gpt2-small", "pythia-70m") -> its hub id
-        from mechscope.models import _official_name
+        from mechscope.catalog import _official_name
 
         return _official_name(spec), spec
     return spec, spec
@@ -539,7 +539,7 @@ def _quantization_config(quantization: str, dtype):
 
 def _load_remote(spec: str) -> NNsightEngine:
     """A meta-device skeleton of a hub model whose traces run on NDIF."""
-    from mechscope.models import BUNDLED
+    from mechscope.catalog import BUNDLED
 
     if spec in (BUNDLED, "toy") or Path(spec).expanduser().is_dir():
         raise BadInput(f"--remote runs on NDIF, which serves hub models: pass a hub id (e.g. "
@@ -573,7 +573,7 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from mechscope import compute
-    from mechscope.models import resolve_dtype
+    from mechscope.catalog import resolve_dtype
 
     source, name = _source(spec)
     offline = not Path(source).is_dir() and hub.offline_reason() is not None

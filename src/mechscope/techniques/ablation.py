@@ -131,15 +131,14 @@ def _unit(t: torch.Tensor, c: Component) -> torch.Tensor:
     return t if c.index is None else t[:, :, c.index]
 
 
-def as_batch(tokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [n, seq], lengths [n]) from a [n, seq] tensor or a list of n rows [seq_i] (right-padded with
-    each row's own last token; with causal attention padding never changes an earlier position)."""
-    from mechscope.techniques.probing import right_padded
+def as_batch(engine, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [n, seq], lengths [n]) from a [n, seq] tensor or a list of n rows [seq_i] (right-padded,
+    tasks.padded; with causal attention padding never changes an earlier position)."""
+    from mechscope import tasks
 
     if isinstance(tokens, torch.Tensor):
         return tokens, torch.full((tokens.shape[0],), tokens.shape[1])
-    rows = list(tokens)
-    return right_padded(rows), torch.tensor([len(r) for r in rows])
+    return tasks.padded(engine, list(tokens))
 
 
 def statistics_mask(lengths: torch.Tensor, seq: int, skip_bos: bool = True) -> torch.Tensor:
@@ -164,7 +163,7 @@ def reference_values(model, reference, sites: set[str], method: str, donors: tor
     if method == "zero" or not sites:
         return {}
     engine = as_engine(model)
-    tokens, lengths = as_batch(reference)
+    tokens, lengths = as_batch(engine, reference)
     with torch.no_grad():
         _, acts = engine.run(tokens, read=sorted(sites))
     mask = statistics_mask(lengths, tokens.shape[1], skip_bos).to(tokens.device)
@@ -228,8 +227,8 @@ def ablated_metric(model, tokens, groups: list[list[Component]], metric: Callabl
         raise BadInput(f"unknown ablation method {method!r}; use one of {', '.join(METHODS)}")
     own_reference = reference is None
     reference = tokens if own_reference else reference
-    tokens, lengths = as_batch(tokens)
-    ref_tokens, ref_lengths = as_batch(reference)
+    tokens, lengths = as_batch(engine, tokens)
+    ref_tokens, ref_lengths = as_batch(engine, reference)
     batch = tokens.shape[0]
     if method == "mean" and own_reference and batch == 1:
         raise BadInput("mean ablation of a single prompt with no reference would take the mean over that prompt's own "

@@ -10,10 +10,18 @@ inside attention: there pos_embed is 0, because no position vector is in the res
 
 (LayerNorm centres, RMSNorm does not; Gemma's (1 + w) is the engine's `final_norm.weight`). The final norm
 is linear once its scale is frozen at the value this forward pass computed, so each part c contributes
-c @ read with read = centre(w * W_U[:, t]) / scale, and the parts plus the two bias terms (b @ W_U[:, t],
-and b_U[t]) sum to the logit exactly. Tutorial code drops the scale, or w and b on models whose norm is
-not folded: then the parts do not sum to the logit. With a wrong answer B, every term is taken for
-W_U[:, A] - W_U[:, B] (a logit difference).
+c @ read with read = centre(w * W_U[:, t]) / scale, and the parts plus the constant term (b @ W_U[:, t] +
+b_U[t], "unembed bias": the final norm's bias folded into the unembedding bias, as transformer-lens folds it,
+so that the term is the same on an engine that keeps the norm's bias and on one that folded it) sum to the
+logit exactly. Tutorial code drops the scale, or w and b on models whose norm is not folded: then the parts
+do not sum to the logit. With a wrong answer B, every term is taken for W_U[:, A] - W_U[:, B] (a logit
+difference).
+
+With one answer the quantity is the centred logit, logit[A] - mean over the vocabulary of the logits (before
+a soft cap for the parts, after it for `metric`): every term is taken for W_U[:, A] - mean_v W_U[:, v] and
+b_U[A] - mean(b_U). A raw logit is not the same number on every engine (transformer-lens centres the
+unembedding when it folds the final norm, Hugging Face does not); the centred one is, and a logit
+difference is unchanged by it (mechscope.engines.base).
 
 A head's part is z_h @ W_O[h] @ read (`attn.hook_z`; on nnsight the output projection's input split by
 heads). On models with a norm after each sublayer (Gemma 2: hook_attn_out is after that norm) the heads'
@@ -34,7 +42,7 @@ import torch
 @dataclass
 class DLA:
     """Contributions at one position per row (the last, or `positions`). L layers, H heads, d_mlp neurons."""
-    metric: torch.Tensor        # [batch] the model's logit (difference) from its own forward pass
+    metric: torch.Tensor        # [batch] the model's (centred) logit or logit difference from its own forward pass
     readout: torch.Tensor       # [batch] the final residual through the frozen final norm (= metric before a soft cap)
     embed: torch.Tensor         # [batch]
     pos_embed: torch.Tensor     # [batch] (0 where positions are not added to the residual)
@@ -43,14 +51,12 @@ class DLA:
     attn_bias: torch.Tensor     # [batch, L] b_O
     mlp: torch.Tensor           # [batch, L] whole MLP output (neurons + b_out)
     neurons: torch.Tensor       # [batch, L, d_mlp] (d_mlp = 0 when not read)
-    ln_bias: torch.Tensor       # [batch] final norm bias @ direction (0 when folded or absent)
-    unembed_bias: torch.Tensor  # [batch] b_U term
+    unembed_bias: torch.Tensor  # [batch] the constant term: b_U + final norm bias @ W_U, along the direction
     read: torch.Tensor          # [batch, d_model] a plain residual part c contributes c @ read
 
     def total(self) -> torch.Tensor:
         """[batch] sum of the parts; equals `readout` (and `metric` without a soft cap) up to float error."""
-        return (self.embed + self.pos_embed + self.attn.sum(-1) + self.mlp.sum(-1)
-                + self.ln_bias + self.unembed_bias)
+        return self.embed + self.pos_embed + self.attn.sum(-1) + self.mlp.sum(-1) + self.unembed_bias
 
     @classmethod
     def cat(cls, parts: list["DLA"]) -> "DLA":
@@ -62,7 +68,7 @@ class DLA:
 
     def components(self) -> tuple[list[str], torch.Tensor]:
         """(names, values [batch, m]) of every row of `table` but neurons: embed, pos_embed, each layer's
-        attn / b_O / mlp, each head, the final-norm bias and the unembedding bias. Layers overlap their heads."""
+        attn / b_O / mlp, each head, and the constant term (unembed bias). Layers overlap their heads."""
         names, columns = ["embed", "pos_embed"], [self.embed, self.pos_embed]
         n_layers, n_heads = self.heads.shape[1:]
         for layer in range(n_layers):
@@ -70,12 +76,12 @@ class DLA:
             columns += [self.attn[:, layer], self.attn_bias[:, layer], self.mlp[:, layer]]
             names += [f"L{layer}H{h}" for h in range(n_heads)]
             columns += list(self.heads[:, layer].unbind(-1))
-        names += ["ln_final bias", "unembed bias"]
-        columns += [self.ln_bias, self.unembed_bias]
+        names.append("unembed bias")
+        columns.append(self.unembed_bias)
         return names, torch.stack(columns, -1).float()
 
     def layer_parts(self) -> tuple[list[str], torch.Tensor]:
-        """(names, values [batch, 2 + 2L]): the parts that do not overlap and (with the two bias terms) sum
+        """(names, values [batch, 2 + 2L]): the parts that do not overlap and (with the constant term) sum
         to the total: embed, pos_embed, then each layer's attn and mlp."""
         n_layers = self.attn.shape[1]
         names = ["embed", "pos_embed"] + [f"L{layer} {kind}" for layer in range(n_layers) for kind in ("attn", "mlp")]
@@ -100,7 +106,7 @@ class DLA:
         return sorted(rows, key=lambda r: -abs(r["value"]))
 
 
-_MODEL_WIDE = {"embed": "embed", "pos_embed": "pos_embed", "ln_final bias": "ln_bias", "unembed bias": "unembed_bias"}
+_MODEL_WIDE = {"embed": "embed", "pos_embed": "pos_embed", "unembed bias": "unembed_bias"}
 
 
 def _kind(name: str) -> dict:
@@ -157,7 +163,8 @@ def _rows_per_forward(engine, seq: int, neurons: bool) -> int:
 def dla(model, tokens: torch.Tensor, answer, wrong=None, positions=None, edits=(), neurons: bool = True,
         rows_per_forward: int | None = None) -> DLA:
     """Direct logit attribution in tokens [batch, seq] (right-padded rows are fine) at `positions` ([batch]
-    token index per row, default the last) to answer ([batch] or int), or to logit[answer] - logit[wrong].
+    token index per row, default the last) to the centred logit of answer ([batch] or int), or to
+    logit[answer] - logit[wrong] (see the module docstring).
     `edits` ([(site, fn)], e.g. techniques.ablation.ablation_edits) are held during the forward."""
     from mechscope.models import as_engine
 
@@ -190,15 +197,21 @@ def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
     direction = W_U[:, answer.to(W_U.device)].T.float().cpu()               # [batch, d_model]
     b_U = engine.b_U.float().cpu()
     unembed_bias = b_U[answer]
-    metric = logits[rows.to(logits.device), answer.to(logits.device)].float().cpu()
+    logits = logits.float()
+    metric = logits[rows.to(logits.device), answer.to(logits.device)].cpu()
     if wrong is not None:
         direction = direction - W_U[:, wrong.to(W_U.device)].T.float().cpu()
         unembed_bias = unembed_bias - b_U[wrong]
-        metric = metric - logits[rows.to(logits.device), wrong.to(logits.device)].float().cpu()
+        metric = metric - logits[rows.to(logits.device), wrong.to(logits.device)].cpu()
+    else:  # the centred logit: the same on every engine
+        direction = direction - W_U.float().mean(1).cpu()
+        unembed_bias = unembed_bias - b_U.mean()
+        metric = metric - logits.mean(-1).cpu()
 
     norm = engine.final_norm
     resid = at(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
-    ln_bias = direction @ norm.bias.float().cpu() if norm.bias is not None else torch.zeros(batch)
+    if norm.bias is not None:  # folded into the constant term, as transformer-lens folds it into b_U
+        unembed_bias = unembed_bias + direction @ norm.bias.float().cpu()
     read = direction * norm.weight.float().cpu() if norm.weight is not None else direction
     if norm.centres:
         read = read - read.mean(-1, keepdim=True)
@@ -233,10 +246,9 @@ def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
         neuron_read = read if not post_norm else read * _post_norm_gain(out, post @ W_out)
         neuron_parts.append(post * (neuron_read @ W_out.T))
     embed = dot(at("blocks.0.hook_resid_pre")) - pos_embed
-    return DLA(metric=metric, readout=dot(resid) + ln_bias + unembed_bias, embed=embed, pos_embed=pos_embed,
+    return DLA(metric=metric, readout=dot(resid) + unembed_bias, embed=embed, pos_embed=pos_embed,
                attn=torch.stack(attn, 1), heads=torch.stack(heads, 1), attn_bias=torch.stack(attn_bias, 1),
-               mlp=torch.stack(mlp, 1), neurons=torch.stack(neuron_parts, 1), ln_bias=ln_bias,
-               unembed_bias=unembed_bias, read=read)
+               mlp=torch.stack(mlp, 1), neurons=torch.stack(neuron_parts, 1), unembed_bias=unembed_bias, read=read)
 
 
 def with_ablated(model, tokens, answer, wrong, components, method: str = "mean", positions=None,
@@ -255,10 +267,10 @@ def with_ablated(model, tokens, answer, wrong, components, method: str = "mean",
 def direct_effect_change(clean: DLA, ablated: DLA) -> tuple[torch.Tensor, torch.Tensor]:
     """(change [n, m] for the columns of `components()`, rescale [n]). The ablated run has its own final-norm
     scale, which alone multiplies every residual part by rescale = clean scale / ablated scale; change is each
-    part of the ablated run at the clean run's scale minus its clean value (the bias terms do not scale), so a
+    part of the ablated run at the clean run's scale minus its clean value (the constant term does not scale), so a
     component whose input did not change has change 0 and a backup that writes more has change > 0."""
     names, before = clean.components()
     _, after = ablated.components()
     rescale = ablated.read.norm(dim=-1) / clean.read.norm(dim=-1)
-    scales = torch.tensor([name not in ("ln_final bias", "unembed bias") for name in names])
+    scales = torch.tensor([name != "unembed bias" for name in names])
     return torch.where(scales, after / rescale[:, None], after) - before, rescale

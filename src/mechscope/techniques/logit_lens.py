@@ -5,6 +5,9 @@ The residual stream is read at resid_pre / resid_mid of every layer and at the f
 on attention-only and parallel-block models). Each entry goes through the engine's `readout`: the *whole*
 final norm (its own centring and scale per entry, its weight and bias where not folded), the unembedding
 (W_U, b_U) and any logit soft cap, so the "final_post" entry reproduces the model's logits exactly.
+`target_logit` is the centred logit (logit[t] - the mean logit over the vocabulary, after any soft cap): a raw
+logit differs between engines by a constant per position (mechscope.engines.base); probabilities, ranks and
+logit differences do not.
 Runs through the engine API (transformer-lens, TransformerBridge, nnsight alike).
 """
 from __future__ import annotations
@@ -73,7 +76,7 @@ class LogitLens:
     target_ids: list[int]
     target_rank: torch.Tensor        # [n, n_targets] rank (0 = top) at `position`
     target_prob: torch.Tensor        # [n, n_targets]
-    target_logit: torch.Tensor       # [n, n_targets]
+    target_logit: torch.Tensor       # [n, n_targets] centred: logit - mean logit over the vocabulary
     model_logits: torch.Tensor       # [seq, d_vocab] the model's own logits
     lens_final: torch.Tensor         # [seq, d_vocab] the lens at "final_post" (equals model_logits)
 
@@ -113,7 +116,7 @@ def logit_lens(model, tokens: torch.Tensor, targets: list[int] = (), position: i
         top1_token=[[to_str(int(i)) for i in row] for row in top1.indices.tolist()],
         top_k=[[(to_str(int(i)), float(p)) for p, i in zip(pv, iv)] for pv, iv in zip(top.values, top.indices)],
         target_ids=list(targets), target_rank=_ranks(lg, ids.expand(len(lg), -1)), target_prob=at_pos[:, ids],
-        target_logit=lg[:, ids], model_logits=model_logits[0].float().cpu(), lens_final=logits[-1])
+        target_logit=lg[:, ids] - lg.mean(-1, keepdim=True), model_logits=model_logits[0].float().cpu(), lens_final=logits[-1])
 
 
 @dataclass

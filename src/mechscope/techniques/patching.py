@@ -149,6 +149,7 @@ def pair_batch(model, pairs) -> PairBatch:
     """Tokenise pairs (a tasks.PromptSet with corrupted twins, or {"clean", "corrupted", "answer", "wrong"}
     dicts); each pair's two prompts must have the same number of tokens (BadInput otherwise); pairs of
     different lengths are right-padded."""
+    from mechscope import tasks
     from mechscope.models import as_engine
 
     engine = as_engine(model)
@@ -166,12 +167,8 @@ def pair_batch(model, pairs) -> PairBatch:
             raise BadInput(f"pair {i} needs an answer and a wrong answer (one token each)")
     answer = [inputs.single_token(engine, p.answer) for p in prompt_set.prompts]
     wrong = [inputs.single_token(engine, p.wrong) for p in prompt_set.prompts]
-    lengths = torch.tensor([len(r) for r in clean_rows])
-    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
-    clean = torch.full((len(clean_rows), int(lengths.max())), pad, dtype=torch.long)
-    corrupted = clean.clone()
-    for i, (c, k) in enumerate(zip(clean_rows, corrupted_rows)):
-        clean[i, :len(c)], corrupted[i, :len(k)] = c.cpu(), k.cpu()
+    clean, lengths = tasks.padded(engine, clean_rows)
+    corrupted, _ = tasks.padded(engine, corrupted_rows)
     device = engine.cfg.device
     return PairBatch(clean.to(device), corrupted.to(device), lengths.to(device), torch.tensor(answer, device=device),
                      torch.tensor(wrong, device=device), {k: v.to(device) for k, v in positions.items()})

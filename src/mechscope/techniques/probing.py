@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mechscope import tasks
 from mechscope.errors import BadInput
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -68,13 +69,6 @@ def resolve_position(model, row: torch.Tensor, spec) -> int:
     return hits[-1]
 
 
-def right_padded(rows: list[torch.Tensor]) -> torch.Tensor:
-    """[n, max_seq] from n rows [seq_i], each padded with its own last token (never a pad id that a
-    left-padding tokenizer would mask and shift positions for)."""
-    width = max(r.shape[0] for r in rows)
-    return torch.stack([torch.cat([r, r[-1:].expand(width - r.shape[0])]) for r in rows])
-
-
 @torch.no_grad()
 def residuals_at(model, rows: list[torch.Tensor], positions: list[int], hook_names: list[str],
                  batch_size: int = 64) -> torch.Tensor:
@@ -87,7 +81,7 @@ def residuals_at(model, rows: list[torch.Tensor], positions: list[int], hook_nam
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        tokens = right_padded(batch).to(engine.cfg.device)
+        tokens = tasks.padded(engine, batch)[0].to(engine.cfg.device)
         pos = torch.tensor(positions[start:start + batch_size], device=tokens.device)
         _, acts = engine.run(tokens, read=hook_names)
         index = torch.arange(len(batch), device=tokens.device)

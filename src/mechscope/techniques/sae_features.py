@@ -35,12 +35,12 @@ BANDS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 @torch.no_grad()
 def acts_at(engine, sae, rows: list[torch.Tensor], positions: list[int], batch_size: int = 64) -> torch.Tensor:
     """Feature activations of each prompt at its own position. rows: n x [seq_i] -> [n, d_sae] (CPU)."""
-    from mechscope.techniques.probing import right_padded
+    from mechscope import tasks
 
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        tokens = right_padded(chunk).to(engine.cfg.device)      # later positions cannot change earlier ones
+        tokens = tasks.padded(engine, chunk)[0].to(engine.cfg.device)   # later positions cannot change earlier ones
         f = saes.feature_acts(engine, sae, tokens)
         pos = torch.tensor(positions[start:start + batch_size], device=f.device)
         out.append(f[torch.arange(len(chunk), device=f.device), pos].float().cpu())

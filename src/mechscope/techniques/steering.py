@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mechscope.techniques.probing import residuals_at, right_padded
+from mechscope import tasks
+from mechscope.techniques.probing import residuals_at
 
 
 def hook_name(layer: int) -> str:
@@ -96,7 +97,7 @@ def steered_logits(model, rows: list[torch.Tensor], layer: int, vectors: torch.T
     from mechscope.models import as_engine
 
     engine = as_engine(model)
-    tokens = right_padded(rows).to(engine.cfg.device)
+    tokens = tasks.padded(engine, rows)[0].to(engine.cfg.device)
     last = torch.tensor([len(r) - 1 for r in rows], device=tokens.device)
     logits, _ = engine.run(tokens, edits=[(hook_name(layer), add_vector_edit(vectors, from_position))],
                            positions=last if last_only else None)
@@ -113,7 +114,7 @@ def lm_loss(model, rows: list[torch.Tensor], layer: int, vectors: torch.Tensor, 
     """Mean next-token loss (nats) of each text with vectors[i] added (rows: n x [seq_i], 2+ tokens). -> [n]
     Every token after the first is predicted (the first prediction reads BOS only)."""
     logits = steered_logits(model, rows, layer, vectors, from_position, last_only=False)
-    tokens = right_padded(rows).to(logits.device)
+    tokens = tasks.padded(model, rows)[0].to(logits.device)
     loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")   # [n, seq - 1]
     lengths = torch.tensor([len(r) for r in rows], device=logits.device)
     mask = torch.arange(loss.shape[1], device=logits.device) < (lengths[:, None] - 1)

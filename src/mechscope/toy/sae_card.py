@@ -135,13 +135,12 @@ def _ablation_tests(engine, sae, names: dict[str, int]) -> dict[str, dict]:
     """The three ablations of the module docstring."""
     from mechscope import tasks
     from mechscope.commands.sae_ablate import make_metric
-    from mechscope.techniques.probing import right_padded
 
     ids = lambda words: torch.tensor([int(engine.to_tokens(w, prepend_bos=False)[0, 0]) for w in words])  # noqa: E731
     out = {}
     # capital_of at "of": is a country predicted next?
     rows = [engine.to_tokens(f"{s} the capital of")[0] for s in filler_sentences(32)]
-    tokens, last = right_padded(rows), torch.tensor([len(r) - 1 for r in rows])
+    tokens, last = tasks.padded(engine, rows)[0], torch.tensor([len(r) - 1 for r in rows])
     countries = torch.tensor(word_ids(engine, "country"))
     at = lambda logits: logits[torch.arange(len(logits)), last.repeat(len(logits) // len(last))].float()  # noqa: E731
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
@@ -161,7 +160,7 @@ def _ablation_tests(engine, sae, names: dict[str, int]) -> dict[str, dict]:
     # person_name at IO, S1, S2: the IOI logit difference
     prompt_set = tasks.load_task(engine, "ioi", n=64, seed=1)
     rows, named = prompt_set.tokens(engine)
-    tokens = right_padded(rows)
+    tokens = tasks.padded(engine, rows)[0]
     metric = make_metric(ids([p.answer for p in prompt_set.prompts]), ids([p.wrong for p in prompt_set.prompts]),
                          named[tasks.END])
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
