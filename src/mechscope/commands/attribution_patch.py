@@ -179,3 +179,23 @@ def run(ctx):
             f"corrupted {result.corrupted_metric:.3f}, {len(batch.clean)} pair(s) ({prompt_set.name})\n"
             + "\n".join(lines))
     return {"summary": summary, "grids": full, "pairs": pair_records(prompt_set, batch), "text": text}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the largest AtP estimate over the grids, with its exact effect and agreement."""
+    from mechscope.commands.patch import cell_name
+    from mechscope.findings import ci, count, num
+
+    n = count(summary["n_pairs"], "pair") + f", {summary['prompts']}"
+    grids = [(name, g) for name, g in summary["grids"].items() if g["top"] and g["top"][0]["atp"] is not None]
+    if not grids:
+        return f"AtP: no defined estimate ({n})"
+    name, g = max(grids, key=lambda item: abs(item[1]["top"][0]["atp"]))
+    top = g["top"][0]
+    where = top.get("neuron") or cell_name(top["row"], top["col"])
+    text = f"AtP's largest estimate: {where} ({name}) changes the logit difference by {num(top['atp'], signed=True)}{ci(top['ci'], signed=True)}"
+    if "exact" in top:
+        text += f" (exact patching: {num(top['exact'], signed=True)})"
+    if "agreement" in g:
+        text += f"; AtP vs exact over the {name} grid r = {num(g['agreement']['pearson_r'], 3)}"
+    return text + f" ({n})"

@@ -134,3 +134,17 @@ def run(ctx):
                                                         "engine_gb": r["memory_gb"]["engine"]} for r in rows]
         body = _table_text(rows, args.seq_len, args.batch)
     return {"summary": summary, "text": _hardware_text(summary["hardware"], versions) + "\n\n" + body}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: whether (and how) the model fits, or how many of the listed models fit."""
+    from mechscope.findings import num
+
+    if "recommendation" in summary:
+        r = summary["recommendation"]
+        if not r["fits"]:
+            return f"{r['model']} ({r['n_params']:,} parameters) does not fit this machine ({num(r['memory_gb']['total'])} GB needed)"
+        return (f"{r['model']} ({r['n_params']:,} parameters) fits: --backend {r['backend']} on {r['device']} in "
+                f"{r['dtype']}, {num(r['memory_gb']['total'], 3)} GB of {num(r['memory_gb']['usable'])} GB usable")
+    fit = [m["model"] for m in summary["models"] if m["fits"]]
+    return f"{len(fit)} of {len(summary['models'])} listed models fit this machine ({summary['hardware']['cpu_cores']} CPU cores)"

@@ -168,3 +168,16 @@ def run(ctx):
                 + f" (fraction {number(t['fraction'], '+.2f')} of corrupted - clean)" for t in top))
     return {"summary": summary, "effects": result.effects, "per_prompt": result.per_prompt, "labels": labels,
             "pairs": pairs, "text": text}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the path with the largest effect on the metric."""
+    from mechscope.findings import ci, count, num
+
+    n = count(summary["n_prompts"], "prompt")
+    top = next((t for t in summary["top"] if t["effect"] is not None), None)
+    if top is None:
+        return f"path patching into {summary['receivers']}: no defined effect ({n})"
+    return (f"patching the path {top['path']} -> {summary['receivers']} changes the {summary['metric']} by "
+            f"{num(top['effect'], signed=True)}{ci(top['ci'], signed=True)}, {num(top['fraction'])} of the clean - "
+            f"corrupted change (clean {num(summary['clean_metric'])}, corrupted {num(summary['corrupted_metric'])}; {n})")

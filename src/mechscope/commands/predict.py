@@ -86,3 +86,16 @@ def run(ctx):
             for k, (token, prob) in enumerate(p["top"]):
                 writer.writerow([i, p["prompt"], p.get("answer", ""), p.get("answer_rank", ""), k, token, prob])
     return {"summary": summary, "predictions": predictions, "text": "\n".join(text)}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: top-1 accuracy on answers, else the first prediction."""
+    from mechscope.findings import ci, count, num
+
+    n = count(summary["n_prompts"], "prompt") + f", {summary['prompt_set']}"
+    if "answers" in summary:
+        acc = summary["answers"]["correct"]
+        return (f"top-1 accuracy {num(acc['mean'], 3)}{ci(acc, digits=3)}, median answer rank "
+                f"{summary['answers']['answer_rank']['median']} ({n})")
+    first = summary["predictions"][0]
+    return f"{first['prompt']!r} -> {first['top1']!r} ({n}; no answers given to score)"

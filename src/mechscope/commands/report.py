@@ -28,3 +28,8 @@ def run(ctx):
     size = path.stat().st_size
     summary = {"report": str(path.resolve()), "runs": len(runs), "bytes": size}
     return {"summary": summary, "text": f"report: {path.resolve()} ({len(runs)} runs, {size / 1e6:.1f} MB)"}
+
+
+def headline(summary: dict) -> str:
+    """The first line of the text output: the page and its size."""
+    return f"report: {summary['report']} ({summary['runs']} runs, {summary['bytes'] / 1e6:.1f} MB)"
