@@ -69,7 +69,7 @@ COMMANDS = {
 MAX_STDOUT_CHARS = 16_000  # --json on stdout, in characters
 # import names of pyproject's dependencies: a command run from a bare copy of the skill folder says how to install
 DEPENDENCIES = {"torch", "transformer_lens", "sae_lens", "nnsight", "transformers", "tokenizers", "safetensors",
-                "matplotlib", "jinja2", "tqdm", "numpy"}
+                "matplotlib", "jinja2", "markdown_it", "tqdm", "numpy"}
 
 
 @dataclass

@@ -186,7 +186,7 @@ def headline(summary: dict) -> str:
     from mechscope.commands.patch import cell_name
     from mechscope.findings import ci, count, num
 
-    n = count(summary["n_pairs"], "pair") + f", {summary['prompts']}"
+    n = count(summary["n_pairs"], "pair") + (f", {summary['prompts']}" if summary["prompts"] != "pair" else "")
     grids = [(name, g) for name, g in summary["grids"].items() if g["top"] and g["top"][0]["atp"] is not None]
     if not grids:
         return f"AtP: no defined estimate ({n})"

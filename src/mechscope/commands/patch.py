@@ -353,7 +353,7 @@ def headline(summary: dict) -> str:
     from mechscope.findings import ci, count, num
 
     mode, recovery = summary["mode"], summary["metric"] == "recovery"
-    n = count(summary["n_pairs"], "pair") + f", {summary['prompts']}"
+    n = count(summary["n_pairs"], "pair") + (f", {summary['prompts']}" if summary["prompts"] != "pair" else "")
 
     def unpatched(e):
         if recovery:

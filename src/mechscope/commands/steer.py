@@ -328,7 +328,7 @@ def headline(summary: dict) -> str:
             f"{ci(d['ci'], signed=True)}")
     if summary["n_random"] and d.get("beats") is not None:
         beaten = round(d["beats"] * summary["n_random"])
-        text += (f", beyond {'all' if beaten == summary['n_random'] else beaten} of {summary['n_random']} random "
-                 f"directions (best {num(d['random_max'], signed=True)})")
+        share = f"all {beaten}" if beaten == summary["n_random"] else f"{beaten} of {summary['n_random']}"
+        text += f", beyond {share} random directions (best {num(d['random_max'], signed=True)})"
     return text + (f", at {num(loss['mean'], signed=True)}{ci(loss['ci'], signed=True)} nats of loss "
                    f"({count(summary['n_prompts'], 'prompt')}, {summary['hook']})")
