@@ -197,7 +197,7 @@ def key_arguments(run: Run) -> str:
     summary = summary if isinstance(summary, dict) else {}
     parts = [str(args[k]) for k in KEY_ARGS if args.get(k) not in (None, False, "", [])]
     prompts = summary.get("prompts") or summary.get("prompt_set")
-    if isinstance(prompts, str) and prompts not in parts and len(prompts) <= 40:
+    if isinstance(prompts, str) and prompts not in parts + ["pair", "prompts"] and len(prompts) <= 40:
         parts.append(prompts)
     n = next((summary[k] for k in N_KEYS if isinstance(summary.get(k), int) and not isinstance(summary.get(k), bool)),
              None)
