@@ -26,7 +26,7 @@ def test_every_command_defines_a_headline_beside_its_summary():
 
 
 def test_numbers_are_formatted_without_negative_zero_and_intervals_only_where_there_is_one():
-    assert findings.num(-0.0001) == "0.00" and findings.num(-0.004, 2, signed=True) == "+0.00"
+    assert findings.num(-0.0001) == "0.00" and findings.num(-0.004, 2, signed=True) == "0.00"
     assert findings.num(None) == "undefined" and findings.num(float("nan")) == "undefined"
     assert findings.num(2.4321, signed=True) == "+2.43" and findings.num(0.66, 3) == "0.660"
     assert findings.ci([0.63, 0.69]) == " [0.63, 0.69]" and findings.ci({"ci_low": -1, "ci_high": 2}) == " [-1.00, 2.00]"
