@@ -18,7 +18,9 @@ interval); prompts of different lengths are compared at named positions (IO, S1,
         --answer paris --wrong rome --sites resid,heads
     mechscope attribution-patch --sites all --atp-star --compare-exact on
 
-Writes one heatmap PNG and CSV per grid, neurons.png (top neurons), agreement.png (AtP vs exact).
+Writes one heatmap PNG and CSV per grid, neurons.png (top neurons), neurons.csv (every neuron's mean
+estimate) and neurons_per_prompt.safetensors ([prompts, layers, d_mlp]; kept out of result.json, which it
+would make megabytes on a real model), agreement.png (AtP vs exact).
 """
 HELP = "attribution patching (AtP): gradient estimates of every patch"
 
@@ -167,7 +169,15 @@ def run(ctx):
                                                                            checked.T, args.top_k, args.seed)
             scatter["neurons (top-k)"] = (checked.mean(1), neurons.flatten()[top])
         summary["grids"]["neurons"] = dict(entry, top=entry["top"][:5])
-        full["neurons"] = dict(entry, values=neurons, per_prompt=per_prompt)
+        with open(ctx.run_dir / "neurons.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["layer", "neuron", "atp"])
+            writer.writerows([layer, unit, f"{v:.6g}"] for layer, row in enumerate(neurons.tolist())
+                             for unit, v in enumerate(row))
+        from safetensors.torch import save_file
+
+        save_file({"atp": per_prompt.float().contiguous().cpu()}, str(ctx.run_dir / "neurons_per_prompt.safetensors"))
+        full["neurons"] = dict(entry, values="neurons.csv", per_prompt="neurons_per_prompt.safetensors")
         lines.append("neurons: top " + ", ".join(
             f"{t['neuron']} {number(t['atp'])}" + (f" (exact {number(t['exact'])})" if "exact" in t else "")
             for t in entry["top"][:3]))
