@@ -111,3 +111,9 @@ def test_the_headline_is_in_result_json(tmp_path):
     assert summary["headline"].startswith(f"zero-ablating {top['component']} changes the second-copy loss (nats) by "
                                           f"{top['effect']:+.2f} [{top['ci_low']:+.2f}, {top['ci_high']:+.2f}]")
     assert "(8 prompts)" in summary["headline"] or "; 8 prompts)" in summary["headline"]
+
+
+def test_the_demo_page_orders_every_step_once():
+    from mechscope.demo import REPORT_ORDER
+
+    assert sorted(REPORT_ORDER) == sorted(title for title, _ in STEPS)

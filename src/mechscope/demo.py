@@ -36,6 +36,14 @@ STEPS = [
     ("linear probes for sentiment", ["probe", "--task", "sentiment", "--n", "200"]),
     ("steering with love - hate", ["steer", "--strengths", "0,4"]),
 ]
+# the page's order: the findings of the notes' conclusions first (induction, IOI, steering), the machine last
+REPORT_ORDER = [
+    "attention heads: patterns and scores", "path patching: prev-token -> induction (k)", "ablation of every head",
+    "validating the induction circuit", "logit lens on IOI", "direct logit attribution on IOI",
+    "activation patching, IOI", "activation patching, Louvre / Colosseum", "attribution patching vs exact",
+    "steering with love - hate", "linear probes for sentiment", "QK / OV circuits and composition",
+    "tuned lens vs logit lens", "the bundled model's measured circuits", "the bundled model's predictions",
+    "what this machine can run"]
 # the page's notes (demo-notes.md): claims only; every number is in the runs' headlines below them
 NOTES = """## Question
 What does each vetted technique find in `mechscope-toy`, the bundled 3-layer model, and do they agree?
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = Path(args.out) / "demo-notes.md"
     notes.write_text(NOTES)
     shown = [(title, run_dir) for title, _, run_dir, _ in rows[:-1] if run_dir]
+    order = {title: i for i, title in enumerate(REPORT_ORDER)}
+    shown.sort(key=lambda item: order[item[0]])
     captions = [f"--caption={i}={title}" for i, (title, _) in enumerate(shown, 1)]
     with redirect_stdout(StringIO()):
         code = cli(["report", *(run_dir for _, run_dir in shown), "--out", str(report), "--notes", str(notes),
