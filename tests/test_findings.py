@@ -71,6 +71,8 @@ def test_bounded_replaces_the_largest_parts_and_keeps_the_headline():
     out = bounded(summary, 2000)
     assert len(json.dumps(out)) <= 2000 and out["headline"] == summary["headline"] and out["top"] == [1, 2, 3]
     assert out["grid"].startswith("too long for stdout") and "result.json" in out["grid"]
+    many = {"headline": "h", **{f"k{i}": "x" * 150 for i in range(20)}}     # every value replaced once, then stop
+    assert all(v.startswith("too long") for k, v in bounded(many, 100).items() if k != "headline")
 
 
 # the demo's runs: n (the summary field the headline must quote) and whether the run has an interval

@@ -220,13 +220,14 @@ def bounded(summary: dict, limit: int) -> dict:
     fits in `limit` characters (the headline and the small values stay)."""
     from mechscope.runs import to_json
 
-    out = dict(summary)
+    out, replaced = dict(summary), {"headline"}
     while len(to_json(out, indent=None)) > limit:
-        sizes = {k: len(to_json(v, indent=None)) for k, v in out.items() if k != "headline"}
-        key = max(sizes, key=sizes.get)
-        if sizes[key] < 60:
+        sizes = {k: len(to_json(v, indent=None)) for k, v in out.items() if k not in replaced}
+        key = max(sizes, key=sizes.get, default=None)
+        if key is None or sizes[key] < 100:
             break
         out[key] = f"too long for stdout ({sizes[key]:,} characters): see {key} in result.json"
+        replaced.add(key)
     return out
 
 
@@ -241,7 +242,7 @@ def _print_result(command: str, result: dict, notes: list[str], run_dir: Path | 
         head = {"headline": headline} if headline else {}
         out = {**head, "command": command, "run_dir": str(run_dir) if run_dir else None, "summary": summary}
         text = to_json(out, indent=None)
-        if len(text) > MAX_STDOUT_CHARS:
+        if len(text) > MAX_STDOUT_CHARS and isinstance(summary, dict):
             out["summary"] = bounded(summary, MAX_STDOUT_CHARS - (len(text) - len(to_json(summary, indent=None))) - 200)
             text = to_json(out, indent=None)
     else:
