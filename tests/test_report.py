@@ -430,5 +430,5 @@ def test_the_demo_ends_with_a_report_that_opens_offline(chromium, tmp_path):
     headlines = [json.loads((r / "result.json").read_text())["summary"]["headline"] for r in run_dirs]
     assert_first_screen_shows_the_findings(seen, DEMO_NOTES, headlines)
     text = page.read_text()
-    assert all(f"— {title}" in text for title, _ in STEPS)                 # each step's caption
+    assert all(f"— {html_escape(title)}" in text for title, _ in STEPS)     # each step's caption
     screenshots(chromium, page, tmp_path)
