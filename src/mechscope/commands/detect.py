@@ -142,9 +142,11 @@ def headline(summary: dict) -> str:
 
     if "recommendation" in summary:
         r = summary["recommendation"]
+        m = r["memory_gb"]
         if not r["fits"]:
-            return f"{r['model']} ({r['n_params']:,} parameters) does not fit this machine ({num(r['memory_gb']['total'])} GB needed)"
-        return (f"{r['model']} ({r['n_params']:,} parameters) fits: --backend {r['backend']} on {r['device']} in "
-                f"{r['dtype']}, {num(r['memory_gb']['total'], 3)} GB of {num(r['memory_gb']['usable'])} GB usable")
+            return f"{r['model']} ({r['n_params']:,} parameters) does not fit this machine ({num(m['engine'], 1)} GB needed)"
+        how = "with its activation cache" if r["cache_fits"] else "for forward passes, not its full activation cache"
+        return (f"{r['model']} ({r['n_params']:,} parameters) fits {how}: --backend {r['backend']} on {r['device']} "
+                f"in {r['dtype']}, {num(m['engine'], 3)} GB of {num(m['usable'])} GB usable")
     fit = [m["model"] for m in summary["models"] if m["fits"]]
     return f"{len(fit)} of {len(summary['models'])} listed models fit this machine ({summary['hardware']['cpu_cores']} CPU cores)"
