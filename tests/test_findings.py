@@ -119,3 +119,14 @@ def test_the_demo_page_orders_every_step_once():
     from mechscope.demo import REPORT_ORDER
 
     assert sorted(REPORT_ORDER) == sorted(title for title, _ in STEPS)
+
+
+def test_a_failing_headline_is_a_note_and_the_run_is_kept(tmp_path, capsys, monkeypatch):
+    from mechscope.commands import dla
+
+    monkeypatch.setattr(dla, "headline", lambda summary: summary["no such field"])
+    assert main(["dla", "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "headline" not in out and any(n.startswith("no headline: KeyError") for n in out["summary"]["notes"])
+    meta = json.loads((tmp_path / out["run_dir"].split("/")[-1] / "meta.json").read_text())
+    assert meta["status"] == "complete"

@@ -207,12 +207,18 @@ def _with_notes(command_result: dict) -> tuple[dict, list[str]]:
     return result, notes
 
 
-def _with_headline(module, result: dict) -> dict:
-    """The result with the command's headline(summary) as the summary's first key (where it defines one)."""
+def _with_headline(module, result: dict, notes: list[str]) -> dict:
+    """The result with the command's headline(summary) as the summary's first key (where it defines one). A
+    headline that fails is a note, not a failed run: the results are written all the same."""
     summary = result.get("summary")
     if not hasattr(module, "headline") or not isinstance(summary, dict):
         return result
-    return {**result, "summary": {"headline": module.headline(summary), **summary}}
+    try:
+        line = module.headline(summary)
+    except Exception as e:  # noqa: BLE001 - a bug in one sentence must not discard a finished run
+        notes.append(f"no headline: {type(e).__name__}: {_one_line(e, 200)} (a bug; please report it)")
+        return {**result, "notes": notes}
+    return {**result, "summary": {"headline": line, **summary}}
 
 
 def bounded(summary: dict, limit: int) -> dict:
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(sys.stderr):  # libraries that print must not corrupt --json
                 command_result = module.run(ctx)
             result, notes = _with_notes(command_result)
-            result = _with_headline(module, result)
+            result = _with_headline(module, result, notes)
             if run is not None:
                 run.model_info = _model_info(ctx)
                 run.finish(result)

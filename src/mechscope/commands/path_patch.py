@@ -178,6 +178,8 @@ def headline(summary: dict) -> str:
     top = next((t for t in summary["top"] if t["effect"] is not None), None)
     if top is None:
         return f"path patching into {summary['receivers']}: no defined effect ({n})"
-    return (f"patching the path {top['path']} -> {summary['receivers']} changes the {summary['metric']} by "
+    path = {"senders": f"the path {top['path']} -> {summary['receivers']}",
+            "receivers": f"the path into {top['path']}"}.get(summary["sweep"], f"the path {top['path']}")
+    return (f"patching {path} changes the {summary['metric']} by "
             f"{num(top['effect'], signed=True)}{ci(top['ci'], signed=True)}, {num(top['fraction'])} of the clean - "
             f"corrupted change (clean {num(summary['clean_metric'])}, corrupted {num(summary['corrupted_metric'])}; {n})")
