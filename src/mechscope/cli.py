@@ -8,7 +8,8 @@
 - Commands that compute something write a new run directory under `--out` (default `runs/`, see
   mechscope.runs): created on the first file written, removed again if the input is refused; its
   meta.json says "status": "complete", "failed" or "interrupted". stdout gets a short summary, or with
-  `--json` one JSON object `{"command", "run_dir", "summary"}`. Diagnostics and progress bars go to stderr.
+  `--json` one JSON object `{"headline", "command", "run_dir", "summary"}`. Diagnostics and progress bars go to
+  stderr.
 - JSON is strict (no NaN / Infinity): an undefined value (e.g. 0/0) is written as null, and the result's
   "notes" (also in the printed summary) say where and why; a command may add its own notes.
 

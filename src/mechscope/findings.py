@@ -6,6 +6,18 @@ own fields (it never recomputes a number: the summary is the record, the headlin
 puts it first in the summary (result.json and `--json`) and report.py opens each run's section with it.
 Undefined values (null in the summary) read "undefined"; an interval is left out where the summary has none
 or where it is a point (one prompt).
+
+A new command adds, beside its summary (see mechscope.cli for the module pattern):
+
+    def headline(summary: dict) -> str:
+        """The finding in one sentence: ..."""
+        from mechscope.findings import ci, count, num
+
+        top = summary["top"][0]
+        return (f"{top['edge']} carries {num(top['effect'])}{ci(top['ci'])} of the logit difference "
+                f"({count(summary['n_prompts'], 'prompt')})")
+
+and, if it runs in the demo (mechscope.demo.STEPS), its n field in tests/test_findings.py's N_FIELD.
 """
 from __future__ import annotations
 
