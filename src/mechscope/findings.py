@@ -10,7 +10,7 @@ or where it is a point (one prompt).
 A new command adds, beside its summary (see mechscope.cli for the module pattern):
 
     def headline(summary: dict) -> str:
-        """The finding in one sentence: ..."""
+        # the finding in one sentence: ...
         from mechscope.findings import ci, count, num
 
         top = summary["top"][0]
