@@ -23,7 +23,7 @@ VENV_TL4 := .venv-tl4
 PY_TL4 := $(VENV_TL4)/bin/python
 STAMP_TL4 := $(VENV_TL4)/.installed
 TL4_DEPS := "transformer-lens>=4.3,<5" "nnsight>=0.5" "transformers>=5.9" tokenizers safetensors "matplotlib>=3.7" \
-	"jinja2>=3.1" tqdm numpy "pytest>=7"
+	"jinja2>=3.1" "markdown-it-py>=3" tqdm numpy "pytest>=7"
 TL4_TESTS := tests/test_engine_bridge.py tests/test_compute.py tests/test_hub.py
 
 $(STAMP_TL4): pyproject.toml

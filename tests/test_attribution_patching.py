@@ -168,6 +168,16 @@ def test_cli_attribution_patch(tmp_path, capsys):
     result = json.loads((run_dir / "result.json").read_text())
     neurons = result["grids"]["neurons"]["top"]
     assert len(neurons) == 5 and all("exact" in t for t in neurons)
+    # every neuron's estimate is in neurons.csv (and each prompt's in a safetensors file), not in result.json
+    import csv
+
+    from safetensors.torch import load_file
+    rows = {f"L{r['layer']}N{r['neuron']}": float(r["atp"]) for r in csv.DictReader(open(run_dir / "neurons.csv"))}
+    per_prompt = load_file(run_dir / "neurons_per_prompt.safetensors")["atp"]
+    assert len(rows) == per_prompt[0].numel() and result["grids"]["neurons"]["values"] == "neurons.csv"
+    for t in neurons:   # one prompt: the mean estimate is that prompt's, as in the csv and the tensor
+        layer, unit = map(int, t["neuron"][1:].split("N"))
+        assert rows[t["neuron"]] == pytest.approx(t["atp"], abs=1e-4) == float(per_prompt[0, layer, unit])
 
 
 @pytest.mark.parametrize("argv, message", [

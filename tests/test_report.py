@@ -95,15 +95,80 @@ def test_the_page_holds_every_run_in_the_order_given(runs, tmp_path, capsys):
         assert shlex.join(meta["argv"]) in section["text"]                     # the command line to rerun it
         assert "mechscope-toy" in section["text"] and f"torch {meta['versions']['torch']}" in section["text"]
         assert f"{meta['wall_seconds']:.1f} s" in section["text"]
-        # every PNG of the run, embedded byte for byte, in name order
+        # every PNG of the run, embedded byte for byte: the key figure (the first its summary names) first,
+        # then the others in name order
         pngs = sorted(p for p in run_dir.iterdir() if p.suffix == ".png")
-        assert [base64.b64decode(src.split(",", 1)[1]) for src in section["images"]] == [p.read_bytes() for p in pngs]
+        summary = json.dumps(json.loads((run_dir / "result.json").read_text())["summary"])
+        key = min((p for p in pngs if f'"{p.name}"' in summary), key=lambda p: summary.index(f'"{p.name}"'))
+        assert [base64.b64decode(src.split(",", 1)[1]) for src in section["images"]] == \
+            [p.read_bytes() for p in [key] + [p for p in pngs if p != key]]
         assert all(src.startswith("data:image/png;base64,") for src in section["images"])
         # links to its CSVs (and the other files), relative to the page, that resolve
         csvs = {p.name for p in run_dir.iterdir() if p.suffix == ".csv"}
         assert csvs and csvs <= {Path(h).name for h in section["links"]}
         for href in section["links"]:
             assert not re.match(r"[a-z]+:", href) and (tmp_path / href).resolve().is_file(), href
+
+
+NOTES = """## Question
+Which heads carry <b>IOI</b>?
+
+## Conclusions
+- **L2H1** copies the name.
+- <script>alert(1)</script> [click](javascript:alert(1)) ![remote](http://example.invalid/a.png)
+"""
+
+
+def test_the_page_leads_with_notes_and_every_runs_headline(runs, tmp_path, capsys):
+    notes = tmp_path / "notes.md"
+    notes.write_text(NOTES)
+    page_file = tmp_path / "r.html"
+    code, _, err = report(capsys, *runs, "--out", page_file, "--notes", notes, "--caption", "2=direct attribution",
+                          "--caption", f"{runs[2].name}=the Louvre pair")
+    assert code == 0, err
+    text = page_file.read_text()
+    summaries = [json.loads((r / "result.json").read_text())["summary"] for r in runs]
+    # the notes, rendered: Markdown structure kept, raw HTML shown as text, no script, no javascript: link,
+    # no image (nothing loaded)
+    notes_html = text[text.index('<div class="notes">'):text.index('<h2 id="contents">')]
+    assert "<h2>Question</h2>" in notes_html and "<strong>L2H1</strong>" in notes_html
+    assert "&lt;b&gt;IOI&lt;/b&gt;" in notes_html and "&lt;script&gt;" in notes_html
+    assert "<script" not in notes_html and "javascript:" not in notes_html.replace("[click](javascript:", "")
+    assert "<img" not in notes_html
+    # then the contents: every run's command, key arguments, n, caption and headline, before any run section
+    contents = text[text.index('<h2 id="contents">'):text.index('<section')]
+    assert [h for h in Page(contents).toc] == ["run-1", "run-2", "run-3"]
+    for summary in summaries:
+        assert html_escape(summary["headline"]) in contents
+    assert "patch</b></a><span class=cmd>denoise · resid_pre · n=1</span> — the Louvre pair" in contents
+    assert "dla</b></a><span class=cmd>n=1</span> — direct attribution" in contents
+    # each section: caption, command, headline, then the key figure, then the folded rest
+    page = Page(text)
+    for section, summary in zip(page.sections, summaries):
+        assert section["text"].index(summary["headline"]) < section["text"].index(".png")
+    louvre = text[text.index('<section id="run-3">'):]
+    assert louvre.index("the Louvre pair") < louvre.index('class="headline"') < louvre.index("<img") \
+        < louvre.index("<details>")
+    assert louvre.index("<details><summary>Summary tables") < louvre.index("<table")      # tables fold away
+    assert "@media print" in text
+
+
+def html_escape(text):
+    import html
+
+    return html.escape(text)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--notes", "missing.md"], "does not exist"),
+    (["--caption", "9=nope"], "no such run"),
+    (["--caption", "no equals sign"], "write RUN=TEXT"),
+])
+def test_bad_notes_and_captions_exit_2_before_writing(runs, tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / a) if a.endswith(".md") else a for a in argv]
+    code, stdout, err = report(capsys, runs[1], "--out", tmp_path / "r.html", *argv)
+    assert code == 2 and stdout == "" and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_summaries_become_tables_with_the_runs_numbers(runs, tmp_path, capsys):
@@ -215,7 +280,11 @@ window.addEventListener("load", function () {
   out.id = "mechscope-check";
   out.textContent = JSON.stringify({images: images.length,
     undecoded: images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.src.slice(0, 80); }),
-    resources: performance.getEntriesByType("resource").map(function (e) { return e.name; })});
+    resources: performance.getEntriesByType("resource").map(function (e) { return e.name; }),
+    // what the first screen shows: the notes' blocks and the contents' headlines wholly above the fold
+    first_screen: Array.prototype.slice.call(document.querySelectorAll(".notes > *, .toc .headline"))
+      .filter(function (e) { return e.getBoundingClientRect().bottom <= window.innerHeight; })
+      .map(function (e) { return e.textContent; }), height: window.innerHeight});
   document.body.appendChild(out);
 });
 </script>"""
@@ -255,15 +324,16 @@ def page_requests(netlog: Path) -> list[str]:
             and e.get("params", {}).get("initiator", "not an origin") != "not an origin"]
 
 
-def browser_check(chromium, page: Path, tmp: Path) -> dict:
-    """Open `page` in headless Chromium from file://, offline: what its <img>s and the network did."""
+def browser_check(chromium, page: Path, tmp: Path, window: str = "1280,800") -> dict:
+    """Open `page` in headless Chromium from file://, offline, in a window of `window` pixels: what its <img>s
+    and the network did, and which notes and headlines the first screen shows."""
     probe = page.with_name(page.stem + ".check.html")            # beside it: the same relative links
     text = page.read_text()
     probe.write_text(text.replace("</body>", CHECKER + "</body>") if "</body>" in text else text + CHECKER)
     netlog = tmp / "netlog.json"
     try:
         done = _chromium(chromium, tmp, f"--log-net-log={netlog}", "--virtual-time-budget=20000", "--dump-dom",
-                         probe.as_uri())
+                         f"--window-size={window}", probe.as_uri())
     finally:
         probe.unlink()
     found = re.search(r'<pre id="mechscope-check">(.*?)</pre>', done.stdout, re.S)
@@ -273,8 +343,11 @@ def browser_check(chromium, page: Path, tmp: Path) -> dict:
     return json.loads(html_module.unescape(found.group(1))) | {"page_requests": page_requests(netlog)}
 
 
-def screenshot(chromium, page: Path, png: Path, tmp: Path) -> None:
-    done = _chromium(chromium, tmp, f"--screenshot={png}", "--window-size=1200,2400", page.as_uri())
+SIZES = {"desktop": "1280,800", "laptop": "1024,768", "phone": "390,844", "long": "1200,2400"}   # window sizes
+
+
+def screenshot(chromium, page: Path, png: Path, tmp: Path, window: str = SIZES["long"]) -> None:
+    done = _chromium(chromium, tmp, f"--screenshot={png}", f"--window-size={window}", page.as_uri())
     assert png.is_file() and png.stat().st_size > 10_000, done.stderr[-1500:]
     import matplotlib.image
 
@@ -282,18 +355,53 @@ def screenshot(chromium, page: Path, png: Path, tmp: Path) -> None:
     assert pixels.std() > 0.05          # not a blank page
 
 
-def assert_opens_offline(chromium, page: Path, tmp: Path, n_images: int) -> None:
+def assert_opens_offline(chromium, page: Path, tmp: Path, n_images: int) -> dict:
     seen = browser_check(chromium, page, tmp)
     assert seen["images"] == n_images and seen["undecoded"] == [], seen
     assert seen["resources"] == [] and seen["page_requests"] == [], seen
+    return seen
+
+
+def screenshots(chromium, page: Path, tmp: Path) -> list[Path]:
+    """A screenshot per window size (SIZES), beside the page: <page>-<size>.png; printed for the test's output."""
+    shots = []
+    for name, window in SIZES.items():
+        screenshot(chromium, page, page.with_name(f"{page.stem}-{name}.png"), tmp, window)
+        shots.append(page.with_name(f"{page.stem}-{name}.png"))
+    print("screenshots:", *shots)
+    return shots
+
+
+def printed_pages(chromium, page: Path, tmp: Path) -> int:
+    """Pages of the page printed to PDF by Chromium (with the print stylesheet)."""
+    pdf = tmp / f"{page.stem}.pdf"
+    _chromium(chromium, tmp, f"--print-to-pdf={pdf}", "--no-pdf-header-footer", page.as_uri())
+    return len(re.findall(rb"/Type\s*/Page\b(?!s)", pdf.read_bytes()))
+
+
+def assert_first_screen_shows_the_findings(seen: dict, notes: str, headlines: list[str]) -> None:
+    """The first screen (1280 x 800) shows the notes' question and conclusions and headlines with intervals."""
+    shown = " ".join(seen["first_screen"])
+    assert seen["height"] >= 600, seen["height"]
+    for block in ("Question", "Conclusions"):
+        assert block in seen["first_screen"], seen["first_screen"]
+    first_conclusion = notes.split("## Conclusions")[1].split("\n")[1].lstrip("- ").replace("**", "")[:25]
+    assert first_conclusion in shown, (first_conclusion, shown)
+    visible = [h for h in headlines if h in seen["first_screen"]]
+    assert len(visible) >= 2 and any(re.search(r"\[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]", h) for h in visible), visible
 
 
 def test_report_opens_offline_in_headless_chromium(chromium, runs, tmp_path, capsys):
-    page = tmp_path / "report.html"
-    assert report(capsys, *runs, "--out", page)[0] == 0
+    page, notes = tmp_path / "report.html", tmp_path / "notes.md"
+    notes.write_text(NOTES)
+    assert report(capsys, *runs, "--out", page, "--notes", notes)[0] == 0
     n_png = sum(1 for r in runs for p in r.iterdir() if p.suffix == ".png")
-    assert_opens_offline(chromium, page, tmp_path, n_png)
-    screenshot(chromium, page, tmp_path / "report.png", tmp_path)
+    seen = assert_opens_offline(chromium, page, tmp_path, n_png)
+    headlines = [json.loads((r / "result.json").read_text())["summary"]["headline"] for r in runs]
+    assert_first_screen_shows_the_findings(seen, NOTES, headlines)
+    with capsys.disabled():
+        screenshots(chromium, page, tmp_path)
+    assert 1 <= printed_pages(chromium, page, tmp_path) <= 4          # findings and key figures; folds left out
     # the control: the same check sees a page that loads two images from the network
     control = tmp_path / "control.html"
     control.write_text('<html><body><img src="http://example.invalid/a.png"><img src="https://example.invalid/b.png">'
@@ -316,5 +424,11 @@ def test_the_demo_ends_with_a_report_that_opens_offline(chromium, tmp_path):
     assert page == (tmp_path / "runs" / "demo-report.html").resolve()
     run_dirs = [p for p in (tmp_path / "runs").iterdir() if (p / "meta.json").is_file()]
     assert len(Page(page.read_text()).sections) == len(run_dirs) >= 15
-    assert_opens_offline(chromium, page, tmp_path, sum(1 for r in run_dirs for p in r.glob("*.png")))
-    screenshot(chromium, page, tmp_path / "demo-report.png", tmp_path)
+    seen = assert_opens_offline(chromium, page, tmp_path, sum(1 for r in run_dirs for p in r.glob("*.png")))
+    from mechscope.demo import NOTES as DEMO_NOTES, STEPS
+
+    headlines = [json.loads((r / "result.json").read_text())["summary"]["headline"] for r in run_dirs]
+    assert_first_screen_shows_the_findings(seen, DEMO_NOTES, headlines)
+    text = page.read_text()
+    assert all(f"— {html_escape(title)}" in text for title, _ in STEPS)     # each step's caption
+    screenshots(chromium, page, tmp_path)

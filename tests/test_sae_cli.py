@@ -92,6 +92,7 @@ def _json(capsys, argv, tmp_path):
     payload = json.loads(out)
     run_dir = Path(payload["run_dir"])
     assert json.loads((run_dir / "result.json").read_text())  # strict JSON
+    assert list(payload)[0] == "headline" and payload["headline"] == payload["summary"]["headline"]
     return payload["summary"], run_dir
 
 
@@ -100,6 +101,9 @@ def test_sae_eval_command(capsys, tmp_path):
     assert summary["l0"] <= summary["sae"]["k"] and summary["explained_variance"] > 0.8
     assert summary["ce_recovered"] > 0.9 and summary["n_tokens"] < 3000          # BOS positions left out
     assert (run_dir / "density_histogram.png").exists() and (run_dir / "density.csv").exists()
+    lo, hi = summary["ce_recovered_ci"]
+    assert f"recovers {summary['ce_recovered']:.3f} [{lo:.3f}, {hi:.3f}] of the CE loss" in summary["headline"]
+    assert f"({summary['n_tokens']} held-out tokens)" in summary["headline"]
 
 
 def test_sae_features_command_writes_an_offline_page(capsys, tmp_path):
@@ -109,6 +113,9 @@ def test_sae_features_command_writes_an_offline_page(capsys, tmp_path):
     page = (run_dir / "features.html").read_text()
     assert "<script" not in page and "http" not in page.replace("https://neuronpedia.org", "")
     assert page.count("<section") == summary["n_features"]
+    top = summary["top_features"]["features"][0]
+    assert summary["headline"].startswith(f"feature {top['feature']} is the most active at position "
+                                          f"{summary['top_features']['position']}: mean activation {top['mean']:.3f}")
 
 
 def test_sae_steer_command_defaults_to_a_named_feature(capsys, tmp_path):
@@ -117,16 +124,24 @@ def test_sae_steer_command_defaults_to_a_named_feature(capsys, tmp_path):
     off, on = summary["effects"]
     assert on["log_mass"] > off["log_mass"] + 3 and on["log_mass"] > on["controls_range"]["random_direction"]["log_mass"][1]
     assert (run_dir / "steering.csv").exists() and (run_dir / "log_mass_vs_strength.png").exists()
+    lo, hi = on["controls_range"]["random_direction"]["log_mass"]
+    assert f"at strength 20 moves log P(target words) to {on['log_mass']:+.2f}" in summary["headline"]
+    assert f"random direction: log P {lo:+.2f} to {hi:+.2f}" in summary["headline"]
 
 
 def test_sae_ablate_command_attribution_and_ablation(capsys, tmp_path):
     summary, run_dir = _json(capsys, ["sae-ablate", "--top", "4"], tmp_path)
     assert len(summary["top"]) == 4 and summary["agreement"]["n"] == 4
     assert all(r["exact"] == r["exact"] for r in summary["top"]) and (run_dir / "attribution.csv").exists()
+    assert summary["headline"].startswith(f"feature {summary['top'][0]['feature']} at position "
+                                          f"{summary['top'][0]['position']}")
     summary, _ = _json(capsys, ["sae-ablate", "--task", "ioi", "--n", "16", "--features", "person_name",
                                 "--positions", "IO,S1,S2", "--controls", "2"], tmp_path)
     assert summary["features"] and summary["n_prompts"] == 16 and summary["controls"]["n"] == 2
     assert summary["effect"]["ci_low"] <= summary["effect"]["mean"] <= summary["effect"]["ci_high"]
+    e = summary["effect"]
+    assert f"by {e['mean']:+.2f} [{e['ci_low']:+.2f}, {e['ci_high']:+.2f}] (2 random active sets" in summary["headline"]
+    assert summary["headline"].endswith("of 16 prompts")
 
 
 def test_sae_ablate_command_agrees_with_the_technique(capsys, tmp_path, toy_engine):

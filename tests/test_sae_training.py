@@ -132,6 +132,10 @@ def test_sae_train_command_checkpoints_and_resumes(tmp_path, capsys):
     assert (tmp_path / "copy" / "sae_weights.safetensors").exists()
     assert summary["final"]["step"] == 8 and summary["evaluation"]["l0"] <= 4
     assert len(summary["checkpoints"]) == 1
+    e = summary["evaluation"]                     # the headline quotes the summary's numbers
+    assert out["headline"] == summary["headline"] and summary["headline"].startswith("trained a topk SAE (64 features)")
+    assert f"L0 {summary['final']['l0']:.2f}" in summary["headline"] and \
+        f"recovered {e['ce_recovered']:.3f} [{e['ce_recovered_ci'][0]:.3f}, {e['ce_recovered_ci'][1]:.3f}] ({e['n_tokens']} tokens)" in summary["headline"]
     checkpoint = run_dir / summary["checkpoints"][0]
     assert main(["sae-train", *common, "--resume", str(checkpoint)]) == 0
     resumed = json.loads(capsys.readouterr().out)["summary"]

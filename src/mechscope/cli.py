@@ -8,14 +8,21 @@
 - Commands that compute something write a new run directory under `--out` (default `runs/`, see
   mechscope.runs): created on the first file written, removed again if the input is refused; its
   meta.json says "status": "complete", "failed" or "interrupted". stdout gets a short summary, or with
-  `--json` one JSON object `{"command", "run_dir", "summary"}`. Diagnostics and progress bars go to stderr.
+  `--json` one JSON object `{"headline", "command", "run_dir", "summary"}`. Diagnostics and progress bars go to
+  stderr.
 - JSON is strict (no NaN / Infinity): an undefined value (e.g. 0/0) is written as null, and the result's
   "notes" (also in the printed summary) say where and why; a command may add its own notes.
 
-A command module defines HELP (one line), `add_arguments(parser)` and `run(ctx) -> dict`; the dict's
-"summary" (small) is printed, "text" (optional, human-readable) replaces it without --json, "notes"
-(optional, one-line strings, e.g. why a value is null) are printed with it, and the whole dict goes to
-result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply
+A command module defines HELP (one line), `add_arguments(parser)`, `run(ctx) -> dict` and
+`headline(summary) -> str`; the dict's "summary" (small: top-k rows, full tables in files of the run
+directory) is printed, "text" (optional, human-readable) replaces it without --json, "notes" (optional,
+one-line strings, e.g. why a value is null) are printed with it, and the whole dict goes to result.json.
+`headline` states the finding in one sentence with its number, 95% interval and n, read from the summary's
+fields (never recomputed; helpers in mechscope.findings): it becomes the summary's first key, the first
+key of --json and the first line of the text output, and leads the run's section in `mechscope report`.
+A new command adds it beside its summary; tests/test_findings.py checks every command has one.
+--json output stays under MAX_STDOUT_CHARS: the largest parts of an oversized summary are replaced by a
+pointer to result.json. Set USES_MODEL = False / WRITES_RUN = False where they do not apply
 (WRITES_RUN = "with --out": a run directory only when --out is given).
 """
 from __future__ import annotations
@@ -23,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -62,10 +68,10 @@ COMMANDS = {
     "report": ("report", "one self-contained offline HTML page from run directories"),
 }
 
-MAX_STDOUT_CHARS = 20_000
+MAX_STDOUT_CHARS = 16_000  # --json on stdout, in characters
 # import names of pyproject's dependencies: a command run from a bare copy of the skill folder says how to install
 DEPENDENCIES = {"torch", "transformer_lens", "sae_lens", "nnsight", "transformers", "tokenizers", "safetensors",
-                "matplotlib", "jinja2", "tqdm", "numpy"}
+                "matplotlib", "jinja2", "markdown_it", "tqdm", "numpy"}
 
 
 @dataclass
@@ -203,22 +209,56 @@ def _with_notes(command_result: dict) -> tuple[dict, list[str]]:
     return result, notes
 
 
+def _with_headline(module, result: dict, notes: list[str]) -> dict:
+    """The result with the command's headline(summary) as the summary's first key (where it defines one). A
+    headline that fails is a note, not a failed run: the results are written all the same."""
+    summary = result.get("summary")
+    if not hasattr(module, "headline") or not isinstance(summary, dict):
+        return result
+    try:
+        line = module.headline(summary)
+    except Exception as e:  # noqa: BLE001 - a bug in one sentence must not discard a finished run
+        notes.append(f"no headline: {type(e).__name__}: {_one_line(e, 200)} (a bug; please report it)")
+        return {**result, "notes": notes}
+    return {**result, "summary": {"headline": line, **summary}}
+
+
+def bounded(summary: dict, limit: int) -> dict:
+    """The summary with its largest values replaced, one at a time, by a pointer to result.json until its JSON
+    fits in `limit` characters (the headline and the small values stay)."""
+    from mechscope.runs import to_json
+
+    out, replaced = dict(summary), {"headline"}
+    while len(to_json(out, indent=None)) > limit:
+        sizes = {k: len(to_json(v, indent=None)) for k, v in out.items() if k not in replaced}
+        key = max(sizes, key=sizes.get, default=None)
+        if key is None or sizes[key] < 100:
+            break
+        out[key] = f"too long for stdout ({sizes[key]:,} characters): see {key} in result.json"
+        replaced.add(key)
+    return out
+
+
 def _print_result(command: str, result: dict, notes: list[str], run_dir: Path | None, as_json: bool) -> None:
     from mechscope.runs import to_json
 
     summary = result.get("summary", {k: v for k, v in result.items() if k not in ("text", "notes")})
     if notes and isinstance(summary, dict):
         summary = {**summary, "notes": notes}
+    headline = summary.get("headline") if isinstance(summary, dict) else None
     if as_json:
-        text = to_json({"command": command, "run_dir": str(run_dir) if run_dir else None, "summary": summary},
-                       indent=None)
-        if len(text) > MAX_STDOUT_CHARS:
-            text = json.dumps({"command": command, "run_dir": str(run_dir) if run_dir else None,
-                               "summary": "too long for stdout; see result.json in run_dir"})
+        head = {"headline": headline} if headline else {}
+        out = {**head, "command": command, "run_dir": str(run_dir) if run_dir else None, "summary": summary}
+        text = to_json(out, indent=None)
+        if len(text) > MAX_STDOUT_CHARS and isinstance(summary, dict):
+            out["summary"] = bounded(summary, MAX_STDOUT_CHARS - (len(text) - len(to_json(summary, indent=None))) - 200)
+            text = to_json(out, indent=None)
     else:
         text = result.get("text") or to_json(summary)
         if len(text) > MAX_STDOUT_CHARS:
             text = text[:MAX_STDOUT_CHARS] + "\n... (cut; the full result is in result.json)"
+        if headline and not text.startswith(headline):
+            text = f"{headline}\n{text}"
         if notes and result.get("text"):
             text += "".join(f"\nnote: {n}" for n in notes)
         if run_dir:
@@ -271,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(sys.stderr):  # libraries that print must not corrupt --json
                 command_result = module.run(ctx)
             result, notes = _with_notes(command_result)
+            result = _with_headline(module, result, notes)
             if run is not None:
                 run.model_info = _model_info(ctx)
                 run.finish(result)

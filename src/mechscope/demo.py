@@ -1,5 +1,6 @@
 """`make demo`: every vetted technique once on the bundled model, offline, each into its own run directory,
-then one HTML page with all of them (`mechscope report`): <out>/demo-report.html.
+then one HTML page with all of them (`mechscope report` with NOTES on top and each step's title as its
+caption): <out>/demo-report.html.
 
     python -m mechscope.demo [--out runs]
 """
@@ -35,6 +36,31 @@ STEPS = [
     ("linear probes for sentiment", ["probe", "--task", "sentiment", "--n", "200"]),
     ("steering with love - hate", ["steer", "--strengths", "0,4"]),
 ]
+# the page's order: the findings of the notes' conclusions first (induction, IOI, steering), the machine last
+REPORT_ORDER = [
+    "attention heads: patterns and scores", "path patching: prev-token -> induction (k)", "ablation of every head",
+    "validating the induction circuit", "logit lens on IOI", "direct logit attribution on IOI",
+    "activation patching, IOI", "activation patching, Louvre / Colosseum", "attribution patching vs exact",
+    "steering with love - hate", "linear probes for sentiment", "QK / OV circuits and composition",
+    "tuned lens vs logit lens", "the bundled model's measured circuits", "the bundled model's predictions",
+    "what this machine can run"]
+# the page's notes (demo-notes.md): claims only; every number is in the runs' headlines below them
+NOTES = """## Question
+What does each vetted technique find in `mechscope-toy`, the bundled 3-layer model, and do they agree?
+
+## Conclusions
+- **Induction** runs from previous-token heads (L0H1, L1H2) into induction heads (L2H1, L2H2): head scores,
+  path patching, ablation and the circuit's validation agree.
+- **IOI**: the answer becomes the residual stream's top token after layer 2's attention (logit lens), and
+  layer 2's MLP writes most of the logit difference directly (DLA).
+- **Steering** negative prompts along love - hate moves them toward positive, beyond every random direction
+  of the same norm.
+
+## Caveats
+One small model trained for these tasks. Runs on the single IOI example (patching, DLA, logit lens) have no
+interval. Each headline is written by its command from its own summary; this page only lays them out.
+"""
+
 def main(argv: list[str] | None = None) -> int:
     from mechscope.cli import _command_module, main as cli
 
@@ -62,9 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
     rows.append(("a new research repo (mechscope new)", f"mechscope new {study}", str(study), 0.0))
     report = Path(args.out) / "demo-report.html"
+    notes = Path(args.out) / "demo-notes.md"
+    notes.write_text(NOTES)
+    shown = [(title, run_dir) for title, _, run_dir, _ in rows[:-1] if run_dir]
+    order = {title: i for i, title in enumerate(REPORT_ORDER)}
+    shown.sort(key=lambda item: order[item[0]])
+    captions = [f"--caption={i}={title}" for i, (title, _) in enumerate(shown, 1)]
     with redirect_stdout(StringIO()):
-        code = cli(["report", *(run_dir for _, _, run_dir, _ in rows[:-1] if run_dir), "--out", str(report),
-                    "--title", "mechscope demo: every technique on the bundled model"])
+        code = cli(["report", *(run_dir for _, run_dir in shown), "--out", str(report), "--notes", str(notes),
+                    *captions, "--title", "mechscope demo: every technique on the bundled model"])
     if code != 0:
         return code
     print(f"\nmechscope demo: {len(rows)} runs in {time.time() - start:.0f} s. Results:")

@@ -34,6 +34,25 @@ def _label_axes(ax, rows: int, cols: int, row_labels, col_labels) -> None:
     ax.set_yticklabels(row_labels if row_labels is not None else range(rows), fontsize=8)
 
 
+def cell_label(x: float, digits: int = 2) -> str:
+    """A heatmap cell's annotation: `digits` decimals, "0.00" for values that round to zero (never "-0.00"),
+    "nan" where undefined."""
+    if x != x:
+        return "nan"
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _text_colour(im, x: float) -> str:
+    """Black or white, whichever contrasts more with the cell's colour (relative luminance, WCAG)."""
+    if x != x:
+        return "black"
+    r, g, b, _ = im.cmap(im.norm(x))
+    lum = sum(w * (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4)
+              for w, c in zip((0.2126, 0.7152, 0.0722), (r, g, b)))
+    return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
+
+
 def heatmap(values, path: Path, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
             title: str = "", xlabel: str = "", ylabel: str = "", colorbar_label: str = "",
             diverging: bool = True, annotate: bool | None = None) -> Path:
@@ -50,7 +69,8 @@ def heatmap(values, path: Path, row_labels: Sequence[str] | None = None, col_lab
     if annotate if annotate is not None else rows * cols <= 200:
         for i in range(rows):
             for j in range(cols):
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6)
+                ax.text(j, i, cell_label(data[i, j]), ha="center", va="center", fontsize=6,
+                        color=_text_colour(im, data[i, j]))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -238,7 +258,7 @@ def token_heatmap(values, cell_text: Sequence[Sequence[str]], path: Path, row_la
         for i in range(rows):
             for j in range(cols):
                 ax.text(j, i, str(cell_text[i][j])[:8], ha="center", va="center", fontsize=6,
-                        color="white" if data[i, j] > 0.6 else "black")
+                        color=_text_colour(im, data[i, j]))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

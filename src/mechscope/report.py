@@ -1,13 +1,19 @@
-"""One self-contained HTML page for an investigation: its run directories, in the order given.
+"""One self-contained HTML page for an investigation that leads with its findings: the author's notes
+(question, conclusions, caveats), then each run's headline, then each run's section, in the order given.
 
     from mechscope.report import write_report
-    write_report(["runs/heads-...", "runs/patch-..."], "runs/report.html")
+    write_report(["runs/heads-...", "runs/patch-..."], "runs/report.html", notes="notes.md",
+                 captions={"1": "which heads attend where"})
 
-For each run: the command line, model, library versions, seed and wall time (meta.json), the summary
-(result.json's "summary") as tables, every PNG embedded as base64, offline HTML pages (attention
-viewers) embedded in a sandboxed iframe, and links to its CSVs and other files; a contents list on top.
-The page loads nothing from the network: no CDN, no fonts, no scripts of its own. A directory that holds
-run directories (such as `runs/`) stands for its runs, oldest first.
+On top: the title, the notes (Markdown rendered by markdown-it-py with raw HTML and images off, so a notes
+file can neither inject markup nor load anything) and the contents: per run its command, key arguments
+(mode, component, task, n), caption and headline (result.json's summary "headline", written by the command).
+Each run's section opens with its caption, headline and key figure (the first PNG its summary names); its
+other figures, summary tables, command line / model / versions (meta.json), attention viewers (sandboxed
+iframes) and files fold away in <details>. Links are relative to the page, so a folder copied with its page
+still works; a print stylesheet prints the findings and key figures only. The page loads nothing from the
+network: no CDN, no fonts, no scripts of its own. A directory that holds run directories (such as `runs/`)
+stands for its runs, oldest first.
 """
 from __future__ import annotations
 
@@ -153,7 +159,7 @@ def _relative_link(target: Path, page_dir: Path) -> str:
         return target.resolve().as_uri()
 
 
-def _facts(run: Run) -> dict:
+def _facts(run: Run, page_dir: Path | None = None) -> dict:
     meta, model = run.meta, run.meta.get("model") or {}
     argv = meta.get("argv")
     facts = {"command line": shlex.join(map(str, argv)) if isinstance(argv, list) else argv,
@@ -164,7 +170,7 @@ def _facts(run: Run) -> dict:
              "wall time": f"{meta['wall_seconds']:.1f} s" if isinstance(meta.get("wall_seconds"), (int, float)) else None,
              "status": meta.get("status"),
              "versions": ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items() if v) or None,
-             "directory": str(run.path.resolve())}
+             "directory": _relative_link(run.path, page_dir) if page_dir is not None else str(run.path.resolve())}
     return {k: v for k, v in facts.items() if v is not None}
 
 
@@ -176,64 +182,177 @@ def _embedded_page(path: Path) -> str:
             f'srcdoc="{html.escape(text, quote=True)}"></iframe>')
 
 
-def run_html(run: Run, index: int, page_dir: Path) -> str:
-    """The section of the page for one run."""
+KEY_ARGS = ("task", "mode", "component", "components", "method", "receivers", "circuit", "hook", "architecture",
+            "features", "feature", "embedding")        # meta.json args shown beside a run's command
+N_KEYS = ("n_pairs", "n_prompts", "n_sequences", "n_test", "n_tokens", "n")   # the summary's n, first found
+
+
+def _summary(run: Run):
+    return run.result.get("summary", run.result if run.result else None)
+
+
+def key_arguments(run: Run) -> str:
+    """'denoise · resid_pre,attn_out · ioi · n=32': the run's key arguments (meta.json) and n (its summary)."""
+    args, summary = run.meta.get("args") or {}, _summary(run)
+    summary = summary if isinstance(summary, dict) else {}
+    parts = [str(args[k]) for k in KEY_ARGS if args.get(k) not in (None, False, "", [])]
+    prompts = summary.get("prompts") or summary.get("prompt_set")
+    if isinstance(prompts, str) and prompts not in parts + ["pair", "prompts"] and len(prompts) <= 40:
+        parts.append(prompts)
+    n = next((summary[k] for k in N_KEYS if isinstance(summary.get(k), int) and not isinstance(summary.get(k), bool)),
+             None)
+    if n is not None:
+        parts.append(f"n={n}")
+    return " · ".join(parts)
+
+
+def headline(run: Run) -> str | None:
+    summary = _summary(run)
+    text = summary.get("headline") if isinstance(summary, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def _named_pngs(value) -> list[str]:
+    """File names ending in .png that a summary mentions, in order."""
+    if isinstance(value, str):
+        return [value] if value.lower().endswith(".png") else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [name for v in value for name in _named_pngs(v)]
+    return []
+
+
+def key_figure(run: Run, pngs: list[Path]) -> Path | None:
+    """The run's key figure: the first of its PNGs its summary names, else its first PNG."""
+    by_name = {p.name: p for p in pngs}
+    named = [by_name[n] for n in _named_pngs(_summary(run)) if n in by_name]
+    return (named or pngs or [None])[0]
+
+
+def _figure(png: Path) -> str:
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(png.name)}">'
+            f"<figcaption>{html.escape(png.name)}</figcaption></figure>")
+
+
+def run_html(run: Run, index: int, page_dir: Path, caption: str | None = None) -> str:
+    """The section of the page for one run: caption, headline, key figure; the rest folded."""
     facts = "".join(f"<tr><th>{k}</th><td>{f'<code>{html.escape(str(v))}</code>' if k == 'command line' else html.escape(str(v))}"
-                    f"</td></tr>" for k, v in _facts(run).items())
-    parts = [f'<section id="run-{index}"><h2>{index}. {html.escape(run.title)}</h2>',
-             f'<table class="kv facts">{facts}</table>']
-    summary = run.result.get("summary", run.result if run.result else None)
+                    f"</td></tr>" for k, v in _facts(run, page_dir).items())
+    args = key_arguments(run)
+    parts = [f'<section id="run-{index}"><h2>{index}. {html.escape(caption or run.title)}</h2>',
+             f'<p class="cmd"><b>{html.escape(str(run.meta.get("command") or run.title))}</b>'
+             f'{" · " + html.escape(args) if args else ""} · <span class="dir">{html.escape(run.path.name)}</span></p>']
+    if headline(run):
+        parts.append(f'<p class="headline">{html.escape(headline(run))}</p>')
+    files = run.files
+    pngs = [p for p in files if p.suffix.lower() == ".png"]
+    key = key_figure(run, pngs)
+    if key is not None:
+        parts.append(f'<div class="key">{_figure(key)}</div>')
+    others = [p for p in pngs if p != key]
+    if others:
+        parts.append(f"<details><summary>{len(others)} more figure{'s' if len(others) > 1 else ''}</summary>"
+                     + "".join(_figure(p) for p in others) + "</details>")
+    summary = _summary(run)
     if summary is not None:
-        parts.append(f"<h3>Summary</h3>{value_html(summary)}")
+        table = value_html({k: v for k, v in summary.items() if k != "headline"} if isinstance(summary, dict) else summary)
+        parts.append(f"<details><summary>Summary tables (result.json)</summary>{table}</details>")
     elif not run.result:
         parts.append('<p class="more">no result.json (the run did not finish, or wrote none)</p>')
-    files = run.files
-    for png in (p for p in files if p.suffix.lower() == ".png"):
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(png.name)}">'
-                     f"<figcaption>{html.escape(png.name)}</figcaption></figure>")
+    parts.append(f'<details><summary>Command line, model, versions</summary><table class="kv facts">{facts}</table></details>')
     for page in (p for p in files if p.suffix.lower() in (".html", ".htm")):
         link = f'<a href="{html.escape(_relative_link(page, page_dir))}">{html.escape(page.name)}</a>'
         frame = _embedded_page(page)
-        parts.append(f"<figure>{frame}<figcaption>{link}"
-                     f"{'' if frame else ' (not embedded: it loads resources from the network)'}</figcaption></figure>")
-    others = [p for p in files if p.suffix.lower() not in (".png", ".html", ".htm")]
-    if others:
+        parts.append(f"<details><summary>{html.escape(page.name)}</summary><figure>{frame}<figcaption>{link}"
+                     f"{'' if frame else ' (not embedded: it loads resources from the network)'}</figcaption></figure></details>")
+    rest = [p for p in files if p.suffix.lower() not in (".png", ".html", ".htm")]
+    if rest:
         links = "".join(f'<li><a href="{html.escape(_relative_link(p, page_dir))}">{html.escape(p.name)}</a> '
-                        f"({p.stat().st_size:,} bytes)</li>" for p in others)
-        parts.append(f"<h3>Files</h3><ul>{links}</ul>")
+                        f"({p.stat().st_size:,} bytes)</li>" for p in rest)
+        parts.append(f'<details class="files"><summary>Files ({len(rest)})</summary><ul>{links}</ul></details>')
     return "".join(parts) + "</section>"
 
 
 # ------------------------------------------------------------------------------------------ the page
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:1em 1.5em;color:#222;line-height:1.4}
-h1{font-size:1.5em}h2{font-size:1.2em;border-top:2px solid #ccc;padding-top:.8em;margin-top:2em}h3{font-size:1em}
+h1{font-size:1.5em;margin:.3em 0}h2{font-size:1.2em;border-top:2px solid #ccc;padding-top:.8em;margin-top:2em}
+h3{font-size:1em}.intro{color:#555;font-size:13px;margin:.2em 0 1em}
+.notes{border-left:4px solid #2a6ebb;background:#f5f8fc;padding:.2em 1em;margin:1em 0}.notes h1,.notes h2,
+.notes h3{border:0;margin:.6em 0 .2em;padding:0;font-size:1.05em}.notes p,.notes ul,.notes ol{margin:.3em 0}
 table{border-collapse:collapse;margin:.3em 0;font-size:13px}th,td{border:1px solid #ddd;padding:2px 6px;
 vertical-align:top;text-align:left}th{background:#f4f4f4;font-weight:600}table.kv>tbody>tr>th{width:11em}
-table.facts td{word-break:break-all}code{font-size:12px}figure{margin:1em 0}img{max-width:100%;
-border:1px solid #eee}iframe{width:100%;height:560px;border:1px solid #ddd}.more{color:#777;font-size:12px}
-ol.toc li{margin:.1em 0}
+table.facts td{word-break:break-all}code{font-size:12px}figure{margin:.6em 0}img{max-width:100%;
+border:1px solid #eee}.key img{max-height:520px}iframe{width:100%;height:560px;border:1px solid #ddd}
+.more{color:#777;font-size:12px}ol.toc{padding-left:1.8em;margin:.4em 0}ol.toc li{margin:.25em 0}
+.cmd{color:#555;font-size:13px;margin:.1em 0}.toc .cmd{display:inline;margin-left:.5em}.headline{font-size:14px;margin:.1em 0}
+section .headline{background:#fff8e1;border-left:4px solid #e0a800;padding:.4em .8em;margin:.5em 0}
+.dir{color:#999}details{margin:.4em 0}summary{cursor:pointer;color:#2a6ebb;font-size:14px}
+@media (max-width:700px){body{padding:.5em .8em}table{font-size:11px}}
+@media print{body{max-width:none;padding:0;font-size:11pt}h2{break-after:avoid;margin-top:1em}
+details,iframe,.dir{display:none}figure{break-inside:avoid}.key img{max-height:9cm;border:0}
+section .headline{break-inside:avoid}a{color:inherit;text-decoration:none}.toc a{color:inherit}}
 """
 
 
-def report_html(runs: list[Run], page_dir: Path, title: str) -> str:
+def notes_html(text: str) -> str:
+    """Markdown notes as HTML: CommonMark with raw HTML off (escaped), images off (nothing is loaded) and
+    markdown-it's link checks (no javascript: / vbscript: / file: / data: links)."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).disable("image")
+    return md.render(text)
+
+
+def read_notes(path: str) -> str:
+    """The notes file's text (UTF-8 Markdown); BadInput for a path that is missing, a directory or not text."""
+    from mechscope.inputs import read_text
+
+    return read_text(user_path(path, "--notes"), "--notes file")
+
+
+def check_captions(captions: dict[str, str], runs: list[Run]) -> dict[int, str]:
+    """{RUN: TEXT} -> {run index (1-based): TEXT}; RUN is a position (1, 2, ...) or a run directory's name."""
+    out = {}
+    names = {r.path.name: i for i, r in enumerate(runs, 1)}
+    for key, text in captions.items():
+        index = int(key) if key.isdigit() else names.get(key)
+        if index is None or not 1 <= index <= len(runs):
+            raise BadInput(f"--caption {key}=...: no such run (use its position 1..{len(runs)} or its directory name, "
+                           f"e.g. {runs[0].path.name})")
+        out[index] = " ".join(text.split())
+    return out
+
+
+def report_html(runs: list[Run], page_dir: Path, title: str, notes: str | None = None,
+                captions: dict[int, str] | None = None) -> str:
     from mechscope import __version__
 
+    captions = captions or {}
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    walls = [_facts(r).get("wall time") for r in runs]
-    toc = "".join(f'<li><a href="#run-{i}">{html.escape(r.title)}</a>{f" ({wall})" if wall else ""}</li>'
-                  for i, (r, wall) in enumerate(zip(runs, walls), 1))
+    toc = []
+    for i, r in enumerate(runs, 1):
+        args, line = key_arguments(r), headline(r)
+        command = html.escape(str(r.meta.get("command") or r.title))
+        caption = f" — {html.escape(captions[i])}" if i in captions else ""
+        toc.append(f'<li><a href="#run-{i}"><b>{command}</b></a>'
+                   f'{f"<span class=cmd>{html.escape(args)}</span>" if args else ""}{caption}'
+                   f'{f"<div class=headline>{html.escape(line)}</div>" if line else ""}</li>')
     total = sum(r.meta.get("wall_seconds") or 0 for r in runs)
-    body = "".join(run_html(r, i, page_dir) for i, r in enumerate(runs, 1))
+    body = "".join(run_html(r, i, page_dir, captions.get(i)) for i, r in enumerate(runs, 1))
+    notes_part = f'<div class="notes">{notes_html(notes)}</div>' if notes and notes.strip() else ""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="generator" content="{GENERATOR} {__version__}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>{len(runs)} runs, {total:.1f} s of compute in all; written {now} by "
-            f"mechscope {__version__}. Each section: the command line to rerun it, its summary, its plots; "
-            f"full results in each run's result.json.</p>"
-            f'<h2 id="contents">Contents</h2><ol class="toc">{toc}</ol>{body}</body></html>\n')
+            f"<h1>{html.escape(title)}</h1>{notes_part}"
+            f'<h2 id="contents">Findings</h2><ol class="toc">{"".join(toc)}</ol>'
+            f'<p class="intro">{len(runs)} runs, {total:.1f} s of compute in all; written {now} by mechscope '
+            f"{__version__}. Each run: its headline (the finding, 95% interval, n) and key figure; its tables, "
+            f"command line and files fold out below; full results in each run's result.json.</p>"
+            f"{body}</body></html>\n")
 
 
 def output_path(out: str | None, runs: list[Run]) -> Path:
@@ -255,15 +374,19 @@ def output_path(out: str | None, runs: list[Run]) -> Path:
     return path
 
 
-def write_report(paths: list[str], out: str | None = None, title: str | None = None) -> tuple[Path, list[Run]]:
-    """Write the page for the runs in `paths` (see the module docstring); return its path and the runs."""
+def write_report(paths: list[str], out: str | None = None, title: str | None = None, notes: str | None = None,
+                 captions: dict[str, str] | None = None) -> tuple[Path, list[Run]]:
+    """Write the page for the runs in `paths` (see the module docstring), with the Markdown file `notes` on top
+    and `captions` {position or run directory name: text}; return its path and the runs."""
     from mechscope.runs import write_atomic
 
     runs = find_runs([str(p) for p in paths])
+    notes_text = read_notes(notes) if notes is not None else None
+    by_index = check_captions(captions or {}, runs)
     path = output_path(str(out) if out is not None else None, runs)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, report_html(runs, path.parent, title or "mechscope report"))
+        write_atomic(path, report_html(runs, path.parent, title or "mechscope report", notes_text, by_index))
     except OSError as e:
         raise BadInput(f"cannot write {path}: {e.strerror}; pass --out FILE in a writable directory") from None
     mask = os.umask(0)

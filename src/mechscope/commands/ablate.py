@@ -213,3 +213,18 @@ def run(ctx):
                          f"{stability[m]['top_k_set_frequency']:.0%} of bootstrap resamples; median rank correlation "
                          f"of a prompt to the pooled ranking {stability[m]['median_rank_correlation']:.2f}")
     return {"summary": summary, "effects": rows, "text": "\n".join(lines)}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the largest ablation effect (first method)."""
+    from mechscope.findings import ci, count, num
+
+    n = count(summary["n_prompts"], "prompt")
+    method = summary["methods"][0]
+    top = next((t for t in summary["top_effects"][method] if t["effect"] is not None), None)
+    if top is None:
+        return f"{method} ablation: no defined effect ({n})"
+    return (f"{method}-ablating {top['component']} changes the {summary['metric']} by "
+            f"{num(top['effect'], signed=True)}{ci(top['ci_low'], top['ci_high'], signed=True)} "
+            f"(clean {num(summary['clean_metric'])}{ci(summary['clean_ci'])}; largest of "
+            f"{summary['n_components']} components; {n})")

@@ -18,7 +18,9 @@ interval); prompts of different lengths are compared at named positions (IO, S1,
         --answer paris --wrong rome --sites resid,heads
     mechscope attribution-patch --sites all --atp-star --compare-exact on
 
-Writes one heatmap PNG and CSV per grid, neurons.png (top neurons), agreement.png (AtP vs exact).
+Writes one heatmap PNG and CSV per grid, neurons.png (top neurons), neurons.csv (every neuron's mean
+estimate) and neurons_per_prompt.safetensors ([prompts, layers, d_mlp]; kept out of result.json, which it
+would make megabytes on a real model), agreement.png (AtP vs exact).
 """
 HELP = "attribution patching (AtP): gradient estimates of every patch"
 
@@ -163,7 +165,15 @@ def run(ctx):
                                                                            checked.T, args.top_k, args.seed)
             scatter["neurons (top-k)"] = (checked.mean(1), neurons.flatten()[top])
         summary["grids"]["neurons"] = dict(entry, top=entry["top"][:5])
-        full["neurons"] = dict(entry, values=neurons, per_prompt=per_prompt)
+        with open(ctx.run_dir / "neurons.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["layer", "neuron", "atp"])
+            writer.writerows([layer, unit, f"{v:.6g}"] for layer, row in enumerate(neurons.tolist())
+                             for unit, v in enumerate(row))
+        from safetensors.torch import save_file
+
+        save_file({"atp": per_prompt.float().contiguous().cpu()}, str(ctx.run_dir / "neurons_per_prompt.safetensors"))
+        full["neurons"] = dict(entry, values="neurons.csv", per_prompt="neurons_per_prompt.safetensors")
         lines.append("neurons: top " + ", ".join(
             f"{t['neuron']} {number(t['atp'])}" + (f" (exact {number(t['exact'])})" if "exact" in t else "")
             for t in entry["top"][:3]))
@@ -175,3 +185,23 @@ def run(ctx):
             f"corrupted {result.corrupted_metric:.3f}, {len(batch.clean)} pair(s) ({prompt_set.name})\n"
             + "\n".join(lines))
     return {"summary": summary, "grids": full, "pairs": pair_records(prompt_set, batch), "text": text}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the largest AtP estimate over the grids, with its exact effect and agreement."""
+    from mechscope.commands.patch import cell_name
+    from mechscope.findings import ci, count, num
+
+    n = count(summary["n_pairs"], "pair") + (f", {summary['prompts']}" if summary["prompts"] != "pair" else "")
+    grids = [(name, g) for name, g in summary["grids"].items() if g["top"] and g["top"][0]["atp"] is not None]
+    if not grids:
+        return f"AtP: no defined estimate ({n})"
+    name, g = max(grids, key=lambda item: abs(item[1]["top"][0]["atp"]))
+    top = g["top"][0]
+    where = top.get("neuron") or cell_name(top["row"], top["col"])
+    text = f"AtP's largest estimate: {where} ({name}) changes the logit difference by {num(top['atp'], signed=True)}{ci(top['ci'], signed=True)}"
+    if "exact" in top:
+        text += f" (exact patching: {num(top['exact'], signed=True)})"
+    if "agreement" in g:
+        text += f"; AtP vs exact over the {name} grid r = {num(g['agreement']['pearson_r'], 3)}"
+    return text + f" ({n})"

@@ -188,3 +188,20 @@ def run(ctx):
            + f" | copies itself top-1 {t['self_copy']['top1']:.2f}" for name, t in summary["heads"].items()])
     return {"summary": summary, "text": text, "heads": tables, "composition": composition,
             "copying": {"eig_ratio": copying.eig_ratio, "positive_fraction": copying.positive_fraction}}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the top copying head and the strongest composition, from the weights."""
+    from mechscope.findings import num
+
+    text = "from the weights"
+    if summary["copying_top_heads"]:
+        c = summary["copying_top_heads"][0]
+        text += f": {c['head']} copies most (OV eigenvalue ratio {num(c['eig_ratio'])})"
+    strongest = max(((m, c["top_pairs"][0], c) for m, c in summary["composition"].items() if c.get("top_pairs")),
+                    key=lambda item: item[1]["excess"] or 0, default=None)
+    if strongest:
+        m, p, c = strongest
+        text += (f"; strongest composition {m}: {p['A']} -> {p['B']} {num(p['score'], 3)} against a random "
+                 f"baseline {num(c['baseline'], 3)} (sd {num(c['baseline_std'], 4)})")
+    return text + f" ({summary['embedding']} embedding)"

@@ -134,3 +134,19 @@ def run(ctx):
                                                         "engine_gb": r["memory_gb"]["engine"]} for r in rows]
         body = _table_text(rows, args.seq_len, args.batch)
     return {"summary": summary, "text": _hardware_text(summary["hardware"], versions) + "\n\n" + body}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: whether (and how) the model fits, or how many of the listed models fit."""
+    from mechscope.findings import num
+
+    if "recommendation" in summary:
+        r = summary["recommendation"]
+        m = r["memory_gb"]
+        if not r["fits"]:
+            return f"{r['model']} ({r['n_params']:,} parameters) does not fit this machine ({num(m['engine'], 1)} GB needed)"
+        how = "with its activation cache" if r["cache_fits"] else "for forward passes, not its full activation cache"
+        return (f"{r['model']} ({r['n_params']:,} parameters) fits {how}: --backend {r['backend']} on {r['device']} "
+                f"in {r['dtype']}, {num(m['engine'], 3)} GB of {num(m['usable'])} GB usable")
+    fit = [m["model"] for m in summary["models"] if m["fits"]]
+    return f"{len(fit)} of {len(summary['models'])} listed models fit this machine ({summary['hardware']['cpu_cores']} CPU cores)"

@@ -213,3 +213,13 @@ def run(ctx):
         text += [f"  {r['name']:>16} {r['clean']:+.3f} -> {r['ablated']:+.3f}  change at the clean norm scale "
                  f"{r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" for r in b["changed"][:10]]
     return {"summary": summary, "text": "\n".join(text), "table": table}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the largest direct contribution to the metric."""
+    from mechscope.findings import count, num
+
+    label, value = summary["top"][0] if summary["top"] else ("nothing", None)
+    return (f"{label} contributes {num(value, signed=True)} of the {summary['metric']} {num(summary['model_value'])} "
+            f"directly (parts sum to the model's value within {summary['sum_error']:.1g}; "
+            f"{count(summary['n_prompts'], 'prompt')})")

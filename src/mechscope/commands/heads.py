@@ -194,3 +194,13 @@ def run(ctx):
                 f"{t['head']} {t['attention']:.2f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" for t in r["top"]))
     return {"summary": summary, "scores": scores.as_dict(), "prompt": prompt, "str_tokens": str_tokens,
             "plotted_heads": [list(h) for h in heads], "text": "\n".join(text)}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the top head of each score, with its interval."""
+    from mechscope.findings import ci, num
+
+    parts = [f"{name.replace('_', '-')} {t[0]['head']} {num(t[0]['score'])}{ci(t[0]['ci_low'], t[0]['ci_high'])}"
+             for name, t in summary["top_heads"].items() if t]
+    return (f"top heads: {'; '.join(parts)} (scores over {summary['n_sequences']} random sequences of "
+            f"{summary['seq_len']} tokens)")

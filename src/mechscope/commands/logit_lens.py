@@ -142,3 +142,21 @@ def run(ctx):
     _check_top_k(ctx.args, ctx.engine)
     ps = prompt_sets.load(ctx)
     return _single(ctx) if ps is None else _prompt_set(ctx, ps)
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: from which layer the answer (or target) is the lens' top token."""
+    from mechscope.findings import ci, count, num
+
+    if "n_prompts" in summary:   # a prompt set
+        p = summary["answer_prob"]
+        return (f"the answer is the lens' top token in most prompts from {summary['majority_top1_from'] or 'no layer'}"
+                f" on; final answer probability {num(p['mean'][-1])}{ci(p['ci_low'][-1], p['ci_high'][-1])} "
+                f"({count(summary['n_prompts'], 'prompt')}, {summary['prompt_set']})")
+    where = f"(1 prompt, position {summary['position']} {summary['token']!r})"
+    if summary["targets"]:
+        word, t = next(iter(summary["targets"].items()))
+        return (f"{word!r} is the lens' top token from {t['top1_from'] or 'no layer'} on, with final probability "
+                f"{num(t['prob'][-1])} {where}")
+    token, prob = summary["layers"][-1]["top"][0]
+    return f"the final layer's top token is {token!r} ({num(prob)}) {where}"

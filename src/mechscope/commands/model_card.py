@@ -32,3 +32,14 @@ def run(ctx):
         f"negative -> negative {card['sentiment']['negative']:.2f}",
     ])
     return {"summary": card, **card, "text": text}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the induction circuit's head and ablation effect, IOI and facts accuracy."""
+    from mechscope.findings import num
+
+    ind, ioi, facts = summary["induction"], summary["ioi"], summary["facts"]
+    layer, head = ind["induction_head"]
+    return (f"induction head L{layer}H{head} (score {num(ind['induction_score'])}): zero-ablating it raises the "
+            f"second-copy loss by {num(ind['ablation_loss_increase']['zero'])} nats; IOI accuracy {num(ioi['accuracy'], 3)} "
+            f"on {ioi['n']} held-out prompts, facts {num(facts['accuracy'], 3)} on {facts['n']}")

@@ -56,3 +56,8 @@ def run(ctx):
                       *("  " + f for f in created.files), f"next: {next_step}"])
     return {"summary": {"path": str(created.path), "files": created.files, "git": created.git, "next": next_step},
             "text": text}
+
+
+def headline(summary: dict) -> str:
+    """The first line of the text output: what was created."""
+    return f"created {summary['path']} ({len(summary['files'])} files; {summary['git']})"

@@ -339,3 +339,42 @@ def add_arguments(parser):
                              "effect changes (backup test)")
     parser.add_argument("--ablation", default="mean", choices=("mean", "zero"),
                         help="--with-ablated: mean over the clean prompts, or zero (default: %(default)s)")
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the cell that moves the metric most, over all components (mode-aware)."""
+    from mechscope.findings import ci, count, num
+
+    mode, recovery = summary["mode"], summary["metric"] == "recovery"
+    n = count(summary["n_pairs"], "pair") + (f", {summary['prompts']}" if summary["prompts"] != "pair" else "")
+
+    def unpatched(e):
+        if recovery:
+            return 0.0 if mode == "denoise" else 1.0
+        return e["corrupted"] if mode == "denoise" else e["clean"]
+    best = [(abs(e["top"][0]["value"] - unpatched(e)), name, e) for name, e in summary["components"].items()
+            if e["top"] and e["top"][0]["value"] is not None and unpatched(e) is not None]
+    if not best:
+        return f"{mode} patching, metric {summary['metric']}: no cell with a defined effect ({n})"
+    _, name, e = max(best, key=lambda b: b[0])
+    top = e["top"][0]
+    where = f"{cell_name(top['row'], top['col'])} ({name})"
+    value = f"{num(top['value'])}{ci(top['ci'])}"
+    if recovery and mode == "denoise":
+        return (f"patching {where} from clean into corrupted restores {value} of the logit difference "
+                f"(0 = corrupted, 1 = clean; {n})")
+    if recovery:
+        return (f"patching {where} from corrupted into clean leaves {value} of the logit difference "
+                f"(1 = no effect, 0 = fully corrupted; {n})")
+    return f"{mode} patching {where} moves the {summary['metric']} to {value} (unpatched {num(unpatched(e))}; {n})"
+
+
+def cell_name(row: str, col: str) -> str:
+    """'L1H2' (a head over all positions), 'L0' (a layer over all positions), 'L0H2 at END' (a named
+    position) or "L0 at position 2 ('louvre')" (a token position, labelled '2 louvre')."""
+    if col == "all positions":
+        return row
+    if col.startswith("H") and col[1:].isdigit() and "H" not in row:
+        return row + col
+    index, _, token = col.partition(" ")
+    return f"{row} at position {index} ({token!r})" if index.isdigit() and token else f"{row} at {col}"

@@ -163,3 +163,18 @@ def run(ctx):
                 + f" (fraction {number(t['fraction'], '+.2f')} of corrupted - clean)" for t in top))
     return {"summary": summary, "effects": result.effects, "per_prompt": result.per_prompt, "labels": labels,
             "pairs": pairs, "text": text}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the path with the largest effect on the metric."""
+    from mechscope.findings import ci, count, num
+
+    n = count(summary["n_prompts"], "prompt")
+    top = next((t for t in summary["top"] if t["effect"] is not None), None)
+    if top is None:
+        return f"path patching into {summary['receivers']}: no defined effect ({n})"
+    path = {"senders": f"the path {top['path']} -> {summary['receivers']}",
+            "receivers": f"the path into {top['path']}"}.get(summary["sweep"], f"the path {top['path']}")
+    return (f"patching {path} changes the {summary['metric']} by "
+            f"{num(top['effect'], signed=True)}{ci(top['ci'], signed=True)}, {num(top['fraction'])} of the clean - "
+            f"corrupted change (clean {num(summary['clean_metric'])}, corrupted {num(summary['corrupted_metric'])}; {n})")

@@ -57,7 +57,8 @@ def run(ctx):
     predictions = [{"prompt": p.text, "top": [(to_str(int(i)), round(float(v), 4)) for v, i in zip(vs, ids)]}
                    for p, vs, ids in zip(ps.prompts, top.values, top.indices)]
     summary = {"n_prompts": len(ps), "prompt_set": ps.name,
-               "predictions": [{"prompt": r["prompt"], "top1": r["top"][0][0]} for r in predictions[:SUMMARY_ROWS]],
+               "predictions": [{"prompt": r["prompt"], "top1": r["top"][0][0], "top1_prob": round(float(r["top"][0][1]), 4)}
+                               for r in predictions[:SUMMARY_ROWS]],
                "files": ["predictions.csv"]}
     text = [f"{r['prompt']!r} -> " + ", ".join(f"{t} ({p:.2f})" for t, p in r["top"]) for r in predictions[:SUMMARY_ROWS]]
     if len(ps) > SUMMARY_ROWS:
@@ -82,3 +83,16 @@ def run(ctx):
                     for i, p in enumerate(predictions) for k, (token, prob) in enumerate(p["top"])),
                    header=["prompt_index", "prompt", "answer", "answer_rank", "rank", "token", "prob"])
     return {"summary": summary, "predictions": predictions, "text": "\n".join(text)}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: top-1 accuracy on answers, else the first prediction."""
+    from mechscope.findings import ci, count, num
+
+    n = count(summary["n_prompts"], "prompt") + (f", {summary['prompt_set']}" if summary["prompt_set"] != "prompts" else "")
+    if "answers" in summary:
+        acc = summary["answers"]["correct"]
+        return (f"top-1 accuracy {num(acc['mean'], 3)}{ci(acc, digits=3)}, median answer rank "
+                f"{summary['answers']['answer_rank']['median']} ({n})")
+    first = summary["predictions"][0]
+    return f"{first['prompt']!r} -> {first['top1']!r} (probability {num(first['top1_prob'])}; {n}; no answers to score)"

@@ -178,3 +178,17 @@ def run(ctx):
     return {"summary": summary, "text": "\n".join(lines), "rows": table, "sites": result.sites, "site_labels": labels,
             "ci": result.ci, "control_ci": result.control_ci, "selectivity_ci": result.selectivity_ci,
             "shuffled_ci": result.shuffled_ci, "random_model_ci": result.random_model_ci, "positions": positions}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the best site's test accuracy, against chance and the control task."""
+    from mechscope.findings import ci, num
+
+    row = dict(zip(summary["columns"], next((r for r in summary["layers"] if r[0] == summary["best_site"]), [])))
+    what = summary["task"] or summary["data"]
+    text = (f"a linear probe for {what} reads {num(summary['best_accuracy'])}{ci(row.get('ci_low'), row.get('ci_high'))} "
+            f"test accuracy at {summary['best_site']} (chance {num(summary['chance'])}")
+    if row.get("selectivity") is not None:
+        text += (f"; selectivity over the control task {num(row['selectivity'], signed=True)}"
+                 f"{ci(row.get('selectivity_ci_low'), row.get('selectivity_ci_high'), signed=True)}")
+    return text + f"; n_test {summary['n_test']} in {summary['n_test_groups']} held-out groups)"

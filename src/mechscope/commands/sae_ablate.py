@@ -239,3 +239,23 @@ def _attribution(ctx, sae, tokens, metric, label, prompts):
     lines.append(f"  agreement: Pearson {agree['pearson']:.3f}, sign {agree['sign_agreement']:.0%}, "
                  f"max |error| {agree['max_abs_error']:.3f}")
     return {"summary": summary, "text": "\n".join(lines), "estimates_mean": mean_est.tolist()}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the ablation's effect against random feature sets, or the top attribution."""
+    from mechscope.findings import ci, count, num
+
+    n = count(summary["n_prompts"], "prompt")
+    if "top" in summary:   # --attribute
+        if not summary["top"]:
+            return f"no feature attribution ({n})"
+        t = summary["top"][0]
+        return (f"feature {t['feature']} at position {t['position']} ({t['token']!r}) has the largest attribution to "
+                f"the {summary['metric']}: {num(t['estimate'], signed=True)} (exact {num(t['exact'], signed=True)}); "
+                f"estimate vs exact Pearson {num(summary['agreement']['pearson'], 3)} ({n})")
+    e, c = summary["effect"], summary["controls"]
+    text = (f"zero-ablating features {', '.join(map(str, summary['features']))} changes the {summary['metric']} by "
+            f"{num(e['mean'], signed=True)}{ci(e, signed=True)}")
+    if c["n"]:
+        text += f" ({c['n']} random active sets: {num(c['low'], signed=True)} to {num(c['high'], signed=True)})"
+    return text + f"; top-1 changed on {num(summary['top1_changed'])} of {n}"

@@ -103,3 +103,12 @@ def eval_outputs(run_dir, sae, result) -> dict:
             f"{result.ce_recovered:.1%} recovered [{result.ce_recovered_ci[0]:.1%}, {result.ce_recovered_ci[1]:.1%}]\n"
             f"  dead {result.dead_fraction:.1%}  dense (> 10% of tokens) {result.dense_fraction:.1%}")
     return {"summary": summary, "text": text, "density": density}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: CE loss recovered, L0 and explained variance on held-out tokens."""
+    from mechscope.findings import ci, num
+
+    return (f"the SAE at {summary['sae']['hook_name']} recovers {num(summary['ce_recovered'], 3)}"
+            f"{ci(summary['ce_recovered_ci'], digits=3)} of the CE loss, L0 {num(summary['l0'])}{ci(summary['l0_ci'])}, "
+            f"explained variance {num(summary['explained_variance'], 3)} ({summary['n_tokens']} held-out tokens)")

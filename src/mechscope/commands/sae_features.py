@@ -197,3 +197,21 @@ def run(ctx):
     lines.append(f"{search.n_tokens} tokens searched; {len(search.features)} features in features.csv, "
                  f"{len(pages)} in features.html")
     return {"summary": summary, "text": "\n".join(lines), **result, "features": pages, "density": density.tolist()}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the most active feature on the prompts, else the first feature listed."""
+    from mechscope.findings import ci, count, num
+
+    if summary.get("top_features", {}).get("features"):
+        tf = summary["top_features"]
+        t = tf["features"][0]
+        return (f"feature {t['feature']} is the most active at position {tf['position']}: mean activation "
+                f"{num(t['mean'], 3)}{ci(t['ci'], digits=3)}, active on {num(t['active_fraction'])} of "
+                f"{count(tf['n_prompts'], 'prompt')}")
+    if not summary["features"]:
+        return f"no active feature in {summary['n_tokens_searched']} tokens searched"
+    f = summary["features"][0]
+    return (f"feature {f['feature']}{' (' + f['name'] + ')' if f['name'] else ''} leads the list: max activation "
+            f"{num(f['max'])}, density {num(f['density'], 4)} ({summary['n_features']} features, "
+            f"{summary['n_tokens_searched']} tokens searched)")

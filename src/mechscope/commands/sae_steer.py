@@ -150,3 +150,17 @@ def run(ctx):
         lines.append(line + f"  fluency cost {r['fluency_cost']:.2f}")
     lines.append(f"  {prompts[0]!r} -> " + " | ".join(f"{s}: {generations[0][s]}" for s in list(generations[0])[1:]))
     return {"summary": summary, "text": "\n".join(lines), "effects": table, "generations": generations}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the strongest strength's effect on the target words, against its controls."""
+    from mechscope.findings import ci, count, num
+
+    e = max(summary["effects"], key=lambda r: abs(r["strength"]))
+    name = f" ({summary['name']})" if summary["name"] else ""
+    text = (f"steering feature {summary['feature']}{name} at strength {e['strength']:g} moves log P(target words) to "
+            f"{num(e['log_mass'], signed=True)}{ci(e['log_mass_ci'], signed=True)} and their share of generated "
+            f"words to {num(e['share'], 3)}{ci(e['share_ci'], digits=3)}")
+    for kind, r in (e["controls_range"] or {}).items():
+        text += f"; {kind.replace('_', ' ')}: log P {num(r['log_mass'][0], signed=True)} to {num(r['log_mass'][1], signed=True)}"
+    return text + f" (fluency cost {num(e['fluency_cost'])}; {count(summary['n_prompts'], 'prompt')})"

@@ -134,3 +134,17 @@ def run(ctx):
             f"in {seconds:.0f} s ({throughput:.0f} tokens/s): final L0 {curves[-1]['l0']:.2f}, explained variance "
             f"{curves[-1]['explained_variance']:.3f}\n" + result["text"] + f"\nSAE: {out}")
     return {"summary": summary, "text": text, "curves": curves, "evaluation": result.get("summary")}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the trained SAE's final training numbers and its held-out evaluation."""
+    from mechscope.findings import ci, num
+
+    final, e = summary["final"], summary["evaluation"]
+    text = (f"trained a {summary['architecture']} SAE ({summary['d_sae']} features) at {summary['hook']} on "
+            f"{summary['training_tokens']} tokens: final L0 {num(final['l0'])}, explained variance "
+            f"{num(final['explained_variance'], 3)}")
+    if e:
+        text += (f"; held out: CE loss recovered {num(e['ce_recovered'], 3)}{ci(e['ce_recovered_ci'], digits=3)} "
+                 f"({e['n_tokens']} tokens)")
+    return text

@@ -316,3 +316,19 @@ def run(ctx):
 
 def _fmt(value, spec: str = "+7.3f") -> str:
     return "   n/a" if value is None else format(value, spec)
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: the strongest strength's logit difference against the random directions."""
+    from mechscope.findings import ci, count, num
+
+    e = max(summary["effects"], key=lambda r: abs(r["strength"]))
+    d, loss = e["logit_diff"], e["lm_loss_increase"]
+    text = (f"steering at strength {e['strength']:g} moves the logit difference to {num(d['mean'], signed=True)}"
+            f"{ci(d['ci'], signed=True)}")
+    if summary["n_random"] and d.get("beats") is not None:
+        beaten = round(d["beats"] * summary["n_random"])
+        share = f"all {beaten}" if beaten == summary["n_random"] else f"{beaten} of {summary['n_random']}"
+        text += f", beyond {share} random directions (best {num(d['random_max'], signed=True)})"
+    return text + (f", at {num(loss['mean'], signed=True)}{ci(loss['ci'], signed=True)} nats of loss "
+                   f"({count(summary['n_prompts'], 'prompt')}, {summary['hook']})")

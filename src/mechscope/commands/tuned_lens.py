@@ -111,3 +111,12 @@ def run(ctx):
             f"  {'entry':>10}  logit lens  tuned lens"]
     text += [f"  {label:>10}  {a:10.4f}  {b:10.4f}" for label, a, b in zip(labels, logit_kl, tuned_kl)]
     return {"summary": summary, "text": "\n".join(text), "losses": lens.losses}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: KL to the final output at the first layer, tuned lens vs logit lens."""
+    from mechscope.findings import num
+
+    return (f"at {summary['labels'][0]} the tuned lens is {num(summary['kl_tuned_lens'][0])} nats of KL from the final "
+            f"output, the logit lens {num(summary['kl_logit_lens'][0])} ({summary['held_out_tokens']} held-out tokens, "
+            f"{summary['steps']} training steps)")

@@ -115,3 +115,14 @@ def run(ctx):
               for label, drop in v.minimality.items()]
     lines += [f"note: {n}" for n in summary["notes"]]
     return {"summary": summary, "random_circuits": v.random_circuits, "text": "\n".join(lines)}
+
+
+def headline(summary: dict) -> str:
+    """The finding in one sentence: faithfulness and necessity of the circuit against random circuits."""
+    from mechscope.findings import ci, count, num
+
+    return (f"the circuit {', '.join(summary['circuit'])} ({summary['method']} ablation) is "
+            f"{num(summary['faithfulness'])}{ci(summary['faithfulness_ci'])} faithful and "
+            f"{num(summary['necessity'])}{ci(summary['necessity_ci'])} necessary on the {summary['metric']} "
+            f"(random circuits of its size: faithfulness at most {num(summary['random_faithfulness_max'])}; "
+            f"{count(summary['n_prompts'], 'prompt')})")
