@@ -165,11 +165,9 @@ def run(ctx):
                                                                            checked.T, args.top_k, args.seed)
             scatter["neurons (top-k)"] = (checked.mean(1), neurons.flatten()[top])
         summary["grids"]["neurons"] = dict(entry, top=entry["top"][:5])
-        with open(ctx.run_dir / "neurons.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["layer", "neuron", "atp"])
-            writer.writerows([layer, unit, f"{v:.6g}"] for layer, row in enumerate(neurons.tolist())
-                             for unit, v in enumerate(row))
+        runs.write_csv(ctx.run_dir / "neurons.csv", ([layer, unit, f"{v:.6g}"] for layer, row in
+                                                     enumerate(neurons.tolist()) for unit, v in enumerate(row)),
+                       header=["layer", "neuron", "atp"])
         from safetensors.torch import save_file
 
         save_file({"atp": per_prompt.float().contiguous().cpu()}, str(ctx.run_dir / "neurons_per_prompt.safetensors"))
