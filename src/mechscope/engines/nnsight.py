@@ -40,7 +40,7 @@ import torch
 
 from mechscope import hub
 from mechscope.engines import arch as archs
-from mechscope.engines.base import Edit, Engine, FinalNorm, Metric, ModelConfig, layer_of
+from mechscope.engines.base import Edit, Engine, FinalNorm, Metric, ModelConfig, layer_of, on_device
 from mechscope.errors import BadInput
 
 # greedy decoding with none of a checkpoint's own generation settings (repetition penalties, banned words,
@@ -123,14 +123,15 @@ def _traced_run(model, tokens, steps, unembed, positions, remote):
     return logits, acts
 
 
-def _traced_grads(model, tokens, steps, metric, read, remote):
-    """One trace with a backward inside it -> (metric, acts list, grads list), all detached."""
+def _traced_grads(model, tokens, steps, metric, read, remote, here):
+    """One trace with a backward inside it -> (metric, acts list, grads list), all detached. The metric runs on
+    `here` (its own tensors live there; the logits come from the last layer's device)."""
     import nnsight
 
     with model.trace(tokens, **_remote_kwargs(remote)):
         acts = {}
         _visit(model, steps, acts, len(tokens))
-        value = metric(model.output.logits)
+        value = metric(model.output.logits.to(here))
         leaves = [acts[s] for s in read]
         grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
         result = nnsight.save((value.detach(), [a.detach() for a in leaves],
@@ -376,7 +377,7 @@ class NNsightEngine(Engine):
             return ops[site]
 
         for site, fn in edits:
-            op(site).edits.append(fn)
+            op(site).edits.append(on_device(fn, self.cfg.device))
         for site in read:
             op(site).read, op(site).grad = True, grad
         for site in [s for s in ops if s.endswith("hook_resid_mid")]:  # resid_mid needs its block's resid_pre
@@ -408,7 +409,8 @@ class NNsightEngine(Engine):
     def run_with_grads(self, tokens, metric: Metric, read: Sequence[str], edits: Sequence[Edit] = ()):
         steps = self._plan(read, edits, grad=True)
         with torch.enable_grad():
-            value, acts, grads = _traced_grads(self.model, self._tokens(tokens), steps, metric, list(read), self.remote)
+            value, acts, grads = _traced_grads(self.model, self._tokens(tokens), steps, metric, list(read), self.remote,
+                                               self.cfg.device)
         here = self._here
         return here(value), {s: here(a) for s, a in zip(read, acts)}, {s: here(g) for s, g in zip(read, grads)}
 
