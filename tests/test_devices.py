@@ -58,3 +58,61 @@ def test_ablate_and_metrics_read_half_precision_logits_in_float32():
     assert diff.dtype == torch.float32
     assert torch.equal(diff, logits[torch.arange(4), -1, torch.tensor([1, 2, 3, 4])].float() - logits[:, -1, 5].float())
     assert metrics.answer_logit(logits, 1).dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def toy_offloaded(tmp_path_factory):
+    """mechscope-toy on nnsight with its blocks, final norm and lm_head offloaded to disk by accelerate (their
+    parameters are meta tensors; accelerate's hooks load them for each forward), as GPU + CPU offload leaves them."""
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechscope.engines.nnsight import NNsightEngine
+    from mechscope.toy.export import HF_DIR
+
+    where = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h": "disk", "transformer.ln_f": "disk",
+             "lm_head": "disk"}
+    hf = AutoModelForCausalLM.from_pretrained(str(HF_DIR), device_map=where, attn_implementation="eager",
+                                              offload_folder=str(tmp_path_factory.mktemp("offload")),
+                                              dtype=torch.float32)
+    assert hf.lm_head.weight.is_meta and hf.transformer.h[1].attn.c_proj.weight.is_meta
+    return NNsightEngine(TransformersModel(hf.eval(), tokenizer=AutoTokenizer.from_pretrained(str(HF_DIR))),
+                         model_name="mechscope-toy")
+
+
+@pytest.fixture(scope="module")
+def toy_nnsight():
+    from mechscope.models import load_model
+
+    return load_model("mechscope-toy", backend="nnsight", device="cpu")
+
+
+def test_offloaded_weights_are_read_through_accelerates_hooks(toy_offloaded, toy_nnsight):
+    """Before: every weight accessor of an offloaded module refused with "this model's weights are on NDIF ...
+    (drop --remote)", so DLA, the lenses and every SAE command failed under CPU offload. Now the offloaded
+    matrices are read through accelerate's hooks: the same weights, the same readout, the same DLA."""
+    from mechscope.techniques.dla import dla
+
+    off, full = toy_offloaded, toy_nnsight
+    assert torch.equal(off.W_U, full.W_U) and torch.equal(off.b_U, full.b_U)
+    assert torch.equal(off.W_O(1), full.W_O(1)) and torch.equal(off.b_O(1), full.b_O(1))
+    assert torch.equal(off.W_out(2), full.W_out(2))
+    assert torch.equal(off.final_norm.weight, full.final_norm.weight)
+    assert torch.equal(off.final_norm.bias, full.final_norm.bias)
+    resid = torch.randn(3, full.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(off.readout(resid), full.readout(resid), atol=1e-5)
+    tokens = full.to_tokens(["When Mary and John went to the store, John gave a drink to"])
+    answer, wrong = full.to_tokens(" Mary", prepend_bos=False)[0, 0], full.to_tokens(" John", prepend_bos=False)[0, 0]
+    a, b = dla(off, tokens, answer, wrong), dla(full, tokens, answer, wrong)
+    assert torch.allclose(a.heads, b.heads, atol=1e-4) and torch.allclose(a.neurons, b.neurons, atol=1e-4)
+    assert torch.allclose(a.metric, b.metric, atol=1e-4)
+
+
+def test_meta_weights_without_an_offload_hook_say_so_not_ndif(toy_offloaded, monkeypatch):
+    """A meta weight nothing holds (no accelerate hook) on a local run: the message names the meta device, not NDIF."""
+    from mechscope.errors import BadInput
+
+    monkeypatch.delattr(toy_offloaded.hf.lm_head, "_hf_hook")
+    with pytest.raises(BadInput, match="meta device") as e:
+        toy_offloaded.W_U
+    assert "NDIF" not in str(e.value)

@@ -19,7 +19,6 @@ three. Every technique takes the returned engine (or a raw HookedTransformer / T
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import re
 from pathlib import Path
@@ -131,58 +130,15 @@ def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
         if bar:
             hf_logging.enable_progress_bar()
     try:
-        with _config_filled_for_transformer_lens():
-            cfg = loading.get_pretrained_model_config(str(directory), fold_ln=fold_ln, device=device, dtype=dtype)
-    except (ValueError, NotImplementedError, KeyError, AttributeError) as e:
-        raise BadInput(f"transformer-lens cannot convert the architecture in {directory}: "
-                       f"{' '.join(str(e).split())[:300]}; try --backend bridge or --backend nnsight") from None
+        cfg = loading.get_pretrained_model_config(str(directory), fold_ln=fold_ln, device=device, dtype=dtype)
+    except (ValueError, NotImplementedError, KeyError) as e:
+        raise BadInput(f"transformer-lens cannot convert the architecture in {directory}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state = loading.get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=dtype)
-    model.load_and_process_state_dict(state, **_processing(cfg, fold_ln))
+    model.load_and_process_state_dict(state, fold_ln=fold_ln, center_writing_weights=fold_ln,
+                                      center_unembed=fold_ln, fold_value_biases=False)
     return model.to(device, print_details=False).to(dtype, print_details=False).eval()
-
-
-def _processing(cfg, fold_ln: bool) -> dict:
-    """load_and_process_state_dict's options: HookedTransformer.from_pretrained's (LayerNorm folded, writing
-    weights and unembedding centred when fold_ln) with its guards: no folding on post-norm architectures, no
-    centred unembedding under a logit soft cap (the cap is not invariant to a constant added to the logits);
-    value biases never folded (see the module docstring)."""
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
-    fold = fold_ln and cfg.original_architecture not in POST_NORM_ARCHITECTURES
-    capped = cfg.output_logits_soft_cap is not None and cfg.output_logits_soft_cap > 0
-    return dict(fold_ln=fold, center_writing_weights=fold, center_unembed=fold_ln and not capped,
-                fold_value_biases=False)
-
-
-# fields transformer-lens 3.9's config conversion reads that transformers 5 no longer stores: architecture ->
-# (field, how to fill it from the config)
-_MISSING_CONFIG_FIELDS = {
-    "GPT2LMHeadModel": ("n_ctx", lambda c: c.n_positions),
-    "PhiForCausalLM": ("partial_rotary_factor", lambda c: (getattr(c, "rope_parameters", None) or {}).get(
-        "partial_rotary_factor", 1.0)),
-}
-
-
-@contextlib.contextmanager
-def _config_filled_for_transformer_lens():
-    """transformer-lens's conversion (while this holds) reads Hugging Face configs with the fields of
-    _MISSING_CONFIG_FIELDS filled in (a GPT-2 saved by transformers 5 has n_positions but no n_ctx)."""
-    from unittest import mock
-
-    from transformer_lens import loading
-    from transformers import AutoConfig
-
-    def from_pretrained(*args, **kwargs):
-        config = AutoConfig.from_pretrained(*args, **kwargs)
-        field, fill = _MISSING_CONFIG_FIELDS.get((config.architectures or [None])[0], (None, None))
-        if field and not hasattr(config, field):
-            setattr(config, field, fill(config))
-        return config
-
-    with mock.patch.object(loading, "AutoConfig", mock.Mock(from_pretrained=from_pretrained)):
-        yield
 
 
 def check_hf_directory(directory: Path) -> dict:
