@@ -116,3 +116,64 @@ def test_meta_weights_without_an_offload_hook_say_so_not_ndif(toy_offloaded, mon
     with pytest.raises(BadInput, match="meta device") as e:
         toy_offloaded.W_U
     assert "NDIF" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def toy_half():
+    """mechscope-toy on transformer-lens in each half precision."""
+    from mechscope.models import load_model
+
+    return {dtype: load_model("mechscope-toy", backend="tl", device="cpu", dtype=dtype)
+            for dtype in ("bfloat16", "float16")}
+
+
+IOI = ["When Mary and John went to the store, John gave a drink to",
+       "When Tom and Anna went to the park, Tom gave a ball to"]
+
+
+def _ioi(engine):
+    tokens = engine.to_tokens(IOI)
+    ids = lambda names: torch.tensor([engine.to_tokens(n, prepend_bos=False)[0, 0] for n in names])  # noqa: E731
+    return tokens, ids([" Mary", " Anna"]), ids([" John", " Tom"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dla_in_half_precision_finds_float32s_neurons(toy_engine, toy_half, dtype):
+    """In bfloat16 the post-norm check compared float32 copies with a float32 tolerance (1e-3, below bfloat16
+    rounding): a post-norm gain was applied to a model without post-norms (top-5 neurons unlike float32's,
+    |attribution| 2.4 against 0.96). Now the tolerance follows the activations' dtype."""
+    from mechscope.techniques.dla import dla
+
+    tokens, answer, wrong = _ioi(toy_engine)
+    exact, half = dla(toy_engine, tokens, answer, wrong), dla(toy_half[dtype], tokens, answer, wrong)
+    top = lambda r: set(r.neurons.mean(0).flatten().abs().topk(5).indices.tolist())  # noqa: E731
+    assert top(half) == top(exact)
+    assert torch.allclose(half.neurons, exact.neurons, atol=0.05)
+    assert torch.allclose(half.heads, exact.heads, atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dla_soft_cap_note_stays_off_in_half_precision(toy_half, dtype):
+    """The toy has no soft cap: `mechscope dla --dtype bfloat16` said "the logits are soft-capped" because the
+    readout (float32) and the bfloat16 logits differ by rounding beyond a float32 tolerance."""
+    from mechscope.commands.dla import soft_capped
+    from mechscope.techniques.dla import dla
+
+    engine = toy_half[dtype]
+    assert not soft_capped(dla(engine, *_ioi(engine)), engine.cfg.dtype)
+
+
+def test_resolve_dtype_keeps_gemma_2_and_3_out_of_float16(monkeypatch):
+    """On a GPU without bfloat16 'auto' fell back to float16 for every architecture; Gemma 2 / 3 overflow there
+    upstream. Now: float32 for them (float16 for others), and an explicit float16 is refused."""
+    from mechscope.errors import BadInput
+    from mechscope.models import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda", 9e9, "Gemma2ForCausalLM") == torch.float32
+    assert resolve_dtype("auto", "cuda", 4e9, "google/gemma-3-4b-pt") == torch.float32
+    assert resolve_dtype("auto", "cuda", 8e9, "LlamaForCausalLM") == torch.float16
+    with pytest.raises(BadInput, match="overflows in float16"):
+        resolve_dtype("float16", "cuda", 9e9, "Gemma3ForCausalLM")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cuda", 9e9, "Gemma2ForCausalLM") == torch.bfloat16

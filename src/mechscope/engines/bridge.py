@@ -167,7 +167,7 @@ def load_bridge(spec: str, device: str = "cpu", dtype: str = "auto", fold_ln: bo
 
     source, name, from_hub = _source(spec)
     known = not from_hub or spec in compute.ALIASES or spec.lower() in compute.COMMON_MODELS  # no hub request
-    torch_dtype = resolve_dtype(dtype, device, compute.model_shape(spec).n_params if known else None)
+    torch_dtype = resolve_dtype(dtype, device, compute.model_shape(spec).n_params if known else None, spec)
     guard = hub.access(spec, close_names_hint(spec)) if from_hub else contextlib.nullcontext()
     with guard:
         from transformer_lens.model_bridge import TransformerBridge

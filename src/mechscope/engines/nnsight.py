@@ -605,7 +605,8 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
         n_params = compute.shape_from_hf_config(config.to_dict(), name).n_params
     except BadInput:
         n_params = None
-    torch_dtype = resolve_dtype(dtype, device, n_params) if isinstance(dtype, str) else dtype
+    architecture = (getattr(config, "architectures", None) or [config.model_type])[0]
+    torch_dtype = resolve_dtype(dtype, device, n_params, architecture) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype, "attn_implementation": "eager", **cache_only}
     if quantization:
         kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
