@@ -177,3 +177,28 @@ def test_resolve_dtype_keeps_gemma_2_and_3_out_of_float16(monkeypatch):
         resolve_dtype("float16", "cuda", 9e9, "Gemma3ForCausalLM")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype("auto", "cuda", 9e9, "Gemma2ForCausalLM") == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("component,by_position", [("resid_pre", True), ("z", False)])
+def test_packed_and_generic_sweeps_agree_within_the_stated_half_precision_tolerance(toy_engine, toy_half, dtype,
+                                                                                     component, by_position):
+    """"The same numbers as transformer_lens.patching" holds in float32; in half precision the suffix-only (packed)
+    and generic sweeps agree to patching.HALF_AGREEMENT per prompt, and each to float32's cell means."""
+    from mechscope.tasks import load_task
+    from mechscope.techniques import patching
+
+    per_prompt, cell_mean = patching.HALF_AGREEMENT[dtype]
+    batch = patching.pair_batch(toy_engine, load_task(toy_engine, "ioi", n=8, seed=0))
+
+    def sweep(engine, implementation):
+        return patching.patch_sweep(engine, batch.clean, batch.corrupted, component,
+                                    patching.logit_diff_metric(batch.answer, batch.wrong), by_position=by_position,
+                                    lengths=batch.lengths, implementation=implementation)
+
+    exact = sweep(toy_engine, "generic")
+    packed, generic = sweep(toy_half[dtype], "auto"), sweep(toy_half[dtype], "generic")
+    torch.testing.assert_close(packed.per_prompt, generic.per_prompt, atol=per_prompt, rtol=0, equal_nan=True)
+    for run in (packed, generic):
+        torch.testing.assert_close(run.values, exact.values, atol=cell_mean, rtol=0, equal_nan=True)
+        assert (run.per_prompt - exact.per_prompt).abs().nan_to_num().max() <= per_prompt
