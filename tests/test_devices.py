@@ -202,3 +202,39 @@ def test_packed_and_generic_sweeps_agree_within_the_stated_half_precision_tolera
     for run in (packed, generic):
         torch.testing.assert_close(run.values, exact.values, atol=cell_mean, rtol=0, equal_nan=True)
         assert (run.per_prompt - exact.per_prompt).abs().nan_to_num().max() <= per_prompt
+
+
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_compares_summaries_with_the_stated_tolerances():
+    """bench/gpu_check.py's comparison: numbers within atol + rtol |ref| per dtype, strings in float32 only,
+    run directories and timings ignored, a missing key fails."""
+    check = _gpu_check()
+    ref = {"model_value": 3.2, "top": [["L2H1", 1.5]], "run_dir": "a", "seconds": 1.0}
+    assert check.compare(ref, {"model_value": 3.2009, "top": [["L2H1", 1.5]], "run_dir": "b", "seconds": 9.0},
+                         "float32")[0]
+    assert not check.compare(ref, {"model_value": 3.21, "top": [["L2H1", 1.5]]}, "float32")[0]
+    assert not check.compare(ref, {"model_value": 3.2, "top": [["L2H2", 1.5]]}, "float32")[0]
+    assert check.compare(ref, {"model_value": 3.5, "top": [["L2H2", 1.6]]}, "bfloat16")[0]
+    assert not check.compare(ref, {"model_value": 4.5, "top": [["L2H1", 1.5]]}, "bfloat16")[0]
+    assert not check.compare(ref, {"model_value": 3.2}, "bfloat16")[0]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes(tmp_path):
+    """`bench/gpu_check.py --dry-run` on CPU stand-ins: dla in bfloat16 and on nnsight against CPU float32."""
+    import json
+
+    report = tmp_path / "report.json"
+    assert _gpu_check().main(["--dry-run", "--commands", "dla", "--configs", "cpu-bf16,nnsight-cpu-fp32",
+                              "--report", str(report)]) == 0
+    rows = json.loads(report.read_text())
+    assert [r["verdict"] for r in rows] == ["pass", "pass"]
