@@ -254,3 +254,15 @@ def test_tuned_lens_gives_the_same_numbers_chunked_and_not(toy_engine):
     torch.testing.assert_close(tl.kl_per_entry(toy_engine, tokens, whole, batch_tokens=5),
                                tl.kl_per_entry(toy_engine, tokens, whole, batch_tokens=10_000), atol=1e-6, rtol=1e-5)
     assert tl.tokens_per_chunk(toy_engine, 33, budget=16 * 33 * toy_engine.cfg.d_vocab * 100) == 100
+
+
+def test_sae_eval_gives_the_same_numbers_in_small_and_large_batches(toy_engine):
+    """sae-eval holds one full-vocabulary logits tensor at a time (was three) and its batches are the memory
+    knob: rows in batches of 3 and of 24 give the same CE losses, L0 and variance explained."""
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques.sae_training import evaluate
+
+    sae, rows = saes.load_sae("mechscope-toy"), saes.corpus_rows(toy_engine, 1500, 64, seed=1000)
+    small, large = evaluate(toy_engine, sae, rows, batch_size=3), evaluate(toy_engine, sae, rows, batch_size=24)
+    for key in ("ce_clean", "ce_spliced", "ce_zero", "l0", "mse", "explained_variance"):
+        assert getattr(small, key) == pytest.approx(getattr(large, key), rel=1e-5, abs=1e-6), key
