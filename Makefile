@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-tl4 test-slow bench bench-sae model card sae sae-card clean
+.PHONY: install demo test test-tl4 test-slow bench bench-sae gpu-check gpu-check-dry model card sae sae-card clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/patching.py
 
+# every command on CUDA (float32, bfloat16, split across GPUs, CPU offload) against the CPU float32 run;
+# gpu-check-dry: the same comparisons on CPU stand-ins (bench/gpu_check.py)
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
+
+gpu-check-dry: $(STAMP)
+	$(PY) bench/gpu_check.py --dry-run
+
 card: $(STAMP)
 	$(VENV)/bin/mechscope model-card
 
@@ -61,7 +69,15 @@ sae: $(STAMP)
 		--training-tokens 1000000 --seed 0 --save-to src/mechscope/toy/saes/blocks.1.hook_resid_pre
 	$(PY) -m mechscope.toy.sae_card --write-names
 
-sae-card: $(STAMP)
+sae-# every command on CUDA (float32, bfloat16, split across GPUs, CPU offload) against the CPU float32 run;
+# gpu-check-dry: the same comparisons on CPU stand-ins (bench/gpu_check.py)
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
+
+gpu-check-dry: $(STAMP)
+	$(PY) bench/gpu_check.py --dry-run
+
+card: $(STAMP)
 	$(PY) -m mechscope.toy.sae_card
 
 bench-sae: $(STAMP)

@@ -38,16 +38,25 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str, n_params: float | None = None):
-    """'auto' -> float32 on CPU/MPS and for models up to 1B parameters; bfloat16 on CUDA above that."""
+# architectures (or model names) whose activations overflow float16 (Gemma 2 / 3 upstream: beyond 65504)
+NO_FLOAT16 = re.compile(r"gemma-?[23]", re.I)
+
+
+def resolve_dtype(dtype: str, device: str, n_params: float | None = None, architecture: str | None = None):
+    """'auto' -> float32 on CPU/MPS and for models up to 1B parameters; bfloat16 on CUDA above that (float16 on a
+    GPU without bfloat16, except for NO_FLOAT16 architectures: float32). float16 for those is refused."""
     import torch
 
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    no_fp16 = bool(architecture and NO_FLOAT16.search(architecture))
+    if dtype == "float16" and no_fp16:
+        raise BadInput(f"{architecture} overflows in float16 (its activations exceed float16's range): use "
+                       f"--dtype bfloat16 or float32")
     if dtype == "auto":
         big = n_params is not None and n_params > 1e9
         if device.startswith("cuda") and big:
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32 if no_fp16 else torch.float16
         return torch.float32
     return getattr(torch, dtype)
 

@@ -19,14 +19,16 @@ def at_position(logits: torch.Tensor, pos: int | torch.Tensor = -1) -> torch.Ten
 
 def logit_diff(logits: torch.Tensor, answer: torch.Tensor | int, wrong: torch.Tensor | int,
                pos: int | torch.Tensor = -1) -> torch.Tensor:
-    """logit[answer] - logit[wrong] at `pos`. answer/wrong: int or [batch] ids -> [batch]."""
-    lg = at_position(logits, pos)
+    """logit[answer] - logit[wrong] at `pos`, in float32 (a difference of half-precision logits loses digits).
+    answer/wrong: int or [batch] ids -> [batch]."""
+    lg = at_position(logits, pos).float()
     rows = torch.arange(lg.shape[0], device=lg.device)
     return lg[rows, torch.as_tensor(answer, device=lg.device)] - lg[rows, torch.as_tensor(wrong, device=lg.device)]
 
 
 def answer_logit(logits: torch.Tensor, answer: torch.Tensor | int, pos: int | torch.Tensor = -1) -> torch.Tensor:
-    lg = at_position(logits, pos)
+    """logit[answer] at `pos`, in float32 -> [batch]."""
+    lg = at_position(logits, pos).float()
     return lg[torch.arange(lg.shape[0], device=lg.device), torch.as_tensor(answer, device=lg.device)]
 
 

@@ -155,7 +155,8 @@ def _load_tl(spec: str, device: str, dtype: str, fold_ln: bool):
         try:
             n_params = loading.get_pretrained_model_config(name).n_params
             model = HookedTransformer.from_pretrained(name, device=device,
-                                                      dtype=resolve_dtype(dtype, device, n_params), fold_ln=fold_ln,
+                                                      dtype=resolve_dtype(dtype, device, n_params, name),
+                                                      fold_ln=fold_ln,
                                                       center_writing_weights=fold_ln, center_unembed=fold_ln,
                                                       fold_value_biases=False)
         except OSError as e:

@@ -63,7 +63,7 @@ def _answer_metric(engine, rows, answers, wrongs):
     end = torch.tensor([len(r) - 1 for r in rows])
     answer = torch.tensor(answers, device=rows[0].device)
     if wrongs is None:
-        return (lambda lg: metrics.answer_logit(metrics.at_position(lg, end).log_softmax(-1), answer)), \
+        return (lambda lg: metrics.answer_logit(metrics.at_position(lg, end).float().log_softmax(-1), answer)), \
             "log p(answer)"
     wrong = torch.tensor(wrongs, device=rows[0].device)
     return (lambda lg: metrics.logit_diff(lg, answer, wrong, pos=end)), "logit diff (answer - wrong)"

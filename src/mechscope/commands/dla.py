@@ -127,6 +127,16 @@ def _backup(ctx, tokens, lengths, positions, answers, wrongs, clean, metric_name
             "n_changed": len(excludes_zero), "files": ["dla_backup.csv", "dla_backup_heads.png"]}
 
 
+def soft_capped(result, dtype) -> bool:
+    """Whether the parts sum to the logits before a soft cap rather than to the logits (the readout misses the
+    model's value by more than the dtype's rounding: 1e-3 relative in float32, 4 eps in half precision, where the
+    toy's rounding alone reaches 0.6 eps in bfloat16)."""
+    import torch
+
+    rel = 1e-3 if dtype in (None, torch.float32) else 4 * torch.finfo(dtype).eps
+    return float((result.readout - result.metric).abs().max()) > rel * float(result.metric.abs().max()) + 1e-4
+
+
 def run(ctx):
     from mechscope import plotting, stats, tasks
     from mechscope.commands import prompt_sets
@@ -178,7 +188,7 @@ def run(ctx):
                "top": [(r["name"], round(r["value"], 4)) for r in top],
                "top_heads": [(r["name"], round(r["value"], 4)) for r in head_rows[:5]],
                "files": ["dla.csv", "dla_per_prompt.csv", "dla_top.png", "dla_heads.png"]}
-    if float((result.readout - metric).abs().max()) > 1e-3 * float(metric.abs().max()) + 1e-4:
+    if soft_capped(result, engine.cfg.dtype):
         summary["before_soft_cap"] = round(float(result.readout.mean()), 5)
         summary["note"] = "the logits are soft-capped: the parts sum to the logit difference before the cap"
     if not single:

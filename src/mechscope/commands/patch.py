@@ -1,6 +1,6 @@
 """Activation patching: copy one activation from a source run into a target run, for every layer
-(x position, x head), and score the output. Exact (the same numbers as transformer_lens.patching) on every
-engine; on --backend tl a suffix-only engine reruns only the blocks and positions after the patch, elsewhere
+(x position, x head), and score the output. Exact (the same numbers as transformer_lens.patching in float32;
+in half precision within rounding, see techniques/patching.py) on every engine; on --backend tl a suffix-only engine reruns only the blocks and positions after the patch, elsewhere
 the cells of all layers run as batch rows of one edited forward, with logits at the answer position only.
 
     mechscope patch                                   # IOI example: resid_pre, attn_out, mlp_out by position

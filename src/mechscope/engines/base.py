@@ -100,6 +100,15 @@ class FinalNorm:
         return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
 
 
+def on_device(fn: Callable, device) -> Callable:
+    """The edit fn run on `device` (where the engine gathers reads, so where an edit's own tensors live) whatever
+    device its activation is on (a later GPU under a device_map, NDIF's GPU on a remote run): the activation moves
+    in and the result moves back (no copy when they agree). Engines apply every edit through this."""
+    def edit(act):
+        return fn(act.to(device)).to(act.device)
+    return edit
+
+
 def layer_of(site: str) -> int | None:
     """The layer index in a site name ("blocks.3.attn.hook_z" -> 3), or None."""
     m = re.match(r"blocks\.(\d+)\.", site)

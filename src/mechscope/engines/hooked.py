@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from mechscope.engines.base import Edit, Engine, FinalNorm, ModelConfig, Metric, SITE_KINDS
+from mechscope.engines.base import Edit, Engine, FinalNorm, ModelConfig, Metric, SITE_KINDS, on_device
 
 
 # per-receiver inputs (edge patching): transformer-lens fires them only with use_split_qkv_input / use_hook_mlp_in,
@@ -99,7 +99,7 @@ class HookedEngine(Engine):
 
     def _hooks(self, edits: Sequence[Edit]) -> list:
         """transformer-lens hooks (name, fn(act, hook)) that apply `edits`."""
-        return [(site, _hook(fn)) for site, fn in edits]
+        return [(site, _hook(on_device(fn, self.cfg.device))) for site, fn in edits]
 
     def run(self, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (), positions=None):
         self.require(list(read) + [site for site, _ in edits])

@@ -40,7 +40,7 @@ import torch
 
 from mechscope import hub
 from mechscope.engines import arch as archs
-from mechscope.engines.base import Edit, Engine, FinalNorm, Metric, ModelConfig, layer_of
+from mechscope.engines.base import Edit, Engine, FinalNorm, Metric, ModelConfig, layer_of, on_device
 from mechscope.errors import BadInput
 
 # greedy decoding with none of a checkpoint's own generation settings (repetition penalties, banned words,
@@ -128,14 +128,15 @@ def _traced_run(model, tokens, steps, unembed, positions, remote, skip=None):
     return logits, acts
 
 
-def _traced_grads(model, tokens, steps, metric, read, remote):
-    """One trace with a backward inside it -> (metric, acts list, grads list), all detached."""
+def _traced_grads(model, tokens, steps, metric, read, remote, here):
+    """One trace with a backward inside it -> (metric, acts list, grads list), all detached. The metric runs on
+    `here` (its own tensors live there; the logits come from the last layer's device)."""
     import nnsight
 
     with model.trace(tokens, **_remote_kwargs(remote)):
         acts = {}
         _visit(model, steps, acts, len(tokens))
-        value = metric(model.output.logits)
+        value = metric(model.output.logits.to(here))
         leaves = [acts[s] for s in read]
         grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
         result = nnsight.save((value.detach(), [a.detach() for a in leaves],
@@ -262,7 +263,10 @@ class NNsightEngine(Engine):
         c, a = self.hf.config, self.arch
         n_heads, d_model = c.num_attention_heads, c.hidden_size
         kv = getattr(c, "num_key_value_heads", None) or n_heads
-        embed = self.hf.get_submodule(a.embed).weight
+        embed_module = self.hf.get_submodule(a.embed)
+        embed = embed_module.weight
+        device = "cpu" if self.remote or (embed.is_meta and self._offloaded(embed_module) is None) else \
+            str(self._runs_on(embed_module))
         return ModelConfig(
             model_name=model_name or str(getattr(c, "_name_or_path", "") or type(self.hf).__name__),
             original_architecture=(getattr(c, "architectures", None) or [type(self.hf).__name__])[0],
@@ -274,7 +278,7 @@ class NNsightEngine(Engine):
             n_key_value_heads=kv if kv != n_heads else None, parallel_attn_mlp=self.parallel,
             gated_mlp=a.gated_mlp, normalization_type=a.norm,
             positional_embedding_type="rotary" if a.rotary else "standard",
-            device="cpu" if self.remote or embed.is_meta else str(embed.device), dtype=embed.dtype)
+            device=device, dtype=embed.dtype)
 
     # ---------------------------------------------------------------- tokens
     def to_tokens(self, text, prepend_bos: bool = True, truncate: bool = False):
@@ -381,7 +385,7 @@ class NNsightEngine(Engine):
             return ops[site]
 
         for site, fn in edits:
-            op(site).edits.append(fn)
+            op(site).edits.append(on_device(fn, self.cfg.device))
         for site in read:
             op(site).read, op(site).grad = True, grad
         for site in [s for s in ops if s.endswith("hook_resid_mid")]:  # resid_mid needs its block's resid_pre
@@ -425,7 +429,8 @@ class NNsightEngine(Engine):
     def run_with_grads(self, tokens, metric: Metric, read: Sequence[str], edits: Sequence[Edit] = ()):
         steps = self._plan(read, edits, grad=True)
         with torch.enable_grad():
-            value, acts, grads = _traced_grads(self.model, self._tokens(tokens), steps, metric, list(read), self.remote)
+            value, acts, grads = _traced_grads(self.model, self._tokens(tokens), steps, metric, list(read), self.remote,
+                                               self.cfg.device)
         here = self._here
         return here(value), {s: here(a) for s, a in zip(read, acts)}, {s: here(g) for s, g in zip(read, grads)}
 
@@ -441,17 +446,45 @@ class NNsightEngine(Engine):
     def _module(self, path: str):
         module = self.hf.get_submodule(path)
         weight = getattr(module, "weight", None)
-        if weight is not None and weight.is_meta:
-            raise BadInput("this model's weights are on NDIF, not here: weight-based analyses (W_O, W_U, readout, "
-                           "DLA) need a local load (drop --remote)")
+        if weight is not None and weight.is_meta and self._offloaded(module) is None:
+            if self.remote:
+                raise BadInput("this model's weights are on NDIF, not here: weight-based analyses (W_O, W_U, "
+                               "readout, DLA) need a local load (drop --remote)")
+            if getattr(self.model, "dispatched", True) is False:
+                raise BadInput("this nnsight model is not dispatched (a meta-device skeleton, as for --remote): "
+                               "weight-based analyses (W_O, W_U, readout, DLA) need its weights; call "
+                               "model.dispatch() first, or load it with load_model")
+            raise BadInput(f"{path}'s weights are on the meta device and no accelerate offload hook holds them: "
+                           f"weight-based analyses (W_O, W_U, readout, DLA, SAEs) need them loaded")
         if weight is not None and not weight.is_floating_point():
             raise BadInput(f"{path} holds {self.quantization or 'quantised'} weights; weight-based analyses need a "
                            f"load without --quantization")
         return module
 
+    @staticmethod
+    def _offloaded(module):
+        """accelerate's hook of a module whose weights are offloaded (CPU or disk; the parameters are meta
+        tensors and the hook's weights_map holds the values), else None."""
+        hook = getattr(module, "_hf_hook", None)
+        return hook if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None else None
+
+    def _runs_on(self, module):
+        """The device a module computes on: accelerate's execution device for an offloaded one."""
+        hook = self._offloaded(module)
+        return torch.device(hook.execution_device) if hook is not None else module.weight.device
+
+    def _param(self, path: str, name: str = "weight"):
+        """A module's parameter (None when absent); an offloaded one read through accelerate's hook onto the
+        module's execution device (one matrix at a time: lm_head is the usual one offloaded)."""
+        module = self._module(path)
+        value = getattr(module, name, None)
+        if value is None or not value.is_meta:
+            return value
+        return self._offloaded(module).weights_map[name].to(self._runs_on(module), value.dtype)
+
     def _linear_weight(self, path: str):
         """[in, out] of a projection (nn.Linear stores [out, in], GPT-2's Conv1D [in, out])."""
-        w = self._module(path).weight
+        w = self._param(path)
         return w if self.arch.conv1d else w.T
 
     def W_O(self, layer: int):
@@ -460,7 +493,7 @@ class NNsightEngine(Engine):
         return w.reshape(c.n_heads, c.d_head, c.d_model)
 
     def b_O(self, layer: int):
-        bias = self._module(f"{self.arch.blocks}.{layer}.{self.arch.o_proj}").bias
+        bias = self._param(f"{self.arch.blocks}.{layer}.{self.arch.o_proj}", "bias")
         return bias if bias is not None else torch.zeros(self.cfg.d_model, device=self.cfg.device, dtype=self.cfg.dtype)
 
     def W_out(self, layer: int):
@@ -468,25 +501,28 @@ class NNsightEngine(Engine):
 
     @property
     def W_U(self):
-        return self._module(self.arch.unembed).weight.T
+        return self._param(self.arch.unembed).T
 
     @property
     def b_U(self):
+        bias = self._param(self.arch.unembed, "bias")
+        if bias is not None:
+            return bias
         lm_head = self._module(self.arch.unembed)
-        if lm_head.bias is not None:
-            return lm_head.bias
-        return torch.zeros(self.cfg.d_vocab, device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        return torch.zeros(self.cfg.d_vocab, device=self._runs_on(lm_head), dtype=lm_head.weight.dtype)
 
     @property
     def final_norm(self) -> FinalNorm:
-        norm = self._module(self.arch.final_norm)
+        path = self.arch.final_norm
+        norm = self._module(path)
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-5)
-        weight = norm.weight + self.arch.norm_weight_offset if self.arch.norm_weight_offset else norm.weight
-        return FinalNorm(self.arch.norm, weight, getattr(norm, "bias", None), float(eps))
+        weight = self._param(path)
+        weight = weight + self.arch.norm_weight_offset if self.arch.norm_weight_offset else weight
+        return FinalNorm(self.arch.norm, weight, self._param(path, "bias"), float(eps))
 
     def readout(self, resid):
         norm, lm_head = self._module(self.arch.final_norm), self._module(self.arch.unembed)
-        logits = lm_head(norm(resid.to(lm_head.weight.device, lm_head.weight.dtype)))
+        logits = lm_head(norm(resid.to(self._runs_on(lm_head), lm_head.weight.dtype)))
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return cap * torch.tanh(logits / cap) if cap else logits
 
@@ -586,7 +622,8 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
         n_params = compute.shape_from_hf_config(config.to_dict(), name).n_params
     except BadInput:
         n_params = None
-    torch_dtype = resolve_dtype(dtype, device, n_params) if isinstance(dtype, str) else dtype
+    architecture = (getattr(config, "architectures", None) or [config.model_type])[0]
+    torch_dtype = resolve_dtype(dtype, device, n_params, architecture) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype, "attn_implementation": "eager", **cache_only}
     if quantization:
         kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)

@@ -246,13 +246,13 @@ def ablated_metric(model, tokens, groups: list[list[Component]], metric: Callabl
     sites = {c.hook_name for group in groups for c in group}
     engine.require(sorted(sites), "ablation")
     values = reference_values(engine, reference, sites, method, donors, per_position, skip_bos)
-    gen = torch.Generator(device=tokens.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # noise drawn on the CPU: the same draws on every device and dtype
 
     def replacement(current: torch.Tensor, c: Component) -> torch.Tensor:
         if method == "zero":
             return torch.zeros_like(current)
         if method == "noise":
-            noise = torch.randn(current.shape, generator=gen, device=current.device, dtype=current.dtype)
+            noise = torch.randn(current.shape, generator=gen).to(current.device, current.dtype)
             return current + _unit(values[c.hook_name], c) * noise
         return _unit(values[c.hook_name], c).expand_as(current)
 

@@ -101,7 +101,7 @@ class CopyingScores:
 @torch.no_grad()
 def eigenvalue_copying(circuit: FactoredMatrix) -> tuple[torch.Tensor, torch.Tensor]:
     """(eig_ratio, positive_fraction) of a factored matrix [..., n, n] -> each [...]."""
-    eig = _float(circuit).eigenvalues  # [..., mdim] complex
+    eig = torch.linalg.eigvals(_float(circuit).BA.cpu())  # [..., mdim] complex; on the CPU (no eig on MPS)
     return eig.sum(-1).real / eig.abs().sum(-1), (eig.real > 0).float().mean(-1)
 
 
@@ -241,6 +241,7 @@ def composition_scores(model, mode: str, n_seeds: int = 5) -> CompositionScores:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     model = weight_model(model)
-    scores = _composition(model.W_Q, model.W_K, model.W_V, model.W_O, mode).cpu()
+    # float64 on the CPU (MPS has no float64; the weights are read once, the products are d_head x d_head)
+    scores = _composition(*(w.detach().cpu() for w in (model.W_Q, model.W_K, model.W_V, model.W_O)), mode)
     mean, std = random_baseline(model.cfg.d_model, model.cfg.d_head, mode, n_seeds)
     return CompositionScores(mode=mode, scores=scores, baseline=mean, baseline_std=std)

@@ -142,10 +142,12 @@ def sites(model, neurons: bool = True) -> list[str]:
     return names
 
 
-def _post_norm_gain(out: torch.Tensor, pre: torch.Tensor) -> torch.Tensor | None:
+def _post_norm_gain(out: torch.Tensor, pre: torch.Tensor, dtype=torch.float32) -> torch.Tensor | None:
     """None when a sublayer writes `pre` itself ([batch, d_model], the sum of its heads / neurons and bias);
-    else the element-wise gain out / pre of the RMS norm between them (its scale frozen; Gemma 2)."""
-    tol = 1e-3 if out.dtype == torch.float32 else 3e-2
+    else the element-wise gain out / pre of the RMS norm between them (its scale frozen; Gemma 2). dtype: the
+    model's activations' (out and pre arrive in float32): in half precision they differ by rounding alone by
+    ~2e-3 of |out| in bfloat16, ~2e-4 in float16 (the toy); a post-norm changes them by order 1."""
+    tol = 1e-3 if dtype == torch.float32 else 16 * torch.finfo(dtype).eps
     if (out - pre).norm() <= tol * out.norm().clamp_min(1e-12):
         return None
     return torch.where(pre != 0, out / pre, torch.zeros_like(pre))
@@ -188,6 +190,7 @@ def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
     logits, acts = engine.run(tokens, read=names, edits=edits, positions=positions.to(tokens.device))
     batch = len(tokens)
     rows = torch.arange(batch)
+    dtype = acts["blocks.0.hook_attn_out"].dtype
 
     def at(name):  # [batch, ...] at each row's position, float32 on the CPU
         act = acts[name]
@@ -225,7 +228,7 @@ def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
         out = at(f"blocks.{layer}.hook_attn_out")
         per_head = torch.einsum("bhk,hkd->bhd", at(f"blocks.{layer}.attn.hook_z"), engine.W_O(layer).float().cpu())
         b_O = engine.b_O(layer).float().cpu()
-        gain = _post_norm_gain(out, per_head.sum(1) + b_O)
+        gain = _post_norm_gain(out, per_head.sum(1) + b_O, dtype)
         post_norm |= gain is not None
         head_read = read if gain is None else read * gain
         heads.append(torch.einsum("bhd,bd->bh", per_head, head_read))
@@ -243,7 +246,7 @@ def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
             continue
         post, W_out = at(site), engine.W_out(layer).float().cpu()             # [batch, d_mlp], [d_mlp, d_model]
         # post-norm models (detected at the attention) have no MLP bias: the gain is out / (post @ W_out)
-        neuron_read = read if not post_norm else read * _post_norm_gain(out, post @ W_out)
+        neuron_read = read if not post_norm else read * _post_norm_gain(out, post @ W_out, dtype)
         neuron_parts.append(post * (neuron_read @ W_out.T))
     embed = dot(at("blocks.0.hook_resid_pre")) - pos_embed
     return DLA(metric=metric, readout=dot(resid) + unembed_bias, embed=embed, pos_embed=pos_embed,

@@ -215,15 +215,17 @@ def evaluate(engine, sae, rows: torch.Tensor, batch_size: int = 32) -> EvalResul
         batch = batch.to(engine.cfg.device)
         special = saes.special_mask(engine, batch)
         keep = ~special
+        mask = keep[:, :-1].float()    # loss terms predicting from a non-special position
         logits, acts = engine.run(batch, read=[hook])
+        per_row["clean"].append((_token_losses(logits, batch) * mask).sum(1).cpu())
+        del logits                     # one full-vocabulary logits tensor alive at a time
         x = saes.sae_input(sae, acts[hook]).float()
         f = sae.encode(x.to(sae.dtype))
         x, x_hat = saes.flat_heads(x), saes.flat_heads(sae.decode(f).float())
-        spliced = engine.run(batch, edits=[(hook, saes.splice(sae, batch, engine, error_term=False))])[0]
-        zeroed = engine.run(batch, edits=[(hook, lambda a: a.masked_fill(keep.view(*keep.shape, *[1] * (a.ndim - 2)), 0.0))])[0]
-        mask = keep[:, :-1].float()    # loss terms predicting from a non-special position
-        for key, lg in (("clean", logits), ("spliced", spliced), ("zero", zeroed)):
-            per_row[key].append((_token_losses(lg, batch) * mask).sum(1).cpu())
+        zero = lambda a: a.masked_fill(keep.view(*keep.shape, *[1] * (a.ndim - 2)), 0.0)  # noqa: E731
+        for key, edit in (("spliced", saes.splice(sae, batch, engine, error_term=False)), ("zero", zero)):
+            losses = _token_losses(engine.run(batch, edits=[(hook, edit)])[0], batch)
+            per_row[key].append((losses * mask).sum(1).cpu())
         per_row["n_loss"].append(mask.sum(1).cpu())
         fired = (f != 0) & keep[..., None]
         per_row["l0"].append(fired.sum((1, 2)).float().cpu())

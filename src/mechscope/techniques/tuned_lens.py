@@ -73,11 +73,25 @@ def _kl(final_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1)
 
 
+# bytes of logits (and their log-softmax copies) one chunk of token positions may take, over every stack entry
+LOGIT_BUDGET = 2**29
+
+
+def tokens_per_chunk(model, n_entries: int, budget: int = LOGIT_BUDGET) -> int:
+    """Token positions whose [n_entries, positions, d_vocab] float32 logits, about four copies alive (logits,
+    log-softmax, the KL's terms; autograd's when training), fit in `budget` bytes (at least 1)."""
+    from mechscope.models import as_engine
+
+    return max(1, budget // (16 * n_entries * as_engine(model).cfg.d_vocab))
+
+
 def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_tokens: int = 512,
-                     seed: int = 0) -> TunedLens:
+                     seed: int = 0, chunk_tokens: int | None = None) -> TunedLens:
     """Translators for every entry of the residual stack, trained on tokens [rows, seq]. Deterministic
-    for a given seed on a given device."""
+    for a given seed on a given device. Each step's batch_tokens positions run in chunks of chunk_tokens
+    (default: tokens_per_chunk, a memory budget), gradients summed: the same step as one chunk."""
     stream = token_streams(model, tokens)                    # [n + 1, N, d_model]
+    chunk = chunk_tokens or tokens_per_chunk(model, stream.shape[0])
     n, d = stream.shape[0] - 1, stream.shape[-1]
     weight = torch.zeros(n, d, d, device=stream.device, requires_grad=True)
     bias = torch.zeros(n, d, device=stream.device, requires_grad=True)
@@ -87,21 +101,29 @@ def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 
     with torch.enable_grad():
         for _ in range(steps):
             idx = torch.randint(0, stream.shape[1], (batch_tokens,), generator=gen).to(stream.device)
-            batch = stream[:, idx]                               # [n + 1, B, d_model]
-            logits = lens_logits(model, lens.translate(batch))  # [n + 1, B, d_vocab]
-            loss = _kl(logits[-1].detach(), logits[:-1]).mean(-1).sum()
-            weight.grad, bias.grad = torch.autograd.grad(loss, [weight, bias])   # the model gets no .grad
+            weight.grad, bias.grad, loss = torch.zeros_like(weight), torch.zeros_like(bias), 0.0
+            for part in idx.split(chunk):
+                batch = stream[:, part]                              # [n + 1, B, d_model]
+                logits = lens_logits(model, lens.translate(batch))  # [n + 1, B, d_vocab]
+                part_loss = _kl(logits[-1].detach(), logits[:-1]).sum(-1).sum() / batch_tokens
+                grads = torch.autograd.grad(part_loss, [weight, bias])   # the model gets no .grad
+                weight.grad += grads[0]
+                bias.grad += grads[1]
+                loss += part_loss.detach()
             optimizer.step()
-            lens.losses.append(loss.item())
+            lens.losses.append(float(loss))
     lens.weight, lens.bias = weight.detach(), bias.detach()
     return lens
 
 
 @torch.no_grad()
-def kl_per_entry(model, tokens: torch.Tensor, lens: TunedLens | None = None, batch_tokens: int = 2048) -> torch.Tensor:
+def kl_per_entry(model, tokens: torch.Tensor, lens: TunedLens | None = None,
+                 batch_tokens: int | None = None) -> torch.Tensor:
     """[n + 1] mean KL(final || lens) in nats per stack entry on tokens [rows, seq] (BOS positions excluded);
-    the logit lens when `lens` is None. The last entry ("final_post") is 0 for both."""
+    the logit lens when `lens` is None. The last entry ("final_post") is 0 for both. batch_tokens positions
+    per chunk (default: tokens_per_chunk; a fixed 2048 took ~10 GB of logits per tensor on GPT-2 small)."""
     stream = token_streams(model, tokens)
+    batch_tokens = batch_tokens or tokens_per_chunk(model, stream.shape[0])
     total = torch.zeros(stream.shape[0], device=stream.device)
     for i in range(0, stream.shape[1], batch_tokens):
         batch = stream[:, i:i + batch_tokens]
