@@ -10,8 +10,10 @@ Named features are found by rule, not picked by hand, so a retrained SAE gets th
 - country: of the features pure for countries, the one active on the most X positions of those prompts;
 - person_name: of the features pure for names, the one active on the most name positions (IO, S1, S2) of
   held-out IOI prompts.
-Causal tests (error term kept), each against random controls: live features and Gaussian directions of the
-feature's norm for steering, random features active at the same positions for ablation:
+Causal tests (error term kept), each against N_CONTROLS controls, stated as empirical p-values
+(stats.empirical_p): for steering, features matched to the feature on activation frequency and magnitude on
+the corpus and Gaussian directions, both of the feature's norm (p: the larger of the two kinds'); for
+ablation, features matched on how often and how strongly they are active at the same positions:
 - steering: strength = the feature's largest corpus activation, added at every position of 16 prompts
   without a name or place; measured: the next-token log-probability of the target words (capital_of:
   countries, country: capital cities, person_name: names) and their share of 8 generated tokens;
@@ -32,7 +34,7 @@ import torch
 from mechscope.toy import corpus
 
 PURITY = 0.9
-N_CONTROLS = 8
+N_CONTROLS = 32
 WORDS = {"country": list(corpus.CAPITALS), "city": sorted(set(corpus.CAPITALS.values()) | set(corpus.LANDMARKS.values())),
          "person_name": list(corpus.NAMES)}
 DESCRIPTIONS = {
@@ -100,13 +102,14 @@ def _examples(engine, sae, rows, search, feature: int, scale: float) -> dict:
             "logit_up": [t for t, _ in up[0]], "logit_down": [t for t, _ in down[0]]}
 
 
-def _steering(engine, sae, feature: int, strength: float, target: str, live) -> dict:
-    """Steer at 0 and `strength` on steer_prompts(): log P(target words) and their share of generated tokens."""
+def _steering(engine, sae, feature: int, strength: float, target: str, profile) -> dict:
+    """Steer at 0 and `strength` on steer_prompts(): log P(target words) and their share of generated tokens.
+    profile: si.corpus_profile(engine, sae), what the control features are matched on."""
     from mechscope.techniques import sae_interventions as si
 
     prompts = [engine.to_tokens(p)[0] for p in steer_prompts()]
     sweep = si.steering_sweep(engine, sae, feature, prompts, [0.0, strength], word_ids(engine, target),
-                              max_new_tokens=8, n_controls=N_CONTROLS, live=live, seed=0)
+                              max_new_tokens=8, n_controls=N_CONTROLS, seed=0, profile=profile)
     (base, steered), controls = sweep.effects, sweep.controls[1]
     return {"strength": strength, "target": target, "n_prompts": len(prompts),
             "log_mass": [base["log_mass"]["mean"], steered["log_mass"]["mean"]],
@@ -114,21 +117,26 @@ def _steering(engine, sae, feature: int, strength: float, target: str, live) -> 
             "share": [base["share"]["mean"], steered["share"]["mean"]],
             "controls_log_mass_max": {k: controls[k]["log_mass"]["high"] for k in si.CONTROL_KINDS},
             "controls_share_max": {k: controls[k]["share"]["high"] for k in si.CONTROL_KINDS},
+            "n_controls": N_CONTROLS,
+            "p_log_mass": max(controls[k]["log_mass"]["p_value"] for k in si.CONTROL_KINDS),
+            "p_share": max(controls[k]["share"]["p_value"] for k in si.CONTROL_KINDS),
             "fluency_cost": [base["fluency_cost"]["mean"], steered["fluency_cost"]["mean"]]}
 
 
 def _ablation(engine, sae, feature: int, tokens, mask, metric, what: str) -> dict:
-    """Zero-ablate the feature at mask [n, seq] (error term kept) and as many random active features there."""
+    """Zero-ablate the feature at mask [n, seq] (error term kept), and N_CONTROLS features matched to it on
+    how often and how strongly they are active there; p: empirical p-value of |effect| against theirs."""
     from mechscope import stats
     from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_interventions as si
 
     clean, ablated = si.ablate(engine, sae, tokens, metric, [feature], mask)
-    active = saes.feature_acts(engine, sae, tokens)[mask.to(tokens.device)][None]
-    controls = [float((si.ablate(engine, sae, tokens, metric, s, mask)[1] - clean).mean())
-                for s in si.random_active_sets(active, 1, N_CONTROLS, [feature], seed=0)]
-    return {"metric": what, "n_prompts": len(tokens), "clean": float(clean.mean()),
-            "effect": stats.summary(ablated - clean), "controls": controls}
+    scope = saes.feature_acts(engine, sae, tokens) * mask.to(tokens.device)[..., None]
+    sets = si.matched_sets(*si.feature_profile(scope), [feature], N_CONTROLS, seed=0)
+    controls = [float((si.ablate(engine, sae, tokens, metric, s, mask)[1] - clean).mean()) for s in sets]
+    effect = stats.summary(ablated - clean)
+    return {"metric": what, "n_prompts": len(tokens), "clean": float(clean.mean()), "effect": effect,
+            "controls": controls, "p_value": stats.empirical_p(effect["mean"], controls)}
 
 
 def _ablation_tests(engine, sae, names: dict[str, int]) -> dict[str, dict]:
@@ -183,13 +191,19 @@ def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens
     engine = engine or load_model("mechscope-toy", backend="tl", device="cpu")
     sae = sae or saes.load_sae(saes.SHIPPED_RELEASE)
     saes.check_fits(sae, engine)
-    quality = sae_training.evaluate(engine, sae, saes.corpus_rows(engine, n_eval_tokens, 64, seed=1000))
+    from mechscope.commands.sae_eval import HELD_OUT_SEED, TRAINING_TOKENS
+
+    held_out = saes.corpus_rows(engine, n_eval_tokens, 64, seed=HELD_OUT_SEED,   # no sentence of the training text
+                                exclude=saes.training_sentences(TRAINING_TOKENS, 64, seed=0))
+    quality = sae_training.evaluate(engine, sae, held_out)
     rows = saes.corpus_rows(engine, n_search_tokens, 64, seed=1001)
     search = sf.max_activating(engine, sae, rows, None, k=20)
     found = find_names(engine, sae, search, rows)
     names = names or found
     scale = sf.final_scale(engine, rows)
-    live = saes.live_features(engine, sae)
+    from mechscope.techniques import sae_interventions as si
+
+    profile = si.corpus_profile(engine, sae)
     capital = int(engine.to_tokens("capital", prepend_bos=False)[0, 0])
     features = {}
     for name, feature in names.items():
@@ -202,7 +216,7 @@ def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens
             entry["top20_purity"] = _share_in(search.top_values[feature], search.top_index[feature], rows.reshape(-1), group)
             entry["sample_purity"] = _share_in(search.sample_values[feature], search.sample_index[feature],
                                                rows.reshape(-1), group)
-        entry["steering"] = _steering(engine, sae, feature, float(round(entry["max_activation"])), TARGETS[name], live)
+        entry["steering"] = _steering(engine, sae, feature, float(round(entry["max_activation"])), TARGETS[name], profile)
         features[name] = entry
     for name, result in _ablation_tests(engine, sae, names).items():
         features[name]["ablation"] = result
