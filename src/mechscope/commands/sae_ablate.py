@@ -200,8 +200,8 @@ def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompt
                "tokens_gaining": gainers, "tokens_losing": losers,
                "controls": {"n": len(control_means), "mean": float(torch.tensor(control_means).mean()) if control_means else None,
                             "low": min(control_means, default=None), "high": max(control_means, default=None),
-                            "p_value": p_value, "matched_on": "share of prompts active and mean activation where "
-                            "active, at the ablated positions",
+                            "p_value": p_value, "matched_on": "activation frequency (share of prompts active) and "
+                            "magnitude (mean activation where active), at the ablated positions",
                             "features": {"frequency": [round(float(frequency[f]), 4) for f in features],
                                          "magnitude": [round(float(magnitude[f]), 4) for f in features]},
                             "control_frequency_range": [round(float(frequency[matched].min()), 4),

@@ -119,6 +119,7 @@ def _steering(engine, sae, feature: int, strength: float, target: str, profile) 
             "controls_share_max": {k: controls[k]["share"]["high"] for k in si.CONTROL_KINDS},
             "n_controls": N_CONTROLS,
             "p_log_mass": max(controls[k]["log_mass"]["p_value"] for k in si.CONTROL_KINDS),
+            "p_log_mass_by_kind": {k: controls[k]["log_mass"]["p_value"] for k in si.CONTROL_KINDS},
             "p_share": max(controls[k]["share"]["p_value"] for k in si.CONTROL_KINDS),
             "fluency_cost": [base["fluency_cost"]["mean"], steered["fluency_cost"]["mean"]]}
 
@@ -224,6 +225,29 @@ def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens
             "n_search_tokens": search.n_tokens, "names": names, "names_found_by_rule": found, "features": features}
 
 
+def claims(card: dict) -> dict[str, bool]:
+    """The claims SAE_CARD.md asserts, checked on a measure() result (the shipped SAE, or a retrain: the slow test
+    retrains with seeds 0 and 1). Steering p-values are against N_CONTROLS matched features and N_CONTROLS
+    Gaussian directions (the larger of the two, unless a kind is named); ablation p-values against the matched
+    features active at the ablated positions, as many as there are (p can be no smaller than 1 / (n + 1))."""
+    q, f = card["evaluation"], card["features"]
+    cap, person = f["capital_of"], f["person_name"]
+    least = lambda ab: 1 / (len(ab["controls"]) + 1)  # noqa: E731 - the smallest p these controls allow
+    gain = lambda st: st["log_mass"][1] - st["log_mass"][0]  # noqa: E731
+    return {
+        "quality: L0 8, explained variance > 0.88, CE loss recovered > 97%, dead < 10%":
+            q["l0"] == 8 and q["explained_variance"] > 0.88 and q["ce_recovered"] > 0.97 and q["dead_fraction"] < 0.1,
+        "capital_of steering: log P(country) up > 4 nats": gain(cap["steering"]) > 4,
+        "capital_of steering: countries > 20% of generated tokens, beyond every control (p = 1/33)":
+            cap["steering"]["share"][1] > 0.2 and cap["steering"]["p_share"] < 0.05,
+        "capital_of ablation at 'of': CI below 0, beyond every matched control (p = 1/(n+1))":
+            cap["ablation"]["effect"]["ci_high"] < 0 and cap["ablation"]["p_value"] <= least(cap["ablation"]) + 1e-9,
+        "country ablation at X: CI below 0": f["country"]["ablation"]["effect"]["ci_high"] < 0,
+        "person_name steering: log P(name) up > 3 nats, beyond every Gaussian direction (p = 1/33)":
+            gain(person["steering"]) > 3 and person["steering"]["p_log_mass_by_kind"]["random_direction"] < 0.05,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-names", action="store_true", help="write the rule-found names to features.json")
@@ -240,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         path = saes.shipped_saes()[saes.DEFAULT_SHIPPED_ID] / "features.json"
         path.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {path}", file=sys.stderr)
+    card["claims"] = claims(card)
     print(json.dumps(card, indent=1))
 
 
