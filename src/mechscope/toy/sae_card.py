@@ -181,9 +181,10 @@ def _ablation_tests(engine, sae, names: dict[str, int]) -> dict[str, dict]:
 
 
 def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens: int = 100_000,
-            names: dict[str, int] | None = None) -> dict:
+            names: dict[str, int] | None = None, claims_only: bool = False) -> dict:
     """The card: evaluation, the rule-found names, and for each named feature (`names`, default: the rule's)
-    its examples, purity, logit effect and causal tests."""
+    its examples, purity, logit effect and causal tests; claims_only: just what `claims` reads (no examples,
+    no steering of `country`), for the slow retrain test."""
     from mechscope.models import load_model
     from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_features as sf
@@ -201,13 +202,19 @@ def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens
     search = sf.max_activating(engine, sae, rows, None, k=20)
     found = find_names(engine, sae, search, rows)
     names = names or found
-    scale = sf.final_scale(engine, rows)
+    scale = None if claims_only else sf.final_scale(engine, rows)
     from mechscope.techniques import sae_interventions as si
 
     profile = si.corpus_profile(engine, sae)
     capital = int(engine.to_tokens("capital", prepend_bos=False)[0, 0])
     features = {}
     for name, feature in names.items():
+        if claims_only:
+            features[name] = {"feature": feature}
+            if name != "country":
+                features[name]["steering"] = _steering(engine, sae, feature, float(round(float(
+                    search.top_values[feature, 0]))), TARGETS[name], profile)
+            continue
         entry = {"feature": feature, "description": DESCRIPTIONS[name], **_examples(engine, sae, rows, search, feature, scale)}
         top = search.top_index[feature][search.top_values[feature] > 0]
         if name == "capital_of":
@@ -241,7 +248,7 @@ def claims(card: dict) -> dict[str, bool]:
         "capital_of steering: countries > 20% of generated tokens, beyond every control (p = 1/33)":
             cap["steering"]["share"][1] > 0.2 and cap["steering"]["p_share"] < 0.05,
         "capital_of ablation at 'of': CI below 0, beyond every matched control (p = 1/(n+1))":
-            cap["ablation"]["effect"]["ci_high"] < 0 and cap["ablation"]["p_value"] <= least(cap["ablation"]) + 1e-9,
+            cap["ablation"]["effect"]["ci_high"] < 0 and cap["ablation"]["p_value"] <= least(cap["ablation"]) + 1e-6,
         "country ablation at X: CI below 0": f["country"]["ablation"]["effect"]["ci_high"] < 0,
         "person_name steering: log P(name) up > 3 nats, beyond every Gaussian direction (p = 1/33)":
             gain(person["steering"]) > 3 and person["steering"]["p_log_mass_by_kind"]["random_direction"] < 0.05,
