@@ -32,11 +32,15 @@ def test_shipped_sae_fits_the_bundled_model_and_is_described_right(toy_engine, s
 
 
 def test_shipped_sae_quality(toy_engine, shipped):
-    """SAE_CARD.md: explained variance 0.918, CE loss recovered 99.1% on 100k tokens; measured here on 10k
-    tokens, with thresholds that leave room for a retrain."""
+    """SAE_CARD.md: explained variance 0.911, CE loss recovered 98.9% on 100k held-out tokens; measured here on
+    10k tokens of the same held-out text (no sentence of the training text), with thresholds that leave room
+    for a retrain."""
+    from mechscope.commands.sae_eval import TRAINING_TOKENS
     from mechscope.techniques import sae_training
 
-    q = sae_training.evaluate(toy_engine, shipped, saes.corpus_rows(toy_engine, 10_000, 64, seed=1000))
+    training = saes.training_sentences(TRAINING_TOKENS, 64, seed=0)
+    rows = saes.corpus_rows(toy_engine, 10_000, 64, seed=1000, exclude=training)
+    q = sae_training.evaluate(toy_engine, shipped, rows)
     assert q.l0 == pytest.approx(8.0)
     assert q.explained_variance > 0.88 and q.ce_recovered > 0.97 and q.dead_fraction < 0.1
 
@@ -59,36 +63,64 @@ def test_named_features_max_activating_examples(toy_engine, names, search):
     assert (flat[top] == of).all() and (flat[top - 1] == capital).float().mean() >= 0.9
 
 
-def test_capital_of_feature_predicts_a_country(toy_engine, shipped, names):
-    """Steered into unrelated text it makes countries likely (beyond every control); ablated at 'of' it makes a
-    country next less likely (beyond every control); its logit effect is countries."""
+@pytest.fixture(scope="module")
+def profile(toy_engine, shipped):
+    from mechscope.techniques import sae_interventions as si
+
+    return si.corpus_profile(toy_engine, shipped)
+
+
+def test_capital_of_feature_predicts_a_country(toy_engine, shipped, names, profile):
+    """Steered into unrelated text it makes countries likely: their share of the generated text beats all 32
+    matched features and 32 Gaussian directions (p = 1/33), but its log P(country) does not beat every
+    matched feature (p = 0.09: issue 17 found a retrain where the old "CI above every control" failed; a
+    matched feature that also promotes countries is a fair control). Ablated at 'of' it makes a country next
+    less likely beyond every matched feature active there (12 of them: p = 1/13, the least possible)."""
     effects = sf.logit_effects(toy_engine, shipped, [names["capital_of"]], 1.0)
     up, _ = sf.top_tokens(toy_engine, effects)
     assert sum(t in card.WORDS["country"] for t, _ in up[0]) >= 6
-    live = saes.live_features(toy_engine, shipped)
-    steer = card._steering(toy_engine, shipped, names["capital_of"], 20.0, "country", live)
+    steer = card._steering(toy_engine, shipped, names["capital_of"], 20.0, "country", profile)
     assert steer["log_mass"][1] - steer["log_mass"][0] > 4
-    assert steer["log_mass_ci"][0] > max(steer["controls_log_mass_max"].values())
-    assert steer["share"][1] > 0.2 > max(steer["controls_share_max"].values())
+    assert steer["share"][1] > 0.2 and steer["p_share"] == pytest.approx(1 / 33)
+    assert steer["p_log_mass"] > 0.05                      # measured 0.09: not claimed, and the card says so
     ablation = card._ablation_tests(toy_engine, shipped, names)
-    effect = ablation["capital_of"]["effect"]
-    assert effect["ci_high"] < min(ablation["capital_of"]["controls"]) and effect["ci_high"] < 0
+    cap = ablation["capital_of"]
+    assert cap["effect"]["ci_high"] < 0 and cap["p_value"] == pytest.approx(1 / (len(cap["controls"]) + 1))
     # country: the answer's logit drops when it is ablated at X (significant), but it is not the main carrier
-    country = ablation["country"]["effect"]
-    assert country["ci_high"] < 0
+    assert ablation["country"]["effect"]["ci_high"] < 0 and ablation["country"]["p_value"] > 0.05
 
 
-def test_person_name_feature_makes_names_likely(toy_engine, shipped, names):
-    live = saes.live_features(toy_engine, shipped)
-    steer = card._steering(toy_engine, shipped, names["person_name"], 12.0, "person_name", live)
+def test_person_name_feature_makes_names_likely(toy_engine, shipped, names, profile):
+    steer = card._steering(toy_engine, shipped, names["person_name"], 12.0, "person_name", profile)
     assert steer["log_mass"][1] - steer["log_mass"][0] > 3
-    assert steer["log_mass_ci"][0] > max(steer["controls_log_mass_max"].values())
+    assert steer["p_log_mass_by_kind"]["random_direction"] == pytest.approx(1 / 33)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_card_claim_survives_a_retrain(toy_engine, seed, tmp_path):
+    """Issue 17: retrain the card's SAE (make sae's settings; seed 1 also draws another corpus) and check every
+    claim SAE_CARD.md asserts (card.claims) on the rule-found features, with the card's controls. The card's
+    1M training tokens, so the claims tested are the card's (measured on 2026-12-07: every claim holds on
+    both seeds). Run time per seed: about 2.5 minutes on an idle 2-core machine (estimated: training 46 s as
+    SAE_CARD.md measured, tokenising the 1M-token corpus ~50 s, the claims' measurements ~60 s); 13-17
+    minutes when eight jobs shared those 2 cores. If CI's slow budget is tighter, lower the training tokens
+    here and check the claims again."""
+    from mechscope.techniques import sae_training
+
+    rows = saes.corpus_rows(toy_engine, 1_000_000, 64, seed=seed)
+    sae, _ = sae_training.train_on_model(toy_engine, "blocks.1.hook_resid_pre", rows, tmp_path / "sae", "topk", 256, 8,
+                                         1_000_000, 4096, None, seed,
+                                         dataset_name=f"mechscope-toy corpus (seed {seed}, 1000000 tokens)")
+    result = card.measure(toy_engine, sae, n_search_tokens=60_000, n_eval_tokens=20_000, claims_only=True)
+    failed = [claim for claim, holds in card.claims(result).items() if not holds]
+    assert not failed, (failed, {k: v.get("steering") for k, v in result["features"].items()})
 
 
 @pytest.mark.slow
 def test_the_card_command_reproduces_the_card():
     """`python -m mechscope.toy.sae_card` measures every number of SAE_CARD.md (about 2 minutes)."""
     result = card.measure()
-    assert result["names"] == result["names_found_by_rule"]
+    assert result["names"] == result["names_found_by_rule"] and all(card.claims(result).values())
     assert result["evaluation"]["explained_variance"] > 0.9 and result["evaluation"]["ce_recovered"] > 0.98
     assert result["features"]["capital_of"]["steering"]["share"][1] > 0.3

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mechscope import tasks
 from mechscope.cli import main
 from mechscope.commands import steer as steer_command
 from mechscope.techniques import steering
@@ -143,14 +144,23 @@ def test_batching_changes_nothing(toy_engine, sentiment_vector, held_out_rows, w
 
 
 def test_side_effect_loss_at_strength_zero_is_the_models_own_loss(toy_model, sentiment_vector):
+    """The model's own loss over the predictions steering can change: not the one made from BOS (issue 17: it
+    was counted, though steering from position 1 never changes it, diluting the side effect); from position 2
+    on with from_position=2."""
     texts = ["the old cat sees the dog . mary likes to swim in the park .", "the quick brown fox jumps over the lazy dog ."]
     rows = [toy_model.to_tokens(t)[0] for t in texts]
-    mine = steering.lm_loss(toy_model, rows, LAYER, torch.zeros_like(sentiment_vector))
-    for i, t in enumerate(texts):
-        tokens = toy_model.to_tokens(t)
-        with torch.no_grad():
-            expected = F.cross_entropy(toy_model(tokens)[0, :-1], tokens[0, 1:])
-        assert float(mine[i]) == pytest.approx(float(expected), abs=1e-4)
+    for start in (1, 2):
+        mine = steering.lm_loss(toy_model, rows, LAYER, torch.zeros_like(sentiment_vector), from_position=start)
+        for i, t in enumerate(texts):
+            tokens = toy_model.to_tokens(t)
+            with torch.no_grad():
+                expected = F.cross_entropy(toy_model(tokens)[0, start:-1], tokens[0, start + 1:])
+            assert float(mine[i]) == pytest.approx(float(expected), abs=1e-4)
+    # steering from position 1 leaves the prediction made from BOS as it was
+    direction = steering.random_direction_like(sentiment_vector, seed=0)
+    with torch.no_grad():
+        logits = steering.steered_logits(toy_model, rows, LAYER, 8 * direction, 1, last_only=False)
+        torch.testing.assert_close(logits[:, 0], toy_model(torch.stack([r[:1] for r in rows]))[:, 0].float())
     # a large random direction costs the language model; the loss grows with the strength
     direction = steering.random_direction_like(sentiment_vector, seed=0)
     losses = [float(steering.lm_loss(toy_model, rows, LAYER, s * direction).mean()) for s in (0, 4, 8)]
@@ -190,6 +200,33 @@ def test_steer_cli_default_has_the_controls_a_careful_researcher_uses(tmp_path, 
     named = set(re.findall(r"[\w]+\.(?:png|csv|json)", steer_command.__doc__))
     assert named and named <= {p.name for p in run_dir.iterdir()}, named - {p.name for p in run_dir.iterdir()}
     assert len(out["summary"]["effects"]) == 2 and len(json.dumps(out)) < 20_000
+
+
+def test_structured_controls_spread_wider_and_the_vector_is_judged_against_them(tmp_path, capsys):
+    """Issue 17: differences of mean residuals of random halves of neutral texts (same norm) move the logit diff
+    far more than isotropic Gaussians (measured at strength 2, 10 of each: SD 1.27 vs 0.49); steer reports each
+    strength against the wider kind, with an empirical p-value (10 controls: at best 1/11)."""
+    assert main(["steer", "--strengths", "0,2", "--max-new-tokens", "2", "--out", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["n_random"] == 10 and summary["n_structured"] == 10
+    gaussian, structured = (summary["controls_by_kind"][k][1] for k in ("gaussian", "structured"))
+    assert structured["random_std"] > 2 * gaussian["random_std"], (structured, gaussian)
+    two = summary["effects"][1]["logit_diff"]
+    assert two["control"] == "structured" and two["random_std"] == structured["random_std"]
+    assert two["p_value"] == pytest.approx(1 / 11, abs=1e-3) and two["z"] < gaussian["z"]
+
+
+def test_structured_directions_have_the_vectors_norm_and_differ(toy_engine, sentiment_vector):
+    neutral = [toy_engine.to_tokens(t)[0] for t in tasks.neutral_texts(toy_engine)]
+    d = steering.structured_directions(toy_engine, neutral, LAYER, sentiment_vector, 5, seed=0)
+    torch.testing.assert_close(d.norm(dim=-1).cpu(), sentiment_vector.norm().cpu().expand(5))
+    assert len({tuple(x.tolist()) for x in d}) == 5
+    # one split by hand: the mean residual of one half minus the other's
+    residuals = steering.text_residuals(toy_engine, neutral, LAYER, "last")
+    order = torch.randperm(len(neutral), generator=torch.Generator().manual_seed(0))
+    half = len(neutral) // 2
+    by_hand = residuals[order[:half]].mean(0) - residuals[order[half:2 * half]].mean(0)
+    torch.testing.assert_close(d[0].cpu(), (by_hand * sentiment_vector.norm().cpu() / by_hand.norm()).cpu())
 
 
 def test_steer_cli_own_prompts_say_when_they_are_not_held_out(tmp_path, capsys):

@@ -108,6 +108,8 @@ def test_validate_circuit_command_full_model_is_1(tmp_path, capsys):
     (["--circuit", "3.1"], "out of range"),
     (["--circuit", "heads", "--random", "1"], "too few heads"),
     (["--circuit", "2.1", "--random", "-1"], "--random"),
+    (["--circuit", "2.1", "--wrong-circuit", "1.1,2.0"], "make-up"),
+    (["--circuit", "2.1", "--prompt", "the old cat sees the", "--answer", "dog", "--wang-mean"], "corrupted prompts"),
 ])
 def test_validate_circuit_bad_input(args, words, tmp_path, capsys):
     code = main(["validate-circuit", *args, "--out", str(tmp_path)])
@@ -174,3 +176,51 @@ def test_each_engine_finds_the_induction_circuit_faithful(toy_on, toy_engine, ta
     assert v.faithfulness == pytest.approx(reference.faithfulness, abs=1e-4)
     assert v.necessity == pytest.approx(reference.necessity, abs=1e-4)
     assert v.faithfulness > 0.75 and max(r["faithfulness"] for r in v.random_circuits) < 0.3
+
+
+def test_greedy_minimality_shows_the_backup_head(toy_model, task):
+    """Issue 17, Wang et al.'s minimality: L2H2 backs up the induction head L2H1 (MODEL_CARD.md), so taking it out
+    of {0.1, 1.2, 2.1, 2.2} costs ~0 (measured 0.03 on 32 sequences); once 2.1 is gone (K = {2.1}, found
+    greedily) it carries what is left (measured 0.15 [0.14, 0.16])."""
+    from mechscope.techniques.ablation import parse_components
+
+    tokens, metric = task
+    v = validate_circuit(toy_model, tokens, parse_components(toy_model, "0.1,1.2,2.1,2.2"), metric, "mean")
+    backup = v.greedy_minimality["2.2"]
+    assert abs(backup["value_without_K"]) < 0.06 and v.minimality["2.2"] == pytest.approx(backup["value_without_K"])
+    assert backup["K"] == ["2.1"] and backup["ci_low"] > 0.08, backup
+    assert v.greedy_minimality["0.1"]["value"] > 0.8          # essential without any K
+
+
+def test_falsifiability_a_wrong_circuit_of_the_same_size_scores_low(toy_model, task):
+    """The induction circuit {0.1, 1.2, 2.1, 2.2} against the wrong circuit {0.0, 1.1, 2.0, 2.3} (heads with no
+    induction or previous-token role): faithfulness 0.95 vs about 0 (measured -0.03 on 32 sequences)."""
+    from mechscope.techniques.ablation import parse_components
+
+    tokens, metric = task
+    wrong = parse_components(toy_model, "0.0,1.1,2.0,2.3")
+    v = validate_circuit(toy_model, tokens, parse_components(toy_model, "0.1,1.2,2.1,2.2"), metric, "mean",
+                         wrong_circuit=wrong)
+    assert v.falsifiability["circuit"] == ["0.0", "1.1", "2.0", "2.3"] and v.falsifiability["passes"]
+    assert abs(v.falsifiability["faithfulness"]) < 0.15 and v.faithfulness > 0.75
+    assert validate_circuit(toy_model, tokens, wrong, metric, "mean").faithfulness < 0.15
+
+
+def test_validate_circuit_reports_floor_corrupted_completeness(tmp_path, capsys):
+    """Faithfulness against the floor (everything ablated) and against the corrupted prompts ([BOS, s, r]: the
+    second-copy loss of a model that cannot copy, measured 5.90 nats vs 5.98 for the floor), completeness;
+    --wang-mean (per-position means over the corrupted prompts) is one flag away and says so."""
+    assert main(["validate-circuit", "--circuit", "0.1,1.2,2.1,2.2", "--n", "16", "--random", "2",
+                 "--wrong-circuit", "0.0,1.1,2.0,2.3", "--out", str(tmp_path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["summary"]
+    assert s["floor_metric"] == s["all_ablated_metric"] and s["corrupted_metric"] > 4 and s["clean_metric"] < 1
+    assert s["faithfulness_vs_corrupted"]["value"] > 0.75 and s["completeness"] == s["necessity"] > 0.75
+    assert s["falsifiability"]["passes"] and s["minimality_greedy"]["2.2"]["K"] == ["2.1"]
+    assert main(["validate-circuit", "--circuit", "0.1,1.2,2.1,2.2", "--n", "16", "--random", "0", "--wang-mean",
+                 "--out", str(tmp_path), "--json"]) == 0
+    wang = json.loads(capsys.readouterr().out)["summary"]
+    assert "Wang" in wang["reference"] and wang["faithfulness"] != s["faithfulness"] and wang["faithfulness"] > 0.5
+    assert main(["validate-circuit", "--task", "ioi", "--circuit", "0.2", "--n", "8", "--random", "0", "--out",
+                 str(tmp_path), "--json"]) == 0
+    ioi = json.loads(capsys.readouterr().out)["summary"]
+    assert ioi["corrupted_metric"] < 0 < ioi["clean_metric"]      # the corrupted twins' answer is the other name

@@ -147,3 +147,16 @@ def named_rank_stability(values: torch.Tensor, names: list[str], k: int = 5, by:
     often = sorted(enumerate(freq), key=lambda x: -x[1])[:4 * out["k"]]
     out["in_top_k_frequency"] = {names[i]: f for i, f in often if f > 0}
     return out
+
+
+def empirical_p(value: float, controls, larger: str = "abs") -> float | None:
+    """Empirical p-value of `value` against a control distribution (controls: n numbers): (1 + the controls at
+    least as extreme) / (n + 1), extreme meaning |c| >= |value| (larger="abs"), c >= value ("value") or
+    c <= value ("negative"). Exact under the null that the value is one more draw from the controls; the
+    smallest p with n controls is 1 / (n + 1) (8 controls can never give p < 0.05). None without controls."""
+    c = torch.as_tensor(controls, dtype=torch.float64).flatten()
+    c = c[~c.isnan()]
+    if len(c) == 0 or not math.isfinite(float(value)):
+        return None
+    as_extreme = {"abs": c.abs() >= abs(value), "value": c >= value, "negative": c <= value}[larger]
+    return float((1 + as_extreme.sum()) / (len(c) + 1))

@@ -71,7 +71,10 @@ def _answer_metric(engine, rows, answers, wrongs):
 
 def build_task(engine, args) -> dict:
     """{tokens: [n, seq] or n rows [seq_i], metric(logits) -> [n], metric_name, prompts (what they are),
-    reference (rows or None), reference_note} from the task options."""
+    reference (rows or None), reference_note, corrupted (the prompts' corrupted twins, like tokens, or None: for
+    induction [BOS, s, r] with s other random words, so nothing can be copied)} from the task options."""
+    import torch
+
     from mechscope import inputs, tasks
     from mechscope.errors import BadInput
     from mechscope.commands import prompt_sets
@@ -108,16 +111,19 @@ def build_task(engine, args) -> dict:
             wrongs = [inputs.single_token(engine, p.wrong) for p in ps.prompts] if all(with_wrong) else None
         rows = [inputs.tokens(engine, t)[0] for t in texts]
         metric, name = _answer_metric(engine, rows, answers, wrongs)
-        tokens = rows
+        tokens, corrupted = rows, None
     elif (args.task or "induction") == "induction":
         if not 2 <= args.seq_len <= (engine.cfg.n_ctx - 1) // 2:
             raise BadInput(f"--seq-len must be in 2..{(engine.cfg.n_ctx - 1) // 2} for this model's context")
         tokens = repeated_random_tokens(engine, args.n, args.seq_len, seed=args.seed)
         metric = (lambda lg: second_copy_loss(lg, tokens, args.seq_len))
+        other = repeated_random_tokens(engine, args.n, args.seq_len, seed=args.seed + 1)
+        corrupted = torch.cat([tokens[:, :1], other[:, 1:args.seq_len + 1], tokens[:, args.seq_len + 1:]], 1)
         name, what = "second-copy loss (nats)", f"induction: {args.n} sequences [BOS, r, r], r of {args.seq_len} words"
     else:
         ps = tasks.load_task(engine, args.task, args.n, args.seed)
         tokens, _ = ps.tokens(engine)
+        corrupted, _ = ps.tokens(engine, corrupted=True)
         metric, _ = _answer_metric(engine, tokens, [inputs.single_token(engine, p.answer) for p in ps.prompts],
                                    [inputs.single_token(engine, p.wrong) for p in ps.prompts])
         name = "logit diff (IO - S)" if args.task == "ioi" else "logit diff (answer - corrupted answer)"
@@ -130,6 +136,7 @@ def build_task(engine, args) -> dict:
     stats_note = "per position" if args.per_position else \
         ("over every position, BOS included (--include-bos)" if args.include_bos else "over every position but BOS")
     return {"tokens": tokens, "metric": metric, "metric_name": name, "prompts": what, "n_prompts": n,
+            "corrupted": corrupted,
             "reference": reference, "reference_note": f"mean / noise statistics from {note}, {stats_note}; "
                                                       f"resample donors: other prompts of the same length"}
 

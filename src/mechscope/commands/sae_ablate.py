@@ -14,7 +14,10 @@ With --features: those features are zeroed at --positions (all, last, or comma-s
 negative counts from the end) and the model runs on x - decode(f) + decode(f_ablated) (sae-lens's
 use_error_term=True: nothing else changes). Reported: the metric's change per prompt, mean with a 95%
 bootstrap interval, the fraction of prompts whose top-1 prediction changes and the tokens that gain the
-most; the control zeroes --controls random sets of as many features active on these prompts.
+most. Controls: --controls (default 32) sets of as many other features, each matched to one ablated feature
+on how often (share of prompts) and how strongly (mean activation where active) it is active at those
+positions, no feature drawn twice; the claim is the empirical p-value of the effect's size against the
+controls' ((1 + controls with |effect| at least as large) / (n + 1)), not "outside the range of a few".
 
 Without --features (attribution): for every (position, feature) the first-order estimate of zeroing it,
 -f * dm/df (one forward and one backward), averaged over prompts; the --top pairs by |estimate| are then
@@ -39,7 +42,7 @@ def add_arguments(parser):
     parser.add_argument("--n", type=int, default=64, help="prompts drawn for --task (default: %(default)s)")
     parser.add_argument("--positions", default="all", help="all, last, the task's position names, or comma-separated "
                         "indices (negative: from each prompt's end) (default: %(default)s)")
-    parser.add_argument("--controls", type=int, default=8, help="random feature sets for the control (default: %(default)s)")
+    parser.add_argument("--controls", type=int, default=32, help="matched control feature sets (default: %(default)s)")
     parser.add_argument("--top", type=int, default=10, help="attribution: pairs checked exactly (default: %(default)s)")
 
 
@@ -173,11 +176,14 @@ def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompt
     gain = (after.log_softmax(-1) - base.log_softmax(-1)).mean(0)
     gainers = [(engine.to_single_str_token(int(i)), round(float(gain[i]), 4)) for i in gain.topk(8).indices]
     losers = [(engine.to_single_str_token(int(i)), round(float(gain[i]), 4)) for i in gain.topk(8, largest=False).indices]
-    scope = acts if positions is None else acts[positions.to(acts.device)][None]   # [*, positions, d_sae]
-    control_sets = si.random_active_sets(scope, len(features), args.controls, features, seed=args.seed)
+    scope = acts if positions is None else acts * positions.to(acts.device)[..., None]   # [n, seq, d_sae]
+    frequency, magnitude = si.feature_profile(scope)
+    control_sets = si.matched_sets(frequency, magnitude, features, args.controls, seed=args.seed)
     control_means = [float((si.ablate(engine, sae, tokens, metric, s, positions)[1] - clean).mean()) for s in control_sets]
     effect = ablated - clean
     effect_summary = stats.summary(effect, seed=args.seed)
+    p_value = stats.empirical_p(effect_summary["mean"], control_means)
+    matched = sorted({f for s in control_sets for f in s})
     hit = (acts[..., torch.tensor(features, device=acts.device)] > 0).any(-1)          # [n, seq]
     hit = hit if positions is None else hit & positions.to(hit.device)
     active = float(hit.any(-1).float().mean())  # the share of prompts with a chosen feature active where ablated
@@ -192,14 +198,23 @@ def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompt
                "prompts_with_feature_active": round(active, 4), "top1_changed": round(float(flipped), 4),
                "tokens_gaining": gainers, "tokens_losing": losers,
                "controls": {"n": len(control_means), "mean": float(torch.tensor(control_means).mean()) if control_means else None,
-                            "low": min(control_means, default=None), "high": max(control_means, default=None)},
+                            "low": min(control_means, default=None), "high": max(control_means, default=None),
+                            "p_value": p_value, "matched_on": "activation frequency (share of prompts active) and "
+                            "magnitude (mean activation where active), at the ablated positions",
+                            "features": {"frequency": [round(float(frequency[f]), 4) for f in features],
+                                         "magnitude": [round(float(magnitude[f]), 4) for f in features]},
+                            "control_frequency_range": [round(float(frequency[matched].min()), 4),
+                                                        round(float(frequency[matched].max()), 4)] if matched else None,
+                            "control_magnitude_range": [round(float(magnitude[matched].min()), 4),
+                                                        round(float(magnitude[matched].max()), 4)] if matched else None},
                "files": ["ablation.csv", plot.name]}
     c = summary["controls"]
     text = (f"zero-ablating features {features} at positions {ctx.args.positions} ({hook}, error term kept), "
             f"{len(prompts)} prompts:\n  {label}: {float(clean.mean()):.3f} -> {float(ablated.mean()):.3f}, change "
             f"{effect_summary['mean']:+.3f} [{effect_summary['ci_low']:+.3f}, {effect_summary['ci_high']:+.3f}]; "
             f"top-1 changed on {flipped:.0%}\n"
-            + (f"  control ({c['n']} random sets of {len(features)} active features): {c['low']:+.3f} to {c['high']:+.3f}\n"
+            + (f"  control ({c['n']} sets of {len(features)} features matched on frequency and magnitude): "
+               f"{c['low']:+.3f} to {c['high']:+.3f}; empirical p = {p_value:.3g} (|effect| vs the controls')\n"
                if control_means else "")
             + f"  gain: {', '.join(t for t, _ in gainers[:5])}; lose: {', '.join(t for t, _ in losers[:5])}")
     return {"summary": summary, "text": text, "per_prompt": {"clean": clean, "ablated": ablated}}

@@ -7,12 +7,15 @@
 strength * W_dec[feature] is added at the SAE's hook at every prompt position >= --from-position and at
 every generated position (greedy; the same tokens with and without the KV cache). With the error term
 kept, that raises the feature's activation by `strength`. Controls at the same strengths: --controls
-other live features' decoder directions and --controls Gaussian random directions, each with the
-feature's decoder norm. Effects per prompt: the share of generated tokens that are --target-words
+(default 32) other features' decoder directions, matched to the feature on activation frequency and
+magnitude on the bundled corpus and drawn without replacement, and --controls Gaussian random directions,
+each with the feature's decoder norm. Effects per prompt: the share of generated tokens that are --target-words
 (until EOS), the next-token log-probability of the target words at the prompt's last position, and a
 fluency cost (the unsteered model's mean loss on the generated tokens, in nats): means with 95% bootstrap
-intervals over prompts; for each control kind the mean and range over its directions. A feature whose
-effect sits inside the controls' range has not been shown to steer anything.
+intervals over prompts; for each control kind the mean and range over its directions and the feature's
+empirical p-value against them ((1 + controls at least as high) / (n + 1)); `p_value` is the larger of
+the two kinds' (the claim holds against both). A feature whose effect sits inside the controls' range has
+not been shown to steer anything.
 Writes steering.csv, share_vs_strength.png, log_mass_vs_strength.png and generations.json.
 
 Named features of the shipped SAE (SAE_CARD.md) carry default prompts and target words.
@@ -33,7 +36,7 @@ def add_arguments(parser):
                         "named feature's)")
     parser.add_argument("--strengths", help="comma-separated strengths, in units of the feature's activation "
                         f"(default: the named feature's, else {DEFAULT_STRENGTHS})")
-    parser.add_argument("--controls", type=int, default=8, help="directions per control kind (default: %(default)s)")
+    parser.add_argument("--controls", type=int, default=32, help="directions per control kind (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated (default: %(default)s)")
     parser.add_argument("--from-position", type=int, default=1, help="first prompt position steered; 1 skips BOS "
                         "(default: %(default)s)")
@@ -95,9 +98,9 @@ def run(ctx):
     if longest + args.max_new_tokens > engine.cfg.n_ctx:
         raise BadInput(f"prompt ({longest} tokens) + --max-new-tokens exceed the context of {engine.cfg.n_ctx}")
     target_ids = word_ids(engine, targets, "target words")
-    live = saes.live_features(engine, sae)
+    profile = si.corpus_profile(engine, sae)
     result = si.steering_sweep(engine, sae, feature, rows, strengths, target_ids, args.max_new_tokens,
-                               args.from_position, args.controls, live, seed=args.seed)
+                               args.from_position, args.controls, seed=args.seed, profile=profile)
 
     table = []
     for s, eff, ctl in zip(strengths, result.effects, result.controls):
@@ -106,12 +109,12 @@ def run(ctx):
             row[metric] = eff[metric]["mean"]
             row[f"{metric}_low"], row[f"{metric}_high"] = eff[metric]["ci_low"], eff[metric]["ci_high"]
             for kind in ctl:
-                for stat in ("mean", "low", "high"):
+                for stat in ("mean", "low", "high", "p_value"):
                     row[f"{kind}_{metric}_{stat}"] = ctl[kind][metric][stat]
         table.append(row)
     with open(ctx.run_dir / "steering.csv", "w") as f:
         f.write(",".join(table[0]) + "\n")
-        f.writelines(",".join(f"{v:.6g}" for v in r.values()) + "\n" for r in table)
+        f.writelines(",".join("" if v is None else f"{v:.6g}" for v in r.values()) + "\n" for r in table)
     plots = []
     for metric, label in (("share", "share of generated tokens in the target set"),
                           ("log_mass", "next-token log P(target set)")):
@@ -131,6 +134,8 @@ def run(ctx):
     effects = [{"strength": r["strength"], "log_mass": round(r["log_mass"], 4), "log_mass_ci": pair(r, "log_mass"),
                 "share": round(r["share"], 4), "share_ci": pair(r, "share"), "fluency_cost": round(r["fluency_cost"], 4),
                 "controls_range": {k: {m: pair(r, f"{k}_{m}") for m in ("log_mass", "share")} for k in si.CONTROL_KINDS}
+                if args.controls else None,
+                "p_value": {m: max(r[f"{k}_{m}_p_value"] for k in si.CONTROL_KINDS) for m in ("log_mass", "share")}
                 if args.controls else None} for r in table]
     summary = {"sae": saes.describe(sae), "feature": feature, "name": name, "n_prompts": len(prompts),
                "target_words": targets if isinstance(targets, list) else targets.split(","),
@@ -138,7 +143,8 @@ def run(ctx):
                "example": generations[0], "files": ["steering.csv", "generations.json", *[p.name for p in plots]]}
     lines = [f"steering feature {feature} at {sae.cfg.metadata.hook_name} on {len(prompts)} prompts "
              f"(|W_dec| {result.decoder_norm:.3f}): next-token log P(target words) and share of target words "
-             f"generated [95% CI]" + (f"; random features | random directions: range over {args.controls} each"
+             f"generated [95% CI]" + (f"; matched random features | random directions: range over {args.controls} "
+                                      f"each; p: empirical p-value of log P against the wider of the two"
                                       if args.controls else "")]
     for r in table:
         line = (f"  {r['strength']:>6g}: log P {r['log_mass']:+.2f} [{r['log_mass_low']:+.2f}, {r['log_mass_high']:+.2f}]"
@@ -147,6 +153,7 @@ def run(ctx):
             line += "  controls: " + " | ".join(
                 f"log P {r[f'{k}_log_mass_low']:+.2f}..{r[f'{k}_log_mass_high']:+.2f} share "
                 f"{r[f'{k}_share_low']:.3f}..{r[f'{k}_share_high']:.3f}" for k in si.CONTROL_KINDS)
+            line += f"  p {max(r[f'{k}_log_mass_p_value'] for k in si.CONTROL_KINDS):.3g}"
         lines.append(line + f"  fluency cost {r['fluency_cost']:.2f}")
     lines.append(f"  {prompts[0]!r} -> " + " | ".join(f"{s}: {generations[0][s]}" for s in list(generations[0])[1:]))
     return {"summary": summary, "text": "\n".join(lines), "effects": table, "generations": generations}

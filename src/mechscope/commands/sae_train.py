@@ -101,7 +101,7 @@ def run(ctx):
     out = ctx.run_dir / "sae"
     sae, curves = sae_training.train_on_model(
         engine, args.hook, rows, out, args.architecture, args.d_sae, sparsity[args.architecture], args.training_tokens,
-        args.batch_tokens, args.lr, args.seed, dataset_name=args.data or f"mechscope-toy corpus (seed {args.seed})",
+        args.batch_tokens, args.lr, args.seed, dataset_name=args.data or f"mechscope-toy corpus (seed {args.seed}, {args.n_tokens} tokens)",
         n_checkpoints=args.checkpoints, resume_from=args.resume, log_every=args.log_every, print_fn=show)
     seconds = time.perf_counter() - started
     with open(ctx.run_dir / "curves.csv", "w") as f:
@@ -115,7 +115,8 @@ def run(ctx):
     result = {"summary": {}, "text": ""}
     if args.eval_tokens:
         if held_out is None:
-            held_out = saes.corpus_rows(engine, args.eval_tokens, rows.shape[1], seed=args.seed + 1000)
+            held_out = saes.corpus_rows(engine, args.eval_tokens, rows.shape[1], seed=args.seed + 1000,   # disjoint
+                                        exclude=saes.training_sentences(args.n_tokens, rows.shape[1], args.seed))
         result = eval_outputs(ctx.run_dir, sae, sae_training.evaluate(engine, sae, held_out))
     if args.save_to:
         target = Path(args.save_to)

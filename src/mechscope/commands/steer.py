@@ -14,14 +14,18 @@ openers, so no test prompt shares an opener with the contrast set. --prompt / --
 own prompts instead (the output says whether they overlap the contrast prompts).
 
 strength * vector is added at every position >= --from-position of the prompt and at every generated
-position (the same tokens with or without the KV cache); generation is greedy. Controls: --n-random
-(default 10) Gaussian directions of the same norm at the same strengths. Effects, each per prompt with a
+position (the same tokens with or without the KV cache); generation is greedy. Controls at the same strengths
+and norm: --n-random (default 10) isotropic Gaussian directions and --n-structured (default 10) structured
+ones, each the difference of the mean residuals (read like the vector) of two random halves of the neutral
+texts; the residual stream is anisotropic, so the structured ones move the model more, and each strength
+is judged against the kind whose effects spread wider. Effects, each per prompt with a
 95% bootstrap interval over prompts: the next-token logit difference mean(positive word logits) -
 mean(negative word logits), and positive / negative words per generated token (the share positive /
 (positive + negative) is reported too, but it saturates). Each strength places the vector's effect in
-the random directions' distribution (z-score; `beats` = share of random directions it exceeds). Side
-effect: next-token loss on neutral texts (--neutral FILE, default: bundled neutral sentences) with the
-vector added, against no steering and against the random directions.
+that kind's distribution (z-score; `beats` = share of its directions it exceeds; `p_value` = (1 + controls
+at least as high) / (n + 1)); `control` names the kind. Side effect: next-token loss on neutral texts
+(--neutral FILE, default: bundled neutral sentences) with the vector added, over the predictions steering
+can change (not the one made from BOS), against no steering and against the controls.
 
 Writes steering.csv (one row per strength), per_prompt.csv, side_effect.csv, generations.json, and
 logit_diff_vs_strength.png, net_rate_vs_strength.png, lm_loss_vs_strength.png.
@@ -48,6 +52,9 @@ def add_arguments(parser):
     parser.add_argument("--strengths", default="0,2,4,8", help="comma-separated multipliers (default: %(default)s)")
     parser.add_argument("--n-random", type=int, default=10,
                         help="same-norm random directions (controls) per strength (default: %(default)s)")
+    parser.add_argument("--n-structured", type=int, default=10,
+                        help="structured controls per strength: differences of the mean residuals of two random "
+                             "halves of the neutral texts, same norm (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=10, help="tokens generated (default: %(default)s)")
     parser.add_argument("--from-position", type=int, default=1,
                         help="first prompt position steered; 1 skips BOS (default: %(default)s)")
@@ -154,8 +161,9 @@ def run(ctx):
     strengths = parse_strengths(args.strengths)
     if not 1 <= args.max_new_tokens <= 200:
         raise BadInput("--max-new-tokens must be in 1..200")
-    if not 0 <= args.n_random <= 200:
-        raise BadInput("--n-random must be in 0..200 (10 or more to place the effect among random directions)")
+    if not 0 <= args.n_random <= 200 or not 0 <= args.n_structured <= 200:
+        raise BadInput("--n-random and --n-structured must be in 0..200 (10 or more to place the effect among "
+                       "control directions)")
     if args.prompt and args.prompts:
         raise BadInput("give --prompt or --prompts, not both")
     engine = ctx.engine
@@ -192,8 +200,10 @@ def run(ctx):
                        f"context of {engine.cfg.n_ctx}; shorten one")
     neutral_texts = tasks.read_prompt_file(args.neutral).texts if args.neutral else tasks.neutral_texts(engine)
     neutral = [inputs.tokens(engine, t)[0] for t in neutral_texts]
-    if min(len(r) for r in neutral) < 2 + args.from_position:
-        raise BadInput("each --neutral text needs at least 2 tokens after --from-position")
+    if min(len(r) for r in neutral) < 2 + max(args.from_position, 1):
+        raise BadInput("each --neutral text needs at least 2 tokens after --from-position (and after BOS)")
+    if args.n_structured and len(neutral) < 4:
+        raise BadInput("structured controls split the neutral texts in halves: give 4 or more, or --n-structured 0")
     positive_ids = _word_ids(engine, args.positive_words.split(",") if args.positive_words else corpus.POSITIVE_WORDS,
                              "positive")
     negative_ids = _word_ids(engine, args.negative_words.split(",") if args.negative_words else corpus.NEGATIVE_WORDS,
@@ -211,9 +221,11 @@ def run(ctx):
         raise BadInput(f"the steering vector is zero at resid_pre {layer} (the contrast prompts' residuals are "
                        f"identical there, e.g. the same last token at layer 0); use a later --layer or "
                        f"--vector-position mean")
+    structured = steering.structured_directions(engine, neutral, layer, vector, args.n_structured, args.seed,
+                                                "last" if args.direction else args.vector_position)
     sweep = steering.steering_sweep(engine, rows, layer, vector, strengths, positive_ids, negative_ids,
                                     args.max_new_tokens, args.from_position, n_random=args.n_random, seed=args.seed,
-                                    neutral=neutral)
+                                    neutral=neutral, structured=structured)
 
     # ---------------------------------------------------------------- tables
     r4 = lambda x: None if x is None or x != x else round(float(x), 4)  # noqa: E731
@@ -230,17 +242,19 @@ def run(ctx):
         for m in metrics:
             st = per_strength[m]
             row.update({m: st["mean"][s], f"{m}_ci_low": st["ci_low"][s], f"{m}_ci_high": st["ci_high"][s]})
-            row.update({f"{m}_random_{k}": r4(v) for k, v in placements[m][s].items()})
+            row.update({f"{m}_random_{k}": v if k == "control" else r4(v) for k, v in placements[m][s].items()})
         row["pooled_positive_share"] = r4(pooled[0, s])
         row.update({"lm_loss": per_strength["lm_loss"]["mean"][s], "lm_loss_increase": increase["mean"][s],
                     "lm_loss_increase_ci_low": increase["ci_low"][s], "lm_loss_increase_ci_high": increase["ci_high"][s],
-                    **{f"lm_loss_random_{k}": r4(v) for k, v in placements["lm_loss"][s].items()}})
+                    **{f"lm_loss_random_{k}": v if k == "control" else r4(v)
+                       for k, v in placements["lm_loss"][s].items()}})
         for k in ("random_mean", "random_max"):   # the random directions' loss increase, like the vector's
             if k in placements["lm_loss"][s]:
                 row[f"lm_loss_increase_{k}"] = r4(placements["lm_loss"][s][k] - float(unsteered_loss.mean()))
         table.append(row)
     write_csv(ctx.run_dir / "steering.csv", table)
-    names = ["steer"] + [f"random {i}" for i in range(sweep.n_random)]
+    kinds = sweep.kind_of()
+    names = ["steer"] + [f"{kinds[d]} {d - kinds.index(kinds[d])}" for d in range(1, len(kinds))]
     write_csv(ctx.run_dir / "per_prompt.csv", [
         {"direction": names[d], "strength": strength, "prompt": i, **{m: r4(getattr(sweep, m)[d, s, i]) for m in metrics},
          "generated_tokens": int(sweep.generated[d, s, i])}
@@ -262,9 +276,9 @@ def run(ctx):
                        ("lm_loss", "loss on neutral text (nats)")):
         st = per_strength[key]
         curves = {"steering vector (95% CI over prompts)": (st["mean"], st["ci_low"], st["ci_high"])}
-        if sweep.n_random:
-            means = getattr(sweep, key)[1:].nanmean(-1)                            # [n_random, S]
-            curves[f"{sweep.n_random} random directions (mean, min-max)"] = (
+        for kind in sorted(set(kinds[1:])):
+            means = getattr(sweep, key)[torch.tensor([k == kind for k in kinds])].nanmean(-1)   # [n_kind, S]
+            curves[f"{len(means)} {kind} directions (mean, min-max)"] = (
                 means.mean(0), means.min(0).values, means.max(0).values)
         plots.append(plotting.lines(curves, ctx.run_dir / f"{key}_vs_strength.png", x=strengths,
                                     title=f"steering at resid_pre {layer} (|v| = {sweep.vector_norm:.2f})",
@@ -273,18 +287,20 @@ def run(ctx):
     notes = []
     if overlap:
         notes.append(f"not held out: the steered prompts contain the contrast prompts {overlap[:3]}")
-    if 0 < args.n_random < 10:
-        notes.append(f"only {args.n_random} random directions: z-scores and 'beats' are coarse (use 10 or more)")
+    if 0 < args.n_random < 10 or 0 < args.n_structured < 10:
+        notes.append(f"only {args.n_random} Gaussian / {args.n_structured} structured directions: z-scores, 'beats' and "
+                     f"p-values are coarse (use 10 or more; p can be no smaller than 1 / (n + 1))")
     headline = ("logit_diff", "net_rate", "positive_share")
     summary = {
         "layer": layer, "hook": steering.hook_name(layer), "vector": source, "vector_norm": r4(sweep.vector_norm),
         "split": rule, "held_out": None if args.direction else not overlap, "n_prompts": len(prompts),
-        "n_random": sweep.n_random, "n_neutral_texts": len(neutral),
+        "n_random": args.n_random, "n_structured": args.n_structured, "n_neutral_texts": len(neutral),
         "unsteered_lm_loss": r4(unsteered_loss.mean()),
         "effects": [{"strength": r["strength"],
                      **{m: {"mean": r[m], "ci": [r[f"{m}_ci_low"], r[f"{m}_ci_high"]],
                             **{k: r.get(f"{m}_random_{k}") for k in ("random_mean", "random_std", "random_max",
-                                                                       "random_min", "z", "beats")}}
+                                                                       "random_min", "z", "beats", "p_value",
+                                                                       "control")}}
                         for m in headline},
                      "pooled_positive_share": r["pooled_positive_share"],
                      "lm_loss_increase": {"mean": r["lm_loss_increase"],
@@ -292,12 +308,19 @@ def run(ctx):
                                           "random_mean": r.get("lm_loss_increase_random_mean"),
                                           "random_max": r.get("lm_loss_increase_random_max")}} for r in table],
         "intervals": "95% percentile bootstrap over prompts (over neutral texts for lm_loss); random_*: over the "
-                     "random directions' means; z = (vector - random mean) / random std; beats = share of random "
-                     "directions the vector exceeds (for lm_loss: stays below)",
+                     "means of the control kind named by `control` (Gaussian or structured, per strength the one "
+                     "whose means spread wider); z = (vector - random mean) / random std; beats = share of those "
+                     "directions the vector exceeds (for lm_loss: stays below); p_value = (1 + controls at least "
+                     "as high) / (n + 1)",
+        "controls_by_kind": {kind: [{"strength": strength, **{k: r4(v) if k != "control" else v
+                                                              for k, v in sweep.placement("logit_diff", kind)[s].items()}}
+                                    for s, strength in enumerate(strengths)]
+                             for kind in sorted(set(kinds[1:]))},
         "example": {k: v[:200] for k, v in generations[0].items() if not k.startswith("random")}, "notes": notes,
         "files": ["steering.csv", "per_prompt.csv", "side_effect.csv", "generations.json"] + [p.name for p in plots]}
     lines = [f"steering resid_pre {layer} (|v| = {sweep.vector_norm:.2f}; {source}), {len(prompts)} prompts, "
-             f"{sweep.n_random} same-norm random directions" + (f"\n{rule}" if rule else ""),
+             f"{args.n_random} Gaussian and {args.n_structured} structured same-norm control directions (each "
+             f"strength against the wider kind)" + (f"\n{rule}" if rule else ""),
              "  strength  logit diff [95% CI]   random mean (max)   z      beats | net rate [95% CI]        "
              "random max | loss increase on neutral text (random mean)"]
     for r in table:

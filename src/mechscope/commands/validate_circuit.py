@@ -1,11 +1,22 @@
-"""Validate a circuit (heads LAYER.HEAD, MLP layers mlpL): necessity, faithfulness and minimality.
+"""Validate a circuit (heads LAYER.HEAD, MLP layers mlpL): faithfulness, completeness, minimality, falsifiability.
 
 - faithfulness (sufficiency): ablate every head (and, with --ablate-mlps, every MLP) outside the circuit;
-  the fraction of the clean metric recovered relative to everything ablated (0 = no better than nothing,
-  1 = the full model).
-- necessity: ablate only the circuit; the fraction of the behaviour lost (same normalisation).
-- minimality: how much faithfulness drops when each component is taken out of the circuit.
+  the fraction of the clean metric recovered against the floor, everything ablated (the empty circuit:
+  0 = no better than nothing, 1 = the full model); faithfulness_vs_corrupted: the same against the model
+  run on the corrupted prompts (ioi / facts twins; induction: [BOS, s, r] with s other random words), when
+  the task has them.
+- necessity (completeness): ablate only the circuit; how far that moves the metric toward the floor (same
+  normalisation; 1 = nothing outside the circuit carries the behaviour).
+- minimality: how much faithfulness drops when each component is taken out of the circuit, and Wang et
+  al.'s F(C \ K) - F(C \ (K + {v})) with K found greedily (minimality_greedy): a backup component reads ~0
+  with K = {} (L2H2 of the bundled model: 0.03) and shows once what it backs up is gone (K = {2.1}: 0.15).
+- falsifiability: a known-wrong circuit of the same make-up (--wrong-circuit, default: one drawn outside the
+  circuit) must score low: `passes` when its faithfulness interval lies below the circuit's.
 - random circuits of the same size (--random, seeded, drawn outside the circuit): the baseline to beat.
+
+Mean ablation as in Wang et al. (a per-position mean over a reference distribution, their ABC prompts):
+--wang-mean = --method mean --per-position with the task's corrupted prompts as the reference (prompts of
+one token length: induction, or --task facts).
 
 Same tasks and prompt options as `mechscope ablate` (--task induction (default), ioi, facts; --prompts FILE;
 --prompt/--answer/--wrong). Each number comes with a 95% bootstrap interval over the prompts. Values outside
@@ -28,6 +39,10 @@ def add_arguments(parser):
                         help="ablate the MLP layers outside the circuit too (implied when the circuit names one)")
     parser.add_argument("--random", type=int, default=5,
                         help="random circuits of the same size to compare against (default: %(default)s)")
+    parser.add_argument("--wrong-circuit", help="a known-wrong circuit of the same size for the falsifiability "
+                        "check (default: drawn outside the circuit)")
+    parser.add_argument("--wang-mean", action="store_true",
+                        help="mean ablation as in Wang et al.: per position, over the task's corrupted prompts")
     add_task_arguments(parser)
 
 
@@ -56,8 +71,8 @@ def run(ctx):
     from mechscope import plotting
     from mechscope.commands.ablate import build_task
     from mechscope.errors import BadInput
-    from mechscope.techniques.ablation import parse_components
-    from mechscope.techniques.validation import validate_circuit
+    from mechscope.techniques.ablation import ablated_metric, parse_components
+    from mechscope.techniques.validation import check_circuit, validate_circuit
 
     args = ctx.args
     if args.random < 0:
@@ -66,11 +81,26 @@ def run(ctx):
         raise BadInput("--random must be at most 1000")
     engine = ctx.engine
     circuit = parse_components(engine, args.circuit) if args.circuit.strip() else []
-    ablate_mlps = args.ablate_mlps or any(c.kind == "mlp" for c in circuit)
+    wrong = parse_components(engine, args.wrong_circuit) if args.wrong_circuit else None
+    if wrong is not None and sorted(c.kind for c in wrong) != sorted(c.kind for c in circuit):
+        raise BadInput("--wrong-circuit must have the circuit's make-up (as many heads and MLP layers)")
+    ablate_mlps = args.ablate_mlps or any(c.kind == "mlp" for c in circuit + (wrong or []))
+    if args.wang_mean and (args.method != "mean" or args.reference):
+        raise BadInput("--wang-mean is mean ablation over the corrupted prompts: drop --method / --reference")
+    check_circuit(engine, circuit + (wrong or []), ablate_mlps)
     task = build_task(engine, args)
+    reference, per_position = task["reference"], args.per_position
+    if args.wang_mean:
+        if task["corrupted"] is None:
+            raise BadInput("--wang-mean needs corrupted prompts: use --task induction, ioi or facts")
+        reference, per_position = task["corrupted"], True
+        task["reference_note"] = "Wang et al.'s mean ablation: per position, over the task's corrupted prompts"
+    corrupted_values = None if task["corrupted"] is None else \
+        ablated_metric(engine, task["corrupted"], [[]], task["metric"])[0]
     v = validate_circuit(engine, task["tokens"], circuit, task["metric"], args.method, ablate_mlps=ablate_mlps,
-                         n_random=args.random, seed=args.seed, reference=task["reference"],
-                         per_position=args.per_position, skip_bos=not args.include_bos)
+                         n_random=args.random, seed=args.seed, reference=reference,
+                         per_position=per_position, skip_bos=not args.include_bos,
+                         corrupted_values=corrupted_values, wrong_circuit=wrong)
 
     randoms = {key: [r[key] for r in v.random_circuits] for key in ("faithfulness", "necessity")}
     r4 = lambda x: round(x, 4)  # noqa: E731
@@ -87,7 +117,15 @@ def run(ctx):
                "random_faithfulness_max": r4(max(randoms["faithfulness"])) if v.random_circuits else None,
                "random_necessity_mean": r4(sum(randoms["necessity"]) / len(v.random_circuits))
                if v.random_circuits else None,
-               "clean_metric": r4(v.clean), "all_ablated_metric": r4(v.all_ablated),
+               "completeness": r4(v.necessity),
+               "faithfulness_vs_corrupted": interval(v.faithfulness_vs_corrupted) if v.faithfulness_vs_corrupted
+               else None,
+               "minimality_greedy": {c: {k: r4(x) if k != "K" else x for k, x in d.items()}
+                                     for c, d in v.greedy_minimality.items()},
+               "falsifiability": {k: r4(x) if isinstance(x, float) else x for k, x in v.falsifiability.items()}
+               if v.falsifiability else None,
+               "clean_metric": r4(v.clean), "all_ablated_metric": r4(v.all_ablated), "floor_metric": r4(v.all_ablated),
+               "corrupted_metric": None if v.corrupted is None else r4(v.corrupted),
                "circuit_only_metric": r4(v.circuit_only), "circuit_ablated_metric": r4(v.circuit_ablated),
                "intervals": "95% percentile bootstrap over prompts (1000 resamples; stderr = their std)",
                "notes": notes(v)}
@@ -111,8 +149,20 @@ def run(ctx):
         lines.append(f"random circuits of the same size ({len(v.random_circuits)}): faithfulness mean "
                      f"{summary['random_faithfulness_mean']:.3f}, max {summary['random_faithfulness_max']:.3f}; "
                      f"necessity mean {summary['random_necessity_mean']:.3f}")
+    if v.faithfulness_vs_corrupted:
+        f = v.faithfulness_vs_corrupted
+        lines.append(f"faithfulness against the corrupted prompts ({task['metric_name']} {v.corrupted:.4f}): "
+                     f"{f['value']:.3f} {ci(f)}")
     lines += [f"  without {label:>8}: faithfulness drops by {drop:+.3f} {ci(v.intervals['minimality'][label])}"
+              + (f"; with K = {{{','.join(g['K'])}}} removed first (greedy): {g['value']:+.3f} {ci(g)}"
+                 if (g := v.greedy_minimality.get(label)) and g["K"] else "")
               for label, drop in v.minimality.items()]
+    if v.falsifiability:
+        w = v.falsifiability
+        lines.append(f"falsifiability: the wrong circuit {','.join(w['circuit'])} has faithfulness {w['faithfulness']:.3f} "
+                     f"{ci(w)}: " + ("below the circuit's interval (the test can fail, and this circuit passes it)"
+                                     if w["passes"] else "NOT below the circuit's interval: this test does not tell "
+                                     "the circuit from a wrong one"))
     lines += [f"note: {n}" for n in summary["notes"]]
     return {"summary": summary, "random_circuits": v.random_circuits, "text": "\n".join(lines)}
 

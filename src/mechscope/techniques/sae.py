@@ -277,20 +277,45 @@ def special_mask(engine, tokens: torch.Tensor) -> torch.Tensor:
     return torch.isin(tokens, ids)
 
 
-def corpus_rows(engine, n_tokens: int, context: int, seed: int = 0) -> torch.Tensor:
+def corpus_rows(engine, n_tokens: int, context: int, seed: int = 0, exclude: set[str] | None = None) -> torch.Tensor:
     """[rows, context] token ids of the bundled corpus (plain sentences, `corpus.corpus_text`): each row is BOS
-    and then context - 1 tokens of running text, about n_tokens in all (at least one row)."""
+    and then context - 1 tokens of running text, about n_tokens in all (at least one row). exclude: sentences
+    left out (held-out text disjoint from training: `training_sentences`)."""
+    n_rows = max(1, -(-n_tokens // context))
+    ids = _corpus_ids(engine, n_rows * (context - 1), seed, exclude or set())[1]
+    body = torch.tensor(ids[: n_rows * (context - 1)]).view(n_rows, context - 1)
+    return torch.cat([torch.full((n_rows, 1), engine.bos_token_id), body], dim=1)
+
+
+def _corpus_ids(engine, n_ids: int, seed: int, exclude: set[str]) -> tuple[list[str], list[int]]:
+    """(sentences, their token ids run together): corpus_text(seed) without `exclude`, enough for n_ids tokens."""
     from mechscope.toy import corpus
 
-    per_row = context - 1
-    n_rows = max(1, -(-n_tokens // context))
-    n_sentences = n_rows * per_row // 6 + 16  # sentences average > 6 tokens
-    ids = []
-    while len(ids) < n_rows * per_row:
-        ids = engine.tokenizer(" ".join(corpus.corpus_text(n_sentences, seed=seed)), add_special_tokens=False).input_ids
+    n_sentences = n_ids // 6 + 16  # sentences average > 6 tokens
+    while True:
+        sentences = [s for s in corpus.corpus_text(n_sentences, seed=seed) if s not in exclude]
+        ids = engine.tokenizer(" ".join(sentences), add_special_tokens=False).input_ids
+        if len(ids) >= n_ids:
+            return sentences, ids
         n_sentences *= 2
-    body = torch.tensor(ids[: n_rows * per_row]).view(n_rows, per_row)
-    return torch.cat([torch.full((n_rows, 1), engine.bos_token_id), body], dim=1)
+
+
+def training_sentences(n_tokens: int, context: int, seed: int = 0) -> set[str]:
+    """The sentences corpus_rows(engine, n_tokens, context, seed) draws from, or more: corpus_text is
+    prefix-consistent and a sentence has at least as many tokens as words, so the prefix covering that many
+    words holds every sentence used (counted without the slow tokenizer)."""
+    from mechscope.toy import corpus
+
+    n_words = max(1, -(-n_tokens // context)) * (context - 1)
+    n_sentences = n_words // 6 + 16
+    while True:
+        sentences, words = [], 0
+        for sentence in corpus.corpus_text(n_sentences, seed=seed):
+            sentences.append(sentence)
+            words += len(sentence.split())
+            if words >= n_words:
+                return set(sentences)
+        n_sentences *= 2
 
 
 def text_rows(engine, texts: list[str], context: int) -> torch.Tensor:

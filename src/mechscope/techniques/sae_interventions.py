@@ -5,15 +5,20 @@ Steering (`steering_sweep`): strength * W_dec[f] is added at the SAE's hook at e
 and at every generated position (the rule of `techniques.steering`, so generation with and without the KV
 cache gives the same tokens); with the error term kept that is the same as raising the feature's
 activation by `strength`. Controls at the same strengths: other live features' decoder directions and
-Gaussian random directions, each rescaled to the feature's decoder norm (n_controls of each). Effects per
-prompt: the share of generated tokens in a target set (until EOS), the next-token log-probability mass
-of the target set at the prompt's last position, and a fluency cost (the unsteered model's mean
-next-token loss on the generated tokens); means with 95% bootstrap intervals over prompts, and for the
-controls the mean and range over the control directions.
+Gaussian random directions, each rescaled to the feature's decoder norm (n_controls of each). The control
+features are matched to the feature (`matched_features`: the n features nearest in activation frequency
+and magnitude on the corpus, each drawn once), so a feature is compared with features
+that fire as often and as strongly, not with rare weak ones. Effects per prompt: the share of generated
+tokens in a target set (until EOS), the next-token log-probability mass of the target set at the prompt's
+last position, and a fluency cost (the unsteered model's mean next-token loss on the generated tokens);
+means with 95% bootstrap intervals over prompts; for the controls the mean and range over the control
+directions and the feature's empirical p-value against them (`stats.empirical_p`: (1 + controls at least
+as high) / (n + 1); 8 controls can never give p < 0.05, hence 32 by default in the commands).
 
 Ablation (`ablate`): the features' activations are zeroed at chosen positions and the model runs on
 x - decode(f) + decode(f_ablated) (sae-lens's `use_error_term=True`), so nothing else changes. The
-control ablates the same number of random features that are active at those positions.
+control ablates as many other features, each matched to one ablated feature on how often (share of
+prompts) and how strongly it is active at those positions (`matched_sets`).
 
 Attribution (`attribute`): the first-order estimate of zero-ablating feature i at position p is
 -f[p, i] * dm/df[p, i], with dm/df = the gradient at the hook pulled back through the decoder (from one
@@ -42,16 +47,73 @@ def add_direction(vector: torch.Tensor, from_position: int = 1):
     return lambda x: edit(saes.flat_heads(x)).reshape(x.shape)
 
 
-def control_directions(sae, feature: int, n: int, live: torch.Tensor | None = None, seed: int = 0) -> dict:
+def feature_profile(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """acts [n, positions, d_sae] (0 where a position does not count) -> ([d_sae] share of the n rows with the
+    feature active somewhere, [d_sae] its mean activation where active, 0 if never)."""
+    on = acts > 0
+    frequency = on.any(1).float().mean(0)
+    magnitude = (acts * on).sum((0, 1)) / on.sum((0, 1)).clamp_min(1)
+    return frequency.cpu(), magnitude.float().cpu()
+
+
+@torch.no_grad()
+def corpus_profile(engine, sae, n_tokens: int = 20_000, context: int = 64, batch_size: int = 64):
+    """feature_profile over n_tokens of the bundled corpus, every token its own row (frequency = density),
+    BOS excluded; the rows of saes.live_features, so live = frequency > 0."""
+    rows = saes.corpus_rows(engine, n_tokens, min(context, engine.cfg.n_ctx), seed=12345)
+    count, total, tokens = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae), 0
+    for batch in rows.split(batch_size):
+        f = saes.feature_acts(engine, sae, batch.to(engine.cfg.device))[:, 1:].flatten(0, 1).float().cpu()
+        count += (f > 0).sum(0)
+        total += f.sum(0)
+        tokens += len(f)
+    return count / tokens, total / count.clamp_min(1)
+
+
+def matched_features(frequency: torch.Tensor, magnitude: torch.Tensor, feature: int, n: int,
+                     exclude: list[int] = (), seed: int = 0) -> list[int]:
+    """The n features (fewer if fewer are active) nearest to `feature` in activation frequency and magnitude
+    (distance |log frequency ratio| + |log magnitude ratio|), each once, among the features ever active and
+    not in exclude, in random order (seeded). frequency, magnitude: [d_sae] (feature_profile)."""
+    gen = torch.Generator().manual_seed(seed)
+    eligible = frequency > 0
+    eligible[feature] = False
+    eligible[torch.tensor(list(exclude), dtype=torch.long)] = False
+    log_freq, log_mag = frequency.clamp_min(1e-8).log(), magnitude.clamp_min(1e-8).log()
+    distance = (log_freq - log_freq[feature]).abs() + (log_mag - log_mag[feature]).abs()
+    candidates = eligible.nonzero().flatten()
+    pool = candidates[distance[candidates].argsort()[:n]]
+    return pool[torch.randperm(len(pool), generator=gen)].tolist()
+
+
+def matched_sets(frequency: torch.Tensor, magnitude: torch.Tensor, features: list[int], n_sets: int,
+                 seed: int = 0) -> list[list[int]]:
+    """n_sets control sets for ablating `features` together: set i holds, for each feature, its i-th matched
+    feature (matched_features); no feature appears twice in all the sets, none is one of `features`."""
+    used, columns = list(features), []
+    for j, feature in enumerate(features):
+        partners = matched_features(frequency, magnitude, feature, n_sets, used, seed + j)
+        used += partners
+        columns.append(partners)
+    n = min(map(len, columns), default=0)
+    return [[column[i] for column in columns] for i in range(n)]
+
+
+def control_directions(sae, feature: int, n: int, live: torch.Tensor | None = None, seed: int = 0,
+                       profile: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """{"random_feature": [n, d_in], "random_direction": [n, d_in]}, every row with W_dec[feature]'s norm.
-    live: [d_sae] bool, the features that may be drawn (default all but `feature`)."""
+    profile: (frequency, magnitude) [d_sae] (corpus_profile): the features are matched to `feature`
+    (matched_features); without it, drawn without replacement from live ([d_sae] bool, default all)."""
     gen = torch.Generator().manual_seed(seed)
     W_dec = sae.W_dec.detach().float().cpu()
     norm = W_dec[feature].norm()
-    pool = (torch.ones(len(W_dec), dtype=torch.bool) if live is None else live.clone().cpu())
-    pool[feature] = False
-    candidates = pool.nonzero().flatten()
-    others = W_dec[candidates[torch.randperm(len(candidates), generator=gen)[:n]]]
+    if profile is not None:
+        others = W_dec[matched_features(*profile, feature, n, seed=seed)]
+    else:
+        pool = (torch.ones(len(W_dec), dtype=torch.bool) if live is None else live.clone().cpu())
+        pool[feature] = False
+        candidates = pool.nonzero().flatten()
+        others = W_dec[candidates[torch.randperm(len(candidates), generator=gen)[:n]]]
     gaussian = torch.randn(n, W_dec.shape[1], generator=gen)
     return {kind: d / d.norm(dim=1, keepdim=True) * norm for kind, d in
             (("random_feature", others), ("random_direction", gaussian))}
@@ -95,20 +157,22 @@ class SteeringResult:
     feature: int
     strengths: list[float]
     effects: list[dict]                 # [n_strengths] {share, log_mass, fluency_cost}: stats.summary dicts
-    controls: list[dict]                # [n_strengths] {kind: {metric: {mean, low, high, values}}}
+    controls: list[dict]                # [n_strengths] {kind: {metric: {mean, low, high, values, p_value}}}
     decoder_norm: float
     generations: list = field(default_factory=list)   # [n_strengths][prompt] new token ids (the feature)
 
 
 def steering_sweep(engine, sae, feature: int, rows: list[torch.Tensor], strengths: list[float], target_ids: list[int],
-                   max_new_tokens: int = 10, from_position: int = 1, n_controls: int = 8, live=None,
-                   seed: int = 0) -> SteeringResult:
-    """Steer along W_dec[feature] and the controls at every strength (see the module docstring)."""
+                   max_new_tokens: int = 10, from_position: int = 1, n_controls: int = 32, live=None,
+                   seed: int = 0, profile=None) -> SteeringResult:
+    """Steer along W_dec[feature] and the controls at every strength (see the module docstring). profile:
+    (frequency, magnitude) [d_sae] to match the control features on (corpus_profile); p_value: the feature's
+    empirical p against each kind's control means, higher = stronger (fluency cost: lower)."""
     from mechscope.progress import progress
 
     hook = sae.cfg.metadata.hook_name
     direction = sae.W_dec[feature].detach().float().cpu()
-    controls = control_directions(sae, feature, n_controls, live, seed)
+    controls = control_directions(sae, feature, n_controls, live, seed, profile)
     target = torch.tensor(sorted(set(target_ids)))
     effects, control_effects, generations = [], [], []
     names = ("share", "log_mass", "fluency_cost")
@@ -124,7 +188,9 @@ def steering_sweep(engine, sae, feature: int, rows: list[torch.Tensor], strength
                 means = torch.stack([torch.stack([v.mean() for v in steer_measure(
                     engine, hook, rows, s * d, target, max_new_tokens, from_position)[:3]]) for d in dirs])  # [n, 3]
             per_kind[kind] = {k: {"mean": float(means[:, j].mean()), "low": float(means[:, j].min()),
-                                  "high": float(means[:, j].max()), "values": means[:, j].tolist()}
+                                  "high": float(means[:, j].max()), "values": means[:, j].tolist(),
+                                  "p_value": stats.empirical_p(float(values[j].mean()), means[:, j],
+                                                               "negative" if k == "fluency_cost" else "value")}
                               for j, k in enumerate(names)}
         control_effects.append(per_kind)
     return SteeringResult(feature=feature, strengths=list(strengths), effects=effects, controls=control_effects,
@@ -152,18 +218,6 @@ def ablate(engine, sae, tokens: torch.Tensor, metric, features: list[int], posit
     clean = metric(engine.run(tokens)[0]).float().cpu()
     edit = saes.splice(sae, tokens, engine, edit=zero_features(features, positions))
     return clean, metric(engine.run(tokens, edits=[(hook, edit)])[0]).float().cpu()
-
-
-@torch.no_grad()
-def random_active_sets(f: torch.Tensor, n_features: int, n_sets: int, exclude: list[int], seed: int = 0) -> list[list[int]]:
-    """n_sets random sets of n_features features active somewhere in f [batch, seq, d_sae], not in exclude."""
-    gen = torch.Generator().manual_seed(seed)
-    active = (f > 0).flatten(0, 1).any(0).cpu()
-    active[torch.tensor(exclude, dtype=torch.long)] = False
-    pool = active.nonzero().flatten()
-    if len(pool) < n_features:
-        return []
-    return [pool[torch.randperm(len(pool), generator=gen)[:n_features]].tolist() for _ in range(n_sets)]
 
 
 # ---------------------------------------------------------------------------------------- attribution

@@ -1,4 +1,4 @@
-"""Circuit validation: necessity, sufficiency / faithfulness and minimality of a set of components.
+"""Circuit validation: faithfulness, necessity / completeness, minimality and falsifiability of a set of components.
 
 The universe is every attention head (and, with ablate_mlps, every MLP layer). With m the metric averaged
 over the batch:
@@ -8,11 +8,19 @@ over the batch:
 - m_circuit_ablated: only the circuit ablated
 
 faithfulness = (m_circuit_only - m_all_ablated) / (m_clean - m_all_ablated): the fraction of the clean
-behaviour the circuit recovers on its own (0 for the empty circuit, 1 for the whole universe).
-necessity = (m_clean - m_circuit_ablated) / (m_clean - m_all_ablated): how much of the behaviour is lost
-when only the circuit is ablated. minimality[c] = faithfulness(circuit) - faithfulness(circuit without c):
-a component whose removal costs ~0 is not needed. Both ratios work whether the metric rises (logit diff)
-or falls (loss) with the behaviour. Random circuits of the same make-up give the baseline to beat.
+behaviour the circuit recovers on its own, against the floor (m_all_ablated is the empty circuit: 0 for
+it, 1 for the whole universe). faithfulness_vs_corrupted = (m_circuit_only - m_corrupted) / (m_clean -
+m_corrupted), against the model run on corrupted prompts (the baseline of patching and of Conmy et al.),
+when the task has them. necessity = (m_clean - m_circuit_ablated) / (m_clean - m_all_ablated): how far
+ablating only the circuit moves the metric toward the floor (its completeness: 1 = nothing outside the
+circuit carries the behaviour). minimality[c] = faithfulness(circuit) - faithfulness(circuit without c).
+That misses a backup: a component that only matters once another is gone reads ~0. Wang et al.'s
+minimality, F(C \ K) - F(C \ (K + {v})) for some K in C \ {v}, is computed with K found greedily
+(`greedy_minimality`: add to K the component that most increases |F(C \ K) - F(C \ (K + {v}))| while it
+does): on the bundled model's induction circuit the backup L2H2 reads ~0 with K = {} and shows with
+K = {2.1}. Falsifiability: a wrong circuit of the same make-up (given, or drawn outside the circuit) must
+score low, or the test cannot fail. The ratios work whether the metric rises (logit diff) or falls (loss)
+with the behaviour. Random circuits of the same make-up give the baseline to beat.
 All runs (clean, baselines, minimality, random circuits) share one reference forward and batch together.
 Intervals: each ratio recomputed on 1000 bootstrap resamples of the prompts (95% percentile interval; the
 standard error is the resamples' standard deviation).
@@ -47,6 +55,10 @@ class CircuitValidation:
     random_circuits: list[dict] = field(default_factory=list)  # {"circuit", "faithfulness", "necessity"}
     intervals: dict = field(default_factory=dict)
     n_prompts: int = 0
+    corrupted: float | None = None                 # the metric on corrupted prompts (None: no corrupted prompts)
+    faithfulness_vs_corrupted: dict | None = None  # {value, ci_low, ci_high}
+    greedy_minimality: dict = field(default_factory=dict)   # label -> {value, K, ci_low, ci_high, value_without_K}
+    falsifiability: dict | None = None             # {circuit, faithfulness, ci_low, ci_high, passes}
 
 
 def universe(model, ablate_mlps: bool) -> list[Component]:
@@ -90,11 +102,57 @@ def scores(means: torch.Tensor, n_circuit: int) -> torch.Tensor:
     return out
 
 
+def _ratio_interval(parts: torch.Tensor, ratio, seed: int) -> dict:
+    """parts [batch, k] per-prompt values; ratio(means [..., k]) -> [...]: the point value and a 95% bootstrap
+    percentile interval over prompts."""
+    point = float(ratio(parts.mean(0)))
+    resampled = ratio(stats.bootstrap_means(parts, seed=seed))
+    return {"value": point, "ci_low": float(resampled.nanquantile(0.025)), "ci_high": float(resampled.nanquantile(0.975))}
+
+
+def greedy_minimality(run, circuit: list[Component], seed: int = 0) -> dict:
+    """Wang et al.'s minimality of each v in circuit with K found greedily (module docstring).
+    run(sets) -> {frozenset S: [batch] metric with everything outside S ablated, "clean": ..., "floor": ...}.
+    -> {label: {value: F(C \\ K) - F(C \\ (K + {v})), K: labels, value_without_K: the same with K = {},
+    ci_low, ci_high}}."""
+    whole = frozenset(circuit)
+
+    def faithfulness(values: dict, S: frozenset) -> float:
+        clean, floor = values["clean"].mean(), values["floor"].mean()
+        return float((values[S].mean() - floor) / (clean - floor))
+
+    def drop(values: dict, K: frozenset, v: Component) -> float:
+        return faithfulness(values, whole - K) - faithfulness(values, whole - K - {v})
+
+    out = {}
+    for v in circuit:
+        K: frozenset = frozenset()
+        first = drop(run([whole - {v}, whole]), K, v)
+        best = abs(first)
+        while len(K) < len(circuit) - 1:
+            options = [K | {u} for u in circuit if u != v and u not in K]
+            values = run([whole - k for k in options] + [whole - k - {v} for k in options])
+            gains = [abs(drop(values, k, v)) for k in options]
+            i = max(range(len(options)), key=gains.__getitem__)
+            if gains[i] <= best + 1e-6:
+                break
+            K, best = options[i], gains[i]
+        values = run([whole - K, whole - K - {v}])
+        parts = torch.stack([values["clean"], values["floor"], values[whole - K], values[whole - K - {v}]], 1)
+        result = _ratio_interval(parts, lambda m: (m[..., 2] - m[..., 3]) / (m[..., 0] - m[..., 1]), seed)
+        out[v.label] = {**result, "K": [c.label for c in circuit if c in K], "value_without_K": first}
+    return out
+
+
 def validate_circuit(model, tokens, circuit: list[Component], metric: Callable[[torch.Tensor], torch.Tensor],
                      method: str = "mean", ablate_mlps: bool = False, n_random: int = 0, seed: int = 0,
+                     corrupted_values: torch.Tensor | None = None, wrong_circuit: list[Component] | None = None,
                      **kwargs) -> CircuitValidation:
-    """Necessity, faithfulness and minimality of `circuit` on tokens ([batch, seq] or rows [seq_i]) under
-    `metric` ([batch]), with 95% bootstrap intervals over the prompts.
+    """Faithfulness, necessity, minimality (K = {} and greedy K) and falsifiability of `circuit` on tokens
+    ([batch, seq] or rows [seq_i]) under `metric` ([batch]), with 95% bootstrap intervals over the prompts.
+    corrupted_values: [batch] the metric on the prompts' corrupted twins (for faithfulness_vs_corrupted);
+    wrong_circuit: the known-wrong circuit of the falsifiability check (default: one drawn like the random
+    circuits, seed + 1; none when nothing is left outside the circuit).
 
     kwargs go to `ablated_metric` (reference, donors, per_position, rows_per_forward, skip_bos).
     """
@@ -127,10 +185,41 @@ def validate_circuit(model, tokens, circuit: list[Component], metric: Callable[[
 
     random_rows = [{"circuit": group_label(r), "faithfulness": point[2 + k + 2 * j],
                     "necessity": point[3 + k + 2 * j]} for j, r in enumerate(randoms)]
+
+    cache = {"clean": values[0], "floor": values[1], frozenset(circuit): values[2]}
+
+    def run(sets) -> dict:
+        """The metric [batch] with everything outside each set ablated (cached; one forward for the new ones)."""
+        new = list(dict.fromkeys(S for S in sets if S not in cache))
+        if new:
+            got = ablated_metric(model, tokens, [without(list(S)) for S in new], metric, method, seed=seed, **kwargs)
+            cache.update(zip(new, got))
+        return cache
+
+    if wrong_circuit is None and len(circuit) and all(
+            sum(c.kind == kind for c in universe(model, ablate_mlps) if c not in circuit) >= sum(c.kind == kind for c in circuit)
+            for kind in ("head", "mlp")):
+        wrong_circuit = random_circuits(model, circuit, 1, ablate_mlps, seed + 1)[0]
+    falsifiability = None
+    if wrong_circuit:
+        wrong = frozenset(wrong_circuit)
+        got = run([wrong])
+        parts = torch.stack([got["clean"], got["floor"], got[wrong]], 1)
+        f = _ratio_interval(parts, lambda m: (m[..., 2] - m[..., 1]) / (m[..., 0] - m[..., 1]), seed)
+        falsifiability = {"circuit": [c.label for c in wrong_circuit], "faithfulness": f["value"],
+                          "ci_low": f["ci_low"], "ci_high": f["ci_high"],
+                          "passes": f["ci_high"] < float(low[0])}
+    vs_corrupted, corrupted = None, None
+    if corrupted_values is not None:
+        corrupted = float(corrupted_values.float().mean())
+        parts = torch.stack([values[0], values[2], corrupted_values.float().cpu()], 1)
+        vs_corrupted = _ratio_interval(parts, lambda m: (m[..., 1] - m[..., 2]) / (m[..., 0] - m[..., 2]), seed)
     return CircuitValidation(
         circuit=[c.label for c in circuit], method=method, clean=clean, all_ablated=baseline,
         circuit_only=float(means[2]), circuit_ablated=float(means[3]), faithfulness=faithful, necessity=necessity,
         minimality={c.label: faithful - f for c, f in zip(circuit, point[2:2 + k])}, random_circuits=random_rows,
         intervals={"faithfulness": interval(0), "necessity": interval(1),
                    "minimality": {c.label: interval(2 + i) for i, c in enumerate(circuit)}},
-        n_prompts=int(values.shape[1]))
+        n_prompts=int(values.shape[1]), corrupted=corrupted, faithfulness_vs_corrupted=vs_corrupted,
+        greedy_minimality=greedy_minimality(run, circuit, seed) if len(circuit) > 1 else {},
+        falsifiability=falsifiability)

@@ -10,8 +10,10 @@ Named features are found by rule, not picked by hand, so a retrained SAE gets th
 - country: of the features pure for countries, the one active on the most X positions of those prompts;
 - person_name: of the features pure for names, the one active on the most name positions (IO, S1, S2) of
   held-out IOI prompts.
-Causal tests (error term kept), each against random controls: live features and Gaussian directions of the
-feature's norm for steering, random features active at the same positions for ablation:
+Causal tests (error term kept), each against N_CONTROLS controls, stated as empirical p-values
+(stats.empirical_p): for steering, features matched to the feature on activation frequency and magnitude on
+the corpus and Gaussian directions, both of the feature's norm (p: the larger of the two kinds'); for
+ablation, features matched on how often and how strongly they are active at the same positions:
 - steering: strength = the feature's largest corpus activation, added at every position of 16 prompts
   without a name or place; measured: the next-token log-probability of the target words (capital_of:
   countries, country: capital cities, person_name: names) and their share of 8 generated tokens;
@@ -32,7 +34,7 @@ import torch
 from mechscope.toy import corpus
 
 PURITY = 0.9
-N_CONTROLS = 8
+N_CONTROLS = 32
 WORDS = {"country": list(corpus.CAPITALS), "city": sorted(set(corpus.CAPITALS.values()) | set(corpus.LANDMARKS.values())),
          "person_name": list(corpus.NAMES)}
 DESCRIPTIONS = {
@@ -100,13 +102,14 @@ def _examples(engine, sae, rows, search, feature: int, scale: float) -> dict:
             "logit_up": [t for t, _ in up[0]], "logit_down": [t for t, _ in down[0]]}
 
 
-def _steering(engine, sae, feature: int, strength: float, target: str, live) -> dict:
-    """Steer at 0 and `strength` on steer_prompts(): log P(target words) and their share of generated tokens."""
+def _steering(engine, sae, feature: int, strength: float, target: str, profile) -> dict:
+    """Steer at 0 and `strength` on steer_prompts(): log P(target words) and their share of generated tokens.
+    profile: si.corpus_profile(engine, sae), what the control features are matched on."""
     from mechscope.techniques import sae_interventions as si
 
     prompts = [engine.to_tokens(p)[0] for p in steer_prompts()]
     sweep = si.steering_sweep(engine, sae, feature, prompts, [0.0, strength], word_ids(engine, target),
-                              max_new_tokens=8, n_controls=N_CONTROLS, live=live, seed=0)
+                              max_new_tokens=8, n_controls=N_CONTROLS, seed=0, profile=profile)
     (base, steered), controls = sweep.effects, sweep.controls[1]
     return {"strength": strength, "target": target, "n_prompts": len(prompts),
             "log_mass": [base["log_mass"]["mean"], steered["log_mass"]["mean"]],
@@ -114,21 +117,27 @@ def _steering(engine, sae, feature: int, strength: float, target: str, live) -> 
             "share": [base["share"]["mean"], steered["share"]["mean"]],
             "controls_log_mass_max": {k: controls[k]["log_mass"]["high"] for k in si.CONTROL_KINDS},
             "controls_share_max": {k: controls[k]["share"]["high"] for k in si.CONTROL_KINDS},
+            "n_controls": N_CONTROLS,
+            "p_log_mass": max(controls[k]["log_mass"]["p_value"] for k in si.CONTROL_KINDS),
+            "p_log_mass_by_kind": {k: controls[k]["log_mass"]["p_value"] for k in si.CONTROL_KINDS},
+            "p_share": max(controls[k]["share"]["p_value"] for k in si.CONTROL_KINDS),
             "fluency_cost": [base["fluency_cost"]["mean"], steered["fluency_cost"]["mean"]]}
 
 
 def _ablation(engine, sae, feature: int, tokens, mask, metric, what: str) -> dict:
-    """Zero-ablate the feature at mask [n, seq] (error term kept) and as many random active features there."""
+    """Zero-ablate the feature at mask [n, seq] (error term kept), and N_CONTROLS features matched to it on
+    how often and how strongly they are active there; p: empirical p-value of |effect| against theirs."""
     from mechscope import stats
     from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_interventions as si
 
     clean, ablated = si.ablate(engine, sae, tokens, metric, [feature], mask)
-    active = saes.feature_acts(engine, sae, tokens)[mask.to(tokens.device)][None]
-    controls = [float((si.ablate(engine, sae, tokens, metric, s, mask)[1] - clean).mean())
-                for s in si.random_active_sets(active, 1, N_CONTROLS, [feature], seed=0)]
-    return {"metric": what, "n_prompts": len(tokens), "clean": float(clean.mean()),
-            "effect": stats.summary(ablated - clean), "controls": controls}
+    scope = saes.feature_acts(engine, sae, tokens) * mask.to(tokens.device)[..., None]
+    sets = si.matched_sets(*si.feature_profile(scope), [feature], N_CONTROLS, seed=0)
+    controls = [float((si.ablate(engine, sae, tokens, metric, s, mask)[1] - clean).mean()) for s in sets]
+    effect = stats.summary(ablated - clean)
+    return {"metric": what, "n_prompts": len(tokens), "clean": float(clean.mean()), "effect": effect,
+            "controls": controls, "p_value": stats.empirical_p(effect["mean"], controls)}
 
 
 def _ablation_tests(engine, sae, names: dict[str, int]) -> dict[str, dict]:
@@ -171,9 +180,10 @@ def _ablation_tests(engine, sae, names: dict[str, int]) -> dict[str, dict]:
 
 
 def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens: int = 100_000,
-            names: dict[str, int] | None = None) -> dict:
+            names: dict[str, int] | None = None, claims_only: bool = False) -> dict:
     """The card: evaluation, the rule-found names, and for each named feature (`names`, default: the rule's)
-    its examples, purity, logit effect and causal tests."""
+    its examples, purity, logit effect and causal tests; claims_only: just what `claims` reads (no examples,
+    no steering of `country`), for the slow retrain test."""
     from mechscope.models import load_model
     from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_features as sf
@@ -182,16 +192,28 @@ def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens
     engine = engine or load_model("mechscope-toy", backend="tl", device="cpu")
     sae = sae or saes.load_sae(saes.SHIPPED_RELEASE)
     saes.check_fits(sae, engine)
-    quality = sae_training.evaluate(engine, sae, saes.corpus_rows(engine, n_eval_tokens, 64, seed=1000))
+    from mechscope.commands.sae_eval import HELD_OUT_SEED, TRAINING_TOKENS
+
+    held_out = saes.corpus_rows(engine, n_eval_tokens, 64, seed=HELD_OUT_SEED,   # no sentence of the training text
+                                exclude=saes.training_sentences(TRAINING_TOKENS, 64, seed=0))
+    quality = sae_training.evaluate(engine, sae, held_out)
     rows = saes.corpus_rows(engine, n_search_tokens, 64, seed=1001)
     search = sf.max_activating(engine, sae, rows, None, k=20)
     found = find_names(engine, sae, search, rows)
     names = names or found
-    scale = sf.final_scale(engine, rows)
-    live = saes.live_features(engine, sae)
+    scale = None if claims_only else sf.final_scale(engine, rows)
+    from mechscope.techniques import sae_interventions as si
+
+    profile = si.corpus_profile(engine, sae)
     capital = int(engine.to_tokens("capital", prepend_bos=False)[0, 0])
     features = {}
     for name, feature in names.items():
+        if claims_only:
+            features[name] = {"feature": feature}
+            if name != "country":
+                features[name]["steering"] = _steering(engine, sae, feature, float(round(float(
+                    search.top_values[feature, 0]))), TARGETS[name], profile)
+            continue
         entry = {"feature": feature, "description": DESCRIPTIONS[name], **_examples(engine, sae, rows, search, feature, scale)}
         top = search.top_index[feature][search.top_values[feature] > 0]
         if name == "capital_of":
@@ -201,12 +223,35 @@ def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens
             entry["top20_purity"] = _share_in(search.top_values[feature], search.top_index[feature], rows.reshape(-1), group)
             entry["sample_purity"] = _share_in(search.sample_values[feature], search.sample_index[feature],
                                                rows.reshape(-1), group)
-        entry["steering"] = _steering(engine, sae, feature, float(round(entry["max_activation"])), TARGETS[name], live)
+        entry["steering"] = _steering(engine, sae, feature, float(round(entry["max_activation"])), TARGETS[name], profile)
         features[name] = entry
     for name, result in _ablation_tests(engine, sae, names).items():
         features[name]["ablation"] = result
     return {"sae": saes.describe(sae), "evaluation": {k: v for k, v in vars(quality).items() if k != "density"},
             "n_search_tokens": search.n_tokens, "names": names, "names_found_by_rule": found, "features": features}
+
+
+def claims(card: dict) -> dict[str, bool]:
+    """The claims SAE_CARD.md asserts, checked on a measure() result (the shipped SAE, or a retrain: the slow test
+    retrains with seeds 0 and 1). Steering p-values are against N_CONTROLS matched features and N_CONTROLS
+    Gaussian directions (the larger of the two, unless a kind is named); ablation p-values against the matched
+    features active at the ablated positions, as many as there are (p can be no smaller than 1 / (n + 1))."""
+    q, f = card["evaluation"], card["features"]
+    cap, person = f["capital_of"], f["person_name"]
+    least = lambda ab: 1 / (len(ab["controls"]) + 1)  # noqa: E731 - the smallest p these controls allow
+    gain = lambda st: st["log_mass"][1] - st["log_mass"][0]  # noqa: E731
+    return {
+        "quality: L0 8, explained variance > 0.88, CE loss recovered > 97%, dead < 10%":
+            q["l0"] == 8 and q["explained_variance"] > 0.88 and q["ce_recovered"] > 0.97 and q["dead_fraction"] < 0.1,
+        "capital_of steering: log P(country) up > 4 nats": gain(cap["steering"]) > 4,
+        "capital_of steering: countries > 20% of generated tokens, beyond every control (p = 1/33)":
+            cap["steering"]["share"][1] > 0.2 and cap["steering"]["p_share"] < 0.05,
+        "capital_of ablation at 'of': CI below 0, beyond every matched control (p = 1/(n+1))":
+            cap["ablation"]["effect"]["ci_high"] < 0 and cap["ablation"]["p_value"] <= least(cap["ablation"]) + 1e-6,
+        "country ablation at X: CI below 0": f["country"]["ablation"]["effect"]["ci_high"] < 0,
+        "person_name steering: log P(name) up > 3 nats, beyond every Gaussian direction (p = 1/33)":
+            gain(person["steering"]) > 3 and person["steering"]["p_log_mass_by_kind"]["random_direction"] < 0.05,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         path = saes.shipped_saes()[saes.DEFAULT_SHIPPED_ID] / "features.json"
         path.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {path}", file=sys.stderr)
+    card["claims"] = claims(card)
     print(json.dumps(card, indent=1))
 
 
