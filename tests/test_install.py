@@ -106,6 +106,8 @@ def test_a_bare_copy_runs_its_first_command_with_no_install(bare_copy):
     assert out["command"] == "detect" and out["summary"]["hardware"]["cpu_cores"] >= 1
     assert out["summary"]["libraries"]["torch"] is None           # proof that nothing installed was used
     assert any(m["model"] == "mechscope-toy" for m in out["summary"]["models"])
+    # the same engine the installed package is advised (transformer-lens < 4 comes with it): tl, not bridge
+    assert {m["backend"] for m in out["summary"]["models"] if m["library"] == "transformer-lens"} == {"tl"}
 
 
 def test_every_document_the_skill_points_to_is_in_the_bare_copy(bare_copy):

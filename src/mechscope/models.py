@@ -164,6 +164,19 @@ def _hooked_transformer_available() -> bool:
         return False
 
 
+def transformer_lens_backend() -> str:
+    """The transformer-lens engine detect names and --backend auto runs: tl (HookedTransformer), unless the
+    installed transformer-lens is 4 or later (no HookedTransformer: the bridge). Not installed yet counts as
+    tl, since installing mechscope brings transformer-lens < 4: one decision before and after the install."""
+    from importlib import metadata
+
+    try:
+        metadata.version("transformer-lens")
+    except metadata.PackageNotFoundError:
+        return "tl"
+    return "tl" if _hooked_transformer_available() else "bridge"
+
+
 def auto_backend(spec: str, remote: bool = False, device_map=None, quantization=None) -> str:
     """detect's rule: nnsight for remote / split / quantised runs and above 2B parameters; else
     transformer-lens (the bridge where HookedTransformer no longer exists)."""
@@ -177,7 +190,7 @@ def auto_backend(spec: str, remote: bool = False, device_map=None, quantization=
         n_params = 0
     if n_params > compute.TL_MAX_PARAMS:
         return "nnsight"
-    return "tl" if _hooked_transformer_available() else "bridge"
+    return transformer_lens_backend()
 
 
 def _load_tl(spec: str, device: str, dtype: str, fold_ln: bool):
