@@ -157,6 +157,18 @@ def number(x, spec: str = ".3f") -> str:
     return "null" if x is None else format(x, spec)
 
 
+def _effect_reading(mode: str, recovery: bool) -> str:
+    """Which way a cell's value is an effect: each top cell's `effect` is its value minus the unpatched run's,
+    and the top cells are ranked by |effect| (in noise mode recovery 0 is the strongest effect, 1 none)."""
+    if recovery and mode == "noise":
+        return ("cells ranked by |effect|, effect = recovery - 1: near -1 the corrupted activation destroys the "
+                "clean answer (recovery 0), near 0 it does nothing (recovery 1)")
+    if recovery:
+        return ("cells ranked by |effect|, effect = recovery: near 1 the clean activation restores the clean answer, "
+                "near 0 it does nothing")
+    return f"cells ranked by |effect|, effect = patched - unpatched {'clean' if mode == 'noise' else 'corrupted'} run"
+
+
 def _cell(grid, rows, cols, i, **extra) -> dict:
     return {"row": rows[i // grid.shape[1]], "col": cols[i % grid.shape[1]], **extra}
 
@@ -221,7 +233,8 @@ def run(ctx):
                                       batch_size=args.batch_size, edits=edits)
         return result.at_positions(batch.positions) if aligned else result
 
-    summary = {"mode": args.mode, "metric": args.metric, "n_pairs": len(batch.clean), "prompts": prompt_set.name,
+    summary = {"mode": args.mode, "metric": args.metric, "effect": _effect_reading(args.mode, recovery),
+               "n_pairs": len(batch.clean), "prompts": prompt_set.name,
                "engine": engine.name, "columns": "named positions" if aligned else "token positions",
                "named_positions": None if aligned else {k: int(v[0]) for k, v in batch.positions.items()},
                "positions": position_labels if len(position_labels) <= MAX_LABELS else "in result.json",
@@ -251,6 +264,7 @@ def run(ctx):
         top = size.topk(min(TOP, size.numel())).indices.tolist()
         flat = {key: _grid(cells[key]).flatten() for key in ("ci_low", "ci_high", "sign_share")}
         best = [_cell(grid, rows, cols, i, value=rounded(grid.flatten()[i]),
+                      effect=rounded(grid.flatten()[i] - unpatched),
                       ci=[rounded(flat["ci_low"][i]), rounded(flat["ci_high"][i])],
                       sign_share=rounded(flat["sign_share"][i], 3)) for i in top]
         stability = cells["stability"]
@@ -280,8 +294,9 @@ def run(ctx):
                            "per_prompt": result.per_prompt, "clean": result.clean, "corrupted": result.corrupted,
                            "axes": result.axes, "row_labels": rows, "col_labels": cols}
         interval = (lambda b: f" [{b['ci'][0]}, {b['ci'][1]}]") if len(batch.clean) > 1 else (lambda b: "")
-        line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; top "
-                + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)}" for b in best[:3]))
+        line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; largest effects "
+                + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)} (effect {b['effect']:+.3g})"
+                            for b in best[:3]))
         if held:
             entry["backup"], full[component]["backup"] = _backup(ctx, component, result, sweep(component, edits),
                                                                  recovery, rows, cols, args.seed)
@@ -300,7 +315,8 @@ def run(ctx):
     if skipped:
         lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     text = (f"{args.mode} patching on {engine.name}, metric {args.metric}, {len(batch.clean)} pair(s) "
-            f"({prompt_set.name}), {'named positions' if aligned else 'token positions'}\n" + "\n".join(lines))
+            f"({prompt_set.name}), {'named positions' if aligned else 'token positions'}; {summary['effect']}\n"
+            + "\n".join(lines))
     return {"summary": summary, "results": full, "pairs": pair_records(prompt_set, batch), "text": text,
             "notes": notes}
 
