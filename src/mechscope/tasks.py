@@ -154,6 +154,9 @@ def resolve_position(engine, text: str, row, spec, name: str) -> int:
     if len(prefix) > seq or prefix.tolist() != row[:len(prefix)].tolist():
         raise BadInput(f"position {name}: the tokens of {text[:end]!r} are not a prefix of the prompt's tokens; "
                        f"give the position as a token index")
+    from mechscope import inputs
+
+    inputs.refuse_unknown(engine, int(row[len(prefix) - 1]), f"position {name} ({word!r} in {text!r})")
     return len(prefix) - 1
 
 
