@@ -197,7 +197,8 @@ def _toy_ioi(engine, n: int, seed: int) -> PromptSet:
 
 
 # Templates after Wang et al. 2022 (BABA / ABBA orders come from {a} {b}); names and objects are kept only
-# where they are one token for the model's tokenizer.
+# where they are one token for the model's tokenizer. No name opens a prompt: a BPE vocabulary reads a first
+# word without its leading space ("Joe", not " Joe"), another token than the answer's.
 IOI_TEMPLATES = [
     "When {a} and {b} went to the {place}, {s} gave a {obj} to",
     "After {a} and {b} went to the {place}, {s} gave a {obj} to",
@@ -205,7 +206,7 @@ IOI_TEMPLATES = [
     "Then, {a} and {b} had a long argument, and afterwards {s} said to",
     "When {a} and {b} got a {obj} at the {place}, {s} decided to give it to",
     "Friends {a} and {b} found a {obj} at the {place}. {s} gave it to",
-    "{a} and {b} were working at the {place}. {s} decided to give a {obj} to",
+    "Later, {a} and {b} were working at the {place}. {s} decided to give a {obj} to",
     "The {place} {a} and {b} went to had a {obj}. {s} gave it to",
 ]
 IOI_NAMES = ("Mary John Alice Bob Tom Sarah James Emma David Anna Michael Lisa Daniel Laura Chris Kate Paul "

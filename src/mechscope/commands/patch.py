@@ -48,8 +48,8 @@ def add_pair_arguments(parser, tasks=("ioi", "facts")):
     and path-patch (read by prompt_pairs)."""
     parser.add_argument("--clean", help="clean prompt (default: an IOI sentence)")
     parser.add_argument("--corrupted", help="corrupted prompt with the same number of tokens")
-    parser.add_argument("--answer", help="the clean answer (one token; default for IOI: mary)")
-    parser.add_argument("--wrong", help="the corrupted answer (one token; default for IOI: john)")
+    parser.add_argument("--answer", help="the clean answer (one token; default for IOI: Mary)")
+    parser.add_argument("--wrong", help="the corrupted answer (one token; default for IOI: John)")
     parser.add_argument("--pairs", help="JSON / JSONL file of {clean, corrupted, answer, wrong} pairs (instead of --clean ...)")
     parser.add_argument("--task", choices=tasks, help="a bundled prompt set with corrupted twins (instead of --clean ...)")
     parser.add_argument("--n", type=int, default=32, help="--task: number of prompts (default: %(default)s)")
@@ -77,7 +77,7 @@ def prompt_pairs(args, engine):
                            f'{{"clean": ..., "corrupted": ..., "answer": ..., "wrong": ...}} per line')
         return tasks.read_pair_file(args.pairs)
     if not args.clean and not args.corrupted:
-        prompt = tasks.Prompt(IOI_CLEAN, answer=args.answer or "mary", wrong=args.wrong or "john",
+        prompt = tasks.Prompt(IOI_CLEAN, answer=args.answer or "Mary", wrong=args.wrong or "John",
                               corrupted=IOI_CORRUPTED, positions=IOI_POSITIONS)
         return tasks.PromptSet("ioi-example", [prompt], tuple(IOI_POSITIONS) + (tasks.END,))
     if not (args.clean and args.corrupted and args.answer and args.wrong):
