@@ -225,6 +225,25 @@ def _load_tl(spec: str, device: str, dtype: str, fold_ln: bool):
     return model.eval()
 
 
+def _with_model_params(engine, spec: str):
+    """The engine with cfg.n_params = the model's own parameter count, the one detect gives (mechscope.compute.
+    model_shape: the bundled model's weights, a common model's published count, a local directory's safetensors),
+    so every command, report and engine names one number; each engine's tensors count differently (transformer-lens
+    drops folded LayerNorms and counts attention and MLP weights only, Hugging Face ties or drops W_U's bias).
+    A hub model keeps the engine's count (no second hub request)."""
+    from dataclasses import replace
+
+    from mechscope import compute
+
+    path = Path(spec).expanduser()
+    if spec in (BUNDLED, "toy") or compute.ALIASES.get(spec, spec).lower() in compute.COMMON_MODELS or path.is_dir():
+        try:
+            engine.cfg = replace(engine.cfg, n_params=compute.model_shape(spec).n_params)
+        except BadInput:
+            pass
+    return engine
+
+
 def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                fold_ln: bool = True, device_map: str | None = None, max_memory: dict | None = None,
                quantization: str | None = None, remote: bool = False):
@@ -252,13 +271,15 @@ def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto",
     try:  # libraries toggle grad mode and default dtypes while loading: leave the caller's as they were
         if backend == "tl":
             from mechscope.engines.hooked import HookedEngine
-            return HookedEngine(_load_tl(spec, device, dtype, fold_ln))
-        if backend == "bridge":
+            engine = HookedEngine(_load_tl(spec, device, dtype, fold_ln))
+        elif backend == "bridge":
             from mechscope.engines.bridge import load_bridge
-            return load_bridge(spec, device=device, dtype=dtype, fold_ln=fold_ln)
-        from mechscope.engines.nnsight import load_nnsight
-        return load_nnsight(spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                            quantization=quantization, remote=remote)
+            engine = load_bridge(spec, device=device, dtype=dtype, fold_ln=fold_ln)
+        else:
+            from mechscope.engines.nnsight import load_nnsight
+            engine = load_nnsight(spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                  quantization=quantization, remote=remote)
+        return _with_model_params(engine, spec)
     finally:
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(default_dtype)
