@@ -8,6 +8,7 @@ the cells of all layers run as batch rows of one edited forward, with logits at 
     mechscope patch --clean "The Louvre is in the city of" --corrupted "The Colosseum is in the city of" \\
         --answer paris --wrong rome --component resid_pre,z
     mechscope patch --pairs pairs.jsonl --component z --all-positions --mode noise
+    mechscope patch --task ioi --backend tl --compare-backend nnsight   # both engines; the largest difference
     mechscope patch --task ioi --component z --all-positions --with-ablated 0.2 --ablation mean   # backup heads
 
 Prompt sets: --task ioi|facts (the bundled tasks, or generated for other tokenizers: mechscope.tasks), or
@@ -227,11 +228,15 @@ def run(ctx):
     if held:
         edits = ablation.ablation_edits(engine, held, args.ablation, reference=batch.clean, lengths=batch.lengths)
 
-    def sweep(component, edits=()):
-        result = patching.patch_sweep(engine, batch.clean, batch.corrupted, component, metric, mode=args.mode,
-                                      by_position=not args.all_positions, lengths=batch.lengths,
+    if args.compare_backend == engine.name:
+        raise BadInput(f"--compare-backend {args.compare_backend} is the engine this run uses; name another one")
+
+    def sweep(component, edits=(), on=None):
+        eng, b = on or (engine, batch)
+        result = patching.patch_sweep(eng, b.clean, b.corrupted, component, metric, mode=args.mode,
+                                      by_position=not args.all_positions, lengths=b.lengths,
                                       batch_size=args.batch_size, edits=edits)
-        return result.at_positions(batch.positions) if aligned else result
+        return result.at_positions(b.positions) if aligned else result
 
     summary = {"mode": args.mode, "metric": args.metric, "effect": _effect_reading(args.mode, recovery),
                "n_pairs": len(batch.clean), "prompts": prompt_set.name,
@@ -308,6 +313,11 @@ def run(ctx):
             notes.append(f"{component}: recovery is undefined (null) in {undefined} cell(s): clean and corrupted give "
                          f"the same logit diff there, so (patched - corrupted) / (clean - corrupted) divides by zero; "
                          f"use a corrupted prompt that changes the answer, or --metric logit_diff")
+    if args.compare_backend:
+        summary["compare_backend"] = _compare(args, prompt_set, components, full, sweep)
+        lines.append(f"{args.compare_backend} vs {engine.name}: largest |difference| of a cell's mean "
+                     f"{args.metric} {summary['compare_backend']['max_abs_difference']:.3g} at "
+                     f"{summary['compare_backend']['at']}")
     if held:
         summary["with_ablated"] = {"components": [c.label for c in held], "ablation": args.ablation,
                                    "reference": "the clean prompts (BOS and padding excluded)"
@@ -319,6 +329,28 @@ def run(ctx):
             + "\n".join(lines))
     return {"summary": summary, "results": full, "pairs": pair_records(prompt_set, batch), "text": text,
             "notes": notes}
+
+
+def _compare(args, prompt_set, components, full, sweep) -> dict:
+    """The same sweeps on --compare-backend's engine: the largest |difference| of a cell's mean metric (the
+    values of the heatmaps and CSVs), overall and per component."""
+    from mechscope.models import load_model
+    from mechscope.techniques import patching
+
+    other = load_model(args.model, backend=args.compare_backend, device=args.device, dtype=args.dtype)
+    on = (other, patching.pair_batch(other, prompt_set))
+    per_component, worst = {}, (-1.0, "")
+    for component in components:
+        mine = full[component]
+        theirs = _grid(patching.cell_summary(sweep(component, on=on), recovery=args.metric == "recovery",
+                                             k=1, seed=args.seed)["mean"])
+        diff = (theirs - mine["values"]).abs().nan_to_num(0.0).flatten()
+        i = int(diff.argmax())
+        per_component[component] = rounded(diff[i], 8)
+        if float(diff[i]) > worst[0]:
+            worst = (float(diff[i]), f"{component} {_label(mine['row_labels'], mine['col_labels'], i)}")
+    return {"engine": other.name, "max_abs_difference": round(worst[0], 8), "at": worst[1],
+            "per_component": per_component}
 
 
 def _backup(ctx, component, base, ablated, recovery, rows, cols, seed) -> tuple[dict, dict]:
@@ -357,6 +389,9 @@ def add_arguments(parser):
                         help="denoise: clean into corrupted; noise: corrupted into clean (default: %(default)s)")
     parser.add_argument("--metric", default="recovery", choices=METRICS, help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, help="patched rows per forward call (default: from a memory budget)")
+    parser.add_argument("--compare-backend", choices=("tl", "bridge", "nnsight"), metavar="ENGINE",
+                        help="run the same sweeps on a second engine (tl, bridge or nnsight) and report the largest "
+                             "difference of a cell's mean metric")
     parser.add_argument("--with-ablated", metavar="COMPONENTS",
                         help="re-run with these held ablated (heads 0.2, attn1, mlp1) and report the cells whose "
                              "effect changes (backup test)")
