@@ -355,3 +355,30 @@ def test_engines_agree_on_ablation_effects_and_find_the_induction_head(engine, t
         top2 = {f"{int(i) // toy_engine.cfg.n_heads}.{int(i) % toy_engine.cfg.n_heads}" for i in heads.topk(2).indices}
         assert top2 == {"{}.{}".format(*toy_card["induction"]["induction_head"]), "0.1"}, top2
         assert float(heads.topk(2).values.min()) > 3.0   # measured 2.1 +5.1 / +9.6, 0.1 +5.4 / +5.5 (mean / resample)
+
+
+def test_ablation_at_chosen_positions(tmp_path, capsys):
+    """--positions END / named positions ablate there only (--per-position means a per-position mean, not this).
+    Known answer: a last-layer head's output reaches the logits only at its own position, so ablating it at END
+    equals ablating it everywhere for a metric read at END; an early head's END-only effect differs from its
+    effect everywhere, and S2 (where IOI prompts repeat the subject) is a named position."""
+    from mechscope.cli import main
+
+    def effects(*extra):
+        argv = ["ablate", "--task", "ioi", "--n", "8", "--components", "0.1,2.0,2.1", "--method", "mean",
+                "--out", str(tmp_path), "--json", *extra]
+        assert main(argv) == 0, capsys.readouterr().err
+        summary = json.loads(capsys.readouterr().out)["summary"]
+        return summary, {r["component"]: r["effect"] for r in summary["top_effects"]["mean"]}
+
+    everywhere = effects()[1]
+    summary, at_end = effects("--positions", "END")
+    assert summary["positions"] == "END"
+    for head in ("2.0", "2.1"):
+        assert at_end[head] == pytest.approx(everywhere[head], abs=1e-4)
+    assert abs(at_end["0.1"] - everywhere["0.1"]) > 1e-3
+    at_s2 = effects("--positions", "S2,END")[1]
+    assert at_s2["2.1"] == pytest.approx(everywhere["2.1"], abs=1e-4)
+    assert main(["ablate", "--task", "ioi", "--n", "4", "--positions", "NOWHERE", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "'NOWHERE' is not a position here; use END, IO, S1, S2" in err and not (tmp_path / "x").exists()

@@ -81,3 +81,39 @@ def test_run_directory_result_and_meta(capsys, tmp_path):
 def test_json_output_is_bounded(capsys, tmp_path):
     code, out, _ = _run(capsys, ["predict", "--out", str(tmp_path), "--json", "--top-k", "300"])
     assert code == 0 and len(out) <= 20_001
+
+
+UNKNOWN_PROMPT = "the food was bad and the service was"   # 'food', 'was', 'service': not in the bundled vocabulary
+
+
+@pytest.mark.parametrize("argv", [["predict", "--prompt", UNKNOWN_PROMPT],
+                                  ["dla", "--prompt", UNKNOWN_PROMPT, "--answer", "wonderful", "--wrong", "terrible"]])
+def test_unknown_tokens_are_warned_on_stderr_and_in_the_notes(capsys, tmp_path, argv):
+    """A prompt with <unk> tokens was accepted silently (steer's interval widened to [-0.16, 4.61]); now every
+    command warns once on stderr and in the summary's notes, naming the unknown words."""
+    assert main([*argv, "--out", str(tmp_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "unknown token" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"mechscope {argv[0]}: warning: ")
+    assert "4 unknown token(s) ('food', 'was', 'service')" in warnings[0]
+    out = json.loads(captured.out)
+    assert any("4 unknown token(s)" in n for n in out["summary"]["notes"])
+    assert any("4 unknown token(s)" in n for n in json.loads((Path(out["run_dir"]) / "result.json").read_text())["notes"])
+    # a prompt in the vocabulary: no warning
+    assert main(["predict", "--prompt", "the capital of france is", "--out", str(tmp_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "unknown token" not in captured.err and "notes" not in json.loads(captured.out)["summary"]
+
+
+def test_an_unknown_answer_or_named_position_is_refused(capsys, tmp_path):
+    assert main(["dla", "--prompt", "the capital of france is", "--answer", "food", "--wrong", "rome",
+                 "--out", str(tmp_path)]) == 2
+    assert "not a single token" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"clean": "the food was bad and the", "corrupted": "the food was terrible and the",
+                                 "answer": "bad", "wrong": "terrible", "positions": {"DISH": "food"}}) + "\n")
+    out = tmp_path / "runs"
+    assert main(["patch", "--pairs", str(pairs), "--component", "resid_pre", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "position DISH" in err and "unknown token (<unk>)" in err, err
+    assert not out.exists() or not any(out.iterdir())

@@ -167,6 +167,38 @@ def test_recommend_dtype_device_and_fallbacks():
     assert (multi.library, multi.device, multi.dtype, multi.fits) == ("nnsight", "multi-gpu", "bfloat16", True)
 
 
+def test_a_large_model_whose_cache_fits_one_gpu_lists_transformer_lens_with_its_memory():
+    """13B in bf16 on an 80 GB GPU: nnsight is the pick, transformer-lens (full run_with_cache) the first
+    alternative, with the memory it needs (detect once never offered it above 2B parameters)."""
+    shape = compute.COMMON_MODELS["llama-2-13b"]
+    r = recommend(shape, _cpu(128, [H100]))
+    assert (r.backend, r.device, r.dtype, r.quantization) == ("nnsight", "cuda", "bfloat16", None)
+    tl = r.alternatives[0]
+    assert (tl["backend"], tl["device"], tl["dtype"], tl["full_cache"], tl["fits"]) == ("tl", "cuda", "bfloat16", True, True)
+    need = estimate_memory(shape, 128, 8, 2).total
+    assert tl["engine_gb"] == round(need / GB, 3) and 26 < tl["engine_gb"] < 0.85 * 79
+    assert "--backend tl --device cuda --dtype bfloat16" in tl["command"]
+    # a 24 GB GPU holds neither its weights nor its cache: no transformer-lens alternative
+    assert all(a["backend"] == "nnsight" for a in recommend(shape, _cpu(128, [RTX_4090])).alternatives)
+
+
+@pytest.mark.parametrize("installed, expected", [(None, "tl"), ("3.9.0", "tl"), ("4.3.0", "bridge")])
+def test_detect_gives_one_transformer_lens_decision_before_and_after_install(monkeypatch, installed, expected):
+    """Before transformer-lens is installed detect said --backend bridge, after (3.x, what mechscope installs) tl;
+    only transformer-lens 4 (no HookedTransformer) makes it the bridge; --backend auto follows the same rule."""
+    from importlib import metadata
+
+    def version(name):
+        if name == "transformer-lens" and installed is None:
+            raise metadata.PackageNotFoundError(name)
+        return installed if name == "transformer-lens" else metadata.version(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert models.transformer_lens_backend() == expected
+    assert recommend(compute.COMMON_MODELS["gpt2-small"], _cpu(24)).backend == expected
+    assert models.auto_backend("gpt2-small") == expected
+
+
 def test_detect_hardware_on_this_machine():
     hw = compute.detect_hardware()
     meminfo = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/meminfo")}
@@ -275,7 +307,7 @@ def test_llama_2_13b_on_one_24gb_gpu_is_quantised_nnsight_never_transformer_lens
     options = compute.plans(shape, hw)
     bf16 = next(p for p in options if (p.device, p.dtype, p.quantization) == ("cuda", "bfloat16", None))
     assert not bf16.fits and bf16.memory.weights == pytest.approx(26.03e9, rel=1e-3)
-    assert all(p.backend == "nnsight" for p in options)  # never transformer-lens (and so never its full cache)
+    assert all(p.backend == "nnsight" or not p.fits for p in options)  # transformer-lens never fits here
     r = recommend(shape, hw)
     assert (r.library, r.backend, r.device, r.dtype, r.quantization, r.fits) == \
         ("nnsight", "nnsight", "cuda", "bfloat16", "8bit", True)

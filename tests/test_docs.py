@@ -181,6 +181,23 @@ def test_every_command_in_skill_md_exists():
         assert (ROOT / "scripts" / script).exists(), f"SKILL.md names scripts/{script}, which does not exist"
 
 
+def test_skill_md_says_up_front_what_to_do_when_the_model_cannot_be_fetched(tmp_path, monkeypatch):
+    """Before its first real-model step, the workflow says what to do when the model is not cached and the hub is
+    out of reach, and what it says matches mechscope's own refusal (an assistant learnt it only from that)."""
+    from mechscope import hub
+    from mechscope.errors import BadInput
+
+    workflow = SKILL.read_text().split("## Workflow", 1)[1].split("\n3. ", 1)[0]   # steps 1 and 2
+    for phrase in ("not cached", "hub out of reach", "--model /path/to/dir", "HF_HOME", "mechscope-toy"):
+        assert phrase in workflow, phrase
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(BadInput) as refused:
+        with hub.access("gpt2"):
+            pass
+    assert "local directory" in str(refused.value) and "mechscope-toy" in str(refused.value)
+
+
 # ---- SKILL.md shape ---------------------------------------------------------------------------------
 
 def frontmatter(text: str) -> tuple[dict, str]:

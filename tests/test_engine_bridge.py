@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from mechscope import models
+from mechscope import catalog, models
 from mechscope.errors import BadInput
 from mechscope.models import load_model
 
@@ -420,7 +420,7 @@ def test_bundled_export_missing_is_one_clear_error(tmp_path, monkeypatch):
 def test_auto_is_the_bridge_where_hooked_transformer_is_gone(engines, monkeypatch):
     _, bridge, _ = _get(engines, "gpt2", "hf")
     directory = bridge.model.cfg.model_name
-    monkeypatch.setattr(models, "_hooked_transformer_available", lambda: False)  # transformer-lens 4
+    monkeypatch.setattr(catalog, "_hooked_transformer_available", lambda: False)  # transformer-lens 4
     assert load_model(directory, device="cpu").name == "bridge"
     with pytest.raises(BadInput, match="--backend bridge"):
         load_model(directory, backend="tl", device="cpu")
@@ -429,7 +429,7 @@ def test_auto_is_the_bridge_where_hooked_transformer_is_gone(engines, monkeypatc
 def test_cli_refuses_backend_tl_without_hooked_transformer(monkeypatch, capsys, tmp_path):
     from mechscope.cli import main
 
-    monkeypatch.setattr(models, "_hooked_transformer_available", lambda: False)
+    monkeypatch.setattr(catalog, "_hooked_transformer_available", lambda: False)
     assert main(["predict", "--backend", "tl", "--device", "cpu", "--json", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HookedTransformer" in err and "Traceback" not in err

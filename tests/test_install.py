@@ -66,7 +66,8 @@ def test_plugin_manifest_has_documented_fields_and_carries_the_skill():
 
 def test_the_skill_folder_is_the_repository_skill():
     """skills/mechscope/ links to the top-level files, so there is one SKILL.md and one references/."""
-    for name in ("SKILL.md", "references", "scripts", "templates", "src", "pyproject.toml"):
+    for name in ("SKILL.md", "references", "scripts", "templates", "src", "pyproject.toml", "MODEL_CARD.md",
+                 "SAE_CARD.md", "BENCHMARKS.md"):
         link = SKILL / name
         assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), name
     codex = ROOT / ".agents" / "skills" / "mechscope"
@@ -105,6 +106,20 @@ def test_a_bare_copy_runs_its_first_command_with_no_install(bare_copy):
     assert out["command"] == "detect" and out["summary"]["hardware"]["cpu_cores"] >= 1
     assert out["summary"]["libraries"]["torch"] is None           # proof that nothing installed was used
     assert any(m["model"] == "mechscope-toy" for m in out["summary"]["models"])
+    # the same engine the installed package is advised (transformer-lens < 4 comes with it): tl, not bridge
+    assert {m["backend"] for m in out["summary"]["models"] if m["library"] == "transformer-lens"} == {"tl"}
+
+
+def test_every_document_the_skill_points_to_is_in_the_bare_copy(bare_copy):
+    """SKILL.md, the references and the commands' help name top-level documents (MODEL_CARD.md, SAE_CARD.md,
+    BENCHMARKS.md...): an installed skill folder must hold each one (SAE_CARD.md and BENCHMARKS.md were missing)."""
+    texts = [bare_copy / "SKILL.md", *(bare_copy / "references").glob("*.md"),
+             *(bare_copy / "src/mechscope/commands").glob("*.py")]
+    named = {m for path in texts for m in re.findall(r"\b[A-Z][A-Z_]+\.md\b", path.read_text())}
+    named -= {"CLAUDE.md", "AGENTS.md"}   # the study repository's guides (mechscope new), not the skill's
+    assert {"MODEL_CARD.md", "SAE_CARD.md", "BENCHMARKS.md"} <= named
+    for name in named:
+        assert (bare_copy / name).is_file() and (bare_copy / name).read_text() == (ROOT / name).read_text(), name
 
 
 def test_a_bare_copy_says_how_to_install_for_the_next_command(bare_copy):

@@ -162,7 +162,7 @@ def test_logit_lens_command(tmp_path, capsys):
 def test_logit_lens_command_default_and_pos(tmp_path, capsys):
     assert main(["logit-lens", "--out", str(tmp_path), "--json", "--pos", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
-    assert summary["position"] == 2 and summary["token"] == "eiffel" and "paris" in summary["targets"]
+    assert summary["position"] == 2 and summary["token"] == "eiffel" and "Paris" in summary["targets"]
 
 
 def test_logit_lens_command_on_a_task(tmp_path, capsys):

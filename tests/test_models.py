@@ -76,3 +76,25 @@ def test_missing_directory_and_bad_options(tmp_path):
         load_model("mechscope-toy", device="cpu", dtype="float8")
     with pytest.raises(BadInput, match="device"):
         load_model("mechscope-toy", device="tpu")
+
+
+def test_one_parameter_count_everywhere(toy_on, tmp_path, capsys):
+    """detect, the engines (and so predict's meta.json and the report) give the bundled model's one count, the one
+    MODEL_CARD.md states (690,098 in detect, 589,824 in report and predict, 689,792 in the nnsight run's meta)."""
+    import json
+    from pathlib import Path
+
+    from mechscope import compute
+    from mechscope.cli import main
+
+    count = compute.model_shape("mechscope-toy").n_params
+    assert count == sum(p.numel() for p in __import__("mechscope.toy.model", fromlist=["load"]).load(
+        device="cpu", fold_ln=False).parameters())                            # the shipped weights' own tensors
+    assert f"{count:,} parameters" in (Path(__file__).resolve().parents[1] / "MODEL_CARD.md").read_text()
+    assert toy_on.cfg.n_params == count and toy_on.info()["n_params"] == count
+    assert main(["detect", "--model", "mechscope-toy", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["recommendation"]["n_params"] == count
+    assert main(["predict", "--backend", toy_on.name, "--prompt", "the capital of france is", "--out", str(tmp_path),
+                 "--json"]) == 0
+    run_dir = Path(json.loads(capsys.readouterr().out)["run_dir"])
+    assert json.loads((run_dir / "meta.json").read_text())["model"]["n_params"] == count

@@ -272,6 +272,23 @@ def test_command_writes_heatmaps_and_numbers(tmp_path, capsys):
     assert len(result["results"]["z"]["row_labels"]) == 12  # 3 layers x 4 heads, by position
 
 
+def test_noise_mode_ranks_cells_by_effect_and_says_which_way_is_an_effect(tmp_path, capsys):
+    """Noise mode: recovery 0 is the strongest effect and 1 none; the top cells are ranked by |recovery - 1|,
+    each carries its effect, and the summary says how to read it (a "top" list once mixed 0s and 1s unexplained).
+    Known answer: at layer 0 the residual where the prompts differ (S2) carries everything (recovery 0)."""
+    assert main(["patch", "--mode", "noise", "--task", "ioi", "--n", "4", "--component", "resid_pre,attn_out",
+                 "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "recovery 0" in out["summary"]["effect"] and "recovery 1" in out["summary"]["effect"]
+    for component in ("resid_pre", "attn_out"):
+        top = out["summary"]["components"][component]["top"]
+        assert all(c["effect"] == pytest.approx(c["value"] - 1, abs=2e-3) for c in top)
+        sizes = [abs(c["effect"]) for c in top]
+        assert sizes == sorted(sizes, reverse=True)
+    s2 = [c for c in out["summary"]["components"]["resid_pre"]["top"] if c["row"] == "L0" and c["col"] == "S2"]
+    assert s2 and s2[0]["effect"] == pytest.approx(-1, abs=1e-3)
+
+
 def test_command_reads_a_pairs_file(tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(p) for p in [
@@ -556,3 +573,24 @@ def test_suffix_only_runs_are_exact_with_qk_norm(component):
     fast = patching.patch_sweep(model, clean, corrupted, component, metric)
     generic = patching.patch_sweep(model, clean, corrupted, component, metric, implementation="generic")
     torch.testing.assert_close(fast.per_prompt, generic.per_prompt, atol=1e-5, rtol=0)
+
+
+def test_compare_backend_reports_the_largest_difference_of_two_engines(tmp_path, capsys):
+    """--compare-backend ENGINE replaces the hand-written CSV diff an assistant needed: its largest difference is
+    the one between the two engines' own runs (known: tl and nnsight agree to ~1e-6 on the bundled model)."""
+    def run(*argv):
+        assert main(["patch", "--task", "ioi", "--n", "4", "--component", "resid_pre,z", "--out", str(tmp_path),
+                     "--json", *argv]) == 0, capsys.readouterr().err
+        out = json.loads(capsys.readouterr().out)
+        return out["summary"], json.loads((tmp_path / out["run_dir"].split("/")[-1] / "result.json").read_text())["results"]
+
+    summary, tl = run("--backend", "tl", "--compare-backend", "nnsight")
+    _, nnsight = run("--backend", "nnsight")
+    by_hand = {c: float((torch.tensor(tl[c]["values"]) - torch.tensor(nnsight[c]["values"])).abs().nan_to_num(0).max())
+               for c in ("resid_pre", "z")}
+    compared = summary["compare_backend"]
+    assert compared["engine"] == "nnsight" and compared["max_abs_difference"] < 1e-4
+    for c, value in by_hand.items():   # result.json rounds nothing; the summary rounds to 1e-8
+        assert compared["per_component"][c] == pytest.approx(value, abs=1e-6)
+    assert main(["patch", "--backend", "tl", "--compare-backend", "tl", "--out", str(tmp_path / "x")]) == 2
+    assert "is the engine this run uses" in capsys.readouterr().err and not (tmp_path / "x").exists()

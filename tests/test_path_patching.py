@@ -313,3 +313,15 @@ def test_cli_path_patch_reports_rows_without_a_path(tmp_path, capsys):
     assert main(["path-patch", "--receivers", "1.0:q", "--senders", "0.2,2.1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "L2H1: null" in out and "L0H2:" in out
+
+
+def test_help_names_the_model_cards_induction_head(toy_card):
+    """path-patch --help's induction example names the head MODEL_CARD.md measures (L2H1), not the previous-token
+    head L1H2 (the example once read `--receivers 1.2:k`)."""
+    import re
+
+    from mechscope.commands import path_patch
+
+    layer, head = toy_card["induction"]["induction_head"]
+    (line,) = [x for x in path_patch.__doc__.splitlines() if "induction head" in x]
+    assert re.search(rf"--receivers {layer}\.{head}:k\b", line) and f"L{layer}H{head}" in line, line

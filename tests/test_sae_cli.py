@@ -104,6 +104,24 @@ def test_sae_eval_command(capsys, tmp_path):
     lo, hi = summary["ce_recovered_ci"]
     assert f"recovers {summary['ce_recovered']:.3f} [{lo:.3f}, {hi:.3f}] of the CE loss" in summary["headline"]
     assert f"({summary['n_tokens']} held-out tokens)" in summary["headline"]
+    # the loss the SAE costs, in nats, beside the share recovered: ce_recovered = 1 - increase / (zero - clean)
+    assert summary["ce_loss_increase"] == pytest.approx(summary["ce_spliced"] - summary["ce_clean"], abs=2e-5)
+    assert summary["ce_recovered"] == pytest.approx(
+        1 - summary["ce_loss_increase"] / (summary["ce_zero"] - summary["ce_clean"]), abs=1e-4)
+    assert summary["ce_loss_increase_ci"][0] <= summary["ce_loss_increase"] <= summary["ce_loss_increase_ci"][1]
+
+
+def test_sae_train_names_its_two_dead_fractions_apart(capsys, tmp_path):
+    """The training window's dead features (sae-lens's mask) and the never-active features on held-out tokens
+    are different counts: they once shared the name dead_fraction in one summary."""
+    summary, run_dir = _json(capsys, ["sae-train", "--d-sae", "64", "--k", "4", "--training-tokens", "2048",
+                                      "--batch-tokens", "512", "--eval-tokens", "1000", "--log-every", "1"], tmp_path)
+    assert "dead_fraction" not in summary["final"] and 0 <= summary["final"]["dead_fraction_training_window"] <= 1
+    assert "dead_fraction_training_window" not in summary["evaluation"]
+    density = [float(line.split(",")[1]) for line in (run_dir / "density.csv").read_text().splitlines()[1:]]
+    assert summary["evaluation"]["dead_fraction"] == pytest.approx(sum(d == 0 for d in density) / 64, abs=1e-5)
+    assert "dead_fraction_training_window" in (run_dir / "curves.csv").read_text().splitlines()[0].split(",")
+    assert "ce_loss_increase" in summary["evaluation"]
 
 
 def test_sae_features_command_writes_an_offline_page(capsys, tmp_path):

@@ -44,7 +44,8 @@ def test_saved_metadata_describes_the_model_as_it_was_run(toy_engine, toy_model_
 def test_curves_are_recorded_and_training_learns(tiny_sae):
     _, curves, _ = tiny_sae
     assert [p["step"] for p in curves] == [1, 4, 8, 12, 16]
-    assert set(curves[0]) == {"step", "tokens", "loss", "l0", "mse", "explained_variance", "dead_fraction"}
+    assert set(curves[0]) == {"step", "tokens", "loss", "l0", "mse", "explained_variance",
+                               "dead_fraction_training_window"}
     assert all(p["l0"] <= 4 for p in curves)
     assert curves[-1]["explained_variance"] > curves[0]["explained_variance"] + 0.2
     assert curves[-1]["mse"] < curves[0]["mse"]
@@ -87,6 +88,7 @@ def test_evaluation_agrees_with_sae_lens_run_evals(toy_engine, tiny_sae):
     assert ours.ce_clean < ours.ce_spliced < ours.ce_zero
     assert ours.ce_recovered_ci[0] <= ours.ce_recovered <= ours.ce_recovered_ci[1]
     assert sum(d == 0 for d in ours.density) / len(ours.density) == pytest.approx(ours.dead_fraction)
+    assert ours.ce_loss_increase == pytest.approx(perf["ce_loss_with_sae"] - perf["ce_loss_without_sae"], rel=1e-4)
 
 
 def test_synthetic_features_are_recovered_and_survive_save_and_load(tmp_path):

@@ -4,7 +4,7 @@ values are quoted, bad input is refused before anything is written, and the gene
 
 Cost (2 cores): the renders and refusals take about a second each; the tl and nnsight variants' `make test`
 (reusing this interpreter, about 30 s each) run in the default suite; the bridge, prompt-file (+ wandb) and
-fresh-.venv variants are `slow` and run in .ci/run.
+moved-study fresh-.venv variants are `slow` and run in .ci/run.
 """
 import json
 import os
@@ -12,11 +12,13 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+import mechscope
 from mechscope import inputs, scaffold
 from mechscope.cli import main
 from mechscope.scaffold import TASKS, TECHNIQUES, output_path, task_prompts, templates_dir
@@ -24,7 +26,7 @@ from mechscope.scaffold import TASKS, TECHNIQUES, output_path, task_prompts, tem
 ROOT = Path(__file__).resolve().parents[1]
 FIXED = [".gitignore", "AGENTS.md", "CLAUDE.md", "Makefile", "README.md", "configs/study.json", "data/prompts.jsonl",
          "experiments/common.py", "notes/README.md", "pyproject.toml", "results/README.md", "tests/conftest.py",
-         "tests/test_findings.py"]
+         "tests/test_findings.py", "vendor/mechscope-0.1.0-py3-none-any.whl"]
 
 
 def new(capsys, *argv):
@@ -102,9 +104,20 @@ def test_new_writes_a_study_that_fits_the_question(tmp_path, capsys):
             compile((target / name).read_text(), name, "exec")
     assert "--backend nnsight" not in (target / "experiments/02_patch.py").read_text()   # the engine comes from the config
     meta = tomllib.loads((target / "pyproject.toml").read_text())["project"]
-    assert meta["name"] == "recall-study" and meta["dependencies"][0].startswith("mechscope>=")
+    assert meta["name"] == "recall-study" and meta["dependencies"][0] == f"mechscope=={mechscope.__version__}"
     makefile = (target / "Makefile").read_text()
-    assert f"MECHSCOPE ?= {ROOT}" in makefile and 'pip install --quiet -e "$(MECHSCOPE)"' in makefile
+    # pinned and self-sufficient: the study carries this mechscope's wheel and installs it, never a checkout
+    wheel = f"vendor/mechscope-{mechscope.__version__}-py3-none-any.whl"
+    assert f"MECHSCOPE ?= {wheel}\n" in makefile and 'pip install --quiet "$(MECHSCOPE)"' in makefile
+    assert str(ROOT) not in makefile and str(ROOT) not in (target / "README.md").read_text()
+    with zipfile.ZipFile(target / wheel) as z:   # the wheel holds this checkout's package, templates and model
+        names = set(z.namelist())
+        assert z.read("mechscope/scaffold.py") == (ROOT / "src/mechscope/scaffold.py").read_bytes()
+    for source in ("src/mechscope/toy/weights", "templates/research-repo", "src/mechscope/commands"):
+        for path in (ROOT / source).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                relative = path.relative_to(ROOT / ("templates" if source.startswith("templates") else "src/mechscope"))
+                assert f"mechscope/{'templates/' if source.startswith('templates') else ''}{relative}" in names
     assert "results/runs/" in (target / ".gitignore").read_text().split()
     if shutil.which("git"):
         log = subprocess.run(["git", "log", "--format=%s", "--name-only"], cwd=target, capture_output=True, text=True)
@@ -140,6 +153,16 @@ def test_a_prompt_file_becomes_the_study_data_and_the_tests_use_a_bundled_task(t
     assert toy == task_prompts("ioi")
     assert "tests/data/toy_prompts.jsonl" in (target / "tests/conftest.py").read_text()
     assert "your file mine.jsonl" in (target / "README.md").read_text()
+
+
+def test_a_named_source_replaces_the_vendored_wheel(tmp_path, capsys):
+    code, out, err = new(capsys, tmp_path / "s", "--technique", "heads", "--mechscope-from",
+                         "mechscope @ git+https://example.org/mechscope@v0.1.0")
+    assert code == 0, err
+    assert not (tmp_path / "s/vendor").exists() and not any(f.startswith("vendor/") for f in json.loads(out)["summary"]["files"])
+    makefile = (tmp_path / "s/Makefile").read_text()
+    assert "MECHSCOPE ?= mechscope @ git+https://example.org/mechscope@v0.1.0\n" in makefile
+    assert "--mechscope-from" in makefile and "vendor/" not in (tmp_path / "s/README.md").read_text()
 
 
 def test_git_missing_leaves_a_note(tmp_path, monkeypatch):
@@ -199,6 +222,7 @@ def _task_file(tmp_path, text):
     ("none", ["--technique", "patch,telepathy"], "unknown --technique 'telepathy'"),
     ("none", ["--technique", ","], "--technique is empty"),
     ("none", ["--task", "missing.jsonl"], "neither a bundled task"),
+    ("none", ["--mechscope-from", " "], "--mechscope-from is empty"),
     ("none", ["--task", "BAD-JSON"], "is not JSON / JSONL"),
     ("none", ["--task", "EMPTY"], "holds no prompts"),
     ("none", ["--task", "NO-ANSWER", "--technique", "dla"], 'prompt 1 has no "answer"'),
@@ -329,11 +353,29 @@ def _importable(name):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_fresh_variant_builds_its_own_environment(tmp_path, capsys):
-    """`make test` with nothing installed: it creates .venv, installs torch, mechscope (this checkout) and the
-    study, and passes (needs the package index; about 4 minutes on 2 cores)."""
-    target = tmp_path / "fresh"
-    assert new(capsys, target, "--task", "induction", "--technique", "heads")[0] == 0
-    result = _make_test(target, fresh=True, timeout=1800)
+def test_a_moved_study_installs_in_a_fresh_environment(tmp_path, capsys):
+    """A study moved away from the checkout that wrote it: `make test` with nothing installed creates .venv,
+    installs torch, mechscope from the study's vendor/ wheel and the study, and passes, offline for mechscope
+    and the model (torch and the other dependencies come from the package index or its local mirror; about
+    4 minutes on 2 cores). The installed mechscope then writes a study of its own whose wheel is the same."""
+    written, moved = tmp_path / "author" / "study", tmp_path / "advisor" / "study"
+    assert new(capsys, written, "--task", "induction", "--technique", "heads")[0] == 0
+    moved.parent.mkdir()
+    shutil.move(written, moved)
+    shutil.rmtree(tmp_path / "author")
+    result = _make_test(moved, fresh=True, timeout=1800)
     _passed(result, 1 + 2)
-    assert (target / ".venv" / ".installed").exists()
+    assert (moved / ".venv" / ".installed").exists()
+    installed = subprocess.run([str(moved / ".venv/bin/python"), "-c", "import mechscope; print(mechscope.__file__)"],
+                               cwd=tmp_path, capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert str(moved / ".venv") in installed.stdout and str(ROOT) not in installed.stdout, installed.stdout
+
+    # the installed (non-editable) mechscope repacks itself: the second study's wheel has the first's files
+    second = subprocess.run([str(moved / ".venv/bin/mechscope"), "new", "again", "--technique", "heads", "--json"],
+                            cwd=tmp_path, capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    wheel = f"vendor/mechscope-{mechscope.__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(moved / wheel) as first, zipfile.ZipFile(tmp_path / "again" / wheel) as again:
+        def contents(z):
+            return {n: z.read(n) for n in z.namelist() if not n.endswith("dist-info/RECORD")}
+        assert contents(again) == contents(first)

@@ -30,6 +30,24 @@ def test_induction_copying_and_heads(toy_card):
     assert ind["ablation_loss_increase"]["mean"] >= 1.0
 
 
+def test_model_card_gives_one_measured_number_per_ablation(toy_card):
+    """Every "+x.xx / +y.yy nats" ablation in MODEL_CARD.md is model-card's measurement, and the prose repeats
+    the table (it once gave +5.2 / +5.1 for the table's +4.97 / +4.99: two setups, two numbers)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "MODEL_CARD.md").read_text()
+    ind = toy_card["induction"]
+    measured = {"L2H1": ind["ablation_loss_increase"], **ind["circuit_ablation_loss_increase"]}
+    prose = dict(re.findall(r"(L\dH\d|MLP0)\s+\+(\d\.\d\d / \+\d\.\d\d)", text))
+    assert set(prose) == set(measured)
+    for part, numbers in measured.items():
+        assert prose[part] == f"{numbers['zero']:.2f} / +{numbers['mean']:.2f}", part
+    table = re.findall(r"\| \+(\d\.\d\d)(?: / \+(\d\.\d\d))? nats", text)
+    assert {x for row in table for x in row if x} == {f"{v:.2f}" for n in measured.values() for v in n.values()}
+    assert not re.search(r"\+\d\.\d (\(zero\)|/)", text)       # no one-decimal second measurement left
+
+
 def test_sentiment_continuations(toy_card):
     assert toy_card["sentiment"]["positive"] >= 0.9
     assert toy_card["sentiment"]["negative"] >= 0.9

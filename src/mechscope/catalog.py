@@ -134,6 +134,18 @@ class ModelShape:
     hub_id: str | None = None       # the Hugging Face repository, where known
 
 
+def transformer_lens_backend() -> str:
+    """The transformer-lens engine detect names and --backend auto runs: tl (HookedTransformer), unless the
+    installed transformer-lens is 4 or later (no HookedTransformer: the bridge). Not installed yet counts as
+    tl, since installing mechscope brings transformer-lens < 4: one decision before and after the install."""
+    from importlib import metadata
+
+    try:
+        metadata.version("transformer-lens")
+    except metadata.PackageNotFoundError:
+        return "tl"
+    return "tl" if _hooked_transformer_available() else "bridge"
+
 def _shape(name, n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx, n_params, **kw) -> ModelShape:
     return ModelShape(name, n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx, int(n_params), **kw)
 

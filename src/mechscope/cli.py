@@ -308,8 +308,15 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(args, "seed"):
                 import torch
                 torch.manual_seed(args.seed)
+            from mechscope import inputs
+
+            inputs.unknown_token_note()  # forget prompts of an earlier call in this process
             with contextlib.redirect_stdout(sys.stderr):  # libraries that print must not corrupt --json
                 command_result = module.run(ctx)
+            unknown = inputs.unknown_token_note()
+            if unknown:  # on every command: stderr now, and the summary's notes
+                sys.stderr.write(f"mechscope {args.command}: warning: {unknown}\n")
+                command_result = {**command_result, "notes": [*(command_result.get("notes") or []), unknown]}
             result, notes = _with_notes(command_result)
             result = _with_headline(module, result, notes)
             if run is not None:

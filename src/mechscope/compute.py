@@ -431,8 +431,9 @@ def plans(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 8) -
     4. Apple MPS, then the CPU (float32 if it fits, else bfloat16; slow above ~1B parameters);
     5. NDIF (nnsight remote), always last (needs the model hosted there and an API key).
     transformer-lens (or its bridge where HookedTransformer is gone) up to 2B parameters on one device, where
-    a full run_with_cache fitting comes before a forward fitting; nnsight above, split, quantised or remote."""
-    tl = "tl" if catalog._hooked_transformer_available() else "bridge"
+    a full run_with_cache fitting comes before a forward fitting; nnsight above, split, quantised or remote,
+    with transformer-lens after nnsight on each single GPU (listed as an alternative where its cache fits)."""
+    tl = catalog.transformer_lens_backend()
     small = shape.n_params <= TL_MAX_PARAMS
     out: list[Plan] = []
 
@@ -446,6 +447,8 @@ def plans(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 8) -
     gpus = _gpu_devices(hw)
     for device, usable, half in gpus:
         out += on_device(device, usable, half, shape.n_params <= FP32_MAX_PARAMS)
+        if not small and device != "multi-gpu":  # a large model whose full run_with_cache fits one GPU: an alternative
+            out.append(_plan(shape, seq_len, batch, tl, device, half, usable))
     for quantization in ("8bit", "4bit"):
         out += [_plan(shape, seq_len, batch, "nnsight", device, half, usable, quantization)
                 for device, usable, half in gpus]
@@ -526,14 +529,15 @@ def recommend(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 
         notes.append("a forward pass of a model this size takes seconds to minutes per batch on CPU")
     if pick.backend == "nnsight" and pick.device != "ndif-remote":
         notes.append("nnsight on the Hugging Face model; .save() only the activations you need")
-    seen, alternatives = {(pick.device, pick.dtype, pick.quantization)}, []
+    seen, alternatives = {(pick.backend, pick.device, pick.dtype, pick.quantization)}, []
     for plan in options:
-        key = (plan.device, plan.dtype, plan.quantization)
+        key = (plan.backend, plan.device, plan.dtype, plan.quantization)
         if (plan.fits or plan.device == "ndif-remote") and key not in seen and len(alternatives) < 4:
             seen.add(key)
             alternatives.append({"backend": plan.backend, "device": plan.device, "dtype": plan.dtype,
                                  "quantization": plan.quantization, "fits": plan.fits,
-                                 "engine_gb": round(plan.need / GB, 3), "command": plan.command(model, command)})
+                                 "engine_gb": round(plan.need / GB, 3), "command": plan.command(model, command),
+                                 **({"full_cache": plan.full_cache} if plan.backend != "nnsight" else {})})
     cache_fits = pick.fits and pick.memory.total <= pick.usable
     return Recommendation(shape.name, shape.n_params, pick.library, pick.backend, pick.device, pick.dtype,
                           pick.quantization, pick.fits, cache_fits, seq_len, batch, _gb(pick),

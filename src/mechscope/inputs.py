@@ -88,7 +88,48 @@ def tokens(model, prompt: str, prepend_bos: bool = True):
     if toks.shape[1] > model.cfg.n_ctx:
         raise BadInput(f"the prompt is {toks.shape[1]} tokens; this model's context is {model.cfg.n_ctx}. "
                        f"Shorten it")
+    _record_unknown(model, prompt, toks[0])
     return toks
+
+
+# prompts of the running command that hold unknown tokens: (prompt, count, words); the CLI warns of them
+_unknown: list[tuple[str, int, list[str]]] = []
+
+
+def unknown_token_id(model) -> int | None:
+    """The tokenizer's unknown token (<unk>), unless it doubles as BOS / EOS / padding (GPT-2's does)."""
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    special = {getattr(tok, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return None if unk is None or unk in special else unk
+
+
+def _record_unknown(model, prompt: str, ids) -> None:
+    unk = unknown_token_id(model)
+    count = int((ids == unk).sum()) if unk is not None else 0
+    if count and prompt not in (p for p, _, _ in _unknown):
+        words = [w for w in dict.fromkeys(re.findall(r"\w+|[^\w\s]", prompt))
+                 if unk in model.to_tokens(w, prepend_bos=False)[0].tolist()]
+        _unknown.append((prompt, count, words))
+
+
+def unknown_token_note() -> str | None:
+    """One warning for the prompts tokenised since the last call that hold unknown tokens (then forgotten)."""
+    if not _unknown:
+        return None
+    (prompt, count, words), n = _unknown[0], len(_unknown)
+    _unknown.clear()
+    more = f" (and {n - 1} more prompt(s))" if n > 1 else ""
+    return (f"{prompt!r} holds {count} unknown token(s) ({', '.join(map(repr, words)) or '?'}){more}: the model "
+            f"reads each as one placeholder with no meaning, which blurs every number; rephrase in the model's "
+            f"vocabulary (mechscope predict shows a prompt's tokens)")
+
+
+def refuse_unknown(model, token_id: int, what: str) -> None:
+    """BadInput if `token_id` is the unknown token: an answer or a named position must be a known token."""
+    if token_id == unknown_token_id(model):
+        raise BadInput(f"{what} is an unknown token ({model.tokenizer.unk_token}) for this model; use a word "
+                       f"in its vocabulary")
 
 
 def token_batch(model, prompts: list[str], prepend_bos: bool = True):

@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from mechscope import catalog
 from mechscope.catalog import (  # noqa: F401  (re-exported: `from mechscope.models import BUNDLED` keeps working)
     BUNDLED, DTYPES, _hooked_transformer_available, _official_name, _table_names, close_names_hint,
-    known_model_names, resolve_device, resolve_dtype)
+    known_model_names, resolve_device, resolve_dtype, transformer_lens_backend)
 from mechscope.engines.base import BACKENDS
 from mechscope.errors import BadInput
+
 
 def load_local_hf(directory: Path, device: str, dtype, fold_ln: bool = True):
     """A local Hugging Face checkpoint directory as a HookedTransformer, without the network."""
@@ -129,12 +131,12 @@ def auto_backend(spec: str, remote: bool = False, device_map=None, quantization=
         n_params = 0
     if n_params > compute.TL_MAX_PARAMS:
         return "nnsight"
-    return "tl" if _hooked_transformer_available() else "bridge"
+    return catalog.transformer_lens_backend()
 
 
 def _load_tl(spec: str, device: str, dtype: str, fold_ln: bool):
     """A HookedTransformer for `spec` (bundled name, transformer-lens name, or local HF directory)."""
-    if not _hooked_transformer_available():
+    if not catalog._hooked_transformer_available():
         raise BadInput("this transformer-lens has no HookedTransformer (removed in transformer-lens 4); "
                        "use --backend bridge or --backend nnsight")
     if spec in (BUNDLED, "toy"):
@@ -165,6 +167,25 @@ def _load_tl(spec: str, device: str, dtype: str, fold_ln: bool):
     return model.eval()
 
 
+def _with_model_params(engine, spec: str):
+    """The engine with cfg.n_params = the model's own parameter count, the one detect gives (mechscope.compute.
+    model_shape: the bundled model's weights, a common model's published count, a local directory's safetensors),
+    so every command, report and engine names one number; each engine's tensors count differently (transformer-lens
+    drops folded LayerNorms and counts attention and MLP weights only, Hugging Face ties or drops W_U's bias).
+    A hub model keeps the engine's count (no second hub request)."""
+    from dataclasses import replace
+
+    from mechscope import compute
+
+    path = Path(spec).expanduser()
+    if spec in (BUNDLED, "toy") or compute.ALIASES.get(spec, spec).lower() in compute.COMMON_MODELS or path.is_dir():
+        try:
+            engine.cfg = replace(engine.cfg, n_params=compute.model_shape(spec).n_params)
+        except BadInput:
+            pass
+    return engine
+
+
 def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                fold_ln: bool = True, device_map: str | None = None, max_memory: dict | None = None,
                quantization: str | None = None, remote: bool = False):
@@ -192,13 +213,15 @@ def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto",
     try:  # libraries toggle grad mode and default dtypes while loading: leave the caller's as they were
         if backend == "tl":
             from mechscope.engines.hooked import HookedEngine
-            return HookedEngine(_load_tl(spec, device, dtype, fold_ln))
-        if backend == "bridge":
+            engine = HookedEngine(_load_tl(spec, device, dtype, fold_ln))
+        elif backend == "bridge":
             from mechscope.engines.bridge import load_bridge
-            return load_bridge(spec, device=device, dtype=dtype, fold_ln=fold_ln)
-        from mechscope.engines.nnsight import load_nnsight
-        return load_nnsight(spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                            quantization=quantization, remote=remote)
+            engine = load_bridge(spec, device=device, dtype=dtype, fold_ln=fold_ln)
+        else:
+            from mechscope.engines.nnsight import load_nnsight
+            engine = load_nnsight(spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                  quantization=quantization, remote=remote)
+        return _with_model_params(engine, spec)
     finally:
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(default_dtype)

@@ -7,12 +7,16 @@ templates/research-repo/ is the fixed part (README.md, CLAUDE.md, AGENTS.md, Mak
 a `.j2` file is rendered with jinja2 (StrictUndefined) and loses the suffix, any other file is copied, a
 leading `dot-` becomes `.`. templates/techniques/<module>.py.j2 is one experiment per chosen technique
 (experiments/NN_<module>.py) and test_<module>.py.j2 its known-answer test on the bundled model. The study's
-prompt set goes to data/prompts.jsonl: a bundled task's (TASKS) or the user's file, checked here. The
+prompt set goes to data/prompts.jsonl: a bundled task's (TASKS) or the user's file, checked here. This
+mechscope goes to vendor/ as a wheel (built from the checkout it runs from, or repacked from its install), so
+the study installs the exact version on another machine, offline; --mechscope-from names another source. The
 repository is written into a temporary sibling directory and renamed into place (a failure leaves nothing
 behind), then `git init` + a first commit where git is installed.
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import random
@@ -308,10 +312,74 @@ def choose_techniques(names: list[str] | None, task: str) -> list[Technique]:
     return chosen
 
 
-def mechscope_source() -> str:
-    """What the study's Makefile installs mechscope from: this source checkout, or the package index."""
+def _checkout() -> Path | None:
+    """The source checkout this mechscope runs from (pyproject.toml beside src/mechscope), if any."""
     root = Path(__file__).resolve().parents[2]
-    return str(root) if (root / "pyproject.toml").is_file() and (root / "src" / "mechscope").is_dir() else "mechscope"
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "mechscope").is_dir() else None
+
+
+def _build_from_checkout(root: Path, out: Path) -> Path:
+    """`pip wheel` of a copy of the checkout (links followed, so templates/ comes along; the checkout gets no
+    build/ or egg-info), offline where setuptools is importable (no build isolation)."""
+    import importlib.util
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "mechscope"
+        shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(root / name, source / name)
+        isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+        result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", *isolation,
+                                 "-w", str(out), str(source)], capture_output=True, text=True, timeout=600)
+    wheels = sorted(out.glob("mechscope-*.whl"))
+    if result.returncode or len(wheels) != 1:
+        detail = (result.stderr.strip().splitlines() or ["no wheel written"])[-1]
+        raise BadInput(f"cannot build mechscope's wheel from {root} ({detail}); pass --mechscope-from "
+                       f"(a pip requirement, URL or path) instead")
+    return wheels[0]
+
+
+def _repack_installed(out: Path) -> Path:
+    """The installed (not editable) mechscope distribution written back as its wheel: its package files and
+    dist-info as installed, less what the installer adds, with a new RECORD."""
+    import base64
+    import hashlib
+    import zipfile
+    from importlib import metadata
+
+    from mechscope import __version__
+
+    try:
+        dist = metadata.distribution("mechscope")
+    except metadata.PackageNotFoundError:
+        dist = None
+    info = f"mechscope-{__version__}.dist-info"
+    files = sorted((f for f in (dist.files or []) if dist and f.parts[0] in ("mechscope", info)
+                    and "__pycache__" not in f.parts and f.name not in ("INSTALLER", "RECORD", "REQUESTED",
+                                                                         "direct_url.json")), key=str)
+    if not any(f.parts[0] == "mechscope" for f in files):
+        raise BadInput("this mechscope is neither a source checkout nor an installed wheel, so `new` cannot put it "
+                       "in the study; pass --mechscope-from (a pip requirement, URL or path)")
+    wheel, record = out / f"mechscope-{__version__}-py3-none-any.whl", []
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in files:
+            data = Path(f.locate()).read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{f.as_posix()},sha256={digest},{len(data)}")
+            z.writestr(f.as_posix(), data)
+        z.writestr(f"{info}/RECORD", "\n".join(record + [f"{info}/RECORD,,"]) + "\n")
+    return wheel
+
+
+@functools.cache
+def mechscope_wheel() -> Path:
+    """This mechscope as a wheel (built once per process, in a temporary folder removed at exit): built from
+    the source checkout it runs from, else repacked from its installed distribution."""
+    out = Path(tempfile.mkdtemp(prefix="mechscope-wheel-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    root = _checkout()
+    return _build_from_checkout(root, out) if root else _repack_installed(out)
 
 
 def templates_dir() -> Path:
@@ -339,7 +407,7 @@ class Created:
 
 
 def study_variables(name: str, model: str, backend: str, task: str, techniques: list[Technique],
-                    question: str | None, tracking: str, records: list[dict]) -> dict:
+                    question: str | None, tracking: str, records: list[dict], source: str = "mechscope") -> dict:
     """Everything the templates may use (StrictUndefined: a missing one is an error, not an empty string)."""
     from mechscope import __version__
 
@@ -357,7 +425,7 @@ def study_variables(name: str, model: str, backend: str, task: str, techniques: 
                  "example": {"text": records[0].get("clean", records[0].get("prompt")), **records[0]}},
         "techniques": [dict(asdict(t), module=t.module, file=f"{i:02d}_{t.module}.py")
                        for i, t in enumerate(techniques, 1)],
-        "mechscope_version": __version__, "mechscope_source": mechscope_source(),
+        "mechscope_version": __version__, "mechscope_source": source,
         "toy_prompts": "data/prompts.jsonl" if bundled else "tests/data/toy_prompts.jsonl",
         "toy_task": task if bundled else DEFAULT_TASK,     # the bundled task whose prompts the tests use
     }
@@ -420,8 +488,10 @@ def git_init(path: Path) -> str:
 
 def render(target: str | Path, name: str | None = None, model: str = "mechscope-toy", question: str | None = None,
            backend: str = "tl", techniques: list[str] | None = None, task: str = DEFAULT_TASK,
-           tracking: str = "json", git: bool = True) -> Created:
-    """Write the study's repository at `target` (a new path, or an empty directory); see the module docstring."""
+           tracking: str = "json", git: bool = True, mechscope_from: str | None = None) -> Created:
+    """Write the study's repository at `target` (a new path, or an empty directory); see the module docstring.
+    mechscope_from: where the study's `make` installs mechscope from (a pip requirement, URL or path); by
+    default this mechscope's wheel, written into the study's vendor/ (offline, pinned)."""
     target = check_target(str(target))
     if not model or not model.strip():
         raise BadInput("--model is empty; pass a model name or directory (default: mechscope-toy)")
@@ -440,7 +510,12 @@ def render(target: str | Path, name: str | None = None, model: str = "mechscope-
         if not prompt_file.is_file():
             raise BadInput(f"--task {task!r} is neither a bundled task ({', '.join(TASKS)}) nor a prompt file")
         records = read_prompt_file(prompt_file, chosen)
-    files = _files(study_variables(name, model.strip(), backend, task, chosen, question, tracking, records), records)
+    if mechscope_from is not None and (not mechscope_from.strip() or any(ord(c) < 32 for c in mechscope_from)):
+        raise BadInput("--mechscope-from is empty or holds control characters; pass a pip requirement, URL or path")
+    wheel = None if mechscope_from is not None else mechscope_wheel()
+    source = mechscope_from.strip() if wheel is None else f"vendor/{wheel.name}"
+    files = _files(study_variables(name, model.strip(), backend, task, chosen, question, tracking, records, source),
+                   records)
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -452,6 +527,9 @@ def render(target: str | Path, name: str | None = None, model: str = "mechscope-
             out = staging / relative
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
+        if wheel is not None:
+            (staging / "vendor").mkdir()
+            shutil.copy(wheel, staging / source)
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
@@ -461,4 +539,4 @@ def render(target: str | Path, name: str | None = None, model: str = "mechscope-
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Created(target.resolve(), sorted(files), git_init(target) if git else "git skipped (git=False)")
+    return Created(target.resolve(), sorted([*files, *([source] if wheel else [])]), git_init(target) if git else "git skipped (git=False)")

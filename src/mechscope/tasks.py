@@ -150,6 +150,9 @@ def resolve_position(engine, text: str, row, spec, name: str) -> int:
     if len(prefix) > seq or prefix.tolist() != row[:len(prefix)].tolist():
         raise BadInput(f"position {name}: the tokens of {text[:end]!r} are not a prefix of the prompt's tokens; "
                        f"give the position as a token index")
+    from mechscope import inputs
+
+    inputs.refuse_unknown(engine, int(row[len(prefix) - 1]), f"position {name} ({word!r} in {text!r})")
     return len(prefix) - 1
 
 
@@ -190,7 +193,8 @@ def _toy_ioi(engine, n: int, seed: int) -> PromptSet:
 
 
 # Templates after Wang et al. 2022 (BABA / ABBA orders come from {a} {b}); names and objects are kept only
-# where they are one token for the model's tokenizer.
+# where they are one token for the model's tokenizer. No name opens a prompt: a BPE vocabulary reads a first
+# word without its leading space ("Joe", not " Joe"), another token than the answer's.
 IOI_TEMPLATES = [
     "When {a} and {b} went to the {place}, {s} gave a {obj} to",
     "After {a} and {b} went to the {place}, {s} gave a {obj} to",
@@ -198,7 +202,7 @@ IOI_TEMPLATES = [
     "Then, {a} and {b} had a long argument, and afterwards {s} said to",
     "When {a} and {b} got a {obj} at the {place}, {s} decided to give it to",
     "Friends {a} and {b} found a {obj} at the {place}. {s} gave it to",
-    "{a} and {b} were working at the {place}. {s} decided to give a {obj} to",
+    "Later, {a} and {b} were working at the {place}. {s} decided to give a {obj} to",
     "The {place} {a} and {b} went to had a {obj}. {s} gave it to",
 ]
 IOI_NAMES = ("Mary John Alice Bob Tom Sarah James Emma David Anna Michael Lisa Daniel Laura Chris Kate Paul "

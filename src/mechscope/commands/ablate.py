@@ -15,10 +15,13 @@ prompt with no reference is refused (it would average that prompt's own position
 
 Every prompt's effect is kept (effects.csv has the means, per_prompt.csv every prompt); the JSON summary
 gives each effect with its standard error, 95% bootstrap interval over prompts and sign share, and the
-rank stability of the single-component ranking.
+rank stability of the single-component ranking. --positions ablates at the named positions only (END, a
+task's IO / S1 / S2 or SUBJECT / RELATION, a prompt file's "positions", token indices); --per-position is
+something else: the mean taken per position.
 
     mechscope ablate --components heads,mlps --method zero,mean
     mechscope ablate --task ioi --components heads --method mean,resample
+    mechscope ablate --task ioi --components 0.1,1.2 --positions S2,END     # ablated at those positions only
     mechscope ablate --prompt "When Mary and John went to the store, John gave a drink to" --answer mary --wrong john \\
         --reference "When Tom and Anna went to the park, Anna gave a ball to" --reference "..."
 """
@@ -112,6 +115,7 @@ def build_task(engine, args) -> dict:
         rows = [inputs.tokens(engine, t)[0] for t in texts]
         metric, name = _answer_metric(engine, rows, answers, wrongs)
         tokens, corrupted = rows, None
+        named = ps.tokens(engine)[1] if args.prompts else {}
     elif (args.task or "induction") == "induction":
         if not 2 <= args.seq_len <= (engine.cfg.n_ctx - 1) // 2:
             raise BadInput(f"--seq-len must be in 2..{(engine.cfg.n_ctx - 1) // 2} for this model's context")
@@ -120,9 +124,10 @@ def build_task(engine, args) -> dict:
         other = repeated_random_tokens(engine, args.n, args.seq_len, seed=args.seed + 1)
         corrupted = torch.cat([tokens[:, :1], other[:, 1:args.seq_len + 1], tokens[:, args.seq_len + 1:]], 1)
         name, what = "second-copy loss (nats)", f"induction: {args.n} sequences [BOS, r, r], r of {args.seq_len} words"
+        named = {}
     else:
         ps = tasks.load_task(engine, args.task, args.n, args.seed)
-        tokens, _ = ps.tokens(engine)
+        tokens, named = ps.tokens(engine)
         corrupted, _ = ps.tokens(engine, corrupted=True)
         metric, _ = _answer_metric(engine, tokens, [inputs.single_token(engine, p.answer) for p in ps.prompts],
                                    [inputs.single_token(engine, p.wrong) for p in ps.prompts])
@@ -135,13 +140,44 @@ def build_task(engine, args) -> dict:
         note = f"the {n} prompts themselves"
     stats_note = "per position" if args.per_position else \
         ("over every position, BOS included (--include-bos)" if args.include_bos else "over every position but BOS")
-    return {"tokens": tokens, "metric": metric, "metric_name": name, "prompts": what, "n_prompts": n,
+    return {"tokens": tokens, "metric": metric, "metric_name": name, "prompts": what, "n_prompts": n, "named": named,
             "corrupted": corrupted,
             "reference": reference, "reference_note": f"mean / noise statistics from {note}, {stats_note}; "
                                                       f"resample donors: other prompts of the same length"}
 
 
+def ablation_positions(spec: str, tokens, named: dict):
+    """[n, seq] bool of the positions --positions names: END (each prompt's last token), the prompt set's named
+    positions (IO, S1, S2 for ioi; SUBJECT, RELATION for facts; a prompt file's "positions"), or token indices
+    (negative from each prompt's end); comma-separated."""
+    import torch
+
+    from mechscope.errors import BadInput
+    from mechscope.techniques.ablation import as_batch
+
+    batch, lengths = as_batch(tokens)
+    mask = torch.zeros(batch.shape[:2], dtype=torch.bool)
+    rows = torch.arange(len(lengths))
+    for item in [x.strip() for x in spec.split(",") if x.strip()] or [""]:
+        if item.upper() == "END":
+            mask[rows, lengths - 1] = True
+        elif item in named:
+            mask[rows, named[item]] = True
+        elif item.lstrip("-").isdigit():
+            index = int(item)
+            if not all(-n <= index < n for n in lengths.tolist()):
+                raise BadInput(f"--positions {index} is outside a prompt of {int(lengths.min())} tokens")
+            mask[rows, torch.where(torch.tensor(index) < 0, lengths + index, torch.tensor(index))] = True
+        else:
+            names = ", ".join(["END", *named]) if named else "END"
+            raise BadInput(f"--positions: {item!r} is not a position here; use {names} or token indices, comma-separated")
+    return mask
+
+
 def add_arguments(parser):
+    parser.add_argument("--positions", metavar="POS",
+                        help="ablate only at these positions: END, the prompt set's named positions (e.g. S2, IO for "
+                             "--task ioi; SUBJECT for facts) or token indices, comma-separated (default: every position)")
     parser.add_argument("--components", default="heads,attns,mlps",
                         help="what to ablate, e.g. 1.2,0.3,0.3+1.2,mlp1,attn0,mlp1.42,1.*,heads "
                              "(default: %(default)s)")
@@ -166,10 +202,11 @@ def run(ctx):
     engine = ctx.engine
     groups = parse_groups(engine, args.components)
     task = build_task(engine, args)
+    at = ablation_positions(args.positions, task["tokens"], task["named"]) if args.positions is not None else None
     rows, per_prompt, results = [], [], {}
     for method in methods:
         result = ablate(engine, task["tokens"], groups, task["metric"], method, reference=task["reference"],
-                        per_position=args.per_position, seed=args.seed, skip_bos=not args.include_bos)
+                        per_position=args.per_position, seed=args.seed, skip_bos=not args.include_bos, at=at)
         results[method] = result
         rows += result.rows(args.seed)
         per_prompt += [{"method": method, "prompt": i, "clean_metric": float(result.clean[i]),
@@ -205,11 +242,13 @@ def run(ctx):
                "clean_metric": round(float(clean.mean()), 4),
                "clean_ci": [clean_summary["ci_low"][0], clean_summary["ci_high"][0]],
                "reference": task["reference_note"], "methods": methods, "n_components": len(groups),
+               "positions": args.positions or "all",
                "top_effects": top, "rank_stability": stability,
                "intervals": "95% percentile bootstrap over prompts (1000 resamples); sign_share = share of prompts "
                             "whose effect has the mean's sign",
                "files": ["effects.csv", "per_prompt.csv"] + [f"effects_{m}.png" for m in methods]}
-    lines = [f"{task['metric_name']}: clean {float(clean.mean()):.4f} over {task['prompts']}",
+    lines = [f"{task['metric_name']}: clean {float(clean.mean()):.4f} over {task['prompts']}; ablated at "
+             f"{'positions ' + args.positions if args.positions else 'every position'}",
              f"reference: {task['reference_note']}"]
     for m in methods:
         lines.append(f"{m} ablation, largest effects (ablated - clean, mean [95% CI] over prompts, sign share):")

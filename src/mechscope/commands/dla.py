@@ -26,14 +26,14 @@ dla_backup.csv (each component's direct effect clean, ablated, change with inter
 HELP = "direct logit attribution to embeddings, heads, MLPs and neurons"
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
-DEFAULT_ANSWER, DEFAULT_WRONG = "mary", "john"
+DEFAULT_ANSWER, DEFAULT_WRONG = "Mary", "John"  # capitalised: real vocabularies (" Mary") and the bundled one
 
 
 def add_arguments(parser):
     from mechscope.commands import prompt_sets
 
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r}, answer mary, wrong john)")
+    source.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r}, answer Mary, wrong John)")
     prompt_sets.add_arguments(parser, source, ("ioi", "facts"))
     parser.add_argument("--answer", help="with --prompt: the answer token (default: the model's top prediction)")
     parser.add_argument("--wrong", help="with --prompt: a wrong token: attribute logit[answer] - logit[wrong]")

@@ -1,8 +1,8 @@
 """Logit lens: read the residual stream through the final norm and the unembedding at every layer
 (resid_pre and resid_mid of each layer, then the final resid_post, which reproduces the model's logits).
 
-    mechscope logit-lens                                        # "the eiffel tower is in the city of" -> paris
-    mechscope logit-lens --prompt "When Mary and John went to the store, John gave a drink to" --target mary
+    mechscope logit-lens                                        # "The Eiffel Tower is in the city of" -> Paris
+    mechscope logit-lens --prompt "When Mary and John went to the store, John gave a drink to" --target Mary
     mechscope logit-lens --prompt "..." --pos 3 --top-k 10
     mechscope logit-lens --task ioi --n 128                     # the answer's rank / prob per layer, with intervals
     mechscope logit-lens --prompts my.jsonl                     # {"prompt", "answer"?, "wrong"?} per line
@@ -18,14 +18,14 @@ lens_per_prompt.csv (every prompt x entry).
 HELP = "read the residual stream through the unembedding, layer by layer"
 
 DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
-DEFAULT_TARGETS = ["paris"]
+DEFAULT_TARGETS = ["Paris"]  # " Paris" is one token in GPT-2 / Pythia / Llama vocabularies; "paris" is not
 
 
 def add_arguments(parser):
     from mechscope.commands import prompt_sets
 
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r} with --target paris)")
+    source.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r} with --target Paris)")
     prompt_sets.add_arguments(parser, source, ("ioi", "facts"))
     parser.add_argument("--target", action="append", default=[],
                         help="with --prompt: a token to follow across layers (repeatable; must be one token)")

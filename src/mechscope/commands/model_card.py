@@ -1,7 +1,7 @@
 """Measure the bundled model's behaviour and circuits: the numbers in MODEL_CARD.md.
 
 IOI (held-out template x name-pair combinations), facts, induction (copy losses, top previous-token
-and induction heads, ablation of the induction head), sentiment continuations.
+and induction heads, ablation of the induction head and of the circuit's other parts), sentiment continuations.
 
     mechscope model-card --json
     mechscope model-card --backend nnsight      # the same measurements on another engine (the HF export)
@@ -27,7 +27,8 @@ def run(ctx):
         f"score {ind['previous_token_score']:.2f}; induction head L{ind['induction_head'][0]}H{ind['induction_head'][1]} "
         f"score {ind['induction_score']:.2f}",
         f"ablating the induction head raises second-copy loss by {ind['ablation_loss_increase']['zero']:.2f} (zero), "
-        f"{ind['ablation_loss_increase']['mean']:.2f} (mean) nats",
+        f"{ind['ablation_loss_increase']['mean']:.2f} (mean) nats; the circuit's other parts (zero / mean): " +
+        ", ".join(f"{k} {v['zero']:.2f} / {v['mean']:.2f}" for k, v in ind["circuit_ablation_loss_increase"].items()),
         f"sentiment: positive prompts -> positive word {card['sentiment']['positive']:.2f}, "
         f"negative -> negative {card['sentiment']['negative']:.2f}",
     ])

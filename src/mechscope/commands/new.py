@@ -10,7 +10,8 @@ question, model, engine, techniques, commands, controls, what not to do), config
 data/prompts.jsonl, experiments/NN_<technique>.py (one per --technique, calling mechscope), results/
 (JSON log, or wandb too), tests/ (known answers on the bundled model, offline; tests/test_findings.py
 for the study's own), a Makefile (`make test` creates .venv and installs what it needs; `make run`,
-`make report`), .gitignore, notes/; then `git init` and a first commit where git is installed.
+`make report`), vendor/ (this mechscope as a wheel, so the study installs the same version anywhere, offline;
+--mechscope-from names another source), .gitignore, notes/; then `git init` and a first commit where git is installed.
 
 --task: a bundled task (ioi, facts, induction, sentiment: prompt pairs that differ in one word) or a
 JSON / JSONL file as mechscope reads --pairs / --prompts files: pairs {"clean", "corrupted", "answer",
@@ -41,6 +42,9 @@ def add_arguments(parser):
                         help=f"{', '.join(TASKS)}, or a JSON / JSONL prompt file (default: %(default)s)")
     parser.add_argument("--tracking", default="json", choices=TRACKING,
                         help="results/log.jsonl, or that and Weights & Biases (default: %(default)s)")
+    parser.add_argument("--mechscope-from", metavar="SOURCE",
+                        help="where the study's `make` installs mechscope from: a pip requirement, URL or path "
+                             "(default: this mechscope's wheel, written to the study's vendor/: pinned, offline)")
 
 
 def run(ctx):
@@ -50,7 +54,8 @@ def run(ctx):
 
     a = ctx.args
     created = render(a.path, name=a.name, model=a.model, question=a.question, backend=a.backend,
-                     techniques=a.technique, task=a.task, tracking=a.tracking)
+                     techniques=a.technique, task=a.task, tracking=a.tracking,
+                     mechscope_from=a.mechscope_from)
     next_step = f"cd {shlex.quote(str(created.path))} && make test"
     text = "\n".join([f"created {created.path} ({len(created.files)} files; {created.git})",
                       *("  " + f for f in created.files), f"next: {next_step}"])

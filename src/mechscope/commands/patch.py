@@ -8,6 +8,7 @@ the cells of all layers run as batch rows of one edited forward, with logits at 
     mechscope patch --clean "The Louvre is in the city of" --corrupted "The Colosseum is in the city of" \\
         --answer paris --wrong rome --component resid_pre,z
     mechscope patch --pairs pairs.jsonl --component z --all-positions --mode noise
+    mechscope patch --task ioi --backend tl --compare-backend nnsight   # both engines; the largest difference
     mechscope patch --task ioi --component z --all-positions --with-ablated 0.2 --ablation mean   # backup heads
 
 Prompt sets: --task ioi|facts (the bundled tasks, or generated for other tokenizers: mechscope.tasks), or
@@ -48,8 +49,8 @@ def add_pair_arguments(parser, tasks=("ioi", "facts")):
     and path-patch (read by prompt_pairs)."""
     parser.add_argument("--clean", help="clean prompt (default: an IOI sentence)")
     parser.add_argument("--corrupted", help="corrupted prompt with the same number of tokens")
-    parser.add_argument("--answer", help="the clean answer (one token; default for IOI: mary)")
-    parser.add_argument("--wrong", help="the corrupted answer (one token; default for IOI: john)")
+    parser.add_argument("--answer", help="the clean answer (one token; default for IOI: Mary)")
+    parser.add_argument("--wrong", help="the corrupted answer (one token; default for IOI: John)")
     parser.add_argument("--pairs", help="JSON / JSONL file of {clean, corrupted, answer, wrong} pairs (instead of --clean ...)")
     parser.add_argument("--task", choices=tasks, help="a bundled prompt set with corrupted twins (instead of --clean ...)")
     parser.add_argument("--n", type=int, default=32, help="--task: number of prompts (default: %(default)s)")
@@ -77,7 +78,7 @@ def prompt_pairs(args, engine):
                            f'{{"clean": ..., "corrupted": ..., "answer": ..., "wrong": ...}} per line')
         return tasks.read_pair_file(args.pairs)
     if not args.clean and not args.corrupted:
-        prompt = tasks.Prompt(IOI_CLEAN, answer=args.answer or "mary", wrong=args.wrong or "john",
+        prompt = tasks.Prompt(IOI_CLEAN, answer=args.answer or "Mary", wrong=args.wrong or "John",
                               corrupted=IOI_CORRUPTED, positions=IOI_POSITIONS)
         return tasks.PromptSet("ioi-example", [prompt], tuple(IOI_POSITIONS) + (tasks.END,))
     if not (args.clean and args.corrupted and args.answer and args.wrong):
@@ -157,6 +158,18 @@ def number(x, spec: str = ".3f") -> str:
     return "null" if x is None else format(x, spec)
 
 
+def _effect_reading(mode: str, recovery: bool) -> str:
+    """Which way a cell's value is an effect: each top cell's `effect` is its value minus the unpatched run's,
+    and the top cells are ranked by |effect| (in noise mode recovery 0 is the strongest effect, 1 none)."""
+    if recovery and mode == "noise":
+        return ("cells ranked by |effect|, effect = recovery - 1: near -1 the corrupted activation destroys the "
+                "clean answer (recovery 0), near 0 it does nothing (recovery 1)")
+    if recovery:
+        return ("cells ranked by |effect|, effect = recovery: near 1 the clean activation restores the clean answer, "
+                "near 0 it does nothing")
+    return f"cells ranked by |effect|, effect = patched - unpatched {'clean' if mode == 'noise' else 'corrupted'} run"
+
+
 def _cell(grid, rows, cols, i, **extra) -> dict:
     return {"row": rows[i // grid.shape[1]], "col": cols[i % grid.shape[1]], **extra}
 
@@ -208,13 +221,18 @@ def run(ctx):
     if held:
         edits = ablation.ablation_edits(engine, held, args.ablation, reference=batch.clean, lengths=batch.lengths)
 
-    def sweep(component, edits=()):
-        result = patching.patch_sweep(engine, batch.clean, batch.corrupted, component, metric, mode=args.mode,
-                                      by_position=not args.all_positions, lengths=batch.lengths,
-                                      batch_size=args.batch_size, edits=edits)
-        return result.at_positions(batch.positions) if aligned else result
+    if args.compare_backend == engine.name:
+        raise BadInput(f"--compare-backend {args.compare_backend} is the engine this run uses; name another one")
 
-    summary = {"mode": args.mode, "metric": args.metric, "n_pairs": len(batch.clean), "prompts": prompt_set.name,
+    def sweep(component, edits=(), on=None):
+        eng, b = on or (engine, batch)
+        result = patching.patch_sweep(eng, b.clean, b.corrupted, component, metric, mode=args.mode,
+                                      by_position=not args.all_positions, lengths=b.lengths,
+                                      batch_size=args.batch_size, edits=edits)
+        return result.at_positions(b.positions) if aligned else result
+
+    summary = {"mode": args.mode, "metric": args.metric, "effect": _effect_reading(args.mode, recovery),
+               "n_pairs": len(batch.clean), "prompts": prompt_set.name,
                "engine": engine.name, "columns": "named positions" if aligned else "token positions",
                "named_positions": None if aligned else {k: int(v[0]) for k, v in batch.positions.items()},
                "positions": position_labels if len(position_labels) <= MAX_LABELS else "in result.json",
@@ -244,6 +262,7 @@ def run(ctx):
         top = size.topk(min(TOP, size.numel())).indices.tolist()
         flat = {key: _grid(cells[key]).flatten() for key in ("ci_low", "ci_high", "sign_share")}
         best = [_cell(grid, rows, cols, i, value=rounded(grid.flatten()[i]),
+                      effect=rounded(grid.flatten()[i] - unpatched),
                       ci=[rounded(flat["ci_low"][i]), rounded(flat["ci_high"][i])],
                       sign_share=rounded(flat["sign_share"][i], 3)) for i in top]
         stability = cells["stability"]
@@ -273,8 +292,9 @@ def run(ctx):
                            "per_prompt": result.per_prompt, "clean": result.clean, "corrupted": result.corrupted,
                            "axes": result.axes, "row_labels": rows, "col_labels": cols}
         interval = (lambda b: f" [{b['ci'][0]}, {b['ci'][1]}]") if len(batch.clean) > 1 else (lambda b: "")
-        line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; top "
-                + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)}" for b in best[:3]))
+        line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; largest effects "
+                + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)} (effect {b['effect']:+.3g})"
+                            for b in best[:3]))
         if held:
             entry["backup"], full[component]["backup"] = _backup(ctx, component, result, sweep(component, edits),
                                                                  recovery, rows, cols, args.seed)
@@ -286,6 +306,11 @@ def run(ctx):
             notes.append(f"{component}: recovery is undefined (null) in {undefined} cell(s): clean and corrupted give "
                          f"the same logit diff there, so (patched - corrupted) / (clean - corrupted) divides by zero; "
                          f"use a corrupted prompt that changes the answer, or --metric logit_diff")
+    if args.compare_backend:
+        summary["compare_backend"] = _compare(args, prompt_set, components, full, sweep)
+        lines.append(f"{args.compare_backend} vs {engine.name}: largest |difference| of a cell's mean "
+                     f"{args.metric} {summary['compare_backend']['max_abs_difference']:.3g} at "
+                     f"{summary['compare_backend']['at']}")
     if held:
         summary["with_ablated"] = {"components": [c.label for c in held], "ablation": args.ablation,
                                    "reference": "the clean prompts (BOS and padding excluded)"
@@ -293,9 +318,32 @@ def run(ctx):
     if skipped:
         lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     text = (f"{args.mode} patching on {engine.name}, metric {args.metric}, {len(batch.clean)} pair(s) "
-            f"({prompt_set.name}), {'named positions' if aligned else 'token positions'}\n" + "\n".join(lines))
+            f"({prompt_set.name}), {'named positions' if aligned else 'token positions'}; {summary['effect']}\n"
+            + "\n".join(lines))
     return {"summary": summary, "results": full, "pairs": pair_records(prompt_set, batch), "text": text,
             "notes": notes}
+
+
+def _compare(args, prompt_set, components, full, sweep) -> dict:
+    """The same sweeps on --compare-backend's engine: the largest |difference| of a cell's mean metric (the
+    values of the heatmaps and CSVs), overall and per component."""
+    from mechscope.models import load_model
+    from mechscope.techniques import patching
+
+    other = load_model(args.model, backend=args.compare_backend, device=args.device, dtype=args.dtype)
+    on = (other, patching.pair_batch(other, prompt_set))
+    per_component, worst = {}, (-1.0, "")
+    for component in components:
+        mine = full[component]
+        theirs = _grid(patching.cell_summary(sweep(component, on=on), recovery=args.metric == "recovery",
+                                             k=1, seed=args.seed)["mean"])
+        diff = (theirs - mine["values"]).abs().nan_to_num(0.0).flatten()
+        i = int(diff.argmax())
+        per_component[component] = rounded(diff[i], 8)
+        if float(diff[i]) > worst[0]:
+            worst = (float(diff[i]), f"{component} {_label(mine['row_labels'], mine['col_labels'], i)}")
+    return {"engine": other.name, "max_abs_difference": round(worst[0], 8), "at": worst[1],
+            "per_component": per_component}
 
 
 def _backup(ctx, component, base, ablated, recovery, rows, cols, seed) -> tuple[dict, dict]:
@@ -334,6 +382,9 @@ def add_arguments(parser):
                         help="denoise: clean into corrupted; noise: corrupted into clean (default: %(default)s)")
     parser.add_argument("--metric", default="recovery", choices=METRICS, help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, help="patched rows per forward call (default: from a memory budget)")
+    parser.add_argument("--compare-backend", choices=("tl", "bridge", "nnsight"), metavar="ENGINE",
+                        help="run the same sweeps on a second engine (tl, bridge or nnsight) and report the largest "
+                             "difference of a cell's mean metric")
     parser.add_argument("--with-ablated", metavar="COMPONENTS",
                         help="re-run with these held ablated (heads 0.2, attn1, mlp1) and report the cells whose "
                              "effect changes (backup test)")

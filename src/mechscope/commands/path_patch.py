@@ -15,7 +15,7 @@ set; logit diff at each prompt's last token), or --task induction: clean [BOS, r
 prompts the summary gives each path's mean effect with a 95% bootstrap interval and the share of prompts
 with its sign, and (sender / receiver sweeps) the rank stability of the top paths.
 
-    mechscope path-patch --task induction --receivers 1.2:k            # which heads feed the induction head's keys
+    mechscope path-patch --task induction --receivers 2.1:k            # which heads feed the induction head L2H1's keys
     mechscope path-patch --task ioi --receivers logits --sweep senders   # every head's effect on the logits
     mechscope path-patch --receivers 2.0:q,2.1:q --senders 1.2 --sweep receivers --freeze-mlps
 

@@ -135,8 +135,11 @@ def eval_outputs(run_dir, sae, result) -> dict:
             f"  L0 {result.l0:.2f} [{result.l0_ci[0]:.2f}, {result.l0_ci[1]:.2f}]  explained variance "
             f"{result.explained_variance:.3f}  MSE {result.mse:.4g}\n"
             f"  CE loss {result.ce_clean:.4f} clean, {result.ce_spliced:.4f} spliced, {result.ce_zero:.4f} zero-ablated: "
-            f"{result.ce_recovered:.1%} recovered [{result.ce_recovered_ci[0]:.1%}, {result.ce_recovered_ci[1]:.1%}]\n"
-            f"  dead {result.dead_fraction:.1%}  dense (> 10% of tokens) {result.dense_fraction:.1%}")
+            f"+{result.ce_loss_increase:.4f} nats [{result.ce_loss_increase_ci[0]:.4f}, {result.ce_loss_increase_ci[1]:.4f}] "
+            f"with the SAE, {result.ce_recovered:.1%} recovered [{result.ce_recovered_ci[0]:.1%}, "
+            f"{result.ce_recovered_ci[1]:.1%}]\n"
+            f"  dead (never active on these tokens) {result.dead_fraction:.1%}  dense (> 10% of tokens) "
+            f"{result.dense_fraction:.1%}")
     return {"summary": summary, "text": text, "density": density}
 
 

@@ -20,7 +20,7 @@ Writes features.csv, features.html (self-contained, offline) and top_features.pn
 """
 HELP = "top features, max-activating contexts (with quantile examples), logit effects, an HTML feature page"
 
-DEFAULT_PROMPT = "the capital of france is"
+DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_POSITION = -2                 # "france"
 MAX_PAGE_FEATURES = 50
 

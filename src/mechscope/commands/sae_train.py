@@ -95,7 +95,7 @@ def run(ctx):
 
     def show(p):
         print(f"step {p['step']}  tokens {p['tokens']}  L0 {p['l0']:.2f}  MSE {p['mse']:.4g}  explained variance "
-              f"{p['explained_variance']:.3f}  dead {p['dead_fraction']:.1%}", file=sys.stderr, flush=True)
+              f"{p['explained_variance']:.3f}  dead in the training window {p['dead_fraction_training_window']:.1%}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
     out = ctx.run_dir / "sae"
@@ -111,7 +111,7 @@ def run(ctx):
     plots = [plotting.lines({label: [p[key] for p in curves]}, ctx.run_dir / f"training_{key}.png", x=tokens,
                             title=f"{args.architecture} SAE at {args.hook}", xlabel="training tokens", ylabel=label)
              for key, label in (("l0", "L0 (active features per token)"), ("explained_variance", "explained variance"),
-                                ("dead_fraction", "dead-feature fraction"))]
+                                ("dead_fraction_training_window", "dead-feature fraction (training window)"))]
     result = {"summary": {}, "text": ""}
     if args.eval_tokens:
         if held_out is None:

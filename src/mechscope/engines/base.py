@@ -62,7 +62,7 @@ class ModelConfig:
     d_mlp: int                          # 0 for attention-only models
     d_vocab: int
     n_ctx: int
-    n_params: int
+    n_params: int                       # the model's own count, the one detect gives (models._with_model_params)
     n_key_value_heads: int | None = None  # grouped-query attention; None = n_heads
     attn_only: bool = False
     parallel_attn_mlp: bool = False

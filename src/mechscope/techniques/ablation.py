@@ -210,7 +210,7 @@ def same_length_donors(lengths: torch.Tensor, seed: int = 0) -> torch.Tensor:
 def ablated_metric(model, tokens, groups: list[list[Component]], metric: Callable[[torch.Tensor], torch.Tensor],
                    method: str = "mean", reference=None, donors: torch.Tensor | None = None,
                    per_position: bool = False, seed: int = 0, rows_per_forward: int | None = None,
-                   skip_bos: bool = True) -> torch.Tensor:
+                   skip_bos: bool = True, at: torch.Tensor | None = None) -> torch.Tensor:
     """The metric with each group of components ablated. -> [n_groups, batch] (float32, on CPU)
 
     tokens: [batch, seq], or a list of rows [seq_i] of different lengths (right-padded here; the metric then
@@ -219,6 +219,8 @@ def ablated_metric(model, tokens, groups: list[list[Component]], metric: Callabl
     BOS excluded from the mean and std when skip_bos); donors: [batch] rows of `reference` that resample
     takes from (default: random other rows of the same length, seeded).
     rows_per_forward: batch rows per forward (default: up to 512, fewer when the logits would pass ~512 MB).
+    at: [batch, seq] bool, the positions ablated (default: every position); the statistics still come from
+    every reference position.
     """
     from mechscope.models import as_engine
 
@@ -256,6 +258,13 @@ def ablated_metric(model, tokens, groups: list[list[Component]], metric: Callabl
             return current + _unit(values[c.hook_name], c) * noise
         return _unit(values[c.hook_name], c).expand_as(current)
 
+    def where(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """new at the positions `at` (all when None), old elsewhere."""
+        if at is None:
+            return new
+        mask = at.to(new.device)[:, : new.shape[1]].reshape(*at.shape[:1], new.shape[1], *[1] * (new.ndim - 2))
+        return torch.where(mask, new, old)
+
     def make_edit(site: str, chunk: list[list[Component]]):
         def edit(act):
             act = act.clone()
@@ -264,9 +273,9 @@ def ablated_metric(model, tokens, groups: list[list[Component]], metric: Callabl
                 for c in group:
                     if c.hook_name == site:
                         if c.index is None:
-                            rows[:] = replacement(rows, c)
+                            rows[:] = where(replacement(rows, c), rows)
                         else:
-                            rows[:, :, c.index] = replacement(rows[:, :, c.index], c)
+                            rows[:, :, c.index] = where(replacement(rows[:, :, c.index], c), rows[:, :, c.index])
             return act
         return edit
 
@@ -359,7 +368,7 @@ def ablate(model, tokens: torch.Tensor, groups: list[list[Component]],
     """Each group ablated on its own (one batch copy per group, shared reference statistics).
 
     tokens: [batch, seq] or rows [seq_i]; kwargs go to `ablated_metric` (reference, donors, per_position, seed,
-    rows_per_forward, skip_bos).
+    rows_per_forward, skip_bos, at).
     """
     values = ablated_metric(model, tokens, [[]] + list(groups), metric, method, **kwargs)
     return AblationResult([group_label(g) for g in groups], method, values[0], values[1:])

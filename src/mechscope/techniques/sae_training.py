@@ -72,7 +72,7 @@ def _record_curves(sae, curves: list[dict], log_every: int, batch_tokens: int, p
                 point = {"step": step, "tokens": step * batch_tokens, "loss": float(out.loss),
                          "l0": float((out.feature_acts != 0).float().sum(-1).mean()),
                          "mse": float(per_token.mean()), "explained_variance": float(1 - per_token.mean() / variance),
-                         "dead_fraction": float(dead.float().mean()) if dead is not None else 0.0}
+                         "dead_fraction_training_window": float(dead.float().mean()) if dead is not None else 0.0}
             curves.append(point)
             if print_fn:
                 print_fn(point)
@@ -96,7 +96,8 @@ def train_on_model(engine, hook: str, rows: torch.Tensor, out_dir: Path, archite
     """Train an SAE on `hook` of the engine's HookedTransformer over rows [n, context] (each starting with BOS).
     Writes sae-lens's files to out_dir (cfg.json, sae_weights.safetensors, ...; checkpoints/ when
     n_checkpoints > 0) -> (the inference SAE, curves: list of {step, tokens, loss, l0, mse, explained_variance,
-    dead_fraction})."""
+    dead_fraction_training_window: features sae-lens counts dead, i.e. inactive over its last
+    dead_feature_window training steps})."""
     import datasets
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 
@@ -171,7 +172,9 @@ def synthetic_recovery(architecture: str = "topk", num_features: int = 64, hidde
 # ------------------------------------------------------------------------------------------ evaluation
 @dataclass
 class EvalResult:
-    """SAE quality on held-out rows (special-token positions excluded). CE losses in nats per token."""
+    """SAE quality on held-out rows (special-token positions excluded). CE losses in nats per token;
+    ce_loss_increase = ce_spliced - ce_clean (the loss the SAE costs); dead_fraction: features never active on
+    these rows (not sae-lens's training-window count)."""
     n_tokens: int
     l0: float
     l0_ci: tuple[float, float]
@@ -182,6 +185,8 @@ class EvalResult:
     ce_zero: float
     ce_recovered: float
     ce_recovered_ci: tuple[float, float]
+    ce_loss_increase: float
+    ce_loss_increase_ci: tuple[float, float]
     dead_fraction: float
     dense_fraction: float
     density: list[float] = field(repr=False)     # [d_sae] fraction of tokens each feature is active on
@@ -244,5 +249,6 @@ def evaluate(engine, sae, rows: torch.Tensor, batch_size: int = 32) -> EvalResul
         explained_variance=variance.compute(), mse=float(r["se"].sum() / n_tok), ce_clean=clean, ce_spliced=spliced,
         ce_zero=zero, ce_recovered=(zero - spliced) / (zero - clean) if zero != clean else float("nan"),
         ce_recovered_ci=_bootstrap_ratio(r["zero"] - r["spliced"], r["zero"] - r["clean"]),
+        ce_loss_increase=spliced - clean, ce_loss_increase_ci=_bootstrap_ratio(r["spliced"] - r["clean"], r["n_loss"]),
         dead_fraction=float((active == 0).float().mean()), dense_fraction=float((density > DENSE_THRESHOLD).float().mean()),
         density=density.tolist())

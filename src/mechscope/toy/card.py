@@ -73,19 +73,40 @@ def copy_losses(model, tokens: torch.Tensor, seq_len: int, edits=()) -> tuple[fl
     return float(loss[:, 1:L].mean()), float(loss[:, L + 1:].mean())
 
 
-def _head_ablation(head: int, value: torch.Tensor | None):
-    """An edit of attn.hook_z [batch, pos, n_heads, d_head] writing 0 (value None) or value into one head."""
+def _ablation(index: int | None, value: torch.Tensor | None):
+    """An edit writing 0 (value None) or value into one head of attn.hook_z [batch, pos, n_heads, d_head]
+    (index: the head) or into all of hook_mlp_out [batch, pos, d_model] (index None)."""
     def edit(z):
         z = z.clone()
-        z[:, :, head] = 0.0 if value is None else value.to(z.dtype)
+        part = (slice(None), slice(None)) if index is None else (slice(None), slice(None), index)
+        z[part] = 0.0 if value is None else value.to(z.dtype)
         return z
     return edit
+
+
+# the other parts of the induction circuit (below), ablated the same way as the induction head
+CIRCUIT_PARTS = {"L0H1": ("blocks.0.attn.hook_z", 1), "L1H2": ("blocks.1.attn.hook_z", 2),
+                 "L2H2": ("blocks.2.attn.hook_z", 2), "MLP0": ("blocks.0.hook_mlp_out", None)}
+
+
+def _ablation_increase(engine, per_len, site: str, index: int | None, kind: str) -> float:
+    """Second-copy loss increase from zero / mean ablation (the mean over all positions of the same
+    sequences), averaged over the lengths of `per_len`."""
+    increases = []
+    for L, toks, _, second in per_len:
+        value = None
+        if kind == "mean":
+            _, acts = engine.run(toks, read=[site])
+            value = acts[site][:, :, index].mean(dim=(0, 1)) if index is not None else acts[site].mean(dim=(0, 1))
+        _, second_ablated = copy_losses(engine, toks, L, [(site, _ablation(index, value))])
+        increases.append(second_ablated - second)
+    return sum(increases) / len(increases)
 
 
 @torch.no_grad()
 def induction(model, n_sequences: int = 64, seed: int = 0) -> dict:
     """Copy losses for r of 10..20 words, the top previous-token / induction heads, and ablating the latter
-    (zero, or its mean over all positions of the same sequences)."""
+    (zero, or its mean over all positions of the same sequences); the other circuit parts ablated the same way."""
     engine = _engine(model)
     per_len = []
     for L in (10, 15, 20):
@@ -95,23 +116,16 @@ def induction(model, n_sequences: int = 64, seed: int = 0) -> dict:
     prev_layer, prev_head, prev_score = scores.top("previous_token", 1)[0]
     ind_layer, ind_head, ind_score = scores.top("induction", 1)[0]
     site = f"blocks.{ind_layer}.attn.hook_z"
-    ablated = {}
-    for kind in ("zero", "mean"):
-        increases = []
-        for L, toks, _, second in per_len:
-            value = None
-            if kind == "mean":
-                _, acts = engine.run(toks, read=[site])
-                value = acts[site][:, :, ind_head].mean(dim=(0, 1))
-            _, second_ablated = copy_losses(engine, toks, L, [(site, _head_ablation(ind_head, value))])
-            increases.append(second_ablated - second)
-        ablated[kind] = sum(increases) / len(increases)
+    ablated = {kind: _ablation_increase(engine, per_len, site, ind_head, kind) for kind in ("zero", "mean")}
+    parts = {name: {kind: _ablation_increase(engine, per_len, s, i, kind) for kind in ("zero", "mean")}
+             for name, (s, i) in CIRCUIT_PARTS.items()}
     return {
         "first_copy_loss": sum(x[2] for x in per_len) / len(per_len),
         "second_copy_loss": sum(x[3] for x in per_len) / len(per_len),
         "previous_token_head": [prev_layer, prev_head], "previous_token_score": prev_score,
         "induction_head": [ind_layer, ind_head], "induction_score": ind_score,
         "ablation_loss_increase": ablated,
+        "circuit_ablation_loss_increase": parts,
         "top_induction_heads": scores.top("induction", 4),
         "top_previous_token_heads": scores.top("previous_token", 4),
     }
