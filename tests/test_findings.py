@@ -71,6 +71,12 @@ def test_bounded_replaces_the_largest_parts_and_keeps_the_headline():
     out = bounded(summary, 2000)
     assert len(json.dumps(out)) <= 2000 and out["headline"] == summary["headline"] and out["top"] == [1, 2, 3]
     assert out["grid"].startswith("too long for stdout") and "result.json" in out["grid"]
+    # nested: the tables inside each section go, the sections and their small values stay (patch --component all)
+    nested = {"headline": "h", "components": {f"c{i}": {"top": [i], "heatmap": [[0.5] * 30] * 10} for i in range(8)}}
+    out = bounded(nested, 1500)
+    assert len(json.dumps(out)) <= 1500 and set(out["components"]) == set(nested["components"])
+    assert all(c["top"] == [int(name[1:])] for name, c in out["components"].items())
+    assert "see components.c0.heatmap in result.json" in json.dumps(out)
     many = {"headline": "h", **{f"k{i}": "x" * 150 for i in range(20)}}     # every value replaced once, then stop
     assert all(v.startswith("too long") for k, v in bounded(many, 100).items() if k != "headline")
 

@@ -225,17 +225,30 @@ def _with_headline(module, result: dict, notes: list[str]) -> dict:
 
 def bounded(summary: dict, limit: int) -> dict:
     """The summary with its largest values replaced, one at a time, by a pointer to result.json until its JSON
-    fits in `limit` characters (the headline and the small values stay)."""
+    fits in `limit` characters: tables (lists, long strings) at any depth go first, whole sections only when no
+    table is left, so the headline and the small values stay."""
+    import copy
+
     from mechscope.runs import to_json
 
-    out, replaced = dict(summary), {"headline"}
+    out = copy.deepcopy(summary)
+
+    def entries(node, path):
+        for key, value in node.items():
+            if not path and key == "headline":
+                continue
+            yield node, key, path + [str(key)], value
+            if isinstance(value, dict):
+                yield from entries(value, path + [str(key)])
+
     while len(to_json(out, indent=None)) > limit:
-        sizes = {k: len(to_json(v, indent=None)) for k, v in out.items() if k not in replaced}
-        key = max(sizes, key=sizes.get, default=None)
-        if key is None or sizes[key] < 100:
+        sized = [(len(to_json(v, indent=None)), isinstance(v, dict), node, key, path)
+                 for node, key, path, v in entries(out, []) if not str(v).startswith("too long for stdout")]
+        sized = [entry for entry in sized if entry[0] >= 100]
+        if not sized:
             break
-        out[key] = f"too long for stdout ({sizes[key]:,} characters): see {key} in result.json"
-        replaced.add(key)
+        size, _, node, key, path = max(sized, key=lambda e: (not e[1], e[0]))  # tables before sections
+        node[key] = f"too long for stdout ({size:,} characters): see {'.'.join(path)} in result.json"
     return out
 
 

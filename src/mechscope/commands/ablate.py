@@ -146,7 +146,7 @@ def build_task(engine, args) -> dict:
                                                       f"resample donors: other prompts of the same length"}
 
 
-def ablation_positions(spec: str, tokens, named: dict):
+def ablation_positions(engine, spec: str, tokens, named: dict):
     """[n, seq] bool of the positions --positions names: END (each prompt's last token), the prompt set's named
     positions (IO, S1, S2 for ioi; SUBJECT, RELATION for facts; a prompt file's "positions"), or token indices
     (negative from each prompt's end); comma-separated."""
@@ -155,7 +155,7 @@ def ablation_positions(spec: str, tokens, named: dict):
     from mechscope.errors import BadInput
     from mechscope.techniques.ablation import as_batch
 
-    batch, lengths = as_batch(tokens)
+    batch, lengths = as_batch(engine, tokens)
     mask = torch.zeros(batch.shape[:2], dtype=torch.bool)
     rows = torch.arange(len(lengths))
     for item in [x.strip() for x in spec.split(",") if x.strip()] or [""]:
@@ -202,7 +202,7 @@ def run(ctx):
     engine = ctx.engine
     groups = parse_groups(engine, args.components)
     task = build_task(engine, args)
-    at = ablation_positions(args.positions, task["tokens"], task["named"]) if args.positions is not None else None
+    at = ablation_positions(engine, args.positions, task["tokens"], task["named"]) if args.positions is not None else None
     rows, per_prompt, results = [], [], {}
     for method in methods:
         result = ablate(engine, task["tokens"], groups, task["metric"], method, reference=task["reference"],
