@@ -265,3 +265,35 @@ def test_the_bridge_is_refused(toy_on):
         remote = NNsightEngine(toy_on.model, remote="local")
         with pytest.raises(BadInput, match="hook_q_input.*local load"):
             edges.edge_scores(remote, tokens, tokens, lambda logits: logits[:, -1, 0])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "neox", "llama", "qwen2", "qwen3", "gemma2"])
+def test_nnsight_per_head_inputs_rebuild_each_family_s_projections(kind, tmp_path):
+    """The derived q / k / v inputs on every module layout and norm (LN, RMS, Gemma's 1 + w; biases; grouped
+    k / v heads): an identity edit of every input rebuilds the same logits (each projection recomputed from
+    its per-head copies), and adding to one head's copy changes that head's q / k / v alone."""
+    from test_engines import save_tiny, tokens_for
+
+    from mechscope.models import load_model
+
+    save_tiny(kind, tmp_path, bias_noise=0.2)
+    nn = load_model(str(tmp_path), backend="nnsight", device="cpu")
+    tokens = tokens_for(nn)
+    inputs = [f"blocks.{l}.hook_{c}_input" for l in range(2) for c in "qkv"] + ["blocks.0.hook_mlp_in",
+                                                                                  "blocks.1.hook_mlp_in"]
+    with torch.no_grad():
+        clean, acts = nn.run(tokens, read=["blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v",
+                                           "blocks.1.hook_resid_pre"])
+        same, _ = nn.run(tokens, edits=[(site, lambda x: x * 1.0) for site in inputs])
+        torch.testing.assert_close(same, clean, atol=1e-5, rtol=0)
+        vector = 3 * torch.randn(nn.cfg.d_model, generator=torch.Generator().manual_seed(0))
+        for c in "qkv":
+            def nudge(x):
+                x = x.clone()
+                x[:, :, 1] += vector
+                return x
+            _, moved = nn.run(tokens, read=[f"blocks.1.attn.hook_{c}"], edits=[(f"blocks.1.hook_{c}_input", nudge)])
+            after, before = moved[f"blocks.1.attn.hook_{c}"], acts[f"blocks.1.attn.hook_{c}"]
+            assert (after[:, :, 1] - before[:, :, 1]).abs().max() > 1e-2, c
+            torch.testing.assert_close(after[:, :, [0, *range(2, after.shape[2])]],
+                                       before[:, :, [0, *range(2, after.shape[2])]], atol=1e-6, rtol=0)

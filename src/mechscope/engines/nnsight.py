@@ -441,11 +441,11 @@ class NNsightEngine(Engine):
         eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-5)
         if self.arch.norm == "LN":
             return lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:], module.weight, module.bias, eps)
-        weight = module.weight.float() + self.arch.norm_weight_offset
+        offset = self.arch.norm_weight_offset
 
-        def rms(x):  # in float32, as Hugging Face's RMSNorms compute it
-            y = x.float()
-            return (weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+        def rms(x):  # normalised in float32, then scaled as Llama's (Gemma's) RMSNorm does it
+            y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            return (y * (offset + module.weight.float())).to(x.dtype) if offset else module.weight * y.to(x.dtype)
         return rms
 
     # ---------------------------------------------------------------- running
