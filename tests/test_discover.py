@@ -177,8 +177,8 @@ def test_nnsight_gives_the_same_scores_and_exact_edge_effects(toy_engine, toy_nn
     torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
     fraction = b.mean(1) / (other.corrupted - other.clean).mean()
     assert fraction[:4].tolist() == pytest.approx([1.29, 0.63, 0.38, 0.19], abs=0.01)
-    keep = torch.stack([torch.ones(len(graph.edges), dtype=torch.bool), torch.zeros(len(graph.edges), dtype=torch.bool)])
-    ends = edges.evaluate(toy_nnsight, clean, corrupted, metric, keep)
+    every = torch.ones(len(graph.edges), dtype=torch.bool)
+    ends = edges.evaluate(toy_nnsight, clean, corrupted, metric, torch.stack([every, ~every]))
     torch.testing.assert_close(ends, torch.stack([other.clean, other.corrupted]), atol=1e-4, rtol=0)
 
 

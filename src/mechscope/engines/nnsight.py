@@ -410,8 +410,8 @@ class NNsightEngine(Engine):
             op(site).edits.append(fn)
         for site in read:
             op(site).read, op(site).grad = True, grad
-        for site in [s for s in ops if s.endswith(("hook_resid_mid", "hook_q_input", "hook_k_input", "hook_v_input"))]:
-            op(f"blocks.{layer_of(site)}.hook_resid_pre").keep = layer_of(site)  # these need the block's resid_pre
+        for site in [s for s in ops if s.endswith(("hook_resid_mid", *INPUT_KINDS[:3]))]:  # need the block input
+            op(f"blocks.{layer_of(site)}.hook_resid_pre").keep = layer_of(site)
         steps: dict[tuple, _Step] = {}
         for site in sorted(ops, key=lambda s: where[s][0]):
             order, path, port = where[site][:3]
@@ -435,8 +435,8 @@ class NNsightEngine(Engine):
         return get_input, put_input
 
     def _norm(self, path: str):
-        """The norm module at path as a function of [..., d_model], from its weights (a trace body does not call
-        the model's modules)."""
+        """The norm module at path as a function of [..., d_model], computed from its weights (inside a trace,
+        so the module itself runs once per forward, as nnsight expects)."""
         module = self._module(path)
         eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-5)
         if self.arch.norm == "LN":
