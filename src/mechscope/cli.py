@@ -52,7 +52,7 @@ COMMANDS = {
     "patch": ("patch", "activation patching sweeps (resid, attn/mlp out, heads) with a fast exact engine"),
     "attribution-patch": ("attribution_patch", "attribution patching (AtP): gradient estimates of every patch"),
     "path-patch": ("path_patch", "path patching: sender heads -> receiver heads (q/k/v) or logits"),
-    "discover": ("discover", "edge-level circuit discovery (EAP, EAP-IG) checked by exact edge patching"),
+    "discover": ("discover", "edge-level circuit discovery (EAP, EAP-IG) checked by exact edge patching (tl, nnsight)"),
     "ablate": ("ablate", "zero / mean / resample / noise ablation of heads, layers and neurons"),
     "heads": ("heads", "attention patterns and previous-token / induction / duplicate / BOS head scores"),
     "circuits": ("circuits", "QK / OV circuits, copying scores, K/Q/V composition"),

@@ -16,7 +16,8 @@ up to --check edges (Spearman, top-10 overlap) - when it is low, trust the exact
 
 Prompts: --task induction (default: [BOS, r, r], the first copy re-drawn in the corrupted run, metric = mean
 log-prob of the second copy), --task ioi|facts, --pairs FILE or --clean/--corrupted/--answer/--wrong (logit diff).
-The tl engine only (it has per-head q / k / v inputs); other engines are refused.
+Engines: tl and nnsight (the same scores; nnsight derives each head's q / k / v input from the block's norm and
+projection weights, so it needs a local, unquantised load); the bridge and grouped-query models are refused.
 
     mechscope discover                                   # the bundled model's induction circuit, 0.9 target
     mechscope discover --task ioi --n 32 --edges 40 --method eap
@@ -24,7 +25,7 @@ The tl engine only (it has per-head q / k / v inputs); other engines are refused
 Writes circuit.png, curve.png, agreement.png, edges.csv (every edge: scores, exact effect where checked,
 in_circuit) and result.json.
 """
-HELP = "edge-level circuit discovery (EAP, EAP-IG) checked by exact edge patching"
+HELP = "edge-level circuit discovery (EAP, EAP-IG) checked by exact edge patching (tl, nnsight)"
 
 
 def add_arguments(parser):

@@ -9,6 +9,9 @@ Each family says where a *ForCausalLM module keeps the parts that transformer-le
     llama     model.layers        self_attn / .o_proj       self_attn.{q,k,v}_proj          mlp / mlp.down_proj
     gemma     model.layers        self_attn / .o_proj       self_attn.{q,k,v}_proj          mlp / mlp.down_proj
               + post_attention_layernorm and post_feedforward_layernorm on the branch outputs (Gemma 2 / 3)
+The norms on the branch inputs (ln_1 / ln_2 on GPT-2, input_layernorm / post_attention_layernorm elsewhere,
+Gemma's MLP: pre_feedforward_layernorm) are called on the block input and on resid_mid (NeoX parallel: the
+block input) and feed only their branch.
 
 Facts of transformers 5 that the engine relies on (checked on 5.24): every block (GPT2Block, GPTNeoXLayer,
 LlamaDecoderLayer, Qwen2/3DecoderLayer, Gemma2/3DecoderLayer) returns a Tensor, not a tuple (transformers 4
@@ -50,6 +53,8 @@ class Arch:
                                          # "separate": three modules
     mlp: str
     down_proj: str                       # its input is mlp.hook_post
+    attn_norm: str = "input_layernorm"   # the attention branch's input norm (its input: hook_resid_pre)
+    mlp_norm: str = "post_attention_layernorm"  # the MLP branch's input norm (its input: hook_mlp_in)
     pos_embed: str | None = None         # learned absolute positions (GPT-2)
     attn_out_norm: str | None = None     # a norm on the attention branch's output (Gemma)
     mlp_out_norm: str | None = None      # a norm on the MLP branch's output (Gemma)
@@ -62,8 +67,8 @@ class Arch:
 
 GPT2 = Arch("gpt2", blocks="transformer.h", embed="transformer.wte", pos_embed="transformer.wpe",
             final_norm="transformer.ln_f", unembed="lm_head", attn="attn", o_proj="attn.c_proj",
-            qkv=("attn.c_attn",), qkv_layout="split", mlp="mlp", down_proj="mlp.c_proj", norm="LN",
-            conv1d=True, gated_mlp=False, rotary=False)
+            qkv=("attn.c_attn",), qkv_layout="split", mlp="mlp", down_proj="mlp.c_proj", attn_norm="ln_1",
+            mlp_norm="ln_2", norm="LN", conv1d=True, gated_mlp=False, rotary=False)
 NEOX = Arch("neox", blocks="gpt_neox.layers", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
             unembed="lm_head", attn="attention", o_proj="attention.dense", qkv=("attention.query_key_value",),
             qkv_layout="per_head", mlp="mlp", down_proj="mlp.dense_4h_to_h", norm="LN", gated_mlp=False)
@@ -74,8 +79,9 @@ LLAMA = Arch("llama", blocks="model.layers", embed="model.embed_tokens", final_n
 GEMMA = Arch("gemma", blocks="model.layers", embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
              attn="self_attn", o_proj="self_attn.o_proj",
              qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), qkv_layout="separate",
-             mlp="mlp", down_proj="mlp.down_proj", attn_out_norm="post_attention_layernorm",
-             mlp_out_norm="post_feedforward_layernorm", norm_weight_offset=1.0)
+             mlp="mlp", down_proj="mlp.down_proj", mlp_norm="pre_feedforward_layernorm",
+             attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
+             norm_weight_offset=1.0)
 
 ARCHITECTURES = {
     "GPT2LMHeadModel": GPT2,

@@ -19,10 +19,11 @@ Sites are transformer-lens hook names, and an activation has transformer-lens's 
     blocks.{l}.attn.hook_k|hook_v                                              [batch, pos, n_kv_heads, d_head]
     blocks.{l}.attn.hook_pattern                                               [batch, n_heads, dest, src]
     blocks.{l}.mlp.hook_post                                                   [batch, pos, d_mlp]
-    blocks.{l}.hook_q_input|hook_k_input|hook_v_input (tl only)                 [batch, pos, n_heads, d_model]
-    blocks.{l}.hook_mlp_in (tl only)                                            [batch, pos, d_model]
-(the last two: each head's / MLP's own copy of the residual stream, before its LayerNorm, for edge patching;
-has_site says yes, sites() leaves them out: reading them copies the residual stream per head)
+    blocks.{l}.hook_q_input (tl, nnsight)                                      [batch, pos, n_heads, d_model]
+    blocks.{l}.hook_k_input|hook_v_input (tl, nnsight)                         [batch, pos, n_kv_heads, d_model]
+    blocks.{l}.hook_mlp_in (tl, nnsight)                                        [batch, pos, d_model]
+(the last three, INPUT_KINDS: each head's / MLP's own copy of the residual stream, before its norm, for edge
+patching; has_site says yes, sites() leaves them out: reading them copies the residual stream per head)
 An edit is (site, fn): fn gets the activation and returns its replacement (same shape); a read
 returns the value after the edits at that site. Engines differ in basis, not in meaning: with the final
 norm folded, transformer-lens (and the bridge) centre the unembedding (W_U and b_U have mean 0 over the
@@ -48,6 +49,7 @@ SITE_KINDS = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid"
               "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v",
               "attn.hook_pattern", "mlp.hook_post")
 BACKENDS = ("tl", "bridge", "nnsight")
+INPUT_KINDS = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")  # per-receiver inputs (see above)
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,11 @@ from typing import Sequence
 
 import torch
 
-from mechscope.engines.base import Edit, Engine, FinalNorm, ModelConfig, Metric, SITE_KINDS, on_device
+from mechscope.engines.base import INPUT_KINDS, Edit, Engine, FinalNorm, ModelConfig, Metric, SITE_KINDS, on_device
 
-
-# per-receiver inputs (edge patching): transformer-lens fires them only with use_split_qkv_input / use_hook_mlp_in,
-# which run() turns on for a call that reads or edits one of them (the residual stream copied per head: slower)
-INPUT_KINDS = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
+# per-receiver inputs (INPUT_KINDS, edge patching): transformer-lens fires them only with use_split_qkv_input /
+# use_hook_mlp_in, which run() turns on for a call that reads or edits one of them (the residual stream copied per
+# head: slower)
 
 
 def _hook(fn):

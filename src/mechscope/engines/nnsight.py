@@ -14,6 +14,15 @@ Where each site is read in the module tree (paths per family in mechscope.engine
                                attn_out := new - resid_pre, so the block's own sum becomes `new`
     mlp.hook_post              the down projection's input (act(gate) * up on gated MLPs, like TL's)
     hook_mlp_out               the MLP output (Gemma: after post_feedforward_layernorm)
+    hook_q_input / k / v       (edge patching; not in sites()) Hugging Face attention has no per-head input, so
+                               it is derived: the block input (resid_pre, the attention norm's input) repeated
+                               per head; when edited (or its gradient is asked for) the projection's heads are
+                               recomputed from it, head h from its own copy x_h: norm(x_h) @ W[h] + b[h] with
+                               the block's own norm weights, in place of the projection output (before rotary),
+                               so a head's input changes that head alone, as transformer-lens's
+                               use_split_qkv_input does. Needs local, unquantised weights.
+    hook_mlp_in                (edge patching; not in sites()) the MLP norm's input: a copy of resid_mid (NeoX
+                               parallel: of the block input) that only the MLP reads
 Edits are applied in place of the module value (views are reshaped back), so a read returns the value after
 the edits at its site and everything downstream sees the edit. nnsight requires one trace to visit modules
 in forward order, so each call builds a plan of steps sorted by forward order and one trace walks it.
@@ -40,7 +49,7 @@ import torch
 
 from mechscope import hub
 from mechscope.engines import arch as archs
-from mechscope.engines.base import Edit, Engine, FinalNorm, Metric, ModelConfig, layer_of, on_device
+from mechscope.engines.base import INPUT_KINDS, Edit, Engine, FinalNorm, Metric, ModelConfig, layer_of, on_device
 from mechscope.errors import BadInput
 
 # greedy decoding with none of a checkpoint's own generation settings (repetition penalties, banned words,
@@ -211,6 +220,11 @@ def _heads(n: int, d_head: int, start: int = 0, stride: int | None = None):
     return get, put
 
 
+def _copy(value, mem=None):
+    """A fresh tensor: what an edit or a gradient at it changes reaches only the module that reads it."""
+    return value.clone()
+
+
 def _pos_embed(value, mem):
     """GPT-2's wpe output is [1, pos, d_model]; transformer-lens's hook_pos_embed is [batch, pos, d_model]."""
     return value.expand(mem["batch"], -1, -1)
@@ -315,7 +329,19 @@ class NNsightEngine(Engine):
         kinds += ["attn.hook_pattern"] if self._eager() else []
         return names + [f"blocks.{l}.{k}" for l in range(self.cfg.n_layers) for k in kinds]
 
+    def has_site(self, site: str) -> bool:
+        """sites(), plus the per-head / per-MLP inputs (INPUT_KINDS): derived from local weights (not listed in
+        sites(), as on the tl engine)."""
+        if site.endswith(INPUT_KINDS):
+            layer = layer_of(site)
+            return (layer is not None and 0 <= layer < self.cfg.n_layers and site.count(".") == 2
+                    and not self.remote and self.quantization is None)
+        return super().has_site(site)
+
     def missing_site_hint(self, site: str) -> str:
+        if site.endswith(INPUT_KINDS) and (self.remote or self.quantization):
+            return ("the nnsight engine derives per-head inputs from the model's weights, which need a local load "
+                    "without --quantization (or use --backend tl)")
         if site.endswith("attn.hook_pattern"):
             return "load the model with attn_implementation='eager' (load_model does) to read attention patterns"
         return super().missing_site_hint(site)
@@ -339,6 +365,11 @@ class NNsightEngine(Engine):
                 return ((layer, 1 + i), f"{block}.{a.qkv[i]}", "output", *_heads(H if i == 0 else kv, dh))
             view = _heads(H, dh, start=i * H * dh) if a.qkv_layout == "split" else _heads(H, dh, i * dh, 3 * dh)
             return ((layer, 1, i), f"{block}.{a.qkv[0]}", "output", *view)
+        if kind in ("hook_q_input", "hook_k_input", "hook_v_input"):  # before hook_q / k / v at the same value
+            order, path, port, get, put = self._where(f"blocks.{layer}.attn.hook_{kind[5]}")
+            return ((*order[:-1], order[-1] - 0.5), path, port, *self._head_inputs(layer, path, get, put))
+        if kind == "hook_mlp_in":
+            return (layer, 6, 1), f"{block}.{a.mlp_norm}", "input", _copy, _replace
         if kind == "attn.hook_z":
             return ((layer, 4), f"{block}.{a.o_proj}", "input", *_heads(H, dh))
         if kind == "attn.hook_pattern":
@@ -388,13 +419,43 @@ class NNsightEngine(Engine):
             op(site).edits.append(on_device(fn, self.cfg.device))
         for site in read:
             op(site).read, op(site).grad = True, grad
-        for site in [s for s in ops if s.endswith("hook_resid_mid")]:  # resid_mid needs its block's resid_pre
+        for site in [s for s in ops if s.endswith(("hook_resid_mid", *INPUT_KINDS[:3]))]:  # need the block input
             op(f"blocks.{layer_of(site)}.hook_resid_pre").keep = layer_of(site)
         steps: dict[tuple, _Step] = {}
         for site in sorted(ops, key=lambda s: where[s][0]):
             order, path, port = where[site][:3]
             steps.setdefault((path, port), _Step(order, path, port)).ops.append(ops[site])
         return sorted(steps.values(), key=lambda s: s.order)
+
+    def _head_inputs(self, layer: int, path: str, get, put):
+        """(get, put) of a per-head input at its projection's output (get, put: the projection's hook_q / k / v
+        view). get: the block input remembered at resid_pre, repeated per head [batch, pos, n, d_model]; put:
+        the projection's heads recomputed, head h from its own copy x_h as norm(x_h) @ W[h] + b[h]."""
+        weight = get(self._linear_weight(path)).transpose(0, 1)                      # [n, d_model, d_head]
+        bias = self._module(path).bias
+        bias = 0 if bias is None else get(bias)                                      # [n, d_head]
+        norm = self._norm(f"{self.arch.blocks}.{layer}.{self.arch.attn_norm}")
+
+        def get_input(value, mem):
+            return mem[layer][:, :, None].expand(-1, -1, weight.shape[0], -1)
+
+        def put_input(value, act, mem):
+            return put(value, torch.einsum("bpnd,nde->bpne", norm(act), weight) + bias, mem)
+        return get_input, put_input
+
+    def _norm(self, path: str):
+        """The norm module at path as a function of [..., d_model], computed from its weights (inside a trace,
+        so the module itself runs once per forward, as nnsight expects)."""
+        module = self._module(path)
+        eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-5)
+        if self.arch.norm == "LN":
+            return lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:], module.weight, module.bias, eps)
+        offset = self.arch.norm_weight_offset
+
+        def rms(x):  # normalised in float32, then scaled as Llama's (Gemma's) RMSNorm does it
+            y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            return (y * (offset + module.weight.float())).to(x.dtype) if offset else module.weight * y.to(x.dtype)
+        return rms
 
     # ---------------------------------------------------------------- running
     def _tokens(self, tokens):

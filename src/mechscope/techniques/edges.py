@@ -22,8 +22,10 @@ Scores (first-order estimates of removing one edge, m(edge removed) - m(clean)):
             one batched forward + backward of steps x n_prompts rows, plus the corrupted forward.
 Summed over positions; per prompt [n_prompts, n_edges].
 
-Needs the per-head input sites, which the transformer-lens engine offers (use_split_qkv_input); other engines
-are refused in one line (engine.require). Grouped-query models are refused (k / v inputs are shared).
+Needs the per-head input sites (engines/base.py INPUT_KINDS): the transformer-lens engine has them
+(use_split_qkv_input), the nnsight engine derives them (each head's projection recomputed from its own copy of
+the block input); the bridge is refused in one line (engine.require). Grouped-query models are refused (k / v
+inputs are shared).
 """
 from __future__ import annotations
 
@@ -146,9 +148,9 @@ def _as_heads(x: torch.Tensor, site: str) -> torch.Tensor:
 
 
 def require_sites(engine, graph: Graph) -> None:
-    """BadInput (one line) when the engine lacks a site edge patching needs (only the tl engine has them all)."""
+    """BadInput (one line) when the engine lacks a site edge patching needs (the tl and nnsight engines have them)."""
     engine.require(_sender_sites(graph, engine.cfg.attn_only) + _receiver_sites(graph, engine.cfg.attn_only),
-                   "edge discovery (per-head q / k / v inputs; the tl engine offers them)")
+                   "edge discovery (per-head q / k / v inputs; the tl and nnsight engines offer them)")
 
 
 # ------------------------------------------------------------------------------------------------ scores
