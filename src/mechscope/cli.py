@@ -225,6 +225,24 @@ def _print_result(command: str, result: dict, notes: list[str], run_dir: Path | 
     print(text)
 
 
+def _print_finished(command: str, result: dict, notes: list[str], run, as_json: bool) -> int:
+    """Print the result of a finished run: exit 0, also when the reader of stdout has gone (`... | head`):
+    the run is complete and saved, so it stays "complete"."""
+    try:
+        _print_result(command, result, notes, run.path if run else None, as_json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # Python flushes stdout again at exit: point it at /dev/null so that fails silently too
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # not a real file (tests capture it)
+            pass
+        with contextlib.suppress(OSError):
+            where = f"; the result is in {run.path}" if run is not None else ""
+            sys.stderr.write(f"mechscope {command}: stdout was closed before the result was printed{where}\n")
+    return 0
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """A failed allocation: MemoryError, torch.OutOfMemoryError, or the CPU allocator's RuntimeError."""
     text = str(error)
@@ -273,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             if run is not None:
                 run.model_info = _model_info(ctx)
                 run.finish(result)
-        _print_result(args.command, result, notes, run.path if run else None, args.json)
-        return 0
+        return _print_finished(args.command, result, notes, run, args.json)
     except BadInput as e:
         if run is not None:
             run.discard()

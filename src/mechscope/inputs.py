@@ -126,6 +126,17 @@ def single_token(model, word: str) -> int:
     raise BadInput(f"answer {word!r} is not a single token for this model (it is {pieces}); pick one token")
 
 
+def distinct_answers(answers, wrongs) -> None:
+    """BadInput where a prompt's answer and wrong are the same token (the logit difference would be 0 by
+    definition). answers, wrongs: sequences of token ids (wrongs None: no wrong answers)."""
+    if wrongs is None:
+        return
+    same = [i for i, (a, w) in enumerate(zip(list(answers), list(wrongs))) if int(a) == int(w)]
+    if same:
+        raise BadInput(f"answer and wrong are the same token (prompt {same[0] + 1}; for --prompt / --clean: --answer "
+                       f"and --wrong): the logit difference would be 0 by definition; pick two different tokens")
+
+
 def layer(model, value: int, allow_final: bool = False) -> int:
     """A layer index in range (negative counts from the end); `allow_final` admits n_layers."""
     n = model.cfg.n_layers + (1 if allow_final else 0)

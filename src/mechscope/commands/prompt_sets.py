@@ -35,7 +35,7 @@ def batch(engine, ps):
     of a PromptSet; answers are the model's top prediction at END where the prompts carry none."""
     import torch
 
-    from mechscope import tasks
+    from mechscope import inputs, tasks
     from mechscope.errors import BadInput
 
     rows, where = ps.tokens(engine)
@@ -46,9 +46,7 @@ def batch(engine, ps):
             raise BadInput("prompts with a \"wrong\" need an \"answer\" (the logit difference is answer - wrong)")
         with torch.no_grad():
             answers = engine.run(tokens, positions=where[tasks.END])[0].argmax(-1).cpu()
-    if wrongs is not None and bool((answers == wrongs).any()):
-        raise BadInput("answer and wrong are the same token (for --prompt: --answer and --wrong); pick two "
-                       "different tokens")
+    inputs.distinct_answers(answers, wrongs)
     return tokens, lengths, where, answers, wrongs
 
 

@@ -77,10 +77,12 @@ def _prompts(ctx):
 
     def per_prompt(words, flag):
         return torch.tensor(prompt_sets.ids_per_prompt(engine, words, n, f"--{flag}"))
+    answer_ids = per_prompt(answers, "answer")
+    wrong_ids = per_prompt(wrongs, "wrong") if wrongs else None
+    inputs.distinct_answers(answer_ids, wrong_ids)
     last = torch.tensor([len(r) - 1 for r in rows])
     tokens = right_padded(rows).to(engine.cfg.device)   # padding comes after each row's last token: it cannot matter
-    return (tokens, last, per_prompt(answers, "answer"), per_prompt(wrongs, "wrong") if wrongs else None, prompts,
-            named)
+    return tokens, last, answer_ids, wrong_ids, prompts, named
 
 
 def make_metric(answer, wrong, last):

@@ -165,6 +165,7 @@ def pair_batch(model, pairs) -> PairBatch:
             raise BadInput(f"pair {i} needs an answer and a wrong answer (one token each)")
     answer = [inputs.single_token(engine, p.answer) for p in prompt_set.prompts]
     wrong = [inputs.single_token(engine, p.wrong) for p in prompt_set.prompts]
+    inputs.distinct_answers(answer, wrong)
     lengths = torch.tensor([len(r) for r in clean_rows])
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     clean = torch.full((len(clean_rows), int(lengths.max())), pad, dtype=torch.long)

@@ -231,7 +231,12 @@ def site_width(engine, hook: str) -> int:
 
 
 def check_fits(sae, engine) -> None:
-    """BadInput (one line) unless the SAE was trained on this model, hook, width and weight processing."""
+    """BadInput (one line) unless the SAE was trained on this model, hook, width and weight processing, and its
+    weights are finite."""
+    broken = [name for name, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise BadInput(f"the SAE's weights hold NaN or infinite values ({', '.join(broken)}): its training diverged "
+                       f"or the file is damaged; retrain it or pass another SAE")
     meta = sae.cfg.metadata
     hook = meta.hook_name
     if not hook:
