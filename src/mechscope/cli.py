@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import os
@@ -62,6 +63,7 @@ COMMANDS = {
 }
 
 MAX_STDOUT_CHARS = 20_000
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}  # OSErrors that are the machine's, not a bug
 # import names of pyproject's dependencies: a command run from a bare copy of the skill folder says how to install
 DEPENDENCIES = {"torch", "transformer_lens", "sae_lens", "nnsight", "transformers", "tokenizers", "safetensors",
                 "matplotlib", "jinja2", "tqdm", "numpy"}
@@ -311,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                 run.discard()
             sys.stderr.write(f"mechscope {args.command}: error: out of memory ({_one_line(e, 200)}); lower the sizes "
                              f"(--n, --batch-size, --seq-len, ...) or use a machine with more memory\n")
+            return 2
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:  # a full, read-only or closed disk: the user's to fix
+            if run is not None:
+                run.discard()  # a run that could not write its results is no result (and may not fit anyway)
+            where = f" ({e.filename})" if e.filename else ""
+            sys.stderr.write(f"mechscope {args.command}: error: cannot write{where}: {e.strerror}; free some space or "
+                             f"pass another --out DIR on a writable disk\n")
             return 2
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in DEPENDENCIES:
             if run is not None:
