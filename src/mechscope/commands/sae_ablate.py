@@ -56,6 +56,8 @@ def _prompts(ctx):
 
     args, engine = ctx.args, ctx.engine
     named = {}
+    if args.answer and not args.prompt:
+        raise BadInput("--answer goes with --prompt: the default prompts and --task carry their own answers")
     if args.task:
         if args.prompt:
             raise BadInput("pass --task or --prompt, not both")
@@ -145,10 +147,13 @@ def run(ctx):
     tokens, last, answer, wrong, prompts, named = _prompts(ctx)
     metric = make_metric(answer, wrong, last)
     label = "logit diff (answer - wrong)" if wrong is not None else "log P(answer)"
-    if args.features:
+    if args.features is not None:  # an empty --features is refused, not taken as the default
         features = saes.parse_features(args.features, sae, saes.named_features(args.sae))
         mask = position_mask(args.positions, last, named, tokens.shape[1])
         return _ablation(ctx, sae, tokens, last, metric, label, features, mask, prompts)
+    if args.positions != "all":
+        raise BadInput("--positions picks where --features are ablated; attribution (without --features) scores "
+                       "every position: pass --features, or leave --positions out")
     if (last != last[0]).any():
         raise BadInput("attribution compares positions across prompts, so they need one token count; pass --features "
                        "to ablate, or prompts of one length")

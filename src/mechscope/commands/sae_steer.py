@@ -85,6 +85,8 @@ def run(ctx):
     feature, name, entry = named_feature(args, sae, DEFAULT_FEATURE)
     strengths = parse_strengths(args.strengths or ",".join(f"{v:g}" for v in entry.get("strengths", [])) or DEFAULT_STRENGTHS)
     prompts = args.prompt or entry.get("steer_prompts")
+    if args.target_words is not None and not args.target_words.replace(",", "").strip():
+        raise BadInput("--target-words is empty: pass comma-separated words, e.g. paris,rome")
     targets = args.target_words or entry.get("target_words")
     if not prompts or not targets:
         raise BadInput("pass --prompt and --target-words (the feature has no defaults)")

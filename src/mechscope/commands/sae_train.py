@@ -151,7 +151,7 @@ def run(ctx):
     sae_training.require_trainable(engine, args.hook)
     if args.resume:
         _check_resume_fits(args, engine)
-    args.context = args.context or 64
+    args.context = 64 if args.context is None else args.context
     rows = rows_from_args(ctx, seed=args.seed)
     held_out = None
     from mechscope.errors import BadInput
