@@ -247,21 +247,20 @@ def shape_from_hf_config(cfg: dict, name: str) -> ModelShape:
     def get(*keys, default=None):
         return next((cfg[k] for k in keys if cfg.get(k) is not None), default)
 
+    for keys in (("hidden_size", "n_embd", "d_model"), ("num_hidden_layers", "n_layer", "num_layers"),
+                 ("num_attention_heads", "n_head"), ("vocab_size",), ("head_dim",),
+                 ("intermediate_size", "n_inner", "ffn_dim"), ("max_position_embeddings", "n_positions", "n_ctx"),
+                 ("num_key_value_heads",)):
+        key = next((k for k in keys if cfg.get(k) is not None), None)
+        if key is not None and (type(cfg[key]) is not int or not 1 <= cfg[key] <= MAX_SIZE):
+            raise BadInput(f"{name}: config.json's {key} is {cfg[key]!r}, not a whole number in 1..{MAX_SIZE}; "
+                           f"fix config.json or pass --params instead")
     d = get("hidden_size", "n_embd", "d_model")
     n_layers = get("num_hidden_layers", "n_layer", "num_layers")
     n_heads = get("num_attention_heads", "n_head")
     if not (d and n_layers and n_heads and cfg.get("vocab_size")):
         raise BadInput(f"{name}: config.json lacks hidden_size / num_hidden_layers / num_attention_heads / "
                        f"vocab_size; pass --params instead")
-    sizes = {"hidden_size": d, "num_hidden_layers": n_layers, "num_attention_heads": n_heads,
-             "vocab_size": cfg["vocab_size"], "head_dim": get("head_dim"),
-             "intermediate_size": get("intermediate_size", "n_inner", "ffn_dim"),
-             "max_position_embeddings": get("max_position_embeddings", "n_positions", "n_ctx"),
-             "num_key_value_heads": cfg.get("num_key_value_heads")}
-    for key, value in sizes.items():
-        if value is not None and (type(value) is not int or not 1 <= value <= MAX_SIZE):
-            raise BadInput(f"{name}: config.json's {key} is {value!r}, not a whole number in 1..{MAX_SIZE}; "
-                           f"fix config.json or pass --params instead")
     model_type = str(cfg.get("model_type", ""))
     shape = ModelShape(name, n_layers=n_layers, d_model=d, n_heads=n_heads, d_head=get("head_dim", default=d // n_heads),
                        d_mlp=get("intermediate_size", "n_inner", "ffn_dim", default=4 * d), d_vocab=cfg["vocab_size"],
