@@ -699,7 +699,7 @@ def test_sae_train_final_is_the_last_step_files_follow_the_umask_and_save_to_nev
 def test_sae_train_that_diverges_is_refused_and_leaves_no_run(tmp_path, shared_engine):
     runs = tmp_path / "runs"
     code, out, err = run_cli(["sae-train", *SAE_SMALL, "--lr", "1e30", "--out", str(runs)])
-    assert code == 2 and out == "" and "training diverged" in err.strip().splitlines()[-1], err[-2000:]
+    assert code == 2 and out == "" and "mechscope sae-train: error: training diverged" in err, err[-2000:]
     assert "Traceback" not in err
     _no_run_left(runs)
 
@@ -752,11 +752,13 @@ def test_sae_train_killed_midway_is_interrupted_with_whole_checkpoints(tmp_path,
     finally:
         proc.kill()
     assert proc.returncode == code, err[-2000:]
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("mechscope sae-train: interrupted")
+    assert "Traceback" not in err, err[-3000:]
+    assert "mechscope sae-train: interrupted" in err, err[-2000:]  # sae-lens's progress bar may close after it
     (run_dir,) = tmp_path.iterdir()
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["status"] == "interrupted" and meta["signal"] == signal.Signals(signum).name
-    checkpoints = run_dir / "sae" / "checkpoints"
-    for folder in (checkpoints.glob("*/*") if checkpoints.exists() else []):
+    folders = list((run_dir / "sae" / "checkpoints").glob("*/*"))
+    assert folders, "no checkpoint was written before the signal (one is due every 100 steps)"
+    for folder in folders:
         assert not folder.name.startswith("."), f"a half-written checkpoint was left: {folder}"
         assert {"cfg.json", "sae_weights.safetensors", "trainer_state.pt"} <= {p.name for p in folder.iterdir()}
