@@ -56,9 +56,13 @@ model: $(STAMP)
 	$(PY) -m mechscope.toy.train
 
 # the SAE shipped for the bundled model (src/mechscope/toy/saes/), then its named features and SAE_CARD.md's numbers
+# (--save-to never overwrites an SAE: train into a new folder, then replace the shipped one once training succeeded)
+SHIPPED_SAE = src/mechscope/toy/saes/blocks.1.hook_resid_pre
 sae: $(STAMP)
+	rm -rf runs/shipped-sae
 	$(VENV)/bin/mechscope sae-train --hook blocks.1.hook_resid_pre --architecture topk --d-sae 256 --k 8 \
-		--training-tokens 1000000 --seed 0 --save-to src/mechscope/toy/saes/blocks.1.hook_resid_pre
+		--training-tokens 1000000 --seed 0 --save-to runs/shipped-sae
+	rm -rf $(SHIPPED_SAE) && mv runs/shipped-sae $(SHIPPED_SAE)
 	$(PY) -m mechscope.toy.sae_card --write-names
 
 sae-card: $(STAMP)

@@ -465,11 +465,11 @@ CASES = [
     (["path-patch", "--receivers", "logits", "--answer", "john", "--wrong", "john"], "same token"),
     (["attribution-patch", "--answer", "mary", "--wrong", "mary"], "same token"),
     (["sae-ablate", "--prompt", IOI, "--answer", "mary", "--wrong", "mary"], "same token"),
-    (["ablate", "--prompt", IOI, "--answer", "mary", "--wrong", "mary"], "same token"),
+    (["ablate", "--prompt", IOI, "--answer", "mary", "--wrong", "mary", "--method", "zero"], "same token"),
     # 6. garbage that used to be accepted with exit 0
     (["sae-eval", "--sae", "{nan_sae}"], "NaN"),
     (["sae-features", "--sae", "{nan_sae}"], "NaN"),
-    (["sae-steer", "--sae", "{nan_sae}", "--feature", "3"], "NaN"),
+    (["sae-steer", "--sae", "{nan_sae}", "--feature", "3", "--prompt", "the cat", "--target-words", "paris"], "NaN"),
     (["detect", "--model", "{negative_layers}"], "n_layer"),
     (["detect", "--model", "{huge_width}"], "n_embd"),
     (["detect", "--model", "{bool_heads}"], "n_head"),
