@@ -317,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.errno in DISK_ERRORS:  # a full, read-only or closed disk: the user's to fix
             if run is not None:
                 run.discard()  # a run that could not write its results is no result (and may not fit anyway)
-            where = f" ({e.filename})" if e.filename else ""
-            sys.stderr.write(f"mechscope {args.command}: error: cannot write{where}: {e.strerror}; free some space or "
-                             f"pass another --out DIR on a writable disk\n")
+            where = f" {e.filename}" if e.filename else ""
+            sys.stderr.write(f"mechscope {args.command}: error: cannot use{where}: {e.strerror}; free some space, fix "
+                             f"the permissions, or pass another --out DIR\n")
             return 2
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in DEPENDENCIES:
             if run is not None:
