@@ -215,7 +215,8 @@ def parse_count(text: str) -> int:
     if not m:
         raise BadInput(f"--params {text!r} is not a count; write e.g. 7e9, 7B, 124M")
     try:
-        value = float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+        value = float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[
+            m.group(2).lower()]
     except ValueError:  # '1.2.3'
         raise BadInput(f"--params {text!r} is not a count; write e.g. 7e9, 7B, 124M") from None
     if not value <= MAX_PARAMS:  # 1e400 reads as inf

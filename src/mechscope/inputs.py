@@ -142,7 +142,8 @@ def layer(model, value: int, allow_final: bool = False) -> int:
     become the last layer); `allow_final` admits n_layers."""
     n = model.cfg.n_layers + (1 if allow_final else 0)
     if not 0 <= value < n:
-        raise BadInput(f"layer {value} is out of range: this model has {model.cfg.n_layers} layers, numbered 0..{n - 1}")
+        raise BadInput(f"layer {value} is out of range: this model has {model.cfg.n_layers} layers, numbered "
+                       f"0..{n - 1}")
     return value
 
 

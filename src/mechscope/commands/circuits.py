@@ -75,7 +75,8 @@ def _check_args(args, model):
         needed = len(heads) * 2 * 4 * model.cfg.d_vocab ** 2
         if needed > args.max_gb * 1e9:
             raise BadInput(f"--save-full needs {needed / 1e9:.3g} GB for {len(heads)} heads (d_vocab "
-                           f"{model.cfg.d_vocab}), more than --max-gb {args.max_gb:g}; raise --max-gb or pass fewer --heads")
+                           f"{model.cfg.d_vocab}), more than --max-gb {args.max_gb:g}; raise --max-gb or pass "
+                           f"fewer --heads")
     return tokens, heads
 
 

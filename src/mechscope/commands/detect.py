@@ -20,9 +20,9 @@ HELP = "hardware (or one you describe), and how a model runs on it: engine, devi
 USES_MODEL = False         # takes its own --model string and never loads weights
 WRITES_RUN = "with --out"  # a query about a machine: stdout, and a run directory only when asked
 
-NOT_LOADING = ("detect", "new", "report")
+NOT_LOADING = ("detect", "new", "report")  # the commands without --model (tests/test_compute.py checks)
 MAX_BATCH = 100_000         # --batch: sequences per forward; more is a typo, not a plan
-MAX_SEQ_LEN = 10_000_000    # --seq-len without --model (with one: its context)  # the commands without --model (tests/test_compute.py checks)
+MAX_SEQ_LEN = 10_000_000    # --seq-len without --model (with one: its context)
 
 
 def add_arguments(parser):

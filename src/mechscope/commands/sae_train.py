@@ -43,8 +43,6 @@ def add_arguments(parser):
 
 
 def _check(args):
-    from pathlib import Path
-
     from mechscope.errors import BadInput
 
     if not 1 <= args.d_sae <= 1_000_000:
@@ -72,8 +70,6 @@ CHECKPOINT_FILES = ("cfg.json", "sae_weights.safetensors", "trainer_state.pt", "
 
 def _check_resume(args) -> None:
     """BadInput unless --resume is a whole checkpoint of an SAE like the one asked for (before any training)."""
-    from pathlib import Path
-
     from mechscope import inputs
     from mechscope.errors import BadInput
     from mechscope.paths import user_path
@@ -82,7 +78,7 @@ def _check_resume(args) -> None:
     if not (path / "cfg.json").is_file():
         raise BadInput(f"--resume {args.resume} is not a checkpoint directory (no cfg.json); pass one under "
                        f"RUN_DIR/sae/checkpoints/")
-    missing = [name for name in CHECKPOINT_FILES if not (Path(path) / name).is_file()]
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
     if missing:
         raise BadInput(f"--resume {args.resume} is not a whole checkpoint (no {', '.join(missing)}); pass another "
                        f"one under RUN_DIR/sae/checkpoints/")

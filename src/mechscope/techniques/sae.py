@@ -313,9 +313,9 @@ def text_rows(engine, texts: list[str], context: int) -> torch.Tensor:
 def _id_rows(engine, ids: torch.Tensor, context: int) -> torch.Tensor:
     """Token ids [rows, seq] (used as they are, cut to context) or [n] (cut into BOS-first rows), checked."""
     if ids.is_floating_point() and not bool((ids == ids.round()).all()):
-        raise BadInput(f"token ids must be whole numbers; this file holds {str(ids.dtype).replace('torch.', '')} values "
-                       f"such as {ids.flatten()[(ids != ids.round()).flatten()][0].item():g}: save the token ids, "
-                       f"not embeddings or probabilities")
+        example = ids[ids != ids.round()].flatten()[0].item()
+        raise BadInput(f"token ids must be whole numbers; this file holds {str(ids.dtype).replace('torch.', '')} "
+                       f"values such as {example:g}: save the token ids, not embeddings or probabilities")
     ids = ids.long()
     if ids.numel() == 0 or ids.min() < 0 or ids.max() >= engine.cfg.d_vocab:
         raise BadInput(f"token ids must be in 0..{engine.cfg.d_vocab - 1} (this model's vocabulary)")
