@@ -67,20 +67,16 @@ model: $(STAMP)
 # Two runs on one machine give byte-identical weights; on another platform (CPU, torch build) the weights differ
 # from the shipped ones in every element while the card's claims still hold (SAE_CARD.md; the slow test
 # tests/test_sae_card.py::test_every_card_claim_survives_a_retrain retrains with seeds 0 and 1 and checks them).
+# --save-to never overwrites an SAE: train into a new folder, then replace the shipped one once training succeeded.
+SHIPPED_SAE = src/mechscope/toy/saes/blocks.1.hook_resid_pre
 sae: $(STAMP)
+	rm -rf runs/shipped-sae
 	$(VENV)/bin/mechscope sae-train --hook blocks.1.hook_resid_pre --architecture topk --d-sae 256 --k 8 \
-		--training-tokens 1000000 --seed 0 --save-to src/mechscope/toy/saes/blocks.1.hook_resid_pre
+		--training-tokens 1000000 --seed 0 --save-to runs/shipped-sae
+	rm -rf $(SHIPPED_SAE) && mv runs/shipped-sae $(SHIPPED_SAE)
 	$(PY) -m mechscope.toy.sae_card --write-names
 
-sae-# every command on CUDA (float32, bfloat16, split across GPUs, CPU offload) against the CPU float32 run;
-# gpu-check-dry: the same comparisons on CPU stand-ins (bench/gpu_check.py)
-gpu-check: $(STAMP)
-	$(PY) bench/gpu_check.py
-
-gpu-check-dry: $(STAMP)
-	$(PY) bench/gpu_check.py --dry-run
-
-card: $(STAMP)
+sae-card: $(STAMP)
 	$(PY) -m mechscope.toy.sae_card
 
 bench-sae: $(STAMP)

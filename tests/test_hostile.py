@@ -2,13 +2,21 @@
 traceback, nothing on stdout, and no run directory left behind (tests/hostile.py). In-process on the bundled
 model (one shared load); a few cases through a real process for the exit code and stray warnings."""
 import json
+import os
 import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hostile import assert_refused, refused_by_subprocess, reuse_engine
+from hostile import assert_refused, refused_by_subprocess, reuse_engine, run_cli
 from mechscope.cli import COMMANDS
 
 IOI = "When Mary and John went to the store, John gave a drink to"
@@ -17,7 +25,7 @@ LONG = "the " * 200
 HUGE = str(2 ** 64)
 
 
-def _files(root):
+def _files(root, toy_engine):
     """Hostile files, by name -> path."""
     f = {}
 
@@ -95,6 +103,40 @@ def _files(root):
     (root / "full").mkdir()
     (root / "full" / "keep").write_text("x")
     f["full"] = str(root / "full")
+    # ---- issue 16
+    put("same_pair.json", json.dumps([{"clean": IOI, "corrupted": IOI_B, "answer": "mary", "wrong": "mary"}]))
+    put("many_prompts.json", json.dumps(["the cat"] * 100_001))
+    np.save(root / "float_ids.npy", np.random.default_rng(0).random(500).astype(np.float32))
+    f["float_ids.npy"] = str(root / "float_ids.npy")
+    for name, change in (("negative_layers", {"n_layer": -2}), ("huge_width", {"n_embd": 1e30}),
+                         ("bool_heads", {"n_head": True})):
+        (root / name).mkdir()
+        config = {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": 320, "n_positions": 64}
+        (root / name / "config.json").write_text(json.dumps({**config, **change}))
+        f[name] = str(root / name)
+    for name, edit in (("truncated", "cut"), ("bad_values", "heads")):
+        shutil.copytree(root / "neox", root / name)
+        if edit == "cut":  # a copy that did not finish
+            weights = root / name / "model.safetensors"
+            os.truncate(weights, weights.stat().st_size // 2)
+        else:  # 5 heads do not divide a width of 32: transformers' own validation refuses it
+            config = json.loads((root / name / "config.json").read_text())
+            (root / name / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+        f[name] = str(root / name)
+    for name, d_sae, files in (("checkpoint_other", 64, "all"), ("checkpoint_partial", 1024, "cfg")):
+        (root / name).mkdir()
+        (root / name / "cfg.json").write_text(json.dumps({"d_sae": d_sae, "d_in": 128, "metadata": {
+            "hook_name": "blocks.1.hook_resid_pre", "training_architecture": "topk", "model_name": "mechscope-toy"}}))
+        if files == "all":
+            for other in ("sae_weights.safetensors", "trainer_state.pt", "activations_store_state.safetensors"):
+                (root / name / other).write_text("x")
+        f[name] = str(root / name)
+    from test_sae import random_sae
+    sae = random_sae(toy_engine)
+    with torch.no_grad():
+        sae.W_enc[0, 0] = float("nan")
+    sae.save_model(root / "nan_sae")
+    f["nan_sae"] = str(root / "nan_sae")
     return f
 
 
@@ -419,11 +461,69 @@ CASES = [
     (["sae-ablate", "--features", "3", "--positions", "99"], "--positions must be"),
     (["sae-train", "--lr", "nan"], "positive finite"),
     (["sae-train", "--hook", "blocks.7.hook_resid_pre"], "blocks.7.hook_resid_pre"),
+    # ---- issue 16: 1. an existing SAE is never overwritten (refused before the model loads, before training)
+    (["sae-train", "--save-to", "{full}"], "not empty"),
+    (["sae-train", "--save-to", "{a_file}"], "is a file"),
+    (["sae-train", "--save-to", "{a_file}/sae"], "not a writable directory"),
+    # 5. answer == wrong: a logit difference of 0 by definition, in every command that takes both
+    (["patch", "--clean", IOI, "--corrupted", IOI_B, "--answer", "mary", "--wrong", "mary"], "same token"),
+    (["patch", "--answer", "mary", "--wrong", "mary"], "same token"),
+    (["patch", "--pairs", "{same_pair.json}"], "same token"),
+    (["path-patch", "--receivers", "logits", "--answer", "john", "--wrong", "john"], "same token"),
+    (["attribution-patch", "--answer", "mary", "--wrong", "mary"], "same token"),
+    (["sae-ablate", "--prompt", IOI, "--answer", "mary", "--wrong", "mary"], "same token"),
+    (["ablate", "--prompt", IOI, "--answer", "mary", "--wrong", "mary", "--method", "zero"], "same token"),
+    # 6. garbage that used to be accepted with exit 0
+    (["sae-eval", "--sae", "{nan_sae}"], "NaN"),
+    (["sae-features", "--sae", "{nan_sae}"], "NaN"),
+    (["sae-steer", "--sae", "{nan_sae}", "--feature", "3", "--prompt", "the cat", "--target-words", "paris"], "NaN"),
+    (["detect", "--model", "{negative_layers}"], "n_layer"),
+    (["detect", "--model", "{huge_width}"], "n_embd"),
+    (["detect", "--model", "{bool_heads}"], "n_head"),
+    (["detect", "--params", "1e30"], "100T"),
+    (["detect", "--model", "mechscope-toy", "--seq-len", "100000"], "context"),
+    (["detect", "--model", "gpt2-small", "--seq-len", "2048"], "context"),
+    (["detect", "--params", "7B", "--batch", "100000000000"], "--batch"),
+    # 8. options that were silently ignored or bypassed
+    (["sae-ablate", "--positions", "999"], "--positions"),
+    (["sae-ablate", "--positions", "nope"], "--positions"),
+    (["sae-ablate", "--answer", "mary john"], "--answer goes with --prompt"),
+    (["sae-eval", "--context", "0"], "--context"),
+    (["sae-train", "--context", "0"], "--context"),
+    (["heads", "--layer", "-1"], "out of range"),
+    (["steer", "--layer", "-1"], "out of range"),
+    (["heads", "--heads", ""], "no heads"),
+    (["circuits", "--heads", ""], "no heads"),
+    (["sae-features", "--features", ""], "no features"),
+    (["sae-ablate", "--features", ""], "no features"),
+    (["steer", "--positive-words", ""], "--positive-words is empty"),
+    (["steer", "--negative-words", ","], "--negative-words is empty"),
+    (["sae-steer", "--target-words", ""], "--target-words is empty"),
+    (["attribution-patch", "--atp-star", "--sites", "resid"], "qkv"),
+    (["heads", "--from", "END"], "prompt set"),
+    (["predict", "--max-memory", "0=1GiB", "--backend", "nnsight"], "--device-map"),
+    (["path-patch", "--receivers", "2.1", "--senders", "0.0,0.0"], "twice"),
+    (["circuits", "--heads", "1.2,L1H2"], "twice"),
+    (["ablate", "--components", "2.1,heads"], "twice"),
+    (["predict", "--prompts", "{many_prompts.json}"], "at most 100000"),
+    # 9. user / environment mistakes that ended in exit 1
+    (["detect", "--params", "1e400"], "--params"),
+    (["detect", "--params", "1.2.3"], "not a count"),
+    (["new", "/proc/mechscope-test"], "cannot"),
+    (["predict", "--device-map", "bogus", "--backend", "nnsight"], "--device-map"),
+    (["sae-steer", "--controls", "0"], "--controls"),
+    (["predict", "--model", "{truncated}"], "cut short"),
+    (["predict", "--model", "{bad_values}"], "divisible"),
+    (["sae-train", "--resume", "{checkpoint_other}"], "--d-sae 1024 (the checkpoint has 64)"),
+    (["sae-train", "--resume", "{checkpoint_partial}"], "not a whole checkpoint"),
+    # 11. messages that named the wrong cause
+    (["steer", "--direction", "{zero.pt}"], "--direction"),
+    (["sae-eval", "--data", "{float_ids.npy}"], "whole numbers"),
 ]
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return _files(tmp_path_factory.mktemp("hostile"))
+def files(tmp_path_factory, toy_engine):
+    return _files(tmp_path_factory.mktemp("hostile"), toy_engine)
 
 
 @pytest.fixture()
@@ -463,3 +563,209 @@ def test_the_table_covers_every_command_and_is_large():
     assert len(CASES) >= 150
     covered = {argv[0] for argv, _ in CASES}
     assert set(COMMANDS) <= covered, set(COMMANDS) - covered
+
+
+# ---------------------------------------------------------------- issue 16: hostile input beyond one refusal line
+def _no_run_left(runs):
+    assert not runs.exists() or not any(runs.iterdir()), sorted(p.name for p in runs.iterdir())
+
+
+def test_circuits_max_gb_message_shows_the_real_sizes(files, tmp_path, shared_engine):
+    line = assert_refused(["circuits", "--heads", "1.2", "--save-full", "--max-gb", "0.000001"], "--max-gb", tmp_path)
+    assert "0.00 GB" not in line and "--max-gb 1e-06" in line, line
+
+
+def test_report_follows_no_link_out_of_the_run_and_embeds_only_real_pngs(tmp_path):
+    import base64
+
+    from mechscope.report import write_report
+
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    png = b"\x89PNG\r\n\x1a\n" + b"secret-image-bytes"
+    (outside / "private.png").write_bytes(png)
+    (outside / "private.csv").write_text("password,hunter2\n")
+    run = tmp_path / "runs" / "predict-1"
+    run.mkdir(parents=True)
+    (run / "meta.json").write_text(json.dumps({"command": "predict", "status": "complete"}))
+    (run / "result.json").write_text(json.dumps({"summary": {"note": "bell\x07 escape\x1b[31m red"}}))
+    (run / "plot.png").symlink_to(outside / "private.png")
+    (run / "data.csv").symlink_to(outside / "private.csv")
+    (run / "fake.png").write_text("<script>not a png</script>")
+    (run / "real.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"own-image")
+    (run / "inner.csv").write_text("a\n")
+    (run / "inner_link.csv").symlink_to(run / "inner.csv")       # a link inside the run is its own file
+    page, _ = write_report([str(run)], str(tmp_path / "page.html"))
+    text = page.read_text()
+    assert base64.b64encode(png).decode() not in text and "private" not in text and "plot.png" not in text
+    assert "data.csv" not in text
+    assert base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"own-image").decode() in text      # a real PNG is embedded
+    assert 'alt="fake.png"' not in text and 'href="runs/predict-1/fake.png"' in text    # a fake one only linked
+    assert "inner_link.csv" in text
+    assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", text) and "bell\\x07 escape\\x1b[31m" in text
+
+
+@pytest.mark.parametrize("unbuffered", ["1", None])
+def test_a_closed_stdout_leaves_a_complete_run_and_exit_0(tmp_path, unbuffered):
+    """`mechscope predict --json | true`: the reader is gone before the result is printed. Main at c14c93b: exit 1
+    and meta.json "failed" (BrokenPipeError) for a run whose result.json was written (unbuffered stdout), or
+    exit 120 with "Exception ignored" on stderr (buffered)."""
+    from hostile import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("MECHSCOPE_DEBUG", None)
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    script = (f'"{sys.executable}" -m mechscope predict --json --out "{tmp_path}" | true; '
+              f'echo "exit=${{PIPESTATUS[0]}}" >&2')
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "exit=0" in proc.stderr and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, \
+        proc.stderr[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"
+    assert (run_dir / "result.json").exists()
+
+
+def test_a_full_disk_is_exit_2_and_leaves_no_run_directory(tmp_path, monkeypatch, shared_engine):
+    import errno
+
+    from mechscope import runs
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(runs, "write_atomic", full)
+    out = tmp_path / "new" / "runs"
+    code, stdout, err = run_cli(["predict", "--out", str(out)])
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and "No space left" in err, err
+    assert not (tmp_path / "new").exists()       # neither the run directory nor the --out folders made for it
+
+
+def test_two_new_racing_for_one_path_is_exit_2(tmp_path, monkeypatch):
+    from mechscope import scaffold
+
+    target = tmp_path / "study"
+    rename = os.rename
+
+    def other_process_first(src, dst):  # another `mechscope new study` finishes between the check and the rename
+        Path(dst).mkdir()
+        (Path(dst) / "README.md").write_text("theirs")
+        rename(src, dst)
+    monkeypatch.setattr(scaffold.os, "rename", other_process_first)
+    code, out, err = run_cli(["new", str(target)])
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1, err
+    assert (target / "README.md").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["study"]     # no staging folder left
+
+
+def test_tuned_lens_that_diverges_is_refused_and_writes_nothing(tmp_path, shared_engine):
+    """--lr 1e30: the loss climbs (Adam's steps are lr-sized) yet stays finite. Main at c14c93b: exit 0 with a lens
+    worse than the logit lens it starts from."""
+    runs = tmp_path / "runs"
+    code, out, err = run_cli(["tuned-lens", "--lr", "1e30", "--steps", "20", "--sentences", "30", "--out", str(runs)])
+    assert code == 2 and "diverged" in err and len(err.strip().splitlines()) == 1, err
+    _no_run_left(runs)
+
+
+def test_tuned_lens_files_follow_the_umask(tmp_path, shared_engine):
+    old = os.umask(0o022)
+    try:
+        code, out, err = run_cli(["tuned-lens", "--steps", "10", "--sentences", "30", "--out", str(tmp_path), "--json"])
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    run_dir = Path(json.loads(out)["run_dir"])
+    assert stat.S_IMODE((run_dir / "translators.safetensors").stat().st_mode) == 0o644
+
+
+SAE_SMALL = ["--training-tokens", "16384", "--batch-tokens", "1024", "--n-tokens", "6000", "--context", "32",
+             "--d-sae", "64", "--k", "4", "--eval-tokens", "1000"]
+
+
+def test_sae_train_final_is_the_last_step_files_follow_the_umask_and_save_to_never_overwrites(tmp_path, shared_engine):
+    """16 steps with the default --log-every 25. Main at c14c93b: "final" was step 1, sae_weights.safetensors and
+    sparsity.safetensors were 0600, and a second --save-to into the same directory overwrote the first SAE."""
+    target = tmp_path / "saved"
+    old = os.umask(0o022)
+    try:
+        code, out, err = run_cli(["sae-train", *SAE_SMALL, "--save-to", str(target), "--out", str(tmp_path / "runs"),
+                                  "--json"])
+    finally:
+        os.umask(old)
+    assert code == 0, err[-2000:]
+    printed = json.loads(out)
+    assert printed["summary"]["final"]["step"] == 16 and printed["summary"]["final"]["tokens"] == 16384
+    sae_dir = Path(printed["run_dir"]) / "sae"
+    for name in ("sae_weights.safetensors", "sparsity.safetensors", "cfg.json"):
+        assert stat.S_IMODE((sae_dir / name).stat().st_mode) == 0o644, name
+    saved = (target / "sae_weights.safetensors").read_bytes()
+    assert_refused(["sae-train", *SAE_SMALL, "--save-to", str(target)], "not empty", tmp_path / "again")
+    assert (target / "sae_weights.safetensors").read_bytes() == saved
+
+
+def test_sae_train_that_diverges_is_refused_and_leaves_no_run(tmp_path, shared_engine):
+    runs = tmp_path / "runs"
+    code, out, err = run_cli(["sae-train", *SAE_SMALL, "--lr", "1e30", "--out", str(runs)])
+    assert code == 2 and out == "" and "mechscope sae-train: error: training diverged" in err, err[-2000:]
+    assert "Traceback" not in err
+    _no_run_left(runs)
+
+
+def test_an_interrupted_checkpoint_is_never_left_half_written(tmp_path):
+    """sae-lens writes a checkpoint file by file into its final folder; an interruption mid-way must leave no
+    checkpoint folder (a resume from half a checkpoint fails or silently restarts)."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from mechscope.techniques.sae_training import _atomic_checkpoints
+
+    def save(self, checkpoint_name, base_path=None, wandb_aliases=None):  # sae-lens's save, killed half-way
+        folder = Path(base_path) / checkpoint_name
+        folder.mkdir(parents=True)
+        (folder / "sae_weights.safetensors").write_text("x")
+        raise KeyboardInterrupt
+    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(checkpoint_path=str(tmp_path / "checkpoints")))
+    original = SAETrainer.save_checkpoint
+    SAETrainer.save_checkpoint = save
+    try:
+        with _atomic_checkpoints(), pytest.raises(KeyboardInterrupt):
+            SAETrainer.save_checkpoint(trainer, "5120")
+    finally:
+        SAETrainer.save_checkpoint = original
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+SAE_TRAIN_LONG = ["sae-train", "--training-tokens", "2560000", "--batch-tokens", "256", "--n-tokens", "6000",
+                  "--context", "32", "--d-sae", "64", "--k", "4", "--log-every", "1", "--checkpoints", "100"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sae_train_killed_midway_is_interrupted_with_whole_checkpoints(tmp_path, signum, code):
+    """Main at c14c93b: sae-lens's own handlers turned both signals into an exception -> exit 1, status "failed"."""
+    from hostile import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
+    env.pop("MECHSCOPE_DEBUG", None)
+    # as in a foreground process: a job started by a non-interactive shell may ignore SIGINT
+    script = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from mechscope.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, *SAE_TRAIN_LONG, "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stderr:  # wait until training is under way and a checkpoint (every 100 steps) is written
+            if "step 150 " in line:
+                break
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "mechscope sae-train: interrupted" in err, err[-2000:]  # sae-lens's progress bar may close after it
+    (run_dir,) = tmp_path.iterdir()
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "interrupted" and meta["signal"] == signal.Signals(signum).name
+    folders = list((run_dir / "sae" / "checkpoints").glob("*/*"))
+    assert folders, "no checkpoint was written before the signal (one is due every 100 steps)"
+    for folder in folders:
+        assert not folder.name.startswith("."), f"a half-written checkpoint was left: {folder}"
+        assert {"cfg.json", "sae_weights.safetensors", "trainer_state.pt"} <= {p.name for p in folder.iterdir()}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -69,6 +70,7 @@ COMMANDS = {
 }
 
 MAX_STDOUT_CHARS = 16_000  # --json on stdout, in characters
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}  # OSErrors that are the machine's, not a bug
 # import names of pyproject's dependencies: a command run from a bare copy of the skill folder says how to install
 DEPENDENCIES = {"torch", "transformer_lens", "sae_lens", "nnsight", "transformers", "tokenizers", "safetensors",
                 "matplotlib", "jinja2", "markdown_it", "tqdm", "numpy"}
@@ -279,6 +281,24 @@ def _print_result(command: str, result: dict, notes: list[str], run_dir: Path | 
     print(text)
 
 
+def _print_finished(command: str, result: dict, notes: list[str], run, as_json: bool) -> int:
+    """Print the result of a finished run: exit 0, also when the reader of stdout has gone (`... | head`):
+    the run is complete and saved, so it stays "complete"."""
+    try:
+        _print_result(command, result, notes, run.path if run else None, as_json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # Python flushes stdout again at exit: point it at /dev/null so that fails silently too
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # not a real file (tests capture it)
+            pass
+        with contextlib.suppress(OSError):
+            where = f"; the result is in {run.path}" if run is not None else ""
+            sys.stderr.write(f"mechscope {command}: stdout was closed before the result was printed{where}\n")
+    return 0
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """A failed allocation: MemoryError, torch.OutOfMemoryError, or the CPU allocator's RuntimeError."""
     text = str(error)
@@ -335,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             if run is not None:
                 run.model_info = _model_info(ctx)
                 run.finish(result)
-        _print_result(args.command, result, notes, run.path if run else None, args.json)
-        return 0
+        return _print_finished(args.command, result, notes, run, args.json)
     except BadInput as e:
         if run is not None:
             run.discard()
@@ -356,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
                 run.discard()
             sys.stderr.write(f"mechscope {args.command}: error: out of memory ({_one_line(e, 200)}); lower the sizes "
                              f"(--n, --batch-size, --seq-len, ...) or use a machine with more memory\n")
+            return 2
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:  # a full, read-only or closed disk: the user's to fix
+            if run is not None:
+                run.discard()  # a run that could not write its results is no result (and may not fit anyway)
+            where = f" {e.filename}" if e.filename else ""
+            sys.stderr.write(f"mechscope {args.command}: error: cannot use{where}: {e.strerror}; free some space, fix "
+                             f"the permissions, or pass another --out DIR\n")
             return 2
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in DEPENDENCIES:
             if run is not None:

@@ -131,12 +131,22 @@ def estimate_memory(shape: ModelShape, seq_len: int, batch: int, dtype_bytes: in
 
 # ---------------------------------------------------------------- model shapes
 
+MAX_PARAMS = 1e14      # --params: 100T, past any model (a larger count is a typo)
+MAX_SIZE = 2 ** 31      # a config.json dimension (width, layers, heads, vocabulary, context) beyond this is not a model
+
+
 def parse_count(text: str) -> int:
     """'7e9', '7B', '124m', '1.5b', '70_000_000' -> an integer parameter count."""
     m = re.fullmatch(r"\s*([0-9][0-9_.]*(?:e[0-9]+)?)\s*([kmbt]?)\s*", str(text), re.IGNORECASE)
     if not m:
         raise BadInput(f"--params {text!r} is not a count; write e.g. 7e9, 7B, 124M")
-    value = float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    try:
+        value = float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[
+            m.group(2).lower()]
+    except ValueError:  # '1.2.3'
+        raise BadInput(f"--params {text!r} is not a count; write e.g. 7e9, 7B, 124M") from None
+    if not value <= MAX_PARAMS:  # 1e400 reads as inf
+        raise BadInput(f"--params {text!r} is more than {MAX_PARAMS:.0e} parameters (100T); write e.g. 7e9 or 7B")
     if value < 1e6:
         raise BadInput(f"--params {text!r} is below a million; write e.g. 7e9 or 7B (small models: use --model)")
     return int(value)
@@ -164,6 +174,14 @@ def shape_from_hf_config(cfg: dict, name: str) -> ModelShape:
     def get(*keys, default=None):
         return next((cfg[k] for k in keys if cfg.get(k) is not None), default)
 
+    for keys in (("hidden_size", "n_embd", "d_model"), ("num_hidden_layers", "n_layer", "num_layers"),
+                 ("num_attention_heads", "n_head"), ("vocab_size",), ("head_dim",),
+                 ("intermediate_size", "n_inner", "ffn_dim"), ("max_position_embeddings", "n_positions", "n_ctx"),
+                 ("num_key_value_heads",)):
+        key = next((k for k in keys if cfg.get(k) is not None), None)
+        if key is not None and (type(cfg[key]) is not int or not 1 <= cfg[key] <= MAX_SIZE):
+            raise BadInput(f"{name}: config.json's {key} is {cfg[key]!r}, not a whole number in 1..{MAX_SIZE}; "
+                           f"fix config.json or pass --params instead")
     d = get("hidden_size", "n_embd", "d_model")
     n_layers = get("num_hidden_layers", "n_layer", "num_layers")
     n_heads = get("num_attention_heads", "n_head")

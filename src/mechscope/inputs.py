@@ -167,12 +167,25 @@ def single_token(model, word: str) -> int:
     raise BadInput(f"answer {word!r} is not a single token for this model (it is {pieces}); pick one token")
 
 
+def distinct_answers(answers, wrongs) -> None:
+    """BadInput where a prompt's answer and wrong are the same token (the logit difference would be 0 by
+    definition). answers, wrongs: sequences of token ids (wrongs None: no wrong answers)."""
+    if wrongs is None:
+        return
+    same = [i for i, (a, w) in enumerate(zip(list(answers), list(wrongs))) if int(a) == int(w)]
+    if same:
+        raise BadInput(f"answer and wrong are the same token (prompt {same[0] + 1}; for --prompt / --clean: --answer "
+                       f"and --wrong): the logit difference would be 0 by definition; pick two different tokens")
+
+
 def layer(model, value: int, allow_final: bool = False) -> int:
-    """A layer index in range (negative counts from the end); `allow_final` admits n_layers."""
+    """A layer index in 0..n_layers - 1 (a negative one is refused, not counted from the end: -1 would silently
+    become the last layer); `allow_final` admits n_layers."""
     n = model.cfg.n_layers + (1 if allow_final else 0)
-    if not -n <= value < n:
-        raise BadInput(f"layer {value} is out of range: this model has {model.cfg.n_layers} layers (0..{n - 1})")
-    return value % n
+    if not 0 <= value < n:
+        raise BadInput(f"layer {value} is out of range: this model has {model.cfg.n_layers} layers, numbered "
+                       f"0..{n - 1}")
+    return value
 
 
 def head(model, layer_index: int, head_index: int) -> tuple[int, int]:
@@ -191,6 +204,8 @@ def parse_heads(model, spec: str) -> list[tuple[int, int]]:
         if not m:
             raise BadInput(f"cannot read head {item!r}: write LAYER.HEAD, e.g. 1.2")
         out.append(head(model, int(m.group(1)), int(m.group(2))))
+        if out[-1] in out[:-1]:
+            raise BadInput(f"head {item} is listed twice; list each head once")
     if not out:
         raise BadInput("no heads given: write LAYER.HEAD[,LAYER.HEAD...], e.g. 1.2,0.3")
     return out

@@ -115,7 +115,35 @@ def check_hf_directory(directory: Path) -> dict:
     config = inputs.read_json(directory / "config.json", "the model configuration")
     if not isinstance(config, dict) or not config.get("model_type"):
         raise BadInput(f"{directory}/config.json has no model_type: pass a directory written by save_pretrained")
+    for weights in sorted(directory.glob("*.safetensors")):
+        _check_safetensors(weights)
+    from transformers import AutoConfig
+
+    try:  # values transformers' own validation refuses (e.g. a width that the heads do not divide)
+        AutoConfig.from_pretrained(str(directory))
+    except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's StrictDataclassError ...
+        if not isinstance(e, (ValueError, KeyError, TypeError)) and "StrictDataclass" not in type(e).__name__:
+            raise
+        raise BadInput(f"{directory}/config.json does not describe a model transformers can load: "
+                       f"{' '.join(str(e).split())[:300]}") from None
     return config
+
+
+def _check_safetensors(path: Path) -> None:
+    """BadInput unless `path` is a whole safetensors file: a readable header, and as many bytes as it lists."""
+    import json
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        header = end = None
+    if header is None or size != 8 + n + end:
+        raise BadInput(f"{path} is damaged or cut short (a copy or download that did not finish?); save or copy "
+                       f"the model again")
 
 
 def auto_backend(spec: str, remote: bool = False, device_map=None, quantization=None) -> str:
@@ -209,6 +237,12 @@ def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto",
     if backend != "nnsight" and (remote or device_map is not None or max_memory is not None or quantization):
         raise BadInput(f"--remote, --device-map, --max-memory and --quantization need --backend nnsight "
                        f"(not {backend})")
+    if device_map is not None and not re.fullmatch(r"auto|balanced|balanced_low_0|sequential|cpu|mps|cuda(:\d+)?",
+                                                   device_map):
+        raise BadInput(f"unknown --device-map {device_map!r}; use auto, balanced, balanced_low_0, sequential, "
+                       f"cpu or cuda:N")
+    if max_memory is not None and device_map is None:
+        raise BadInput("--max-memory limits what --device-map places on each device: pass --device-map auto too")
     grad, default_dtype = torch.is_grad_enabled(), torch.get_default_dtype()
     try:  # libraries toggle grad mode and default dtypes while loading: leave the caller's as they were
         if backend == "tl":

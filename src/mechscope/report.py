@@ -34,6 +34,8 @@ GENERATOR = "mechscope report"          # <meta name="generator">: marks a page 
 MAX_ROWS = 40                           # rows of a list shown in a summary table (the rest: result.json)
 MAX_DEPTH = 3                           # nested tables; deeper values are shown as compact JSON
 MAX_TEXT = 400                          # characters of one value
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # never valid in an HTML page
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:|//)|url\(\s*["']?\s*(?:https?:|//)|@import""",
                       re.IGNORECASE)
 
@@ -47,11 +49,24 @@ class Run:
 
     @property
     def files(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
+        """The run's own files: never a link that leads out of the run directory."""
+        return sorted(p for p in self.path.iterdir()
+                      if p.is_file() and not p.name.startswith(".") and inside(p, self.path))
 
     @property
     def title(self) -> str:
         return f"{self.meta.get('command') or self.path.name.rsplit('-', 2)[0]} — {self.path.name}"
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, links followed, is in `folder` (a link that leads out of a run directory is not embedded)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def is_png(path: Path) -> bool:
+    """A real PNG file (its signature), not any file named *.png."""
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_SIGNATURE
 
 
 def is_run_dir(path: Path) -> bool:
@@ -59,7 +74,7 @@ def is_run_dir(path: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    if not path.is_file() or not inside(path, path.parent):
         return {}
     try:
         data = json.loads(path.read_text())
@@ -81,7 +96,7 @@ def find_runs(paths: list[str]) -> list[Run]:
         if is_run_dir(path):
             found = [path]
         else:
-            found = [p for p in path.iterdir() if is_run_dir(p)]
+            found = [p for p in path.iterdir() if is_run_dir(p) and inside(p, path)]
             if not found:
                 raise BadInput(f"{text} is not a run directory (no meta.json or result.json) and holds none; "
                                f"pass directories written by mechscope commands, e.g. runs/patch-...")
@@ -247,7 +262,7 @@ def run_html(run: Run, index: int, page_dir: Path, caption: str | None = None) -
     if headline(run):
         parts.append(f'<p class="headline">{html.escape(headline(run))}</p>')
     files = run.files
-    pngs = [p for p in files if p.suffix.lower() == ".png"]
+    pngs = [p for p in files if p.suffix.lower() == ".png" and is_png(p)]   # a fake PNG is linked, not embedded
     key = key_figure(run, pngs)
     if key is not None:
         parts.append(f'<div class="key">{_figure(key)}</div>')
@@ -267,7 +282,7 @@ def run_html(run: Run, index: int, page_dir: Path, caption: str | None = None) -
         frame = _embedded_page(page)
         parts.append(f"<details><summary>{html.escape(page.name)}</summary><figure>{frame}<figcaption>{link}"
                      f"{'' if frame else ' (not embedded: it loads resources from the network)'}</figcaption></figure></details>")
-    rest = [p for p in files if p.suffix.lower() not in (".png", ".html", ".htm")]
+    rest = [p for p in files if p not in pngs and p.suffix.lower() not in (".html", ".htm")]
     if rest:
         links = "".join(f'<li><a href="{html.escape(_relative_link(p, page_dir))}">{html.escape(p.name)}</a> '
                         f"({p.stat().st_size:,} bytes)</li>" for p in rest)
@@ -343,7 +358,7 @@ def report_html(runs: list[Run], page_dir: Path, title: str, notes: str | None =
     total = sum(r.meta.get("wall_seconds") or 0 for r in runs)
     body = "".join(run_html(r, i, page_dir, captions.get(i)) for i, r in enumerate(runs, 1))
     notes_part = f'<div class="notes">{notes_html(notes)}</div>' if notes and notes.strip() else ""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="generator" content="{GENERATOR} {__version__}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
@@ -353,6 +368,7 @@ def report_html(runs: list[Run], page_dir: Path, title: str, notes: str | None =
             f"{__version__}. Each run: its headline (the finding, 95% interval, n) and key figure; its tables, "
             f"command line and files fold out below; full results in each run's result.json.</p>"
             f"{body}</body></html>\n")
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", page)  # a control character shows as \\xNN
 
 
 def output_path(out: str | None, runs: list[Run]) -> Path:

@@ -207,6 +207,15 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def share(path: Path) -> None:
+    """Give `path` (a file, or a directory and everything under it) the mode of an ordinary file / folder
+    (0666 / 0777 & ~umask): libraries that write through a private temp file (safetensors) leave 0600."""
+    mask = _umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_json(path: Path, obj) -> None:
     write_atomic(path, to_json(obj) + "\n")
 

@@ -521,7 +521,10 @@ def render(target: str | Path, name: str | None = None, model: str = "mechscope-
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(f"cannot create {target.parent}: {e.strerror}; pick another path") from None
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:  # /proc, a read-only or full disk
+        raise BadInput(f"cannot write in {target.parent}: {e.strerror}; pick another path") from None
     try:
         for relative, text in files.items():
             out = staging / relative
@@ -536,6 +539,11 @@ def render(target: str | Path, name: str | None = None, model: str = "mechscope-
         if target.exists():
             target.rmdir()  # empty (checked above)
         os.rename(staging, target)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):  # made meanwhile (another `new`)
+            raise BadInput(f"{target} already exists (created while this ran); pick a new path") from None
+        raise BadInput(f"cannot create {target}: {e.strerror}; pick another path") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

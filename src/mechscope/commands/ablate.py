@@ -61,8 +61,9 @@ def _answer_metric(engine, rows, answers, wrongs):
     """(metric, name) for rows [seq_i]: logit diff answer - wrong at each row's last token (or log p(answer))."""
     import torch
 
-    from mechscope import metrics
+    from mechscope import inputs, metrics
 
+    inputs.distinct_answers(answers, wrongs)
     end = torch.tensor([len(r) - 1 for r in rows])
     answer = torch.tensor(answers, device=rows[0].device)
     if wrongs is None:

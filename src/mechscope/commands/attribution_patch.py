@@ -81,6 +81,8 @@ def run(ctx):
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
     sites = _sites(args.sites)
+    if args.atp_star and "qkv" not in sites:
+        raise BadInput("--atp-star corrects the q / k estimates: it needs qkv in --sites (e.g. --sites all)")
     engine = ctx.engine
     prompt_set = prompt_pairs(args, engine)
     batch = patching.pair_batch(engine, prompt_set)

@@ -70,12 +70,13 @@ def _check_args(args, model):
     if not words:
         raise BadInput("--tokens is empty: pass comma-separated words, e.g. mary,paris")
     tokens = torch.tensor([inputs.single_token(model, w) for w in words])
-    heads = inputs.parse_heads(model, args.heads) if args.heads else None
+    heads = inputs.parse_heads(model, args.heads) if args.heads is not None else None
     if heads and args.save_full:
         needed = len(heads) * 2 * 4 * model.cfg.d_vocab ** 2
         if needed > args.max_gb * 1e9:
-            raise BadInput(f"--save-full needs {needed / 1e9:.2f} GB for {len(heads)} heads "
-                           f"(d_vocab {model.cfg.d_vocab}); raise --max-gb or pass fewer --heads")
+            raise BadInput(f"--save-full needs {needed / 1e9:.3g} GB for {len(heads)} heads (d_vocab "
+                           f"{model.cfg.d_vocab}), more than --max-gb {args.max_gb:g}; raise --max-gb or pass "
+                           f"fewer --heads")
     return tokens, heads
 
 

@@ -21,6 +21,8 @@ USES_MODEL = False         # takes its own --model string and never loads weight
 WRITES_RUN = "with --out"  # a query about a machine: stdout, and a run directory only when asked
 
 NOT_LOADING = ("detect", "new", "report")  # the commands without --model (tests/test_compute.py checks)
+MAX_BATCH = 100_000         # --batch: sequences per forward; more is a typo, not a plan
+MAX_SEQ_LEN = 10_000_000    # --seq-len without --model (with one: its context)
 
 
 def add_arguments(parser):
@@ -111,14 +113,20 @@ def _install_notes(rec: dict, versions: dict) -> list[str]:
 
 def run(ctx):
     from mechscope import compute
+    from mechscope.errors import BadInput
 
     args = ctx.args
+    if not 1 <= args.batch <= MAX_BATCH or not 1 <= args.seq_len <= MAX_SEQ_LEN:
+        raise BadInput(f"--batch must be in 1..{MAX_BATCH:,} and --seq-len in 1..{MAX_SEQ_LEN:,}")
     hw = compute.described_hardware(args.gpus, args.ram)
     versions = _versions()
     described = [name for name, value in (("gpus", args.gpus), ("ram", args.ram)) if value is not None]
     summary = {"hardware": {**hw.to_dict(), "described": described}, "libraries": versions}
     if args.model or args.params:
         shape = compute.model_shape(args.model) if args.model else compute.generic_shape(compute.parse_count(args.params))
+        if args.model and args.seq_len > shape.n_ctx:
+            raise BadInput(f"--seq-len {args.seq_len} is beyond {shape.name}'s context ({shape.n_ctx} tokens); "
+                           f"pass at most {shape.n_ctx}")
         spec = shape.hub_id if args.model and shape.hub_id else (args.model or "MODEL")
         rec = compute.recommend(shape, hw, args.seq_len, args.batch, model=spec, command=args.for_command).to_dict()
         rec["notes"] += _install_notes(rec, versions)

@@ -30,8 +30,8 @@ def add_arguments(parser):
     which.add_argument("--heads", help="heads to plot, LAYER.HEAD[,LAYER.HEAD...] e.g. 1.2,0.3 "
                        "(default: the top previous-token, induction and duplicate-token heads)")
     which.add_argument("--layer", type=int, help="plot every head of this layer")
-    parser.add_argument("--from", dest="query", default="END",
-                        help="with --task / --prompts: the query position's name (default: %(default)s)")
+    parser.add_argument("--from", dest="query",
+                        help="with --task / --prompts: the query position's name (default: END)")
     parser.add_argument("--to", dest="keys", help="with --task / --prompts: key position names, comma-separated "
                         "(default: every other named position, e.g. IO,S1,S2 for ioi)")
     parser.add_argument("--n-sequences", type=int, default=32,
@@ -149,11 +149,12 @@ def run(ctx):
     args, engine = ctx.args, ctx.engine
     _check_args(args, engine)
     ps = prompt_sets.load(ctx)
-    if ps is None and (args.keys or args.query != "END"):
+    if ps is None and (args.keys is not None or args.query is not None):
         raise BadInput("--from / --to read attention over a prompt set: add --task ioi|facts or --prompts FILE")
+    args.query = "END" if args.query is None else args.query
     prompt = ps.prompts[0].text if ps is not None else (DEFAULT_PROMPT if args.prompt is None else args.prompt)
     tokens = inputs.tokens(engine, prompt)
-    if args.heads:
+    if args.heads is not None:  # an empty --heads is refused, not taken as "all"
         heads = inputs.parse_heads(engine, args.heads)
     elif args.layer is not None:
         layer = inputs.layer(engine, args.layer)

@@ -1,5 +1,6 @@
 """The prompt-set options shared by commands that also take a single prompt: --task, --prompts, --n.
 (Not a command: no HELP, not in cli.COMMANDS.)"""
+MAX_PROMPTS = 100_000  # --n and the prompts of a --prompts file
 
 
 def add_arguments(parser, source, tasks: tuple[str, ...], what: str = "answer / wrong", n_default: int = 64):
@@ -20,12 +21,15 @@ def load(ctx):
 
     args = ctx.args
     if args.prompts:
-        return tasks.read_prompt_file(args.prompts)
+        prompt_set = tasks.read_prompt_file(args.prompts)
+        if len(prompt_set) > MAX_PROMPTS:  # the cap --n has: more is hours of forwards and a result too big to read
+            raise BadInput(f"{args.prompts} holds {len(prompt_set)} prompts; at most {MAX_PROMPTS} at once (split it)")
+        return prompt_set
     if args.task:
         if args.n < 1:
             raise BadInput("--n must be at least 1")
-        if args.n > 100_000:
-            raise BadInput("--n must be at most 100000 (prompts drawn for --task)")
+        if args.n > MAX_PROMPTS:
+            raise BadInput(f"--n must be at most {MAX_PROMPTS} (prompts drawn for --task)")
         return tasks.load_task(ctx.engine, args.task, n=args.n, seed=args.seed)
     return None
 
@@ -35,7 +39,7 @@ def batch(engine, ps):
     of a PromptSet; answers are the model's top prediction at END where the prompts carry none."""
     import torch
 
-    from mechscope import tasks
+    from mechscope import inputs, tasks
     from mechscope.errors import BadInput
 
     rows, where = ps.tokens(engine)
@@ -46,9 +50,7 @@ def batch(engine, ps):
             raise BadInput("prompts with a \"wrong\" need an \"answer\" (the logit difference is answer - wrong)")
         with torch.no_grad():
             answers = engine.run(tokens, positions=where[tasks.END])[0].argmax(-1).cpu()
-    if wrongs is not None and bool((answers == wrongs).any()):
-        raise BadInput("answer and wrong are the same token (for --prompt: --answer and --wrong); pick two "
-                       "different tokens")
+    inputs.distinct_answers(answers, wrongs)
     return tokens, lengths, where, answers, wrongs
 
 

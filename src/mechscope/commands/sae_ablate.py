@@ -58,6 +58,8 @@ def _prompts(ctx):
 
     args, engine = ctx.args, ctx.engine
     named = {}
+    if args.answer and not args.prompt:
+        raise BadInput("--answer goes with --prompt: the default prompts and --task carry their own answers")
     if args.task:
         if args.prompt:
             raise BadInput("pass --task or --prompt, not both")
@@ -79,10 +81,12 @@ def _prompts(ctx):
 
     def per_prompt(words, flag):
         return torch.tensor(prompt_sets.ids_per_prompt(engine, words, n, f"--{flag}"))
+    answer_ids = per_prompt(answers, "answer")
+    wrong_ids = per_prompt(wrongs, "wrong") if wrongs else None
+    inputs.distinct_answers(answer_ids, wrong_ids)
     last = torch.tensor([len(r) - 1 for r in rows])
     tokens = tasks.padded(engine, rows)[0].to(engine.cfg.device)   # padding comes after each row's last token: it cannot matter
-    return (tokens, last, per_prompt(answers, "answer"), per_prompt(wrongs, "wrong") if wrongs else None, prompts,
-            named)
+    return tokens, last, answer_ids, wrong_ids, prompts, named
 
 
 def make_metric(answer, wrong, last):
@@ -145,10 +149,13 @@ def run(ctx):
     tokens, last, answer, wrong, prompts, named = _prompts(ctx)
     metric = make_metric(answer, wrong, last)
     label = "logit diff (answer - wrong)" if wrong is not None else "log P(answer)"
-    if args.features:
+    if args.features is not None:  # an empty --features is refused, not taken as the default
         features = saes.parse_features(args.features, sae, saes.named_features(args.sae))
         mask = position_mask(args.positions, last, named, tokens.shape[1])
         return _ablation(ctx, sae, tokens, last, metric, label, features, mask, prompts)
+    if args.positions != "all":
+        raise BadInput("--positions picks where --features are ablated; attribution (without --features) scores "
+                       "every position: pass --features, or leave --positions out")
     if (last != last[0]).any():
         raise BadInput("attribution compares positions across prompts, so they need one token count; pass --features "
                        "to ablate, or prompts of one length")

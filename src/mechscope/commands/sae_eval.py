@@ -63,7 +63,8 @@ def rows_from_args(ctx, sae=None, seed: int = HELD_OUT_SEED, exclude: set[str] |
     from mechscope.techniques import sae as saes
 
     args, engine = ctx.args, ctx.engine
-    context = args.context or (sae.cfg.metadata.context_size if sae is not None else None) or 64
+    context = args.context if args.context is not None else (  # --context 0 is refused, not the default
+        (sae.cfg.metadata.context_size if sae is not None else None) or 64)
     if not 2 <= context <= engine.cfg.n_ctx:
         raise BadInput(f"--context must be in 2..{engine.cfg.n_ctx} (the model's context)")
     if not 1 <= args.n_tokens <= 50_000_000:

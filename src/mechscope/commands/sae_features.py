@@ -118,7 +118,7 @@ def run(ctx):
     names = saes.named_features(args.sae)
     label_of = {int(v["feature"]): k for k, v in names.items()}
     chosen = None if (args.features or "").strip() == "all" else (
-        saes.parse_features(args.features, sae, names) if args.features else None)
+        saes.parse_features(args.features, sae, names) if args.features is not None else None)
 
     result = {}
     rows, positions, prompts, position = prompt_positions(ctx, default=None if args.features else DEFAULT_PROMPT)

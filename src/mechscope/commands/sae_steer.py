@@ -82,12 +82,14 @@ def run(ctx):
     args, engine = ctx.args, ctx.engine
     if args.strengths is not None:
         parse_strengths(args.strengths)                                 # bad strengths fail before any loading
-    if not 0 <= args.controls <= 100 or not 1 <= args.max_new_tokens <= 200:
-        raise BadInput("--controls must be in 0..100 and --max-new-tokens in 1..200")
+    if not 1 <= args.controls <= 100 or not 1 <= args.max_new_tokens <= 200:  # no controls: nothing to compare with
+        raise BadInput("--controls must be in 1..100 and --max-new-tokens in 1..200")
     sae = load_checked_sae(ctx)
     feature, name, entry = named_feature(args, sae, DEFAULT_FEATURE)
     strengths = parse_strengths(args.strengths or ",".join(f"{v:g}" for v in entry.get("strengths", [])) or DEFAULT_STRENGTHS)
     prompts = args.prompt or entry.get("steer_prompts")
+    if args.target_words is not None and not args.target_words.replace(",", "").strip():
+        raise BadInput("--target-words is empty: pass comma-separated words, e.g. paris,rome")
     targets = args.target_words or entry.get("target_words")
     if not prompts or not targets:
         raise BadInput("pass --prompt and --target-words (the feature has no defaults)")

@@ -43,8 +43,6 @@ def add_arguments(parser):
 
 
 def _check(args):
-    from pathlib import Path
-
     from mechscope.errors import BadInput
 
     if not 1 <= args.d_sae <= 1_000_000:
@@ -61,9 +59,75 @@ def _check(args):
         raise BadInput("--training-tokens must be at least --batch-tokens (one step)")
     if not 0 <= args.eval_tokens <= 10_000_000 or args.log_every < 1 or not 0 <= args.checkpoints <= 100:
         raise BadInput("--eval-tokens must be in 0..10,000,000, --log-every >= 1, --checkpoints in 0..100")
-    if args.resume and not (Path(args.resume) / "cfg.json").exists():
+    if args.resume:
+        _check_resume(args)
+    if args.save_to:
+        _check_save_to(args.save_to)
+
+
+CHECKPOINT_FILES = ("cfg.json", "sae_weights.safetensors", "trainer_state.pt", "activations_store_state.safetensors")
+
+
+def _check_resume(args) -> None:
+    """BadInput unless --resume is a whole checkpoint of an SAE like the one asked for (before any training)."""
+    from mechscope import inputs
+    from mechscope.errors import BadInput
+    from mechscope.paths import user_path
+
+    path = user_path(args.resume, "--resume")
+    if not (path / "cfg.json").is_file():
         raise BadInput(f"--resume {args.resume} is not a checkpoint directory (no cfg.json); pass one under "
                        f"RUN_DIR/sae/checkpoints/")
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        raise BadInput(f"--resume {args.resume} is not a whole checkpoint (no {', '.join(missing)}); pass another "
+                       f"one under RUN_DIR/sae/checkpoints/")
+    cfg = inputs.read_json(path / "cfg.json", "--resume's")
+    meta = cfg.get("metadata") if isinstance(cfg, dict) else None
+    if not isinstance(meta, dict):
+        raise BadInput(f"--resume {args.resume}: cfg.json is not an SAE configuration written by sae-lens")
+    saved = {"--hook": meta.get("hook_name"), "--d-sae": cfg.get("d_sae"), "--architecture": meta.get(
+        "training_architecture", cfg.get("architecture"))}
+    asked = {"--hook": args.hook, "--d-sae": args.d_sae, "--architecture": args.architecture}
+    differ = [f"{k} {asked[k]} (the checkpoint has {saved[k]})" for k in asked if saved[k] != asked[k]]
+    if differ:
+        raise BadInput(f"--resume {args.resume} is a checkpoint of another SAE: {'; '.join(differ)}; pass the "
+                       f"checkpoint's settings")
+
+
+def _check_save_to(target: str) -> None:
+    """BadInput unless --save-to is a new or empty directory that can be made (an SAE there is never overwritten)."""
+    import os
+
+    from mechscope.errors import BadInput
+    from mechscope.paths import user_path
+
+    path = user_path(target, "--save-to")
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--save-to {target} is a file; pass a new directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise BadInput(f"--save-to {target} already exists and is not empty (it would overwrite the SAE there); "
+                       f"pass a new directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInput(f"--save-to {target}: {probe} is not a writable directory; pass another directory")
+
+
+def _check_resume_fits(args, engine) -> None:
+    """BadInput unless the --resume checkpoint was trained on this model's activations (width and name)."""
+    import json
+    from pathlib import Path
+
+    from mechscope.errors import BadInput
+    from mechscope.techniques import sae as saes
+
+    cfg = json.loads((Path(args.resume).expanduser() / "cfg.json").read_text())
+    width, name = saes.site_width(engine, args.hook), cfg["metadata"].get("model_name")
+    if cfg.get("d_in") != width or name not in (None, engine.cfg.model_name):
+        raise BadInput(f"--resume {args.resume} is a checkpoint for {name} (d_in {cfg.get('d_in')}), not "
+                       f"{engine.cfg.model_name} at {args.hook} (width {width}); pass --model {name}")
 
 
 def run(ctx):
@@ -77,10 +141,13 @@ def run(ctx):
     from mechscope.techniques import sae as saes
     from mechscope.techniques import sae_training
 
-    args, engine = ctx.args, ctx.engine
-    _check(args)
+    args = ctx.args
+    _check(args)  # before the model loads and long before training ends
+    engine = ctx.engine
     sae_training.require_trainable(engine, args.hook)
-    args.context = args.context or 64
+    if args.resume:
+        _check_resume_fits(args, engine)
+    args.context = 64 if args.context is None else args.context
     rows = rows_from_args(ctx, seed=args.seed)
     held_out = None
     from mechscope.errors import BadInput
@@ -118,11 +185,16 @@ def run(ctx):
             held_out = saes.corpus_rows(engine, args.eval_tokens, rows.shape[1], seed=args.seed + 1000,   # disjoint
                                         exclude=saes.training_sentences(args.n_tokens, rows.shape[1], args.seed))
         result = eval_outputs(ctx.run_dir, sae, sae_training.evaluate(engine, sae, held_out))
-    if args.save_to:
-        target = Path(args.save_to)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("cfg.json", "sae_weights.safetensors"):
-            shutil.copy(out / name, target / name)
+    notes = []
+    if args.save_to:  # checked before training; a failure now keeps the run (and its SAE) and says so
+        try:
+            _check_save_to(args.save_to)
+            target = Path(args.save_to).expanduser()
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("cfg.json", "sae_weights.safetensors"):
+                shutil.copy(out / name, target / name)
+        except (BadInput, OSError) as e:
+            notes.append(f"the SAE was not copied to --save-to ({getattr(e, 'strerror', None) or e}); it is in {out}")
     checkpoints = sorted(str(p.relative_to(ctx.run_dir)) for p in (out / "checkpoints").glob("*/*") if p.is_dir())
     throughput = args.training_tokens / seconds
     summary = {"sae_dir": str(out), "hook": args.hook, "architecture": args.architecture, "d_sae": args.d_sae,
@@ -134,7 +206,8 @@ def run(ctx):
     text = (f"trained {args.architecture} SAE ({args.d_sae} features) at {args.hook} on {args.training_tokens} tokens "
             f"in {seconds:.0f} s ({throughput:.0f} tokens/s): final L0 {curves[-1]['l0']:.2f}, explained variance "
             f"{curves[-1]['explained_variance']:.3f}\n" + result["text"] + f"\nSAE: {out}")
-    return {"summary": summary, "text": text, "curves": curves, "evaluation": result.get("summary")}
+    return {"summary": summary, "text": text, "curves": curves, "evaluation": result.get("summary"),
+            "notes": notes}
 
 
 def headline(summary: dict) -> str:

@@ -204,6 +204,9 @@ def run(ctx):
         raise BadInput("each --neutral text needs at least 2 tokens after --from-position (and after BOS)")
     if args.n_structured and len(neutral) < 4:
         raise BadInput("structured controls split the neutral texts in halves: give 4 or more, or --n-structured 0")
+    for what, words in (("positive", args.positive_words), ("negative", args.negative_words)):
+        if words is not None and not words.replace(",", "").strip():
+            raise BadInput(f"--{what}-words is empty: pass comma-separated words, or leave it out for the defaults")
     positive_ids = _word_ids(engine, args.positive_words.split(",") if args.positive_words else corpus.POSITIVE_WORDS,
                              "positive")
     negative_ids = _word_ids(engine, args.negative_words.split(",") if args.negative_words else corpus.NEGATIVE_WORDS,
@@ -217,6 +220,8 @@ def run(ctx):
                                           [inputs.tokens(engine, p)[0] for p in negative], layer, args.vector_position)
         source = (f"mean of {len(positive)} positive - {len(negative)} negative contrast prompts "
                   f"({args.vector_position} position)")
+    if float(vector.norm()) < 1e-6 and args.direction:
+        raise BadInput(f"--direction {args.direction} is a zero vector: it cannot steer; pass a nonzero direction")
     if float(vector.norm()) < 1e-6:
         raise BadInput(f"the steering vector is zero at resid_pre {layer} (the contrast prompts' residuals are "
                        f"identical there, e.g. the same last token at layer 0); use a later --layer or "

@@ -110,6 +110,12 @@ def parse_groups(model, spec: str) -> list[list[Component]]:
             groups += [[c] for c in parse_components(model, term)]
     if not groups:
         raise BadInput("no components given: write e.g. 1.2,0.3,mlp1 (heads LAYER.HEAD, layers attnL / mlpL)")
+    seen = set()
+    for group in groups:  # a row twice (2.1 and again in 'heads') would be counted twice in every statistic
+        if tuple(group) in seen:
+            raise BadInput(f"--components lists {group_label(group)} twice (e.g. by itself and in heads / 1.*); "
+                           f"list each once")
+        seen.add(tuple(group))
     return groups
 
 

@@ -178,6 +178,7 @@ def pair_batch(model, pairs) -> PairBatch:
             raise BadInput(f"pair {i} needs an answer and a wrong answer (one token each)")
     answer = [inputs.single_token(engine, p.answer) for p in prompt_set.prompts]
     wrong = [inputs.single_token(engine, p.wrong) for p in prompt_set.prompts]
+    inputs.distinct_answers(answer, wrong)
     clean, lengths = tasks.padded(engine, clean_rows)
     corrupted, _ = tasks.padded(engine, corrupted_rows)
     device = engine.cfg.device

@@ -231,7 +231,12 @@ def site_width(engine, hook: str) -> int:
 
 
 def check_fits(sae, engine) -> None:
-    """BadInput (one line) unless the SAE was trained on this model, hook, width and weight processing."""
+    """BadInput (one line) unless the SAE was trained on this model, hook, width and weight processing, and its
+    weights are finite."""
+    broken = [name for name, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise BadInput(f"the SAE's weights hold NaN or infinite values ({', '.join(broken)}): its training diverged "
+                       f"or the file is damaged; retrain it or pass another SAE")
     meta = sae.cfg.metadata
     hook = meta.hook_name
     if not hook:
@@ -332,6 +337,10 @@ def text_rows(engine, texts: list[str], context: int) -> torch.Tensor:
 
 def _id_rows(engine, ids: torch.Tensor, context: int) -> torch.Tensor:
     """Token ids [rows, seq] (used as they are, cut to context) or [n] (cut into BOS-first rows), checked."""
+    if ids.is_floating_point() and not bool((ids == ids.round()).all()):
+        example = ids[ids != ids.round()].flatten()[0].item()
+        raise BadInput(f"token ids must be whole numbers; this file holds {str(ids.dtype).replace('torch.', '')} "
+                       f"values such as {example:g}: save the token ids, not embeddings or probabilities")
     ids = ids.long()
     if ids.numel() == 0 or ids.min() < 0 or ids.max() >= engine.cfg.d_vocab:
         raise BadInput(f"token ids must be in 0..{engine.cfg.d_vocab - 1} (this model's vocabulary)")

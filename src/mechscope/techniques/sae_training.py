@@ -8,7 +8,7 @@ run: its name, hook, context size, prepend_bos, and `model_from_pretrained_kwarg
 processing measured from the model (`sae.weight_processing`), not sae-lens's default
 `{"center_writing_weights": False}`, which misdescribes a model loaded with processing. Special tokens
 (BOS) are excluded from training (`exclude_special_tokens=True`). Curves (L0, MSE, explained variance,
-dead-feature fraction) are read from each training step's output every `log_every` steps.
+dead-feature fraction) are read from each training step's output every `log_every` steps and at the last.
 
 Ground truth (`synthetic_recovery`): `sae_lens.synthetic` draws activations from a known dictionary of
 features in superposition; the same recipe trains on them with `SyntheticSAERunner`, and the result is
@@ -23,6 +23,11 @@ dead (never active) and dense (active on > 10% of tokens) features.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mechscope.errors import BadInput
+from mechscope.runs import share
 from mechscope.techniques import sae as saes
 
 ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
@@ -56,14 +62,15 @@ def sae_config(architecture: str, d_in: int, d_sae: int, sparsity: float):
     raise BadInput(f"unknown architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)}")
 
 
-def _record_curves(sae, curves: list[dict], log_every: int, batch_tokens: int, print_fn=None):
-    """Wrap sae.training_forward_pass to append a curve point every log_every steps."""
+def _record_curves(sae, curves: list[dict], log_every: int, batch_tokens: int, last_step: int, print_fn=None):
+    """Wrap sae.training_forward_pass to append a curve point at step 1, every log_every steps and at
+    `last_step` (so the last point is the final step); BadInput when the loss is not finite (training diverged)."""
     forward = sae.training_forward_pass
 
     def recorded(step_input):
         out = forward(step_input=step_input)
         step = step_input.n_training_steps + 1
-        if step % log_every == 0 or step == 1:
+        if step % log_every == 0 or step in (1, last_step):
             with torch.no_grad():
                 x, x_hat = out.sae_in.float(), out.sae_out.float()
                 per_token = (x_hat - x).pow(2).sum(-1)
@@ -73,11 +80,43 @@ def _record_curves(sae, curves: list[dict], log_every: int, batch_tokens: int, p
                          "l0": float((out.feature_acts != 0).float().sum(-1).mean()),
                          "mse": float(per_token.mean()), "explained_variance": float(1 - per_token.mean() / variance),
                          "dead_fraction_training_window": float(dead.float().mean()) if dead is not None else 0.0}
+            if not math.isfinite(point["loss"]):
+                raise BadInput(f"training diverged: the loss is {point['loss']} at step {step}; lower --lr "
+                               f"(the recipe's is {RECIPE['lr']})")
             curves.append(point)
             if print_fn:
                 print_fn(point)
         return out
     sae.training_forward_pass = recorded
+
+
+@contextlib.contextmanager
+def _atomic_checkpoints():
+    """sae-lens writes a checkpoint file by file into its final folder (an interruption leaves half of one):
+    while this is active, each is written into a hidden folder beside it and renamed into place when whole."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    save = SAETrainer.save_checkpoint
+
+    def atomic(self, checkpoint_name, base_path=None, wandb_aliases=None):
+        base = base_path if base_path is not None else self.cfg.checkpoint_path
+        if base is None:
+            return save(self, checkpoint_name, base_path=base_path, wandb_aliases=wandb_aliases)
+        base = Path(base)
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{checkpoint_name}."))
+        try:
+            save(self, checkpoint_name, base_path=tmp, wandb_aliases=wandb_aliases)
+            share(tmp / checkpoint_name)
+            os.replace(tmp / checkpoint_name, base / checkpoint_name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    SAETrainer.save_checkpoint = atomic
+    try:
+        yield
+    finally:
+        SAETrainer.save_checkpoint = save
 
 
 def require_trainable(engine, hook: str) -> None:
@@ -119,12 +158,16 @@ def train_on_model(engine, hook: str, rows: torch.Tensor, out_dir: Path, archite
         resume_from_checkpoint=resume_from, output_path=str(out_dir), n_batches_for_norm_estimate=10,
         verbose=False, **recipe)
     curves: list[dict] = []
-    with saes.quiet_sae_lens():
+    with saes.quiet_sae_lens(), _atomic_checkpoints():
         runner = LanguageModelSAETrainingRunner(
             config, override_model=engine.model,
             override_dataset=datasets.Dataset.from_dict({"tokens": rows.tolist()}))
-        _record_curves(runner.sae, curves, log_every, batch_tokens, print_fn)
+        _record_curves(runner.sae, curves, log_every, batch_tokens, -(-training_tokens // batch_tokens), print_fn)
+        # sae-lens's own handling replaces the SIGINT / SIGTERM handlers for good and turns both into an ordinary
+        # exception (a crash to the caller); without it they stay KeyboardInterrupt (mechscope.cli: "interrupted")
+        runner.run_trainer_with_interruption_handling = lambda trainer: trainer.fit()
         runner.run()
+    share(out_dir)
     return saes.load_sae(str(out_dir), device=str(engine.cfg.device)), curves
 
 

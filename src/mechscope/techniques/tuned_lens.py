@@ -11,10 +11,13 @@ Residuals and the read-out come from the engine API, so it trains on transformer
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from mechscope.errors import BadInput
 from mechscope.techniques.logit_lens import lens_logits, residual_stack, stack_labels
 
 
@@ -36,8 +39,11 @@ class TunedLens:
     def save(self, path) -> None:
         from safetensors.torch import save_file
 
+        from mechscope.runs import share
+
         save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path),
                   metadata={"labels": ",".join(self.labels)})
+        share(Path(path))  # safetensors writes 0600
 
     @classmethod
     def load(cls, path) -> "TunedLens":
@@ -112,6 +118,13 @@ def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 
                 loss += part_loss.detach()
             optimizer.step()
             lens.losses.append(float(loss))
+            if not math.isfinite(lens.losses[-1]):
+                raise BadInput(f"training diverged: the loss is {lens.losses[-1]} at step {len(lens.losses)}; "
+                               f"lower --lr (the default is 1e-2)")
+    last = lens.losses[-max(1, steps // 10):]  # the last tenth of the steps, against step 1 (the logit lens)
+    if steps >= 10 and sum(last) / len(last) > lens.losses[0]:
+        raise BadInput(f"training diverged: the loss rose from {lens.losses[0]:.4g} (step 1) to "
+                       f"{sum(last) / len(last):.4g} (the last {len(last)} steps); lower --lr (the default is 1e-2)")
     lens.weight, lens.bias = weight.detach(), bias.detach()
     return lens
 
