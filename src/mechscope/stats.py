@@ -308,6 +308,13 @@ def named_rank_stability(values: torch.Tensor, names: list[str], k: int = 5, by:
     return out
 
 
+def ci_text(low, high, spec: str = ".3f") -> str:
+    """"[low, high]" for text output, "[no interval]" where a bound is None / NaN (one prompt, or undefined)."""
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return "[no interval]"
+    return f"[{format(low, spec)}, {format(high, spec)}]"
+
+
 def stability_text(s: dict) -> str:
     """One line for a rank_stability result."""
     if not s["top_k"]:

@@ -190,26 +190,23 @@ def run(ctx):
     if len(groups) > 1 and task["n_prompts"] > 1:
         for m in methods:
             s = stats.rank_stability(results[m].differences, k=min(3, len(groups) - 1), seed=args.seed)
-            stability[m] = {"top_k": [results[m].labels[i] for i in s["top_k"]],
-                            "top_k_set_frequency": s["top_k_set_frequency"],
-                            "median_rank_correlation": s["median_rank_correlation"]}
+            stability[m] = dict(s, top_k=[results[m].labels[i] for i in s["top_k"]])
+            stability[m].pop("in_top_k_frequency")
     clean_summary = stats.summary(clean[:, None], seed=args.seed)
     summary = {"metric": task["metric_name"], "prompts": task["prompts"], "n_prompts": task["n_prompts"],
                "clean_metric": round(float(clean.mean()), 4),
                "clean_ci": [clean_summary["ci_low"][0], clean_summary["ci_high"][0]],
                "reference": task["reference_note"], "methods": methods, "n_components": len(groups),
                "top_effects": top, "rank_stability": stability,
-               "intervals": "95% percentile bootstrap over prompts (1000 resamples); sign_share = share of prompts "
-                            "whose effect has the mean's sign",
+               "intervals": "95% studentized bootstrap over prompts (1000 resamples; Student's t below 5 prompts, "
+                            "none from one); sign_share = share of prompts whose effect has the mean's sign",
                "files": ["effects.csv", "per_prompt.csv"] + [f"effects_{m}.png" for m in methods]}
     lines = [f"{task['metric_name']}: clean {float(clean.mean()):.4f} over {task['prompts']}",
              f"reference: {task['reference_note']}"]
     for m in methods:
         lines.append(f"{m} ablation, largest effects (ablated - clean, mean [95% CI] over prompts, sign share):")
-        lines += [f"  {r['component']:>14}  {r['effect']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        lines += [f"  {r['component']:>14}  {r['effect']:+.4f} {stats.ci_text(r['ci_low'], r['ci_high'], '+.4f')}"
                   f"  {r['sign_share']:.2f}" for r in top[m]]
         if m in stability:
-            lines.append(f"  top {len(stability[m]['top_k'])} {stability[m]['top_k']}: same set in "
-                         f"{stability[m]['top_k_set_frequency']:.0%} of bootstrap resamples; median rank correlation "
-                         f"of a prompt to the pooled ranking {stability[m]['median_rank_correlation']:.2f}")
+            lines.append(f"  top {len(stability[m]['top_k'])} {stability[m]['top_k']}; " + stats.stability_text(stability[m]))
     return {"summary": summary, "effects": rows, "text": "\n".join(lines)}

@@ -198,7 +198,7 @@ def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompt
     c = summary["controls"]
     text = (f"zero-ablating features {features} at positions {ctx.args.positions} ({hook}, error term kept), "
             f"{len(prompts)} prompts:\n  {label}: {float(clean.mean()):.3f} -> {float(ablated.mean()):.3f}, change "
-            f"{effect_summary['mean']:+.3f} [{effect_summary['ci_low']:+.3f}, {effect_summary['ci_high']:+.3f}]; "
+            f"{effect_summary['mean']:+.3f} {stats.ci_text(effect_summary['ci_low'], effect_summary['ci_high'], '+.3f')}; "
             f"top-1 changed on {flipped:.0%}\n"
             + (f"  control ({c['n']} random sets of {len(features)} active features): {c['low']:+.3f} to {c['high']:+.3f}\n"
                if control_means else "")

@@ -222,7 +222,11 @@ def run(ctx):
     unsteered_loss = sweep.lm_loss[0, strengths.index(0)] if 0 in strengths else \
         steering.lm_loss(engine, neutral, layer, torch.zeros_like(vector), args.from_position)
     pooled = sweep.pooled_positive_share()
-    per_strength = {m: stats.summary(getattr(sweep, m)[0].T, seed=args.seed) for m in metrics + ("lm_loss",)}
+    # prompts that share an opener are resampled together (the bundled task's groups; your prompts: each its own)
+    opener = {p.text: p.group for p in tasks.load_task(engine, "sentiment", 10_000, args.seed).prompts}
+    groups = [opener[p] for p in prompts] if all(p in opener for p in prompts) else None
+    per_strength = {m: stats.summary(getattr(sweep, m)[0].T, seed=args.seed, groups=None if m == "lm_loss" else groups)
+                    for m in metrics + ("lm_loss",)}
     increase = stats.summary((sweep.lm_loss[0] - unsteered_loss).T, seed=args.seed)
     table = []
     for s, strength in enumerate(strengths):
@@ -273,12 +277,17 @@ def run(ctx):
     notes = []
     if overlap:
         notes.append(f"not held out: the steered prompts contain the contrast prompts {overlap[:3]}")
+    if groups is not None and len(set(groups)) < 6:
+        notes.append(f"the {len(prompts)} steered prompts come from {len(set(groups))} opener(s), the independent "
+                     f"units their intervals resample (the bundled corpus has 5 openers per label, so a held-out "
+                     f"split cannot hold 6): read the intervals as wide, and steer more prompts of your own")
     if 0 < args.n_random < 10:
         notes.append(f"only {args.n_random} random directions: z-scores and 'beats' are coarse (use 10 or more)")
     headline = ("logit_diff", "net_rate", "positive_share")
     summary = {
         "layer": layer, "hook": steering.hook_name(layer), "vector": source, "vector_norm": r4(sweep.vector_norm),
         "split": rule, "held_out": None if args.direction else not overlap, "n_prompts": len(prompts),
+        "n_groups": len(set(groups)) if groups is not None else len(prompts),
         "n_random": sweep.n_random, "n_neutral_texts": len(neutral),
         "unsteered_lm_loss": r4(unsteered_loss.mean()),
         "effects": [{"strength": r["strength"],
@@ -291,7 +300,8 @@ def run(ctx):
                                           "ci": [r["lm_loss_increase_ci_low"], r["lm_loss_increase_ci_high"]],
                                           "random_mean": r.get("lm_loss_increase_random_mean"),
                                           "random_max": r.get("lm_loss_increase_random_max")}} for r in table],
-        "intervals": "95% percentile bootstrap over prompts (over neutral texts for lm_loss); random_*: over the "
+        "intervals": "95% studentized bootstrap over openers (prompts sharing one resampled together; Student's t "
+                     "below 5 openers; over neutral texts for lm_loss); random_*: over the "
                      "random directions' means; z = (vector - random mean) / random std; beats = share of random "
                      "directions the vector exceeds (for lm_loss: stays below)",
         "example": {k: v[:200] for k, v in generations[0].items() if not k.startswith("random")}, "notes": notes,
@@ -302,10 +312,10 @@ def run(ctx):
              "random max | loss increase on neutral text (random mean)"]
     for r in table:
         lines.append(
-            f"  {r['strength']:>8g}  {r['logit_diff']:+7.3f} [{r['logit_diff_ci_low']:+.2f}, {r['logit_diff_ci_high']:+.2f}]"
+            f"  {r['strength']:>8g}  {r['logit_diff']:+7.3f} {stats.ci_text(r['logit_diff_ci_low'], r['logit_diff_ci_high'], '+.2f')}"
             f"  {_fmt(r.get('logit_diff_random_random_mean'))} ({_fmt(r.get('logit_diff_random_random_max'))})"
             f"  {_fmt(r.get('logit_diff_random_z'), '+6.1f')}  {_fmt(r.get('logit_diff_random_beats'), '4.2f')} |"
-            f" {r['net_rate']:+.3f} [{r['net_rate_ci_low']:+.2f}, {r['net_rate_ci_high']:+.2f}]"
+            f" {r['net_rate']:+.3f} {stats.ci_text(r['net_rate_ci_low'], r['net_rate_ci_high'], '+.2f')}"
             f"  {_fmt(r.get('net_rate_random_random_max'), '+.3f')} |"
             f" {r['lm_loss_increase']:+.3f} ({_fmt(r.get('lm_loss_increase_random_mean'), '+.3f')})")
     lines.append(f"  unsteered loss on {len(neutral)} neutral texts: {float(unsteered_loss.mean()):.3f} nats")
