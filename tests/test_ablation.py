@@ -312,7 +312,7 @@ def test_ablate_task_ioi_finds_the_head_that_patching_finds(tmp_path, capsys):
     assert summary["metric"] == "logit diff (IO - S)" and summary["clean_metric"] > 3
     for method in ("mean", "resample"):
         top = summary["top_effects"][method][0]
-        assert top["component"] == "0.2" and top["ci_high"] < -1.0, (method, top)
+        assert top["component"] == "0.2" and top["ci_high"] < 0, (method, top)  # the interval resamples templates
 
 
 def test_ablate_prompts_file(toy_model, tmp_path, capsys):

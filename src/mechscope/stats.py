@@ -50,12 +50,13 @@ def _membership(groups, n: int) -> torch.Tensor:
 
 def _units(values: torch.Tensor, groups=None):
     """values [n, *cells] -> (sums [G, c], counts [G, c], cell shape): per unit, the sum and number of its
-    prompts' values per cell (NaN left out)."""
-    values = values.detach().float().cpu()
+    prompts' values per cell (NaN left out). float64: resampled variances expand into sums of squares."""
+    values = values.detach().double().cpu()
     flat = values.reshape(values.shape[0], -1)
     present = ~flat.isnan()
-    member = _membership(groups, flat.shape[0])
-    return member @ torch.where(present, flat, torch.zeros(())), member @ present.float(), values.shape[1:]
+    member = _membership(groups, flat.shape[0]).double()
+    return member @ torch.where(present, flat, torch.zeros((), dtype=flat.dtype)), member @ present.double(), \
+        values.shape[1:]
 
 
 def _mean_and_se(sums: torch.Tensor, counts: torch.Tensor):
@@ -72,7 +73,7 @@ def _mean_and_se(sums: torch.Tensor, counts: torch.Tensor):
 def _t_quantile(q: float, df: torch.Tensor) -> torch.Tensor:
     from scipy.stats import t
 
-    return torch.as_tensor(t.ppf(q, df.clamp_min(1).numpy()), dtype=torch.float32)
+    return torch.as_tensor(t.ppf(q, df.clamp_min(1).numpy()), dtype=torch.float64)
 
 
 def _nan_quantiles(x: torch.Tensor, qs) -> list[torch.Tensor]:
@@ -94,7 +95,8 @@ def bootstrap_means(values: torch.Tensor, n_resamples: int = N_RESAMPLES, seed: 
     whole groups with `groups`; NaN where a resample drew no prompt with a value)."""
     sums, counts, shape = _units(values, groups)
     c = _counts(sums.shape[0], n_resamples, seed)
-    return ((c @ sums) / (c @ counts)).reshape(n_resamples, *shape)
+    c = c.double()
+    return ((c @ sums) / (c @ counts)).float().reshape(n_resamples, *shape)
 
 
 def interval(values: torch.Tensor, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = LEVEL, groups=None):
@@ -103,12 +105,15 @@ def interval(values: torch.Tensor, n_resamples: int = N_RESAMPLES, seed: int = 0
     each resample with its own standard error); 2-4 Student's t; 1 NaN (no interval, see NO_INTERVAL)."""
     sums, counts, shape = _units(values, groups)
     mean, se, k = _mean_and_se(sums, counts)
+    centre = mean
     alpha = (1 - level) / 2
     t_low, t_high = -_t_quantile(1 - alpha, k - 1), _t_quantile(1 - alpha, k - 1)
     if (k >= MIN_BOOTSTRAP_UNITS).any():
-        c = _counts(sums.shape[0], n_resamples, seed)
+        c = _counts(sums.shape[0], n_resamples, seed).double()
+        sums = sums - mean.nan_to_num() * counts     # centred (t is shift-invariant): less cancellation below
+        mean = mean - mean.nan_to_num()
         # resample sums: one matrix product per moment (the residuals' squares expand into these)
-        s, n, units = c @ sums, c @ counts, c @ (counts > 0).float()
+        s, n, units = c @ sums, c @ counts, c @ (counts > 0).double()
         m = s / n
         sq = c @ sums.pow(2) - 2 * m * (c @ (sums * counts)) + m.pow(2) * (c @ counts.pow(2))
         se_star = (units / (units - 1) * sq.clamp_min(0) / n.pow(2)).sqrt()
@@ -118,10 +123,10 @@ def interval(values: torch.Tensor, n_resamples: int = N_RESAMPLES, seed: int = 0
         q_low, q_high = _nan_quantiles(t_star, (alpha, 1 - alpha))
         t_low = torch.where(boot, q_low.nan_to_num(0.0), t_low)
         t_high = torch.where(boot, q_high.nan_to_num(0.0), t_high)
-    low, high = mean - t_high * se, mean - t_low * se
+    low, high = centre - t_high * se, centre - t_low * se
     none = k < 2
     low, high = low.masked_fill(none, float("nan")), high.masked_fill(none, float("nan"))
-    return mean.reshape(shape), low.reshape(shape), high.reshape(shape)
+    return centre.float().reshape(shape), low.float().reshape(shape), high.float().reshape(shape)
 
 
 def p_value(values: torch.Tensor, groups=None) -> torch.Tensor:
@@ -131,9 +136,9 @@ def p_value(values: torch.Tensor, groups=None) -> torch.Tensor:
 
     sums, counts, shape = _units(values, groups)
     mean, se, k = _mean_and_se(sums, counts)
-    p = torch.as_tensor(2 * t.sf((mean / se).abs().numpy(), (k - 1).clamp_min(1).numpy()), dtype=torch.float32)
+    p = torch.as_tensor(2 * t.sf((mean / se).abs().numpy(), (k - 1).clamp_min(1).numpy()), dtype=torch.float64)
     p = torch.where(se > 0, p, (mean == 0).float())
-    return p.masked_fill(k < 2, float("nan")).reshape(shape)
+    return p.masked_fill(k < 2, float("nan")).float().reshape(shape)
 
 
 def ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, level: float = LEVEL, groups=None):
@@ -160,7 +165,7 @@ def ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, level: fl
     high = torch.where(bounded, (qb + root) / qa, torch.full_like(ratio, math.inf))
     none = (k < 2) | ratio.isnan()
     low, high = low.masked_fill(none, float("nan")), high.masked_fill(none, float("nan"))
-    return ratio.reshape(shape), low.reshape(shape), high.reshape(shape)
+    return ratio.float().reshape(shape), low.float().reshape(shape), high.float().reshape(shape)
 
 
 def adjust(p: torch.Tensor, method: str = "bh") -> torch.Tensor:
@@ -202,7 +207,7 @@ def standard_error(values: torch.Tensor, groups=None) -> torch.Tensor:
     from one unit: a single prompt says nothing about the spread)."""
     sums, counts, shape = _units(values, groups)
     _, se, k = _mean_and_se(sums, counts)
-    return se.masked_fill(k < 2, float("nan")).reshape(shape)
+    return se.masked_fill(k < 2, float("nan")).float().reshape(shape)
 
 
 def _round(x, digits: int):
