@@ -314,9 +314,10 @@ def named_rank_stability(values: torch.Tensor, names: list[str], k: int = 5, by:
 
 
 def ci_text(low, high, spec: str = ".3f") -> str:
-    """"[low, high]" for text output, "[no interval]" where a bound is None / NaN (one prompt, or undefined)."""
-    if low is None or high is None or math.isnan(low) or math.isnan(high):
-        return "[no interval]"
+    """"[low, high]" for text output; "[no finite interval]" where a bound is None / NaN / infinite (one prompt;
+    a ratio whose denominator may be 0)."""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "[no finite interval]"
     return f"[{format(low, spec)}, {format(high, spec)}]"
 
 

@@ -290,7 +290,8 @@ def run(ctx):
                            "sign_share": _grid(cells["sign_share"]), "raw_metric": result.values,
                            "per_prompt": result.per_prompt, "clean": result.clean, "corrupted": result.corrupted,
                            "axes": result.axes, "row_labels": rows, "col_labels": cols}
-        interval = (lambda b: f" [{b['ci'][0]}, {b['ci'][1]}]") if len(batch.clean) > 1 else (lambda b: "")
+        interval = (lambda b: " " + stats.ci_text(b["ci"][0], b["ci"][1], ".4f")) if len(batch.clean) > 1 else \
+            (lambda b: "")
         line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; top "
                 + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)}" for b in best[:3]))
         if held:
