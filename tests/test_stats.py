@@ -91,18 +91,20 @@ def test_adjusted_p_values_known_answers():
 
 @pytest.mark.parametrize("n", [8, 32])
 def test_null_cells_are_rarely_flagged(n):
-    """576 cells with no true change (the size of a head x position patching grid): flagging a cell when its
-    95% interval excludes 0 flags ~6-12% of them (c14c93b's rule); flagging at BH-adjusted p < 0.05 flags
-    <= 5%, and on most data sets none."""
+    """576 cells with no true change (the size of a head x position patching grid), 20 data sets: calling a
+    cell changed when its 95% interval excludes 0, cell by cell, flags dozens of null cells in every data set
+    (c14c93b's rule: 11.8% at n = 8, 6.4% at n = 32); a Benjamini-Hochberg adjusted p < 0.05 flags <= 5%, and
+    on at least 18 of the 20 data sets none (under the global null its false discovery rate is its level)."""
     gen = torch.Generator().manual_seed(n)
     flagged_naive, flagged = [], []
     for _ in range(20):
         values = torch.randn(n, 576, generator=gen) * torch.rand(576, generator=gen).add(0.1)
         _, low, high = stats.interval(values, n_resamples=400)
-        flagged_naive.append(((low > 0) | (high < 0)).float().mean())
-        flagged.append((stats.adjust(stats.p_value(values), "bh") < 0.05).float().mean())
-    assert torch.stack(flagged).mean() <= 0.05 and torch.stack(flagged).max() <= 0.05
-    assert torch.stack(flagged_naive).mean() > 0.05
+        flagged_naive.append(((low > 0) | (high < 0)).float().sum())
+        flagged.append((stats.adjust(stats.p_value(values), "bh") < 0.05).float().sum())
+    flagged, flagged_naive = torch.stack(flagged), torch.stack(flagged_naive)
+    assert (flagged / 576).max() <= 0.05 and (flagged > 0).sum() <= 2
+    assert (flagged_naive >= 10).all()
 
 
 def test_sign_share_and_standard_error():

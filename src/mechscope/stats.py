@@ -5,8 +5,8 @@ position past its end: NaN is "missing" in every function here, never 0). The un
 independent one: a prompt, or with `groups` (one key per prompt: a template, an opener, a name pair) a
 group of prompts (cluster bootstrap; a group's prompts are drawn together).
 
-    interval(values)                 mean and 95% interval: studentized (bootstrap-t) bootstrap from 5 units,
-                                     Student's t below; no interval (NaN) from one unit
+    interval(values)                 mean and 95% interval: studentized (bootstrap-t) bootstrap from 5 units
+                                     (never narrower than Student's t), Student's t below; none from one unit
     ratio_interval(num, den)         ratio of means and its Fieller interval (unbounded: -inf, inf)
     p_value(values)                  two-sided p of "mean = 0" (Student t on the same standard error)
     adjust(p, "bh" | "holm")         Benjamini-Hochberg (FDR) or Holm (family-wise) adjusted p-values
@@ -102,7 +102,8 @@ def bootstrap_means(values: torch.Tensor, n_resamples: int = N_RESAMPLES, seed: 
 def interval(values: torch.Tensor, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = LEVEL, groups=None):
     """values [n, *cells] -> (mean, low, high), each [*cells]: the NaN-aware mean over prompts and its interval.
     Units (prompts, or groups): >= 5 studentized bootstrap (the t statistic's distribution over resamples,
-    each resample with its own standard error); 2-4 Student's t; 1 NaN (no interval, see NO_INTERVAL)."""
+    each resample with its own standard error; each bound at least as wide as Student's t's); 2-4 Student's
+    t; 1 NaN (no interval, see NO_INTERVAL)."""
     sums, counts, shape = _units(values, groups)
     mean, se, k = _mean_and_se(sums, counts)
     centre = mean
@@ -121,8 +122,10 @@ def interval(values: torch.Tensor, n_resamples: int = N_RESAMPLES, seed: int = 0
         t_star = torch.where(se_star > 0, t_star, torch.full_like(t_star, float("nan")))
         boot = k >= MIN_BOOTSTRAP_UNITS
         q_low, q_high = _nan_quantiles(t_star, (alpha, 1 - alpha))
-        t_low = torch.where(boot, q_low.nan_to_num(0.0), t_low)
-        t_high = torch.where(boot, q_high.nan_to_num(0.0), t_high)
+        # each bound the wider of the bootstrap-t's and Student's t's: the bootstrap's t distribution degenerates
+        # on data with few distinct values (a rare 0/1 outcome: resamples without it have no spread)
+        t_low = torch.where(boot, torch.minimum(q_low.nan_to_num(0.0), t_low), t_low)
+        t_high = torch.where(boot, torch.maximum(q_high.nan_to_num(0.0), t_high), t_high)
     low, high = centre - t_high * se, centre - t_low * se
     none = k < 2
     low, high = low.masked_fill(none, float("nan")), high.masked_fill(none, float("nan"))
