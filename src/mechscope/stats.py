@@ -119,7 +119,8 @@ def interval(values: torch.Tensor, n_resamples: int = N_RESAMPLES, seed: int = 0
         sq = c @ sums.pow(2) - 2 * m * (c @ (sums * counts)) + m.pow(2) * (c @ counts.pow(2))
         se_star = (units / (units - 1) * sq.clamp_min(0) / n.pow(2)).sqrt()
         t_star = (m - mean) / se_star
-        t_star = torch.where(se_star > 0, t_star, torch.full_like(t_star, float("nan")))
+        # a resample without spread (one distinct value; rounding leaves ~1e-17) has no t: left out
+        t_star = torch.where(se_star > 1e-6 * se, t_star, torch.full_like(t_star, float("nan")))
         boot = k >= MIN_BOOTSTRAP_UNITS
         q_low, q_high = _nan_quantiles(t_star, (alpha, 1 - alpha))
         # each bound the wider of the bootstrap-t's and Student's t's: the bootstrap's t distribution degenerates
