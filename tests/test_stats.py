@@ -44,6 +44,21 @@ def test_small_samples_use_student_t():
     assert low.item() == pytest.approx(7 / 3 - half, rel=1e-5) and high.item() == pytest.approx(7 / 3 + half, rel=1e-5)
 
 
+def test_rare_outcome_interval_is_never_narrower_than_students_t():
+    """A 0/1 outcome seen once in 64 prompts: most resamples have no spread, and the bootstrap-t alone gave
+    [-0.009, 0.018] around 0.016; each bound is at least Student's t's. One miss in 76 examples of 5 groups: a
+    finite interval near the mean (resamples without the miss have no t, not a near-zero one)."""
+    rare = torch.zeros(64, 1)
+    rare[0] = 1.0
+    mean, low, high = stats.interval(rare)
+    half = 1.998341 * float(rare.std()) / 8                         # t(0.975, 63) s / sqrt(64)
+    assert high.item() >= mean.item() + half - 1e-6 and low.item() <= mean.item() - half + 1e-6
+    almost = torch.ones(76, 1)
+    almost[0] = 0.0
+    _, low, high = stats.interval(almost, groups=[i % 5 for i in range(76)])
+    assert 0.9 < low.item() < 0.987 < high.item() < 1.1
+
+
 def test_one_prompt_has_no_interval():
     """A single prompt's spread is unknown: no interval (None in a summary), never a zero-width one
     (c14c93b gave low = high = mean, which `--with-ablated` then called a change that excludes 0)."""
