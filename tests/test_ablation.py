@@ -305,14 +305,14 @@ def test_ablate_json_summary_has_intervals_that_the_per_prompt_values_reproduce(
 def test_ablate_task_ioi_finds_the_head_that_patching_finds(tmp_path, capsys):
     """Patching (references/techniques.md) puts the IOI information move in head 0.2: mean- and resample-ablating
     it lowers the logit diff on held-out IOI prompts of several lengths most of all heads, CI below 0
-    (measured -6.6 [-9.1, -4.3] and -7.5 on 32 prompts)."""
+    (measured -6.6 [-10.1, -2.0] and -7.5 on 32 prompts, the interval resampling the 8 templates)."""
     assert main(["ablate", "--task", "ioi", "--components", "heads", "--method", "mean,resample", "--n", "24",
                  "--out", str(tmp_path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
     assert summary["metric"] == "logit diff (IO - S)" and summary["clean_metric"] > 3
     for method in ("mean", "resample"):
         top = summary["top_effects"][method][0]
-        assert top["component"] == "0.2" and top["ci_high"] < -1.0, (method, top)
+        assert top["component"] == "0.2" and top["ci_high"] < 0, (method, top)  # the interval resamples templates
 
 
 def test_ablate_prompts_file(toy_model, tmp_path, capsys):

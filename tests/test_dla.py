@@ -305,7 +305,7 @@ def test_dla_command_on_a_task(tmp_path, capsys):
     layers = summary["rank_stability"]["layers"]
     assert layers["top_k"][0] == "L2 mlp" and layers["in_top_k_frequency"]["L2 mlp"] == 1.0
     heads = summary["rank_stability"]["heads"]
-    assert len(heads["top_k"]) == 3 and 0 <= heads["top_k_set_frequency"] <= 1
+    assert len(heads["top_k"]) == heads["k"] == min(3, heads["n_ranked"])  # only heads whose interval excludes 0
     with open(run / "dla_per_prompt.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 40
@@ -349,6 +349,17 @@ def test_dla_command_backup(tmp_path, capsys):
             assert abs(float(r["change"])) < 1e-3, name
             assert r["held_ablated"] == "False"
     assert (run / "dla_backup_heads.png").exists()
+    assert backup["n_tests"] == len(rows) - 2 and backup["multiplicity"].startswith("Benjamini-Hochberg")
+    assert all(r["p_adjusted"] < 0.05 for r in backup["changed"])
+
+
+def test_dla_command_backup_on_one_prompt_flags_nothing(tmp_path, capsys):
+    """One prompt has no spread: no interval and no test, so no component is called changed (c14c93b called 7
+    components "changed (95% CI excludes 0)" here, with zero-width intervals such as [-0.007, -0.007])."""
+    summary, run = _run(tmp_path, capsys, "--with-ablated", "1.2")
+    backup = summary["backup"]
+    assert backup["n_changed"] == 0 and backup["changed"] == [] and backup["n_tests"] == 0
+    assert backup["multiplicity"].startswith("no test")
 
 
 @pytest.mark.parametrize("args,words", [

@@ -54,16 +54,19 @@ def test_patch_headline_reads_the_summary_and_ranks_by_effect_size_in_noise_mode
     assert patch.cell_name("L1", "14 to") == "L1 at position 14 ('to')" and patch.cell_name("L2", "H1") == "L2H1"
 
 
-def test_steer_headline_says_how_it_compares_with_the_random_directions():
+def test_steer_headline_says_how_it_compares_with_the_control_directions():
+    """The headline names the control kind the strength is judged against (the wider-spread one), how many of
+    them the vector beats, and the empirical p-value."""
     from mechscope.commands import steer
 
-    effect = {"strength": 2.0, "logit_diff": {"mean": 2.43, "ci": [1.86, 3.03], "random_max": -5.41, "beats": 1.0},
+    effect = {"strength": 2.0, "logit_diff": {"mean": 2.43, "ci": [1.86, 3.03], "random_max": -3.69, "beats": 1.0,
+                                              "p_value": 1 / 21, "control": "structured"},
               "lm_loss_increase": {"mean": 0.12, "ci": [0.1, 0.14]}}
-    summary = {"effects": [dict(effect, strength=0.0), effect], "n_random": 20, "n_prompts": 12,
+    summary = {"effects": [dict(effect, strength=0.0), effect], "n_random": 10, "n_structured": 20, "n_prompts": 12,
                "hook": "blocks.1.hook_resid_pre"}
     assert steer.headline(summary) == ("steering at strength 2 moves the logit difference to +2.43 [+1.86, +3.03], "
-                                       "beyond all 20 random directions (best -5.41), at +0.12 [+0.10, +0.14] nats of "
-                                       "loss (12 prompts, blocks.1.hook_resid_pre)")
+                                       "beyond all 20 structured control directions (best -3.69, p = 0.048), at "
+                                       "+0.12 [+0.10, +0.14] nats of loss (12 prompts, blocks.1.hook_resid_pre)")
 
 
 def test_bounded_replaces_the_largest_parts_and_keeps_the_headline():

@@ -419,25 +419,37 @@ def test_ioi_flow_over_a_prompt_set(toy_engine, ioi_set):
     assert cells["stability"]["top_k_set_frequency"] > 0.2
 
 
-def test_recovery_interval_is_a_ratio_bootstrap(toy_engine, ioi_set):
-    """cell_summary's interval for recovery resamples prompts for numerator and denominator together: the
-    same numbers as an explicit loop over stats' resamples."""
+def test_recovery_interval_is_fiellers(toy_engine, ioi_set):
+    """cell_summary's interval for recovery is Fieller's for the ratio of means (stats.ratio_interval on
+    patched - corrupted over clean - corrupted, the same prompts); one prompt gives no interval."""
     from mechscope import stats
 
     batch, metric = ioi_set
     result = patching.patch_sweep(toy_engine, batch.clean, batch.corrupted, "z", metric, by_position=False)
     cells = patching.cell_summary(result, seed=3)
-    counts = stats._counts(len(batch.clean), stats.N_RESAMPLES, 3)               # [R, n]
     numerator = (result.per_prompt - result.corrupted[:, None, None]).flatten(1)  # [n, cells]
-    denominator = (result.clean - result.corrupted)[:, None]
-    ratios = (counts @ numerator) / (counts @ denominator)
-    torch.testing.assert_close(cells["ci_low"].flatten(), ratios.quantile(0.025, 0), atol=1e-5, rtol=1e-5)
+    denominator = (result.clean - result.corrupted)[:, None].expand_as(numerator)
+    _, low, high = stats.ratio_interval(numerator, denominator)
+    torch.testing.assert_close(cells["ci_low"].flatten(), low)
     torch.testing.assert_close(cells["mean"], result.recovery)
     assert (cells["ci_low"] <= cells["mean"] + 1e-6).all() and (cells["mean"] <= cells["ci_high"] + 1e-6).all()
     single = patching.cell_summary(patching.patch_sweep(toy_engine, batch.clean[:1, :int(batch.lengths[0])],
                                                         batch.corrupted[:1, :int(batch.lengths[0])], "z",
                                                         metric, by_position=False))
-    assert torch.equal(single["ci_low"], single["mean"])
+    assert single["ci_low"].isnan().all() and single["ci_high"].isnan().all()
+
+
+def test_sign_share_describes_the_ratio_of_means():
+    """5 prompts whose patched - corrupted are all > 0, two with a gap of -0.02: the reported recovery is the
+    ratio of means (+0.743 here), and every prompt's term in it is positive, so the sign share is 1
+    (c14c93b: 0.40, from the per-prompt ratios, two of which are negative)."""
+    gap = torch.tensor([1.0, 1.0, 1.0, -0.02, -0.02])
+    patched = torch.tensor([0.5, 0.6, 0.7, 0.3, 0.1])
+    result = patching.PatchResult(patched.mean().view(1), patched.view(5, 1), gap, torch.zeros(5), "z", "denoise",
+                                  "logit_diff", ("layer",))
+    cells = patching.cell_summary(result)
+    assert cells["mean"].item() == pytest.approx(2.2 / 2.96)
+    assert cells["sign_share"].item() == 1.0
 
 
 # ------------------------------------------------------------------------- backup: components held ablated
@@ -495,8 +507,19 @@ def test_command_backup_option(tmp_path, capsys):
     assert backup["changed"][0]["row"] == "L0" and backup["changed"][0]["col"] == "H2"
     assert backup["changed"][0]["change"] < -0.3 and backup["changed"][0]["ci"][1] < 0
     assert out["summary"]["with_ablated"] == {"components": ["0.2"], "ablation": "zero", "reference": None}
+    assert backup["n_tests"] == 12 and "Benjamini-Hochberg over 12 cells" in backup["multiplicity"]
+    assert backup["changed"][0]["p_adjusted"] < 0.05 and backup["changed"][0]["p"] <= backup["changed"][0]["p_adjusted"]
     run_dir = tmp_path / out["run_dir"].split("/")[-1]
     assert (run_dir / "z_backup.png").exists() and (run_dir / "z_backup.csv").exists()
+
+
+def test_command_backup_option_on_one_prompt_flags_nothing(tmp_path, capsys):
+    """One prompt has no spread: no interval, no test, no cell called "changed" (c14c93b flagged every cell
+    whose change passed 0.02, with a zero-width interval)."""
+    assert main(["patch", "--component", "z", "--all-positions", "--with-ablated", "0.2", "--ablation", "zero",
+                 "--out", str(tmp_path), "--json"]) == 0
+    backup = json.loads(capsys.readouterr().out)["summary"]["components"]["z"]["backup"]
+    assert backup["n_changed"] == 0 and backup["n_tests"] == 0 and backup["multiplicity"].startswith("no test")
 
 
 # ------------------------------------------------------------------------- engines

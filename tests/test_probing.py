@@ -110,6 +110,18 @@ def test_wilson_interval_known_values():
     assert abs(b_low - w_low) < 0.03 and abs(b_high - w_high) < 0.03
 
 
+def test_accuracy_of_grouped_test_examples_resamples_groups():
+    """Two test groups of 40 examples (one opener per label, as the bundled sentiment split holds): the examples
+    are 2 independent units, not 80. Chance-level accuracy from group effects (one group all right, one all
+    wrong) has a Wilson interval of [0.39, 0.61]; resampling the two groups gives one that spans [0, 1]."""
+    correct = torch.tensor([True] * 40 + [False] * 40)
+    groups = ["i love this !"] * 40 + ["i hate this !"] * 40
+    assert probing.interval(correct, "wilson")[1] < 0.62
+    low, high = probing.interval(correct, "wilson", groups=groups)
+    assert low == 0.0 and high == 1.0
+    assert probing.interval(correct, "wilson", groups=[str(i) for i in range(80)]) == probing.interval(correct, "wilson")
+
+
 def test_padded_batch_reads_the_same_activations_as_single_prompts(engine, toy_model):
     prompts = ["the cat sees the dog .", "i love this ! it ' s so", "when mary and john went to the store , john gave a drink to"]
     rows = [toy_model.to_tokens(p)[0] for p in prompts]
@@ -163,10 +175,12 @@ def test_control_labels_are_fixed_per_key_and_balanced():
 def test_control_task_can_fail_and_selectivity_subtracts_it(sentiment_probe):
     """The shuffled-label control sits at chance by construction; the control task does not: at resid_pre 0 the
     residual is the probed word's embedding, so labels fixed per word are decoded perfectly (measured 1.00)
-    while sentiment is at chance, and selectivity = accuracy - control accuracy is strongly negative."""
+    while sentiment is at chance, and selectivity = accuracy - control accuracy is strongly negative. The test split
+    holds one opener per label (the bundled corpus has 5 per label), so the interval, which resamples openers,
+    cannot exclude much: two independent units."""
     r = sentiment_probe
     assert r.control_accuracy[0] >= 0.95 and r.control_chance < 0.7
-    assert r.selectivity_ci[0][1] < -0.3
+    assert r.selectivity[0] < -0.3 and len(r.test_groups) == 2 and r.selectivity_ci[0] == (-1.0, 1.0)
     for i in range(len(r.sites)):
         assert r.selectivity[i] == pytest.approx(r.accuracy[i] - r.control_accuracy[i], abs=1e-6)
         low, high = r.selectivity_ci[i]
@@ -203,12 +217,15 @@ def test_shuffled_labels_give_chance(sentiment_probe):
 def test_ioi_indirect_object_decodable_where_patching_places_it(toy_model):
     """On name pairs never seen in training: the IO name at the final position (post 2, patching fraction 1.0) is
     decoded (measured 1.00) beyond the control task (labels per template, measured 0.88): selectivity
-    +0.12 [0.05, 0.20]; the random-init model reads much less."""
+    +0.12; the random-init model reads much less."""
     fractions = last_position_patch_fraction(toy_model, ioi_pairs(toy_model))  # measured [0, -0.03, 0.44, 1]
     result = probe_task(toy_model, "ioi-io", 400, random_model=True)
     assert result.accuracy[0] <= result.chance + 0.05  # pre 0 reads the token "to": not above chance (8 names)
     assert fractions[-1] == pytest.approx(1.0, abs=1e-4) and result.accuracy[-1] >= 0.95
-    assert result.selectivity_ci[-1][0] > 0, (result.selectivity, result.selectivity_ci)
+    # +0.12; its interval resamples the 5 held-out name pairs (the independent units) and reaches ~0 (measured
+    # [-0.01, 0.20]; c14c93b's interval over 76 prompts, [0.05, 0.20], treated prompts of a pair as independent)
+    assert result.selectivity[-1] > 0.05 and result.selectivity_ci[-1][1] > result.selectivity[-1]
+    assert result.selectivity_ci[-1][0] < 0.03, (result.selectivity, result.selectivity_ci)
     assert result.control_accuracy[-1] > result.control_chance + 0.2    # the control is learnable: it can fail
     assert result.accuracy[-1] - result.random_model_accuracy[-1] >= 0.15
     assert result.split_rule == "by unordered name pair" and "template" in result.control_rule

@@ -18,7 +18,9 @@ Files: JSON (a list) or JSONL (one object per line). A prompt is a string or {"p
 "wrong"?, "label"?, "group"?, "positions"?}; a pair is {"clean", "corrupted", "answer", "wrong",
 "group"?, "positions"?}. "positions" names positions by word: {"S2": "John"} (its last occurrence),
 {"S1": ["John", 1]} (its first), {"X": 3} (a token index); END (the last token) is always defined.
-"group" (default: the template, where known) keeps related prompts on one side of a train / test split.
+"group" (default: the template, where known) keeps related prompts on one side of a train / test split, and
+is the unit that intervals resample (cluster bootstrap, `mechscope.stats`): the bundled tasks group ioi by
+template, facts by subject, sentiment by opener.
 """
 from __future__ import annotations
 
@@ -58,6 +60,14 @@ class PromptSet:
     @property
     def texts(self) -> list[str]:
         return [p.text for p in self.prompts]
+
+    @property
+    def groups(self) -> list[str] | None:
+        """[n] each prompt's group (a prompt without one is its own), the unit that stats resamples; None when
+        no prompt has a group (every prompt is then its own unit)."""
+        if all(p.group is None for p in self.prompts):
+            return None
+        return [p.group if p.group is not None else f"#{i}" for i, p in enumerate(self.prompts)]
 
     def tokens(self, engine, corrupted: bool = False):
         """(rows: n x [seq_i] token ids, {position name: [n] token index}) on this engine's tokenizer.

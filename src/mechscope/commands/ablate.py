@@ -94,6 +94,7 @@ def build_task(engine, args) -> dict:
     if len(sources) > 1:
         raise BadInput(f"give one source of prompts, not {' and '.join(sources)}")
     reference = [inputs.tokens(engine, p)[0] for p in args.reference] if args.reference else None
+    groups = None  # prompts sharing a group (a template) are one resampled unit
     if args.prompt or args.prompts:
         if args.prompt:
             if not args.answer:
@@ -110,7 +111,7 @@ def build_task(engine, args) -> dict:
             with_wrong = [p.wrong is not None for p in ps.prompts]
             if any(with_wrong) and not all(with_wrong):
                 raise BadInput(f"{args.prompts}: give \"wrong\" for every prompt or for none")
-            texts, what = ps.texts, f"{len(ps)} prompts from {args.prompts}"
+            texts, what, groups = ps.texts, f"{len(ps)} prompts from {args.prompts}", ps.groups
             answers = [inputs.single_token(engine, p.answer) for p in ps.prompts]
             wrongs = [inputs.single_token(engine, p.wrong) for p in ps.prompts] if all(with_wrong) else None
         rows = [inputs.tokens(engine, t)[0] for t in texts]
@@ -133,7 +134,7 @@ def build_task(engine, args) -> dict:
         metric, _ = _answer_metric(engine, tokens, [inputs.single_token(engine, p.answer) for p in ps.prompts],
                                    [inputs.single_token(engine, p.wrong) for p in ps.prompts])
         name = "logit diff (IO - S)" if args.task == "ioi" else "logit diff (answer - corrupted answer)"
-        what = f"{args.task}: {len(ps)} held-out prompts (seed {args.seed})"
+        what, groups = f"{args.task}: {len(ps)} held-out prompts (seed {args.seed})", ps.groups
     n = len(tokens)
     if args.reference:
         note = f"{len(reference)} --reference prompt(s)"
@@ -142,7 +143,7 @@ def build_task(engine, args) -> dict:
     stats_note = "per position" if args.per_position else \
         ("over every position, BOS included (--include-bos)" if args.include_bos else "over every position but BOS")
     return {"tokens": tokens, "metric": metric, "metric_name": name, "prompts": what, "n_prompts": n, "named": named,
-            "corrupted": corrupted,
+            "corrupted": corrupted, "groups": groups,
             "reference": reference, "reference_note": f"mean / noise statistics from {note}, {stats_note}; "
                                                       f"resample donors: other prompts of the same length"}
 
@@ -209,7 +210,7 @@ def run(ctx):
         result = ablate(engine, task["tokens"], groups, task["metric"], method, reference=task["reference"],
                         per_position=args.per_position, seed=args.seed, skip_bos=not args.include_bos, at=at)
         results[method] = result
-        rows += result.rows(args.seed)
+        rows += result.rows(args.seed, task["groups"])
         per_prompt += [{"method": method, "prompt": i, "clean_metric": float(result.clean[i]),
                         **{label: float(d) for label, d in zip(result.labels, diffs)}}
                        for i, diffs in enumerate(result.differences)]
@@ -230,35 +231,34 @@ def run(ctx):
     clean = next(iter(results.values())).clean
     keys = ("effect", "stderr", "ci_low", "ci_high", "sign_share")
     top = {m: [{"component": r["component"], **{k: round(r[k], 4) if r[k] is not None else None for k in keys}}
-               for r in sorted(results[m].rows(args.seed), key=lambda r: -abs(r["effect"]))[:10]] for m in methods}
+               for r in sorted(results[m].rows(args.seed, task["groups"]), key=lambda r: -abs(r["effect"]))[:10]]
+           for m in methods}
     stability = {}
     if len(groups) > 1 and task["n_prompts"] > 1:
         for m in methods:
-            s = stats.rank_stability(results[m].differences, k=min(3, len(groups) - 1), seed=args.seed)
-            stability[m] = {"top_k": [results[m].labels[i] for i in s["top_k"]],
-                            "top_k_set_frequency": s["top_k_set_frequency"],
-                            "median_rank_correlation": s["median_rank_correlation"]}
-    clean_summary = stats.summary(clean[:, None], seed=args.seed)
+            s = stats.rank_stability(results[m].differences, k=min(3, len(groups) - 1), seed=args.seed,
+                                     groups=task["groups"])
+            stability[m] = dict(s, top_k=[results[m].labels[i] for i in s["top_k"]])
+            stability[m].pop("in_top_k_frequency")
+    clean_summary = stats.summary(clean[:, None], seed=args.seed, groups=task["groups"])
     summary = {"metric": task["metric_name"], "prompts": task["prompts"], "n_prompts": task["n_prompts"],
                "clean_metric": round(float(clean.mean()), 4),
                "clean_ci": [clean_summary["ci_low"][0], clean_summary["ci_high"][0]],
                "reference": task["reference_note"], "methods": methods, "n_components": len(groups),
                "positions": args.positions or "all",
                "top_effects": top, "rank_stability": stability,
-               "intervals": "95% percentile bootstrap over prompts (1000 resamples); sign_share = share of prompts "
-                            "whose effect has the mean's sign",
+               "intervals": "95% studentized bootstrap over prompts (1000 resamples; Student's t below 5 prompts, "
+                            "none from one); sign_share = share of prompts whose effect has the mean's sign",
                "files": ["effects.csv", "per_prompt.csv"] + [f"effects_{m}.png" for m in methods]}
     lines = [f"{task['metric_name']}: clean {float(clean.mean()):.4f} over {task['prompts']}; ablated at "
              f"{'positions ' + args.positions if args.positions else 'every position'}",
              f"reference: {task['reference_note']}"]
     for m in methods:
         lines.append(f"{m} ablation, largest effects (ablated - clean, mean [95% CI] over prompts, sign share):")
-        lines += [f"  {r['component']:>14}  {r['effect']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        lines += [f"  {r['component']:>14}  {r['effect']:+.4f} {stats.ci_text(r['ci_low'], r['ci_high'], '+.4f')}"
                   f"  {r['sign_share']:.2f}" for r in top[m]]
         if m in stability:
-            lines.append(f"  top {len(stability[m]['top_k'])} {stability[m]['top_k']}: same set in "
-                         f"{stability[m]['top_k_set_frequency']:.0%} of bootstrap resamples; median rank correlation "
-                         f"of a prompt to the pooled ranking {stability[m]['median_rank_correlation']:.2f}")
+            lines.append(f"  top {len(stability[m]['top_k'])} {stability[m]['top_k']}; " + stats.stability_text(stability[m]))
     return {"summary": summary, "effects": rows, "text": "\n".join(lines)}
 
 

@@ -139,7 +139,7 @@ def run(ctx):
             scatter[name] = (exact_mean.flatten(), mean.flatten())
             r = entry["agreement_per_prompt"]["pearson_r"]
             line += (f"; vs exact r = {entry['agreement']['pearson_r']:.3f} (per prompt {r['mean']:.3f} "
-                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]), top-{entry['agreement']['top_k']} "
+                     f"{stats.ci_text(r['ci_low'], r['ci_high'])}), top-{entry['agreement']['top_k']} "
                      f"overlap {entry['agreement']['top_k_overlap']:.2f}")
         summary["grids"][name] = dict(entry, top=entry["top"][:5])
         full[name] = dict(entry, values=grid, per_prompt=per_prompt, exact=exact.get(name), row_labels=rows,

@@ -16,8 +16,11 @@ their largest difference over the prompts. Each prompt is read at its last token
 final_norm_rescale (clean scale / ablated scale). "change" (with its interval) is each component's direct
 effect in the ablated run at the clean run's scale minus the clean one, i.e. what it writes along the
 answer direction, rescaling removed; raw_change keeps the rescaling. A backup is a component whose change
-is clearly positive. Components that are or contain a held one are flagged (held_ablated) and left out of
-"changed".
+is clearly positive. A component's change is "changed" at a Benjamini-Hochberg adjusted p < 0.05 over the
+components tested (false discovery rate 5%; p from Student's t on the per-prompt changes; the number of
+tests is reported; one prompt: no test). Components that are or contain a held one are flagged
+(held_ablated) and left out of "changed" and of the tests. Intervals: a studentized bootstrap over prompts,
+or over groups of prompts (--task: a template, a subject) where prompts share one.
 
 Files: dla.csv (the mean table), dla_per_prompt.csv (every prompt x component), dla_top.png (the largest
 rows, with 95% intervals over prompts), dla_heads.png (layer x head, mean). With --with-ablated:
@@ -27,6 +30,7 @@ HELP = "direct logit attribution to embeddings, heads, MLPs and neurons"
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_ANSWER, DEFAULT_WRONG = "Mary", "John"  # capitalised: real vocabularies (" Mary") and the bundled one
+FDR = 0.05  # --with-ablated: Benjamini-Hochberg false discovery rate over the components tested
 
 
 def add_arguments(parser):
@@ -39,8 +43,9 @@ def add_arguments(parser):
     parser.add_argument("--wrong", help="with --prompt: a wrong token: attribute logit[answer] - logit[wrong]")
     parser.add_argument("--neurons", type=int, default=10, help="top MLP neurons in the table (default: %(default)s)")
     parser.add_argument("--top", type=int, default=20, help="rows in the summary and bar plot (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=3,
-                        help="size of the top set whose stability over prompts is reported (default: %(default)s)")
+    parser.add_argument("--stability-k", "--top-k", dest="top_k", type=int, default=3,
+                        help="rank stability of the top 1..K heads / layers (among those whose interval excludes 0) "
+                             "over prompts (default: %(default)s)")
     parser.add_argument("--with-ablated", metavar="COMPONENTS",
                         help="re-run DLA with these held ablated (heads 1.2, layers attn1 / mlp1, comma-separated) "
                              "and report whose direct effect changes (the backup test)")
@@ -83,8 +88,10 @@ def _per_prompt_csv(path, ps, result, answers, wrongs, to_str) -> None:
     _write_csv(path, ["prompt_index", "prompt", "answer", "wrong", "metric", "sum_of_parts", *names], rows)
 
 
-def _backup(ctx, tokens, lengths, positions, answers, wrongs, clean, metric_name) -> dict:
+def _backup(ctx, tokens, lengths, positions, answers, wrongs, clean, metric_name, groups) -> dict:
     """DLA with --with-ablated held ablated: every component's change in direct effect, with intervals."""
+    import torch
+
     from mechscope import plotting, stats
     from mechscope.techniques.ablation import parse_components
     from mechscope.techniques.dla import direct_effect_change, with_ablated
@@ -100,31 +107,39 @@ def _backup(ctx, tokens, lengths, positions, answers, wrongs, clean, metric_name
     held_or_holding = held | {f"L{c.layer} {'attn' if c.kind == 'head' else 'mlp'}" for c in components
                               if c.kind in ("head", "neuron")}
     raw = (after - before).mean(0)
+    tested = torch.tensor([name not in held_or_holding for name in names])
+    p = stats.p_value(change, groups).masked_fill(~tested, float("nan"))
+    adjusted = stats.adjust(p, "bh")
     rows = [dict(r, clean=round(float(b), 4), ablated=round(float(a), 4), raw_change=round(float(c), 4),
-                 held_ablated=r["name"] in held_or_holding)
-            for r, b, a, c in zip(stats.named_summary(change, names), before.mean(0), after.mean(0), raw)]
+                 p=stats._round(pi, 6), p_adjusted=stats._round(qi, 6), held_ablated=r["name"] in held_or_holding)
+            for r, b, a, c, pi, qi in zip(stats.named_summary(change, names, groups=groups), before.mean(0),
+                                          after.mean(0), raw, p, adjusted)]
     _write_csv(ctx.run_dir / "dla_backup.csv", ["component", "clean", "ablated", "raw_change", "change", "ci_low",
-                                                "ci_high", "sign_share", "held_ablated"],
+                                                "ci_high", "p", "p_adjusted", "sign_share", "held_ablated"],
                [[r["name"], r["clean"], r["ablated"], r["raw_change"], r["mean"], r["ci_low"], r["ci_high"],
-                 r["sign_share"], r["held_ablated"]] for r in rows])
+                 r["p"], r["p_adjusted"], r["sign_share"], r["held_ablated"]] for r in rows])
     grid = (ablated.heads / rescale[:, None, None] - clean.heads).mean(0)
     plotting.heatmap(grid, ctx.run_dir / "dla_backup_heads.png", row_labels=[f"L{la}" for la in range(grid.shape[0])],
                      col_labels=[f"H{h}" for h in range(grid.shape[1])], xlabel="head", ylabel="layer",
                      title=f"change in direct effect on {metric_name} with {args.with_ablated} {args.ablation}-ablated",
                      colorbar_label="ablated - clean")
-    excludes_zero = [r for r in rows if not r["held_ablated"] and r["ci_low"] is not None
-                     and (r["ci_low"] > 0 or r["ci_high"] < 0)]
+    excludes_zero = [r for r in rows if r["p_adjusted"] is not None and r["p_adjusted"] < FDR]
     excludes_zero.sort(key=lambda r: -abs(r["mean"]))
+    n_tests = int((~p.isnan()).sum())
     keep = ("mean", "ci_low", "ci_high", "sign_share")
-    metric_change = stats.summary(ablated.metric - clean.metric)
-    rescale_summary = stats.summary(rescale)
+    metric_change = stats.summary(ablated.metric - clean.metric, groups=groups)
+    rescale_summary = stats.summary(rescale, groups=groups)
     return {"ablated": sorted(held), "method": args.ablation,
             "metric_change": {k: metric_change[k] for k in keep},
             "final_norm_rescale": {k: rescale_summary[k] for k in keep[:3]},
             "changed": [{k: r[k] for k in ("name", "clean", "ablated", "raw_change", "mean", "ci_low", "ci_high",
-                                           "sign_share")}
+                                           "p", "p_adjusted", "sign_share")}
                         for r in excludes_zero[:args.top]],
-            "n_changed": len(excludes_zero), "files": ["dla_backup.csv", "dla_backup_heads.png"]}
+            "n_changed": len(excludes_zero), "n_tests": n_tests,
+            "multiplicity": f"Benjamini-Hochberg over {n_tests} components (false discovery rate {FDR:.0%}); p from "
+                            f"Student's t on the per-prompt changes" if n_tests else
+                            "no test: one prompt (or group) has no spread; pass more prompts (--task, --prompts)",
+            "files": ["dla_backup.csv", "dla_backup_heads.png"]}
 
 
 def soft_capped(result, dtype) -> bool:
@@ -166,7 +181,8 @@ def run(ctx):
     _per_prompt_csv(ctx.run_dir / "dla_per_prompt.csv", ps, result, answers, wrongs, to_str)
 
     names, values = result.components()
-    rows_by_name = {r["name"]: r for r in stats.named_summary(values, names)}
+    groups = ps.groups
+    rows_by_name = {r["name"]: r for r in stats.named_summary(values, names, groups=groups)}
     top = [r for r in table if r["kind"] != "neuron" or single][:args.top]
     intervals = None if single else ([rows_by_name[r["name"]]["ci_low"] for r in top],
                                      [rows_by_name[r["name"]]["ci_high"] for r in top])
@@ -193,15 +209,16 @@ def run(ctx):
         summary["note"] = "the logits are soft-capped: the parts sum to the logit difference before the cap"
     if not single:
         keep = ("name", "mean", "ci_low", "ci_high", "sign_share")
-        summary["model_value_interval"] = {k: v for k, v in stats.summary(metric).items() if k in keep[1:]}
+        summary["model_value_interval"] = {k: v for k, v in stats.summary(metric, groups=groups).items()
+                                           if k in keep[1:]}
         summary["components"] = [{k: rows_by_name[r["name"]][k] for k in keep} for r in top]
         summary["top_heads"] = [{k: rows_by_name[r["name"]][k] for k in keep} for r in head_rows[:5]]
         layer_names, layer_values = result.layer_parts()
         summary["rank_stability"] = {
-            "heads": stats.named_rank_stability(result.heads.flatten(1), result.head_names(), args.top_k),
-            "layers": stats.named_rank_stability(layer_values, layer_names, args.top_k)}
+            "heads": stats.named_rank_stability(result.heads.flatten(1), result.head_names(), args.top_k, groups=groups),
+            "layers": stats.named_rank_stability(layer_values, layer_names, args.top_k, groups=groups)}
     if args.with_ablated:
-        summary["backup"] = _backup(ctx, tokens, lengths, positions, answers, wrongs, result, metric_name)
+        summary["backup"] = _backup(ctx, tokens, lengths, positions, answers, wrongs, result, metric_name, groups)
         summary["files"] += summary["backup"].pop("files")
 
     where_text = repr(ps.prompts[0].text) if single else f"{len(ps)} prompts of {ps.name}"
@@ -213,13 +230,12 @@ def run(ctx):
         text.append(f"  {name:>16} {value:+.4f}{ci}")
     if not single:
         rs = summary["rank_stability"]["heads"]
-        text.append(f"top-{rs['k']} heads {rs['top_k']}: same set in {rs['top_k_set_frequency']:.0%} of bootstrap "
-                    f"resamples; median rank correlation of prompts {rs['median_rank_correlation']:.2f}")
+        text.append(f"top-{rs['k']} heads {rs['top_k']}; heads' " + stats.stability_text(rs))
     if args.with_ablated:
         b = summary["backup"]
         text.append(f"with {', '.join(b['ablated'])} {b['method']}-ablated: metric change {b['metric_change']['mean']:+.3f}, "
                     f"final-norm rescale x{b['final_norm_rescale']['mean']:.3f}; {b['n_changed']} components' direct "
-                    f"effects change (95% CI excludes 0):")
+                    f"effects change ({b['multiplicity']}, adjusted p < {FDR}):")
         text += [f"  {r['name']:>16} {r['clean']:+.3f} -> {r['ablated']:+.3f}  change at the clean norm scale "
                  f"{r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" for r in b["changed"][:10]]
     return {"summary": summary, "text": "\n".join(text), "table": table}

@@ -129,19 +129,20 @@ def _readout(ctx, ps) -> dict:
                    header=["prompt_index", "layer", "head", *keys])
     for k, key in enumerate(keys):
         per_head = values[..., k].flatten(1)
-        summary = stats.named_summary(per_head, names)
+        summary = stats.named_summary(per_head, names, groups=ps.groups)   # prompts of one template: one unit
         plotting.heatmap(values[..., k].mean(0), ctx.run_dir / f"readout_{args.query}_{key}.png", diverging=False,
                          title=f"attention {args.query} -> {key} ({len(ps)} prompts of {ps.name}, mean)",
                          colorbar_label="attention", **_grid_labels(cfg))
         out[key] = {"top": [{"head": r["name"], "attention": r["mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
                             for r in sorted(summary, key=lambda r: -r["mean"])[:args.top_k]],
-                    "rank_stability": stats.named_rank_stability(per_head, names, args.top_k, by="value")}
+                    "rank_stability": stats.named_rank_stability(per_head, names, args.top_k, by="value",
+                                                                 groups=ps.groups)}
     return {"from": args.query, "to": keys, "n_prompts": len(ps), "prompt_set": ps.name, "keys": out,
             "files": ["attention_readout.csv"] + [f"readout_{args.query}_{k}.png" for k in keys]}
 
 
 def run(ctx):
-    from mechscope import inputs, plotting
+    from mechscope import inputs, plotting, stats
     from mechscope.commands import prompt_sets
     from mechscope.errors import BadInput
     from mechscope.techniques.heads import SCORE_NAMES, attention_patterns, head_scores
@@ -184,7 +185,7 @@ def run(ctx):
                "rank_stability": {name: t["rank_stability"] for name, t in top.items()},
                "plotted_heads": names, "n_prompt_tokens": len(str_tokens),
                "n_sequences": args.n_sequences, "seq_len": args.seq_len, "files": files}
-    text = [f"{name}: " + ", ".join(f"{t['head']} {t['score']:.2f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]"
+    text = [f"{name}: " + ", ".join(f"{t['head']} {t['score']:.2f} {stats.ci_text(t['ci_low'], t['ci_high'], '.2f')}"
                                     for t in top[name]["top"]) for name in SCORE_NAMES]
     text.append(f"attention plotted for {', '.join(names)} on {len(str_tokens)} tokens and on the random sequences")
     if readout is not None:
@@ -192,7 +193,7 @@ def run(ctx):
         summary["readout"] = readout
         for key, r in readout["keys"].items():
             text.append(f"attention {readout['from']} -> {key} ({readout['n_prompts']} prompts): " + ", ".join(
-                f"{t['head']} {t['attention']:.2f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" for t in r["top"]))
+                f"{t['head']} {t['attention']:.2f} {stats.ci_text(t['ci_low'], t['ci_high'], '.2f')}" for t in r["top"]))
     return {"summary": summary, "scores": scores.as_dict(), "prompt": prompt, "str_tokens": str_tokens,
             "plotted_heads": [list(h) for h in heads], "text": "\n".join(text)}
 

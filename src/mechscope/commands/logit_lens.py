@@ -100,8 +100,10 @@ def _prompt_set(ctx, ps):
     lens = answer_lens(engine, tokens, where[tasks.END], answers, wrongs)
     labels = lens.labels
 
+    groups = ps.groups  # prompts sharing a template are one resampled unit
+
     def per_entry(values, digits=4):
-        s = stats.summary(values, digits)
+        s = stats.summary(values, digits, groups=groups)
         return {k: s[k] for k in ("mean", "ci_low", "ci_high")}
     summary = {"prompt_set": ps.name, "n_prompts": len(ps), "labels": labels,
                "answer_prob": per_entry(lens.prob), "answer_top1_share": per_entry(lens.top1()),
@@ -111,12 +113,13 @@ def _prompt_set(ctx, ps):
     share = summary["answer_top1_share"]["mean"]
     summary["majority_top1_from"] = next((labels[i] for i in range(len(labels))
                                           if all(s > 0.5 for s in share[i:])), None)
-    plotting.lines({"answer probability": stats.interval(lens.prob), "answer top-1 share": stats.interval(lens.top1())},
+    plotting.lines({"answer probability": stats.interval(lens.prob, groups=groups),
+                    "answer top-1 share": stats.interval(lens.top1(), groups=groups)},
                    ctx.run_dir / "answer_lens.png", x_labels=labels, xlabel="residual stream",
                    title=f"logit lens on {len(ps)} prompts of {ps.name} at END (95% CI)", ylabel="share / probability")
     if wrongs is not None:
         summary["logit_diff"] = per_entry(lens.logit_diff)
-        plotting.lines({"logit(answer) - logit(wrong)": stats.interval(lens.logit_diff)},
+        plotting.lines({"logit(answer) - logit(wrong)": stats.interval(lens.logit_diff, groups=groups)},
                        ctx.run_dir / "logit_diff_lens.png", x_labels=labels, reference=0.0, xlabel="residual stream",
                        title=f"logit difference through the lens ({len(ps)} prompts, 95% CI)", ylabel="logit difference")
         summary["files"].append("logit_diff_lens.png")

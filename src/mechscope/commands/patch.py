@@ -20,13 +20,16 @@ and each prompt's values are gathered at its own named positions. Otherwise colu
 tokens. --mode denoise patches clean into corrupted (is it sufficient?), noise patches corrupted into clean
 (is it necessary?). --metric recovery (default) reports (patched - corrupted) / (clean - corrupted) of the
 logit difference, per cell a ratio of means over the prompts that have the cell: 1 = clean, 0 = corrupted.
-The summary gives each top cell's mean with a 95% bootstrap interval over prompts and the share of prompts
-whose effect has the same sign, and the rank stability of the top cells.
+The summary gives each top cell's mean with a 95% interval over prompts (recovery: Fieller's interval for a
+ratio of means; other metrics: a studentized bootstrap; none from one prompt) and the share of prompts whose
+effect has the same sign, and the rank stability of the top 1..--stability-k cells among those whose interval
+excludes 0. With --task, prompts sharing a template (ioi) are resampled together (cluster bootstrap).
 
 --with-ablated COMPONENTS (heads 0.2, layers attn1 / mlp1; --ablation mean over the clean prompts, or zero)
 re-runs each sweep with them held ablated in every run and reports the cells whose effect (patched - target,
-in units of the unablated clean - corrupted gap) changes by at least 0.02 with a 95% interval that excludes 0:
-the backup test of Wang et al. 2022.
+in units of the unablated clean - corrupted gap) changes by at least 0.02 with a Benjamini-Hochberg adjusted
+p < 0.05 over every cell of the component (false discovery rate 5%; the number of tests is reported): the
+backup test of Wang et al. 2022.
 
 Writes per component: a heatmap PNG, a CSV of the grid, a CSV of every prompt's values
 (COMPONENT_per_prompt.csv) and, with --with-ablated, COMPONENT_backup.png / .csv.
@@ -38,6 +41,8 @@ IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 IOI_POSITIONS = {"IO": ["Mary", 1], "S1": ["John", 1], "S2": ["John", 2]}
 METRICS = ("recovery", "logit_diff", "prob", "kl")
 TOP = 5
+STABILITY_K = 5          # --stability-k default: rank stability of the top 1..K cells
+FDR = 0.05               # --with-ablated: Benjamini-Hochberg false discovery rate over a component's cells
 HEATMAP_MAX_CELLS = 1000  # heatmap cells (all components together) in the JSON summary
 MAX_LABELS = 64          # position labels listed in the JSON summary
 MAX_PROMPTS = 100_000    # --n: more is hours of generation, not a better estimate
@@ -209,7 +214,10 @@ def run(ctx):
     engine = ctx.engine
     components, skipped = _components(engine, args.component)
     held = ablation.parse_components(engine, args.with_ablated) if args.with_ablated else []
+    if args.stability_k < 1:
+        raise BadInput("--stability-k must be at least 1")
     prompt_set = prompt_pairs(args, engine)
+    groups = prompt_set.groups
     batch = patching.pair_batch(engine, prompt_set)
     metric = {"recovery": patching.logit_diff_metric(batch.answer, batch.wrong),
               "logit_diff": patching.logit_diff_metric(batch.answer, batch.wrong),
@@ -233,6 +241,7 @@ def run(ctx):
 
     summary = {"mode": args.mode, "metric": args.metric, "effect": _effect_reading(args.mode, recovery),
                "n_pairs": len(batch.clean), "prompts": prompt_set.name,
+               "n_groups": len(set(groups)) if groups else len(batch.clean),
                "engine": engine.name, "columns": "named positions" if aligned else "token positions",
                "named_positions": None if aligned else {k: int(v[0]) for k, v in batch.positions.items()},
                "positions": position_labels if len(position_labels) <= MAX_LABELS else "in result.json",
@@ -243,7 +252,7 @@ def run(ctx):
     heatmap_budget = HEATMAP_MAX_CELLS
     for component in components:
         result = sweep(component)
-        cells = patching.cell_summary(result, recovery=recovery, k=TOP, seed=args.seed)
+        cells = patching.cell_summary(result, recovery=recovery, k=args.stability_k, seed=args.seed, groups=groups)
         values = cells["mean"]
         grid = _grid(values)
         rows = _row_labels(result, values.shape[1] if "head" in result.axes else 0)
@@ -266,15 +275,17 @@ def run(ctx):
                       ci=[rounded(flat["ci_low"][i]), rounded(flat["ci_high"][i])],
                       sign_share=rounded(flat["sign_share"][i], 3)) for i in top]
         stability = cells["stability"]
-        clean_stats, corrupted_stats = stats.summary(result.clean), stats.summary(result.corrupted)
+        clean_stats, corrupted_stats = (stats.summary(x, groups=groups) for x in (result.clean, result.corrupted))
         entry = {"shape": list(values.shape), "axes": list(result.axes), "top": best, "plot": png.name,
                  "clean": clean_stats["mean"], "clean_ci": [clean_stats["ci_low"], clean_stats["ci_high"]],
                  "corrupted": corrupted_stats["mean"],
                  "corrupted_ci": [corrupted_stats["ci_low"], corrupted_stats["ci_high"]],
                  "stability": {"top_k": [_label(rows, cols, i) for i in stability["top_k"]],
+                               "set_frequency_by_k": stability["set_frequency_by_k"],
                                "top_k_set_frequency": stability["top_k_set_frequency"],
                                "in_top_k_frequency": [stability["in_top_k_frequency"][i] for i in stability["top_k"]],
-                               "median_rank_correlation": stability["median_rank_correlation"]},
+                               "median_rank_correlation": stability["median_rank_correlation"],
+                               "n_ranked": stability["n_ranked"], "ranked": stability["ranked"]},
                  "implementation": result.meta.get("implementation")}
         if "pos" not in result.axes:
             entry["columns"] = cols
@@ -291,14 +302,16 @@ def run(ctx):
                            "sign_share": _grid(cells["sign_share"]), "raw_metric": result.values,
                            "per_prompt": result.per_prompt, "clean": result.clean, "corrupted": result.corrupted,
                            "axes": result.axes, "row_labels": rows, "col_labels": cols}
-        interval = (lambda b: f" [{b['ci'][0]}, {b['ci'][1]}]") if len(batch.clean) > 1 else (lambda b: "")
+        interval = (lambda b: " " + stats.ci_text(b["ci"][0], b["ci"][1], ".4f")) if len(batch.clean) > 1 else \
+            (lambda b: "")
         line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; largest effects "
                 + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)} (effect {b['effect']:+.3g})"
                             for b in best[:3]))
         if held:
             entry["backup"], full[component]["backup"] = _backup(ctx, component, result, sweep(component, edits),
-                                                                 recovery, rows, cols, args.seed)
-            line += f"; with {args.with_ablated} ablated: {entry['backup']['n_changed']} cell(s) change"
+                                                                 recovery, rows, cols, args.seed, groups)
+            line += (f"; with {args.with_ablated} ablated: {entry['backup']['n_changed']} cell(s) change "
+                     f"(BH-adjusted p < {FDR} over {entry['backup']['n_tests']} cells)")
         summary["components"][component] = entry
         lines.append(line)
         undefined = int((~torch.isfinite(values) & ~result.values.isnan()).sum()) if recovery else 0
@@ -346,29 +359,37 @@ def _compare(args, prompt_set, components, full, sweep) -> dict:
             "per_component": per_component}
 
 
-def _backup(ctx, component, base, ablated, recovery, rows, cols, seed) -> tuple[dict, dict]:
-    """Which cells' effects change with the components held ablated -> (summary entry, full result)."""
-    from mechscope import plotting
+def _backup(ctx, component, base, ablated, recovery, rows, cols, seed, groups) -> tuple[dict, dict]:
+    """Which cells' effects change with the components held ablated -> (summary entry, full result): a cell
+    changes when its change is at least MIN_CHANGE of the gap and its Benjamini-Hochberg adjusted p < FDR."""
+    from mechscope import plotting, stats
     from mechscope.techniques import patching
 
-    change = patching.effect_change(base, ablated, recovery=recovery, seed=seed)
-    grid = {key: _grid(change[key]) for key in ("mean", "ci_low", "ci_high", "sign_share")}
+    change = patching.effect_change(base, ablated, recovery=recovery, seed=seed, groups=groups)
+    change["p_adjusted"] = stats.adjust(change["p_value"], "bh")
+    grid = {key: _grid(change[key]) for key in ("mean", "ci_low", "ci_high", "sign_share", "p_value", "p_adjusted")}
     plotting.heatmap(grid["mean"], ctx.run_dir / f"{component}_backup.png", row_labels=rows, col_labels=cols,
                      title=f"{component}: change of each cell's effect with components held ablated",
                      colorbar_label="change" + (" (of clean - corrupted)" if recovery else ""))
     _write_grid(ctx.run_dir / f"{component}_backup.csv", grid["mean"], rows, cols)
     mean = grid["mean"].flatten()
     gap = 1.0 if recovery else float((base.clean - base.corrupted).mean().abs())
-    changed = mean.abs() >= MIN_CHANGE * gap
-    if len(base.per_prompt) > 1:  # and the 95% interval of the change excludes 0
-        changed &= ((grid["ci_low"] > 0) | (grid["ci_high"] < 0)).flatten()
+    adjusted = grid["p_adjusted"].flatten()
+    changed = (mean.abs() >= MIN_CHANGE * gap) & (adjusted < FDR)   # NaN (one prompt: no test) is never < FDR
     order = [i for i in mean.abs().nan_to_num(-1.0).argsort(descending=True).tolist() if changed[i]]
+    n_tests = int((~grid["p_value"].isnan()).sum())
     entry = {"n_changed": len(order), "plot": f"{component}_backup.png",
+             "multiplicity": f"Benjamini-Hochberg over {n_tests} cells (false discovery rate {FDR:.0%}); p from "
+                             f"Student's t on the per-prompt changes" if n_tests else
+                             "no test: one prompt (or group) has no spread; pass more prompts",
+             "n_tests": n_tests,
              "clean": rounded(ablated.clean.mean()), "corrupted": rounded(ablated.corrupted.mean()),
              "changed": [_cell(grid["mean"], rows, cols, i, change=rounded(mean[i]),
                                ci=[rounded(grid["ci_low"].flatten()[i]), rounded(grid["ci_high"].flatten()[i])],
+                               p=rounded(grid["p_value"].flatten()[i], 6), p_adjusted=rounded(adjusted[i], 6),
                                sign_share=rounded(grid["sign_share"].flatten()[i], 3)) for i in order[:10]]}
     return entry, {"change": grid["mean"], "ci_low": grid["ci_low"], "ci_high": grid["ci_high"],
+                   "p_value": grid["p_value"], "p_adjusted": grid["p_adjusted"],
                    "per_prompt": change["per_prompt"], "ablated_values": _grid(ablated.values)}
 
 
@@ -388,6 +409,9 @@ def add_arguments(parser):
     parser.add_argument("--with-ablated", metavar="COMPONENTS",
                         help="re-run with these held ablated (heads 0.2, attn1, mlp1) and report the cells whose "
                              "effect changes (backup test)")
+    parser.add_argument("--stability-k", type=int, default=STABILITY_K,
+                        help="rank stability of the top 1..K cells (among those whose interval excludes 0) "
+                             "(default: %(default)s)")
     parser.add_argument("--ablation", default="mean", choices=("mean", "zero"),
                         help="--with-ablated: mean over the clean prompts, or zero (default: %(default)s)")
 

@@ -122,7 +122,9 @@ def run(ctx):
         return heads if isinstance(heads, str) else "+".join(f"L{l}H{h}" + (f":{c[0]}" if c else "") for l, h, *c in heads)
     labels = [label(row[0] if args.sweep == "senders" else row[1]) if args.sweep != "none"
               else f"{label(row[0])} -> {label(row[1])}" for row in result.rows]
-    mean, low, high = stats.interval(result.per_prompt.T, seed=args.seed)           # [rows]
+    groups = [r["group"] if r["group"] is not None else f"#{i}" for i, r in enumerate(pairs)] \
+        if pairs and any(r["group"] is not None for r in pairs) else None  # prompts sharing a template: one unit
+    mean, low, high = stats.interval(result.per_prompt.T, seed=args.seed, groups=groups)           # [rows]
     share = stats.sign_share(result.per_prompt.T)
     fraction = result.fraction
     if args.sweep == "senders":
@@ -151,7 +153,8 @@ def run(ctx):
                "plot": "effects.png"}
     live = ~result.effects.isnan()
     if args.sweep != "none" and live.sum() > 1:
-        stability = stats.rank_stability(result.per_prompt[live].T, k=min(5, int(live.sum())), seed=args.seed)
+        stability = stats.rank_stability(result.per_prompt[live].T, k=min(5, int(live.sum())), seed=args.seed,
+                                         groups=groups)
         names = [lab for lab, ok in zip(labels, live.tolist()) if ok]
         summary["stability"] = {"top_k": [names[i] for i in stability["top_k"]],
                                 "top_k_set_frequency": stability["top_k_set_frequency"],

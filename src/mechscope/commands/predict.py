@@ -76,7 +76,7 @@ def run(ctx):
         for p, r, a, c in zip(predictions, rank.tolist(), answers.tolist(), per_prompt["correct"].tolist()):
             p.update(answer=to_str(a), answer_rank=r, correct=bool(c))
         acc = summary["answers"]["correct"]
-        text.append(f"top-1 accuracy {acc['mean']:.3f} [95% CI {acc['ci_low']:.3f}, {acc['ci_high']:.3f}] on {len(ps)} "
+        text.append(f"top-1 accuracy {acc['mean']:.3f} (95% CI {stats.ci_text(acc['ci_low'], acc['ci_high'])}) on {len(ps)} "
                     f"prompts; median answer rank {summary['answers']['answer_rank']['median']}")
     runs.write_csv(ctx.run_dir / "predictions.csv",
                    ([i, p["prompt"], p.get("answer", ""), p.get("answer_rank", ""), k, token, prob]

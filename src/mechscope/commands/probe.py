@@ -12,7 +12,8 @@ counts from the end) or a word (its last occurrence in the prompt, one token); a
 
 Examples are deduplicated, then split train / validation / test by group (stratified by label, seeded); the
 rule is printed. Each site (resid_pre of every layer, then the final resid_post) gets a logistic-regression
-probe; validation picks the L2 strength; test accuracy comes with a 95% interval. Controls: the control
+probe; validation picks the L2 strength; test accuracy comes with a 95% interval (resampling the held-out
+groups when test examples share one: few test groups give a wide interval). Controls: the control
 task (Hewitt & Liang 2019: labels fixed at random per control key; selectivity = accuracy - control-task
 accuracy, with a paired bootstrap interval), shuffled labels (a sanity check: chance), and optionally a
 random-init model of the same config (tl engine). Writes probe.csv and accuracy_by_layer.png.
@@ -34,7 +35,9 @@ def add_arguments(parser):
     parser.add_argument("--l2", default="1e-4,1e-3,1e-2,1e-1,1",
                         help="L2 strengths tried; validation picks one (default: %(default)s)")
     parser.add_argument("--ci", choices=("wilson", "bootstrap"), default="wilson",
-                        help="95%% interval on test accuracy (default: %(default)s)")
+                        help="95%% interval on test accuracy when each test example is its own group; test "
+                             "examples that share a group are resampled by group whatever this says "
+                             "(default: %(default)s)")
     parser.add_argument("--random-model", action="store_true",
                         help="also probe a random-init model of the same config (control)")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default: %(default)s)")
@@ -156,7 +159,8 @@ def run(ctx):
         "control_task": result.control_rule, "chance": round(result.chance, 4),
         "control_chance": None if result.control_chance is None else round(result.control_chance, 4),
         "best_site": labels[best], "best_accuracy": round(result.accuracy[best], 4),
-        "selectivity": "accuracy - control-task accuracy (paired bootstrap 95% CI over test examples)",
+        "selectivity": "accuracy - control-task accuracy (paired 95% CI over test examples, resampling their "
+                       "groups when they share one)",
         "columns": columns,  # one compact row per site (bounded output on 80-layer models); probe.csv has all
         "layers": [[label] + [round(row[c], 3) for c in columns[1:]] for label, row in zip(labels, table)],
         "files": ["probe.csv", plot.name],

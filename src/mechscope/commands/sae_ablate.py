@@ -218,7 +218,7 @@ def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompt
     c = summary["controls"]
     text = (f"zero-ablating features {features} at positions {ctx.args.positions} ({hook}, error term kept), "
             f"{len(prompts)} prompts:\n  {label}: {float(clean.mean()):.3f} -> {float(ablated.mean()):.3f}, change "
-            f"{effect_summary['mean']:+.3f} [{effect_summary['ci_low']:+.3f}, {effect_summary['ci_high']:+.3f}]; "
+            f"{effect_summary['mean']:+.3f} {stats.ci_text(effect_summary['ci_low'], effect_summary['ci_high'], '+.3f')}; "
             f"top-1 changed on {flipped:.0%}\n"
             + (f"  control ({c['n']} sets of {len(features)} features matched on frequency and magnitude): "
                f"{c['low']:+.3f} to {c['high']:+.3f}; empirical p = {p_value:.3g} (|effect| vs the controls')\n"

@@ -239,7 +239,11 @@ def run(ctx):
     unsteered_loss = sweep.lm_loss[0, strengths.index(0)] if 0 in strengths else \
         steering.lm_loss(engine, neutral, layer, torch.zeros_like(vector), args.from_position)
     pooled = sweep.pooled_positive_share()
-    per_strength = {m: stats.summary(getattr(sweep, m)[0].T, seed=args.seed) for m in metrics + ("lm_loss",)}
+    # prompts that share an opener are resampled together (the bundled task's groups; your prompts: each its own)
+    opener = {p.text: p.group for p in tasks.load_task(engine, "sentiment", 10_000, args.seed).prompts}
+    groups = [opener[p] for p in prompts] if all(p in opener for p in prompts) else None
+    per_strength = {m: stats.summary(getattr(sweep, m)[0].T, seed=args.seed, groups=None if m == "lm_loss" else groups)
+                    for m in metrics + ("lm_loss",)}
     increase = stats.summary((sweep.lm_loss[0] - unsteered_loss).T, seed=args.seed)
     table = []
     for s, strength in enumerate(strengths):
@@ -292,6 +296,10 @@ def run(ctx):
     notes = []
     if overlap:
         notes.append(f"not held out: the steered prompts contain the contrast prompts {overlap[:3]}")
+    if groups is not None and len(set(groups)) < 6:
+        notes.append(f"the {len(prompts)} steered prompts come from {len(set(groups))} opener(s), the independent "
+                     f"units their intervals resample (the bundled corpus has 5 openers per label, so a held-out "
+                     f"split cannot hold 6): read the intervals as wide, and steer more prompts of your own")
     if 0 < args.n_random < 10 or 0 < args.n_structured < 10:
         notes.append(f"only {args.n_random} Gaussian / {args.n_structured} structured directions: z-scores, 'beats' and "
                      f"p-values are coarse (use 10 or more; p can be no smaller than 1 / (n + 1))")
@@ -299,6 +307,7 @@ def run(ctx):
     summary = {
         "layer": layer, "hook": steering.hook_name(layer), "vector": source, "vector_norm": r4(sweep.vector_norm),
         "split": rule, "held_out": None if args.direction else not overlap, "n_prompts": len(prompts),
+        "n_groups": len(set(groups)) if groups is not None else len(prompts),
         "n_random": args.n_random, "n_structured": args.n_structured, "n_neutral_texts": len(neutral),
         "unsteered_lm_loss": r4(unsteered_loss.mean()),
         "effects": [{"strength": r["strength"],
@@ -312,7 +321,8 @@ def run(ctx):
                                           "ci": [r["lm_loss_increase_ci_low"], r["lm_loss_increase_ci_high"]],
                                           "random_mean": r.get("lm_loss_increase_random_mean"),
                                           "random_max": r.get("lm_loss_increase_random_max")}} for r in table],
-        "intervals": "95% percentile bootstrap over prompts (over neutral texts for lm_loss); random_*: over the "
+        "intervals": "95% studentized bootstrap over openers (prompts sharing one resampled together; Student's t "
+                     "below 5 openers; over neutral texts for lm_loss); random_*: over the "
                      "means of the control kind named by `control` (Gaussian or structured, per strength the one "
                      "whose means spread wider); z = (vector - random mean) / random std; beats = share of those "
                      "directions the vector exceeds (for lm_loss: stays below); p_value = (1 + controls at least "
@@ -330,10 +340,10 @@ def run(ctx):
              "random max | loss increase on neutral text (random mean)"]
     for r in table:
         lines.append(
-            f"  {r['strength']:>8g}  {r['logit_diff']:+7.3f} [{r['logit_diff_ci_low']:+.2f}, {r['logit_diff_ci_high']:+.2f}]"
+            f"  {r['strength']:>8g}  {r['logit_diff']:+7.3f} {stats.ci_text(r['logit_diff_ci_low'], r['logit_diff_ci_high'], '+.2f')}"
             f"  {_fmt(r.get('logit_diff_random_random_mean'))} ({_fmt(r.get('logit_diff_random_random_max'))})"
             f"  {_fmt(r.get('logit_diff_random_z'), '+6.1f')}  {_fmt(r.get('logit_diff_random_beats'), '4.2f')} |"
-            f" {r['net_rate']:+.3f} [{r['net_rate_ci_low']:+.2f}, {r['net_rate_ci_high']:+.2f}]"
+            f" {r['net_rate']:+.3f} {stats.ci_text(r['net_rate_ci_low'], r['net_rate_ci_high'], '+.2f')}"
             f"  {_fmt(r.get('net_rate_random_random_max'), '+.3f')} |"
             f" {r['lm_loss_increase']:+.3f} ({_fmt(r.get('lm_loss_increase_random_mean'), '+.3f')})")
     lines.append(f"  unsteered loss on {len(neutral)} neutral texts: {float(unsteered_loss.mean()):.3f} nats")
@@ -354,9 +364,12 @@ def headline(summary: dict) -> str:
     d, loss = e["logit_diff"], e["lm_loss_increase"]
     text = (f"steering at strength {e['strength']:g} moves the logit difference to {num(d['mean'], signed=True)}"
             f"{ci(d['ci'], signed=True)}")
-    if summary["n_random"] and d.get("beats") is not None:
-        beaten = round(d["beats"] * summary["n_random"])
-        share = f"all {beaten}" if beaten == summary["n_random"] else f"{beaten} of {summary['n_random']}"
-        text += f", beyond {share} random directions (best {num(d['random_max'], signed=True)})"
+    kind = d.get("control") or "gaussian"           # the wider-spread control kind this strength is judged against
+    n_kind = summary.get("n_structured", 0) if kind == "structured" else summary["n_random"]
+    if n_kind and d.get("beats") is not None:
+        beaten = round(d["beats"] * n_kind)
+        share = f"all {beaten}" if beaten == n_kind else f"{beaten} of {n_kind}"
+        p = f", p = {num(d['p_value'], 3)}" if d.get("p_value") is not None else ""
+        text += f", beyond {share} {kind} control directions (best {num(d['random_max'], signed=True)}{p})"
     return text + (f", at {num(loss['mean'], signed=True)}{ci(loss['ci'], signed=True)} nats of loss "
                    f"({count(summary['n_prompts'], 'prompt')}, {summary['hook']})")

@@ -353,16 +353,17 @@ class AblationResult:
 
     @property
     def stderr(self) -> torch.Tensor:
-        """[n_groups] standard error of the effect over the prompts (0 for one prompt)."""
+        """[n_groups] standard error of the effect over the prompts (NaN for one prompt)."""
         return stats.standard_error(self.differences)
 
-    def summary(self, seed: int = 0) -> dict:
+    def summary(self, seed: int = 0, prompt_groups=None) -> dict:
         """mechscope.stats.summary of the per-prompt effects: {mean, ci_low, ci_high, sign_share, stderr} as
-        [n_groups] lists (95% bootstrap over prompts), n_prompts."""
-        return stats.summary(self.differences, seed=seed)
+        [n_groups] lists (95% interval over prompts, or over prompt_groups: one key per prompt, a template),
+        n_prompts."""
+        return stats.summary(self.differences, seed=seed, groups=prompt_groups)
 
-    def rows(self, seed: int = 0) -> list[dict]:
-        s = self.summary(seed)
+    def rows(self, seed: int = 0, prompt_groups=None) -> list[dict]:
+        s = self.summary(seed, prompt_groups)
         return [{"component": label, "method": self.method, "effect": float(e), "stderr": s["stderr"][i],
                  "ci_low": s["ci_low"][i], "ci_high": s["ci_high"][i], "sign_share": s["sign_share"][i],
                  "ablated_metric": float(a), "clean_metric": float(self.clean.mean())}

@@ -8,7 +8,7 @@ Patching copies one activation from a *source* run into a *target* run and score
 Recovery is (patched - corrupted) / (clean - corrupted) in both modes. Over a prompt set, a cell's
 recovery is a ratio of means over the prompts that have that cell (a padded prompt lacks the positions
 past its end): mean(patched - corrupted) / mean(clean - corrupted), both over the same prompts; its 95%
-interval bootstraps prompts for numerator and denominator together (`cell_summary`).
+interval is Fieller's for a ratio of means (`cell_summary`, `stats.ratio_interval`).
 
 Components (transformer-lens hook names, the engines' sites; positions are token positions):
     resid_pre / resid_mid / resid_post / attn_out / mlp_out   blocks.{l}.hook_*, [batch, pos, d_model]
@@ -245,47 +245,42 @@ def gather_positions(per_prompt: torch.Tensor, positions: dict, axis: int = -1) 
     return moved.gather(-1, index.expand(*moved.shape[:-1], index.shape[-1])).movedim(-1, axis)
 
 
-def cell_summary(result: PatchResult, recovery: bool = True, k: int = 5, seed: int = 0) -> dict:
-    """Per-cell uncertainty over the prompts -> {mean, ci_low, ci_high, sign_share: [*cells] tensors,
-    stability: stats.rank_stability of the cells by |effect|}. recovery: summarise result.recovery (a ratio of
-    means; its interval bootstraps numerator and denominator with the same resamples), else result.values.
-    sign_share: the share of prompts whose effect (patched - target) has the sign of the mean effect."""
-    effect = result.effect_per_prompt(normalise=recovery)
+def cell_summary(result: PatchResult, recovery: bool = True, k: int = 5, seed: int = 0, groups=None) -> dict:
+    """Per-cell uncertainty over the prompts (resampling whole `groups` of prompts when given) -> {mean, ci_low,
+    ci_high, sign_share, p_value: [*cells] tensors, stability: stats.rank_stability of the cells by |effect|
+    (top 1..k of the cells whose interval excludes 0)}. recovery: summarise result.recovery (a ratio of means,
+    Fieller's interval: stats.ratio_interval), else result.values (stats.interval). sign_share: the share of
+    prompts whose effect (patched - target) has the sign of the mean effect (for recovery: the sign of the
+    prompt's term in the ratio of means); p_value: of "the patch changes nothing" (mean effect 0), unadjusted."""
+    raw = result.effect_per_prompt(normalise=False)  # ranks of the pooled ratio = ranks of the pooled numerator
     if recovery:
         numerator = result.per_prompt - result._per_cell(result.corrupted)
-        mean, low, high = ratio_interval(numerator, result._per_cell(result.clean - result.corrupted), seed)
+        mean, low, high = stats.ratio_interval(numerator, result._per_cell(result.clean - result.corrupted),
+                                               groups=groups)
     else:
-        mean, low, high = stats.interval(result.per_prompt, seed=seed)
-    raw = result.effect_per_prompt(normalise=False)  # ranks of the pooled ratio = ranks of the pooled numerator
-    return {"mean": mean, "ci_low": low, "ci_high": high, "sign_share": stats.sign_share(effect),
-            "stability": stats.rank_stability(raw.reshape(len(raw), -1), k=k, seed=seed)}
+        mean, low, high = stats.interval(result.per_prompt, seed=seed, groups=groups)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "sign_share": stats.sign_share(raw),
+            "p_value": stats.p_value(raw, groups),
+            "stability": stats.rank_stability(raw.reshape(len(raw), -1), k=k, seed=seed, groups=groups)}
 
 
-def ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, seed: int = 0):
-    """mean(numerator) / mean(denominator) over prompts (NaN = the prompt lacks the cell) and its 95% interval,
-    numerator and denominator bootstrapped with the same resamples. [n, *cells] -> 3 x [*cells]."""
-    mean = numerator.nanmean(0) / denominator.nanmean(0)
-    if len(numerator) < 2:
-        return mean, mean.clone(), mean.clone()
-    ratios = stats.bootstrap_means(numerator, seed=seed) / stats.bootstrap_means(denominator, seed=seed)
-    return mean, ratios.nanquantile(0.025, 0), ratios.nanquantile(0.975, 0)
+ratio_interval = stats.ratio_interval  # the ratio of means and its interval live in stats (kept here for callers)
 
 
-def effect_change(base: PatchResult, ablated: PatchResult, recovery: bool = True, seed: int = 0) -> dict:
+def effect_change(base: PatchResult, ablated: PatchResult, recovery: bool = True, seed: int = 0, groups=None) -> dict:
     """How each cell's effect changes with components held ablated (the backup test of Wang et al.): per
     prompt, (patched - target) with the ablation minus without; with `recovery` in units of the unablated
     (clean - corrupted) gap: mean(change) / mean(gap), a ratio of means like `recovery` (per_prompt: each
-    prompt's change over its own gap). -> {per_prompt [n, *cells], mean, ci_low, ci_high, sign_share: [*cells]}."""
+    prompt's change over its own gap). -> {per_prompt [n, *cells], mean, ci_low, ci_high, sign_share (of the
+    change), p_value (unadjusted, of "no change"): [*cells]}."""
     change = ablated.effect_per_prompt(normalise=False) - base.effect_per_prompt(normalise=False)
+    out = {"sign_share": stats.sign_share(change), "p_value": stats.p_value(change, groups)}
     if not recovery:
-        mean, low, high = stats.interval(change, seed=seed)
-        return {"per_prompt": change, "mean": mean, "ci_low": low, "ci_high": high,
-                "sign_share": stats.sign_share(change)}
+        mean, low, high = stats.interval(change, seed=seed, groups=groups)
+        return {"per_prompt": change, "mean": mean, "ci_low": low, "ci_high": high, **out}
     gap = base._per_cell(base.clean - base.corrupted)
-    mean, low, high = ratio_interval(change, gap, seed)
-    per_prompt = change / gap
-    return {"per_prompt": per_prompt, "mean": mean, "ci_low": low, "ci_high": high,
-            "sign_share": stats.sign_share(per_prompt)}
+    mean, low, high = stats.ratio_interval(change, gap, groups=groups)
+    return {"per_prompt": change / gap, "mean": mean, "ci_low": low, "ci_high": high, **out}
 
 
 # ---------------------------------------------------------------------------------------------- the sweep

@@ -5,7 +5,9 @@ prompt, read at every `blocks.{l}.hook_resid_pre` and at the final `blocks.{L-1}
 ("sites"). Examples are deduplicated (same tokens and position: the first is kept) and split train /
 validation / test by *group* (a template, an opener, a name pair: every prompt of a group lands on one
 side, stratified by the groups' labels), so no test prompt is a copy or a near-copy of a training prompt;
-validation picks the L2 strength; the reported number is test accuracy with a Wilson or bootstrap interval.
+validation picks the L2 strength; the reported number is test accuracy with a 95% interval: when test examples
+share a group, a cluster bootstrap over the test groups (mechscope.stats; with few test groups it is wide, as it
+should be: the groups are the independent units), else Wilson's (or --ci bootstrap).
 
 Controls:
 - the control task (Hewitt & Liang 2019): labels fixed at random per *control key* (by default the word type
@@ -150,17 +152,23 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_interval(correct: torch.Tensor, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of correct: [n] bool."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(correct), (n_resamples, len(correct)), generator=gen)
-    means = correct.float()[idx].mean(1)
-    return float(means.quantile(0.025)), float(means.quantile(0.975))
+def bootstrap_interval(correct: torch.Tensor, seed: int = 0, groups=None) -> tuple[float, float]:
+    """95% interval of the mean of correct: [n] bool, from mechscope.stats (studentized bootstrap over examples,
+    or over whole groups with `groups`), clipped to [0, 1]; NaN from one example (or group)."""
+    from mechscope import stats
+
+    _, low, high = stats.interval(correct.float()[:, None], seed=seed, groups=groups)
+    return float(low.clamp(0, 1)), float(high.clamp(0, 1))
 
 
-def interval(correct: torch.Tensor, ci: str, seed: int = 0) -> tuple[float, float]:
+def interval(correct: torch.Tensor, ci: str, seed: int = 0, groups=None) -> tuple[float, float]:
+    """95% interval of an accuracy. Test examples that share a group (an opener, a template) are not
+    independent: then the interval resamples groups (cluster bootstrap) whatever `ci` says; else `ci`:
+    "wilson" (a score interval for independent examples) or "bootstrap"."""
+    if groups is not None and len(set(groups)) < len(groups):
+        return bootstrap_interval(correct, seed, groups)
     if ci == "bootstrap":
-        return bootstrap_interval(correct, seed=seed)
+        return bootstrap_interval(correct, seed)
     return wilson_interval(int(correct.sum()), len(correct))
 
 
@@ -264,11 +272,13 @@ class ProbeResult:
         return out
 
 
-def _probe_sites(features: torch.Tensor, y: torch.Tensor, n_classes: int, split, l2_grid, ci: str, seed: int):
-    """features: [n_sites, n, d] -> per-site (fits, accuracies, intervals)."""
+def _probe_sites(features: torch.Tensor, y: torch.Tensor, n_classes: int, split, l2_grid, ci: str, seed: int,
+                 test_groups=None):
+    """features: [n_sites, n, d] -> per-site (fits, accuracies, intervals); test_groups: the test examples'
+    groups (resampled together)."""
     fits = [train_probe(f, y, n_classes, split, l2_grid) for f in features]
     accuracy = torch.stack([f.test_correct.float().mean() for f in fits]).tolist()
-    return fits, accuracy, [interval(f.test_correct, ci, seed) for f in fits]
+    return fits, accuracy, [interval(f.test_correct, ci, seed, test_groups) for f in fits]
 
 
 def random_init_like(model, seed: int = 0):
@@ -313,24 +323,26 @@ def probe_layers(model, rows: list[torch.Tensor], positions: list[int], labels: 
     split = group_split(y, groups, fractions, seed, classes)
     names = site_names(model)
     features = residuals_at(model, rows, positions, names, batch_size)
-    fits, acc, intervals = _probe_sites(features, y, len(classes), split, l2_grid, ci, seed)
     test = split[2]
+    held = [str(groups[i]) for i in test.tolist()]                  # the test examples' groups: the resampled unit
+    fits, acc, intervals = _probe_sites(features, y, len(classes), split, l2_grid, ci, seed, held)
 
     control = dict(control_accuracy=None, control_ci=None, selectivity=None, selectivity_ci=None, control_chance=None)
     y_control = control_labels(controls, len(classes), seed)
     n_control = len(y_control.unique())
     if n_control >= 2 and len(y_control[split[0]].unique()) >= 2:
-        control_fits, control_acc, control_ci = _probe_sites(features, y_control, n_control, split, l2_grid, ci, seed)
+        control_fits, control_acc, control_ci = _probe_sites(features, y_control, n_control, split, l2_grid, ci, seed,
+                                                             held)
         paired = [(f.test_correct.float() - c.test_correct.float())[:, None] for f, c in zip(fits, control_fits)]
-        sel = [stats.interval(d, seed=seed) for d in paired]
+        sel = [stats.interval(d, seed=seed, groups=held) for d in paired]
         control = dict(control_accuracy=control_acc, control_ci=control_ci,
-                       selectivity=[float(m) for m, _, _ in sel], selectivity_ci=[(float(lo), float(hi)) for _, lo, hi in sel],
+                       selectivity=[float(m) for m, _, _ in sel], selectivity_ci=[(float(lo.clamp(-1, 1)), float(hi.clamp(-1, 1))) for _, lo, hi in sel],
                        control_chance=float(y_control[test].bincount().max() / len(test)))
     else:
         control_rule = (control_rule or "") + " (undefined here: the control keys take one value; give each " \
                                               "example a \"control\" key)"
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))]
-    _, shuffled_acc, shuffled_ci = _probe_sites(features, shuffled, len(classes), split, l2_grid, ci, seed)
+    _, shuffled_acc, shuffled_ci = _probe_sites(features, shuffled, len(classes), split, l2_grid, ci, seed, held)
     test_labels = y[test]
     test_groups = sorted({str(groups[i]) for i in test.tolist()})
     result = ProbeResult(
@@ -343,7 +355,7 @@ def probe_layers(model, rows: list[torch.Tensor], positions: list[int], labels: 
     if random_model:
         features = residuals_at(random_init_like(model, seed), rows, positions, names, batch_size)
         _, result.random_model_accuracy, result.random_model_ci = _probe_sites(
-            features, y, len(classes), split, l2_grid, ci, seed)
+            features, y, len(classes), split, l2_grid, ci, seed, held)
     return result
 
 
