@@ -116,7 +116,7 @@ def test_every_document_the_skill_points_to_is_in_the_bare_copy(bare_copy):
     texts = [bare_copy / "SKILL.md", *(bare_copy / "references").glob("*.md"),
              *(bare_copy / "src/mechscope/commands").glob("*.py")]
     named = {m for path in texts for m in re.findall(r"\b[A-Z][A-Z_]+\.md\b", path.read_text())}
-    named -= {"CLAUDE.md", "AGENTS.md"}   # the study repository's guides (mechscope new), not the skill's
+    named -= {"CLAUDE.md", "AGENTS.md", "FILE.md"}   # the study's guides (mechscope new); report's --notes metavar
     assert {"MODEL_CARD.md", "SAE_CARD.md", "BENCHMARKS.md"} <= named
     for name in named:
         assert (bare_copy / name).is_file() and (bare_copy / name).read_text() == (ROOT / name).read_text(), name

@@ -122,6 +122,15 @@ def test_accuracy_of_grouped_test_examples_resamples_groups():
     assert probing.interval(correct, "wilson", groups=[str(i) for i in range(80)]) == probing.interval(correct, "wilson")
 
 
+def test_grouped_accuracy_that_is_perfect_still_has_an_interval():
+    """Every example of both test groups right: resampling the groups alone gives [1, 1] (no spread), a claim
+    of certainty from 2 independent units; the interval is Wilson's at one observation per group instead."""
+    correct = torch.ones(80, dtype=torch.bool)
+    groups = ["i love this !"] * 40 + ["i hate this !"] * 40
+    low, high = probing.interval(correct, "wilson", groups=groups)
+    assert high == 1.0 and low == pytest.approx(probing.wilson_interval(2, 2)[0]) and low < 0.4
+
+
 def test_padded_batch_reads_the_same_activations_as_single_prompts(engine, toy_model):
     prompts = ["the cat sees the dog .", "i love this ! it ' s so", "when mary and john went to the store , john gave a drink to"]
     rows = [toy_model.to_tokens(p)[0] for p in prompts]

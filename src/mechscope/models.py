@@ -20,6 +20,7 @@ three. Every technique takes the returned engine (or a raw HookedTransformer / T
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 from mechscope import catalog

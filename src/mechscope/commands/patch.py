@@ -305,7 +305,7 @@ def run(ctx):
         interval = (lambda b: " " + stats.ci_text(b["ci"][0], b["ci"][1], ".4f")) if len(batch.clean) > 1 else \
             (lambda b: "")
         line = (f"{component}: clean {number(entry['clean'])}, corrupted {number(entry['corrupted'])}; largest effects "
-                + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)} (effect {b['effect']:+.3g})"
+                + ", ".join(f"{b['row']}/{b['col']} {number(b['value'])}{interval(b)} (effect {number(b['effect'], '+.3g')})"
                             for b in best[:3]))
         if held:
             entry["backup"], full[component]["backup"] = _backup(ctx, component, result, sweep(component, edits),

@@ -144,7 +144,7 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, split, l2_grid
                     val_accuracy=float(val_acc[best]), test_correct=(x[test] @ weight + bias).argmax(-1) == y[test])
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion correct / n."""
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -166,7 +166,12 @@ def interval(correct: torch.Tensor, ci: str, seed: int = 0, groups=None) -> tupl
     independent: then the interval resamples groups (cluster bootstrap) whatever `ci` says; else `ci`:
     "wilson" (a score interval for independent examples) or "bootstrap"."""
     if groups is not None and len(set(groups)) < len(groups):
-        return bootstrap_interval(correct, seed, groups)
+        # resampling groups that all score the same (every example right) gives a zero-width interval; the
+        # interval is never narrower than Wilson's at one observation per group (the most the data can say)
+        low, high = bootstrap_interval(correct, seed, groups)
+        n_groups = len(set(groups))
+        w_low, w_high = wilson_interval(float(correct.float().mean()) * n_groups, n_groups)
+        return (min(low, w_low) if low == low else w_low), (max(high, w_high) if high == high else w_high)
     if ci == "bootstrap":
         return bootstrap_interval(correct, seed)
     return wilson_interval(int(correct.sum()), len(correct))
