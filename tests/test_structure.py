@@ -120,3 +120,14 @@ def test_padding_is_each_rows_last_token():
 
     tokens, lengths = tasks.padded(None, [torch.tensor([1, 5, 7]), torch.tensor([1, 9])])
     assert tokens.tolist() == [[1, 5, 7], [1, 9, 9]] and lengths.tolist() == [3, 2]
+
+
+def test_intervals_come_from_stats_only():
+    """Statistics in one place (issue 17): no module but stats.py computes an interval of its own (validate-circuit
+    and sae-eval took percentile-bootstrap quantiles, whose coverage falls short at small n)."""
+    import re
+
+    own = [f"{path.relative_to(ROOT)}:{i}" for path in sorted(ROOT.rglob("*.py")) if path.name != "stats.py"
+           for i, line in enumerate(path.read_text().splitlines(), 1)
+           if re.search(r"quantile\(\s*0?\.(025|975)|percentile", line) and not line.lstrip().startswith("#")]
+    assert not own, own

@@ -7,7 +7,7 @@
 Positions holding BOS / EOS / PAD are left out of every number. CE loss recovered is
 (L_zero - L_spliced) / (L_zero - L_clean) of the next-token loss, with the hook's activation replaced
 by the SAE's reconstruction (spliced) or by zeros (zero) at every non-special position, and a 95%
-bootstrap interval over rows. Dead: never active on the evaluation tokens; dense: active on more than
+Fieller interval over rows (stats.ratio_interval). Dead: never active on the evaluation tokens; dense: active on more than
 10% of them. An SAE trained on another model, hook, width or weight processing is refused. Writes
 density.csv and density_histogram.png.
 

@@ -127,7 +127,7 @@ def run(ctx):
                "clean_metric": r4(v.clean), "all_ablated_metric": r4(v.all_ablated), "floor_metric": r4(v.all_ablated),
                "corrupted_metric": None if v.corrupted is None else r4(v.corrupted),
                "circuit_only_metric": r4(v.circuit_only), "circuit_ablated_metric": r4(v.circuit_ablated),
-               "intervals": "95% percentile bootstrap over prompts (1000 resamples; stderr = their std)",
+               "intervals": "95% Fieller interval of each ratio of means over prompts (stats.ratio_interval); stderr by the delta method",
                "notes": notes(v)}
     labels = ["circuit"] + [f"random {r['circuit']}" for r in v.random_circuits]
     plotting.bars([v.faithfulness] + randoms["faithfulness"], labels,

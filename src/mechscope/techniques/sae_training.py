@@ -18,7 +18,7 @@ MCC, L0, explained variance, dead latents).
 Evaluation (`evaluate`) runs on the engine API (any engine), on held-out rows, special-token positions
 excluded: L0, explained variance (sae-lens's `ExplainedVarianceCalculator`), MSE, next-token CE loss
 clean / with the reconstruction spliced in / with the activation zeroed (BOS kept in both), the CE loss
-recovered (zero - spliced) / (zero - clean) with a bootstrap interval over rows, feature densities,
+recovered (zero - spliced) / (zero - clean) with a Fieller interval over rows, feature densities,
 dead (never active) and dense (active on > 10% of tokens) features.
 """
 from __future__ import annotations
@@ -235,12 +235,13 @@ class EvalResult:
     density: list[float] = field(repr=False)     # [d_sae] fraction of tokens each feature is active on
 
 
-def _bootstrap_ratio(num: torch.Tensor, den: torch.Tensor, n_resamples: int = 1000, seed: int = 0):
-    """95% percentile-bootstrap interval of sum(num) / sum(den) over resampled rows. num, den: [rows]."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(num), (n_resamples, len(num)), generator=gen)
-    ratios = num[idx].sum(1) / den[idx].sum(1)
-    return float(ratios.quantile(0.025)), float(ratios.quantile(0.975))
+def _ratio_ci(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float]:
+    """95% interval of sum(num) / sum(den) over rows (a ratio of means: stats.ratio_interval's Fieller interval,
+    rows the resampling unit). num, den: [rows]."""
+    from mechscope import stats
+
+    _, low, high = stats.ratio_interval(num, den)
+    return float(low), float(high)
 
 
 def _token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -288,10 +289,10 @@ def evaluate(engine, sae, rows: torch.Tensor, batch_size: int = 32) -> EvalResul
     clean, spliced, zero = (float(r[k].sum() / n_loss) for k in ("clean", "spliced", "zero"))
     density = active / n_tok
     return EvalResult(
-        n_tokens=int(n_tok), l0=float(r["l0"].sum() / n_tok), l0_ci=_bootstrap_ratio(r["l0"], r["n_tok"]),
+        n_tokens=int(n_tok), l0=float(r["l0"].sum() / n_tok), l0_ci=_ratio_ci(r["l0"], r["n_tok"]),
         explained_variance=variance.compute(), mse=float(r["se"].sum() / n_tok), ce_clean=clean, ce_spliced=spliced,
         ce_zero=zero, ce_recovered=(zero - spliced) / (zero - clean) if zero != clean else float("nan"),
-        ce_recovered_ci=_bootstrap_ratio(r["zero"] - r["spliced"], r["zero"] - r["clean"]),
-        ce_loss_increase=spliced - clean, ce_loss_increase_ci=_bootstrap_ratio(r["spliced"] - r["clean"], r["n_loss"]),
+        ce_recovered_ci=_ratio_ci(r["zero"] - r["spliced"], r["zero"] - r["clean"]),
+        ce_loss_increase=spliced - clean, ce_loss_increase_ci=_ratio_ci(r["spliced"] - r["clean"], r["n_loss"]),
         dead_fraction=float((active == 0).float().mean()), dense_fraction=float((density > DENSE_THRESHOLD).float().mean()),
         density=density.tolist())

@@ -22,8 +22,8 @@ K = {2.1}. Falsifiability: a wrong circuit of the same make-up (given, or drawn 
 score low, or the test cannot fail. The ratios work whether the metric rises (logit diff) or falls (loss)
 with the behaviour. Random circuits of the same make-up give the baseline to beat.
 All runs (clean, baselines, minimality, random circuits) share one reference forward and batch together.
-Intervals: each ratio recomputed on 1000 bootstrap resamples of the prompts (95% percentile interval; the
-standard error is the resamples' standard deviation).
+Intervals: each score is a ratio of means of per-prompt values (e.g. mean(circuit - floor) / mean(clean -
+floor)), with stats.ratio_interval's 95% Fieller interval over prompts and a delta-method standard error.
 """
 from __future__ import annotations
 
@@ -102,12 +102,20 @@ def scores(means: torch.Tensor, n_circuit: int) -> torch.Tensor:
     return out
 
 
-def _ratio_interval(parts: torch.Tensor, ratio, seed: int) -> dict:
-    """parts [batch, k] per-prompt values; ratio(means [..., k]) -> [...]: the point value and a 95% bootstrap
-    percentile interval over prompts."""
-    point = float(ratio(parts.mean(0)))
-    resampled = ratio(stats.bootstrap_means(parts, seed=seed))
-    return {"value": point, "ci_low": float(resampled.nanquantile(0.025)), "ci_high": float(resampled.nanquantile(0.975))}
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> dict:
+    """mean(numerator) / mean(denominator) of per-prompt values [batch]: the value, its 95% Fieller interval
+    (stats.ratio_interval) and the delta-method standard error sd(num - r den) / (sqrt(n) |mean(den)|)."""
+    value, low, high = stats.ratio_interval(numerator, denominator)
+    r = float(value)
+    n = len(numerator)
+    spread = (numerator - r * denominator).float().std() if n > 1 else torch.tensor(float("nan"))
+    stderr = float(spread / (n ** 0.5 * denominator.float().mean().abs()))
+    return {"value": r, "ci_low": float(low), "ci_high": float(high), "stderr": stderr}
+
+
+def _one_minus(ratio: dict) -> dict:
+    return {"value": 1 - ratio["value"], "ci_low": 1 - ratio["ci_high"], "ci_high": 1 - ratio["ci_low"],
+            "stderr": ratio["stderr"]}
 
 
 def greedy_minimality(run, circuit: list[Component], seed: int = 0) -> dict:
@@ -138,8 +146,8 @@ def greedy_minimality(run, circuit: list[Component], seed: int = 0) -> dict:
                 break
             K, best = options[i], gains[i]
         values = run([whole - K, whole - K - {v}])
-        parts = torch.stack([values["clean"], values["floor"], values[whole - K], values[whole - K - {v}]], 1)
-        result = _ratio_interval(parts, lambda m: (m[..., 2] - m[..., 3]) / (m[..., 0] - m[..., 1]), seed)
+        result = _ratio(values[whole - K] - values[whole - K - {v}], values["clean"] - values["floor"])
+        result.pop("stderr")
         out[v.label] = {**result, "K": [c.label for c in circuit if c in K], "value_without_K": first}
     return out
 
@@ -175,13 +183,12 @@ def validate_circuit(model, tokens, circuit: list[Component], metric: Callable[[
     k = len(circuit)
     point = scores(means, k).tolist()
     faithful, necessity = point[0], point[1]
-    resampled = scores(stats.bootstrap_means(values.T, seed=seed), k)                # [n_resamples, n_groups - 2]
-    resampled = torch.cat([resampled[:, :2], resampled[:, :1] - resampled[:, 2:2 + k], resampled[:, 2 + k:]], 1)
-    low, high = resampled.nanquantile(0.025, 0), resampled.nanquantile(0.975, 0)
-    spread = resampled.std(0) if values.shape[1] > 1 else torch.zeros(resampled.shape[1])
+    gap = values[0] - values[1]                                   # [batch] clean - floor, every ratio's denominator
+    ratios = [_ratio(values[2] - values[1], gap), _one_minus(_ratio(values[3] - values[1], gap))]
+    ratios += [_ratio(values[2] - values[4 + i], gap) for i in range(k)]    # minimality: F(C) - F(C \ {c})
 
     def interval(i: int) -> dict:
-        return {"ci_low": float(low[i]), "ci_high": float(high[i]), "stderr": float(spread[i])}
+        return {key: ratios[i][key] for key in ("ci_low", "ci_high", "stderr")}
 
     random_rows = [{"circuit": group_label(r), "faithfulness": point[2 + k + 2 * j],
                     "necessity": point[3 + k + 2 * j]} for j, r in enumerate(randoms)]
@@ -204,16 +211,16 @@ def validate_circuit(model, tokens, circuit: list[Component], metric: Callable[[
     if wrong_circuit:
         wrong = frozenset(wrong_circuit)
         got = run([wrong])
-        parts = torch.stack([got["clean"], got["floor"], got[wrong]], 1)
-        f = _ratio_interval(parts, lambda m: (m[..., 2] - m[..., 1]) / (m[..., 0] - m[..., 1]), seed)
+        f = _ratio(got[wrong] - got["floor"], got["clean"] - got["floor"])
         falsifiability = {"circuit": [c.label for c in wrong_circuit], "faithfulness": f["value"],
                           "ci_low": f["ci_low"], "ci_high": f["ci_high"],
-                          "passes": f["ci_high"] < float(low[0])}
+                          "passes": f["ci_high"] < ratios[0]["ci_low"]}
     vs_corrupted, corrupted = None, None
     if corrupted_values is not None:
         corrupted = float(corrupted_values.float().mean())
-        parts = torch.stack([values[0], values[2], corrupted_values.float().cpu()], 1)
-        vs_corrupted = _ratio_interval(parts, lambda m: (m[..., 1] - m[..., 2]) / (m[..., 0] - m[..., 2]), seed)
+        corrupted_values = corrupted_values.float().to(values.device)
+        vs_corrupted = _ratio(values[2] - corrupted_values, values[0] - corrupted_values)
+        vs_corrupted.pop("stderr")
     return CircuitValidation(
         circuit=[c.label for c in circuit], method=method, clean=clean, all_ablated=baseline,
         circuit_only=float(means[2]), circuit_ablated=float(means[3]), faithfulness=faithful, necessity=necessity,
