@@ -331,6 +331,10 @@ def test_described_gpus_and_ram_replace_this_machines():
     assert "--device-map auto" in two.command
     v100 = compute.described_hardware("32GB:fp16", "64GB")
     assert recommend(compute.COMMON_MODELS["pythia-6.9b"], v100).dtype == "float16"
+    # Gemma 2 / 3 overflow in float16 upstream: on a GPU without bfloat16, float32 (or quantised), never float16
+    for name in ("gemma-2-2b", "gemma-2-9b"):
+        advice = recommend(compute.COMMON_MODELS[name], v100)
+        assert advice.dtype != "float16" and all(a["dtype"] != "float16" for a in advice.alternatives), name
     none = compute.described_hardware("0", "16GB")
     assert not none.gpus and recommend(shape, none).device == "ndif-remote"
 

@@ -454,6 +454,11 @@ def plans(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 8) -
     tl = catalog.transformer_lens_backend()
     small = shape.n_params <= TL_MAX_PARAMS
     out: list[Plan] = []
+    no_fp16 = any(catalog.NO_FLOAT16.search(name or "") for name in (shape.name, shape.hub_id))
+
+    def half_of(dtype: str) -> str:
+        """float16 overflows Gemma 2 / 3 (catalog.NO_FLOAT16): float32 on a device without bfloat16."""
+        return "float32" if dtype == "float16" and no_fp16 else dtype
 
     def on_device(device, usable, half, fp32):
         dtypes = (["float32"] if fp32 else []) + ([half] if half != "float32" else [])
@@ -462,7 +467,7 @@ def plans(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 8) -
                     for full in (True, False) for d in dtypes]
         return [_plan(shape, seq_len, batch, "nnsight", device, d, usable) for d in dtypes]
 
-    gpus = _gpu_devices(hw)
+    gpus = [(device, usable, half_of(half)) for device, usable, half in _gpu_devices(hw)]
     for device, usable, half in gpus:
         out += on_device(device, usable, half, shape.n_params <= FP32_MAX_PARAMS)
         if not small and device != "multi-gpu":  # a large model whose full run_with_cache fits one GPU: an alternative
@@ -481,7 +486,7 @@ def plans(shape: ModelShape, hw: Hardware, seq_len: int = 128, batch: int = 8) -
                                    [f"cpu={ram // 2**30}GiB"])
         out.append(plan)
     if hw.mps:  # unified memory: the GPU shares the RAM
-        out += on_device("mps", ram, "float16", shape.n_params <= FP32_MAX_PARAMS)
+        out += on_device("mps", ram, half_of("float16"), shape.n_params <= FP32_MAX_PARAMS)
     out += on_device("cpu", ram, "bfloat16", True)
     half = gpus[0][2] if gpus else "bfloat16"
     remote = _plan(shape, seq_len, batch, "nnsight", "ndif-remote", half, 0)
