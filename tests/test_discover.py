@@ -155,7 +155,9 @@ def test_discover_command_writes_its_files(tmp_path, monkeypatch, toy_engine):
     assert {"circuit.png", "curve.png", "agreement.png", "edges.csv", "result.json"} <= {p.name for p in run_dir.iterdir()}
     summary = result["summary"]
     assert summary["faithfulness"]["mean"] >= 0.9 and "faithfulness" in summary["headline"]
-    assert "n=8" in summary["headline"] and summary["agreement"]["eap-ig"]["n_edges"] == 12
+    assert "(8 prompts)" in summary["headline"] and summary["agreement"]["eap-ig"]["n_edges"] == 12
+    low, high = summary["faithfulness"]["ci"]     # a real 95% interval (the seed was once passed as its level)
+    assert low < summary["faithfulness"]["mean"] < high and high - low > 1e-3, summary["faithfulness"]
     rows = (run_dir / "edges.csv").read_text().splitlines()
     assert len(rows) == 263 and sum(r.endswith(",1") for r in rows[1:]) == summary["circuit_edges"]
 

@@ -145,7 +145,7 @@ def p_value(values: torch.Tensor, groups=None) -> torch.Tensor:
     return p.masked_fill(k < 2, float("nan")).float().reshape(shape)
 
 
-def ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, level: float = LEVEL, groups=None):
+def ratio_interval(numerator: torch.Tensor, denominator: torch.Tensor, *, level: float = LEVEL, groups=None):
     """mean(numerator) / mean(denominator) over the prompts that have both (NaN = the prompt lacks the cell)
     and its Fieller interval: the ratios r with |mean(num) - r mean(den)| <= t * se(num - r den), Student's t
     with units - 1 degrees of freedom, (co)variances over units (groups with `groups`). Exact for normal data;

@@ -46,12 +46,14 @@ def add_arguments(parser):
 
 def headline(summary: dict) -> str:
     """One sentence: the circuit's size, its exact faithfulness with interval, n, and the estimate's agreement."""
+    from mechscope.findings import ci, count, num
+
     f = summary["faithfulness"]
     agree = summary["agreement"][summary["method"]]
-    return (f"A {summary['circuit_edges']}-edge circuit (of {summary['n_edges']}, by {summary['method'].upper()}) "
-            f"reaches faithfulness {f['mean']:.2f} [{f['ci'][0]:.2f}, {f['ci'][1]:.2f}] under exact edge patching "
-            f"(n={summary['n_prompts']} prompts); its scores rank {agree['n_edges']} checked edges with Spearman "
-            f"{agree['spearman']:.2f} against exact single-edge effects.")
+    return (f"a circuit of {summary['circuit_edges']} edges (of {summary['n_edges']}, by {summary['method'].upper()}) "
+            f"reaches faithfulness {num(f['mean'], 3)}{ci(f['ci'], digits=3)} under exact edge patching "
+            f"({count(summary['n_prompts'], 'prompt')}); its scores rank {agree['n_edges']} checked edges with "
+            f"Spearman {num(agree['spearman'])} against exact single-edge effects")
 
 
 def _round(x, digits: int = 4):

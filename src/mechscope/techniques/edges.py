@@ -314,15 +314,15 @@ def random_edges(n_edges: int, sizes, seed: int = 0) -> torch.Tensor:
     return keep
 
 
-def faithfulness(values: torch.Tensor, clean: torch.Tensor, floor: torch.Tensor, seed: int = 0):
+def faithfulness(values: torch.Tensor, clean: torch.Tensor, floor: torch.Tensor):
     """values [C, n] exact metric of C circuits; clean, floor [n] (all edges, no edges) -> (mean, low, high) [C]:
-    (mean m(circuit) - mean m(floor)) / (mean m(clean) - mean m(floor)), 95% bootstrap interval over prompts
-    (numerator and denominator resampled together)."""
-    from mechscope.techniques.patching import ratio_interval
+    (mean m(circuit) - mean m(floor)) / (mean m(clean) - mean m(floor)), its 95% Fieller interval over prompts
+    (stats.ratio_interval)."""
+    from mechscope import stats
 
     numerator = (values - floor).T                                               # [n, C]
     denominator = (clean - floor)[:, None].expand_as(numerator)
-    return ratio_interval(numerator, denominator, seed)
+    return stats.ratio_interval(numerator, denominator)
 
 
 def curve_sizes(n_edges: int, points: int = 12) -> list[int]:
@@ -408,7 +408,7 @@ def discover(engine, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metri
     floor, full = values[0], values[len(sizes) - 1]                              # eap's size-0 and all-edge rows
     curve = {"sizes": sizes}
     for i, (name, keep) in enumerate(masks.items()):
-        mean, low, high = faithfulness(values[i * len(sizes):(i + 1) * len(sizes)], full, floor, seed)
+        mean, low, high = faithfulness(values[i * len(sizes):(i + 1) * len(sizes)], full, floor)
         curve[name] = {"edges": keep.sum(1).tolist(), "mean": mean.tolist(), "low": low.tolist(), "high": high.tolist()}
 
     ranked = scores.mean(method)
@@ -420,12 +420,12 @@ def discover(engine, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metri
         lo = sizes[reached[0] - 1] if reached[0] > 0 else 0
         while hi - lo > 1:                                                       # fewest top edges reaching it
             mid = (lo + hi) // 2
-            f = faithfulness(run(top_edges(ranked, [mid], graph)), full, floor, seed)[0].item()
+            f = faithfulness(run(top_edges(ranked, [mid], graph)), full, floor)[0].item()
             lo, hi = (mid, hi) if f < target else (lo, mid)
         k = hi
     circuit = top_edges(ranked, [k], graph)[0]
     both = run(torch.stack([circuit, ~circuit]))
-    f = faithfulness(both, full, floor, seed)
+    f = faithfulness(both, full, floor)
     checked = edges_to_check(scores, check, seed)
     exact = single_edge_effects(engine, clean, corrupted, metric, checked, scores, max_batch)
     gap = (floor - full).mean()
