@@ -136,3 +136,17 @@ def test_run_from_skips_blocks_exactly(engines, task, other):
     with pytest.raises(ValueError, match="skipped"):
         engine.run_from(layer, acts[site], clean, read=["blocks.0.hook_resid_post"])
     torch.testing.assert_close(engine.run(clean)[0], logits, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("other", ["nnsight", "bridge"])
+def test_restart_applies_held_edits_at_the_patched_layer_once(engines, task, other):
+    """A held edit at resid_pre of a patched layer is inside the target residual the restart starts from: it
+    must not be applied a second time (the generic path on tl, which runs every block, is the reference)."""
+    clean, corrupted, lengths, answer, wrong = task
+    metric = patching.logit_diff_metric(answer, wrong)
+    held = [("blocks.1.hook_resid_pre", lambda x: x * 0.5)]
+    a = patching.patch_sweep(engines["tl"], clean, corrupted, "resid_pre", metric, lengths=lengths, edits=held,
+                             implementation="generic")
+    b = patching.patch_sweep(engines[other], clean, corrupted, "resid_pre", metric, lengths=lengths, edits=held)
+    assert b.meta["restarts_at_patched_layer"]
+    torch.testing.assert_close(b.per_prompt, a.per_prompt, **CLOSE, equal_nan=True)

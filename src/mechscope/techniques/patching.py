@@ -366,14 +366,16 @@ def _generic_sweep(engine, source, target, site, metric, read, layers, by_positi
             full = torch.zeros(len(chunk), *mask.shape[1:], dtype=torch.bool, device=device)
             full[rows] = mask
             patches.append((names[li], _patch_edit(full, act, n_prompts)))
-        run_edits, rows_read = _merge_edits(list(edits) + patches), read.repeat(len(chunk))
+        rows_read = read.repeat(len(chunk))
         if restart:
-            start = layers[int(chunk[0, 0])]
-            resid = target_acts[f"blocks.{start}.hook_resid_pre"].repeat(len(chunk), 1, 1)
-            logits, _ = engine.run_from(start, resid, target.repeat(len(chunk), 1), edits=run_edits,
-                                        positions=rows_read)
+            start = f"blocks.{layers[int(chunk[0, 0])]}.hook_resid_pre"
+            resid = target_acts[start].repeat(len(chunk), 1, 1)   # read after the held edits at `start`: already in
+            held = [(site, fn) for site, fn in edits if site != start]
+            logits, _ = engine.run_from(layers[int(chunk[0, 0])], resid, target.repeat(len(chunk), 1),
+                                        edits=_merge_edits(held + patches), positions=rows_read)
         else:
-            logits, _ = engine.run(target.repeat(len(chunk), 1), edits=run_edits, positions=rows_read)
+            logits, _ = engine.run(target.repeat(len(chunk), 1), edits=_merge_edits(list(edits) + patches),
+                                   positions=rows_read)
         values = metric(logits.float(), prompt.repeat(len(chunk)), clean_logits).view(len(chunk), n_prompts)
         out[chunk[:, 0], chunk[:, 1]] = values.to(out.dtype)
     return hooked_sweep.Sweep(out, source_logits, target_logits, n_heads, n_pos,
