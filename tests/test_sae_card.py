@@ -71,21 +71,23 @@ def profile(toy_engine, shipped):
 
 
 def test_capital_of_feature_predicts_a_country(toy_engine, shipped, names, profile):
-    """Steered into unrelated text it makes countries likely: their share of the generated text beats all 32
-    matched features and 32 Gaussian directions (p = 1/33), but its log P(country) does not beat every
-    matched feature (p = 0.09: issue 17 found a retrain where the old "CI above every control" failed; a
-    matched feature that also promotes countries is a fair control). Ablated at 'of' it makes a country next
-    less likely beyond every matched feature active there (12 of them: p = 1/13, the least possible)."""
+    """Steered into unrelated text it makes countries likely: their share of the generated text beats all
+    N_CONTROLS matched features and N_CONTROLS Gaussian directions (p = 1/(N_CONTROLS + 1)), but its log
+    P(country) does not beat every matched feature (issue 17 found a retrain where the old "CI above every
+    control" failed; a matched feature that also promotes countries is a fair control). Ablated at 'of' it
+    makes a country next less likely (t-test p tiny), beyond every matched feature active there (12 of them:
+    p = 1/13, the least possible: described in the card, not claimed)."""
     effects = sf.logit_effects(toy_engine, shipped, [names["capital_of"]], 1.0)
     up, _ = sf.top_tokens(toy_engine, effects)
     assert sum(t in card.WORDS["country"] for t, _ in up[0]) >= 6
     steer = card._steering(toy_engine, shipped, names["capital_of"], 20.0, "country", profile)
     assert steer["log_mass"][1] - steer["log_mass"][0] > 4
-    assert steer["share"][1] > 0.2 and steer["p_share"] == pytest.approx(1 / 33)
-    assert steer["p_log_mass"] > 0.05                      # measured 0.09: not claimed, and the card says so
+    assert steer["share"][1] > 0.2 and steer["p_share"] == pytest.approx(1 / (card.N_CONTROLS + 1))
+    assert steer["p_log_mass"] > 1 / (card.N_CONTROLS + 1)   # some matched features reach it: not claimed
     ablation = card._ablation_tests(toy_engine, shipped, names)
     cap = ablation["capital_of"]
-    assert cap["effect"]["ci_high"] < 0 and cap["p_value"] == pytest.approx(1 / (len(cap["controls"]) + 1))
+    assert cap["effect"]["ci_high"] < 0 and cap["p_effect"] < 1e-6
+    assert cap["p_value"] == pytest.approx(1 / (len(cap["controls"]) + 1))
     # country: the answer's logit drops when it is ablated at X (significant), but it is not the main carrier
     assert ablation["country"]["effect"]["ci_high"] < 0 and ablation["country"]["p_value"] > 0.05
 
@@ -93,7 +95,23 @@ def test_capital_of_feature_predicts_a_country(toy_engine, shipped, names, profi
 def test_person_name_feature_makes_names_likely(toy_engine, shipped, names, profile):
     steer = card._steering(toy_engine, shipped, names["person_name"], 12.0, "person_name", profile)
     assert steer["log_mass"][1] - steer["log_mass"][0] > 3
-    assert steer["p_log_mass_by_kind"]["random_direction"] == pytest.approx(1 / 33)
+    assert steer["p_log_mass_by_kind"]["random_direction"] == pytest.approx(1 / (card.N_CONTROLS + 1))
+
+
+def test_the_card_claims_are_one_holm_family():
+    """Issue 17: the card's significance claims hold together (Holm over the family), not each on its own. A
+    family of four claims at p = 1/33 each (32 controls, the card before) fails it; p = 1/100 each passes."""
+    def fake(p_steer, p_ablate):
+        steering = {"log_mass": [-9.0, -2.0], "share": [0.0, 0.5], "p_share": p_steer,
+                    "p_log_mass_by_kind": {"random_direction": p_steer}}
+        ablation = {"effect": {"mean": -0.1, "ci_high": -0.05}, "p_effect": p_ablate}
+        return {"evaluation": {"l0": 8, "explained_variance": 0.9, "ce_recovered": 0.99, "dead_fraction": 0.02},
+                "features": {"capital_of": {"steering": steering, "ablation": ablation},
+                             "country": {"ablation": ablation}, "person_name": {"steering": steering}}}
+    assert not all(card.claims(fake(1 / 33, 1e-4)).values())
+    family = card.significance_family(fake(1 / 33, 1e-4))
+    assert sorted(round(f["p_holm"], 4) for f in family.values()) == [0.0004, 0.0004, 0.0606, 0.0606]
+    assert all(card.claims(fake(1 / 100, 1e-4)).values())
 
 
 @pytest.mark.slow

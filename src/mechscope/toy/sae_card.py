@@ -34,7 +34,8 @@ import torch
 from mechscope.toy import corpus
 
 PURITY = 0.9
-N_CONTROLS = 32
+N_CONTROLS = 99            # of each kind: an empirical p-value can reach 1/100, enough to survive Holm over the family
+FAMILY_LEVEL = 0.05        # the card's significance claims are one family, Holm-adjusted (family-wise error 5%)
 WORDS = {"country": list(corpus.CAPITALS), "city": sorted(set(corpus.CAPITALS.values()) | set(corpus.LANDMARKS.values())),
          "person_name": list(corpus.NAMES)}
 DESCRIPTIONS = {
@@ -137,6 +138,7 @@ def _ablation(engine, sae, feature: int, tokens, mask, metric, what: str) -> dic
     controls = [float((si.ablate(engine, sae, tokens, metric, s, mask)[1] - clean).mean()) for s in sets]
     effect = stats.summary(ablated - clean)
     return {"metric": what, "n_prompts": len(tokens), "clean": float(clean.mean()), "effect": effect,
+            "p_effect": float(stats.p_value(ablated - clean)),
             "controls": controls, "p_value": stats.empirical_p(effect["mean"], controls)}
 
 
@@ -231,27 +233,43 @@ def measure(engine=None, sae=None, n_search_tokens: int = 200_000, n_eval_tokens
             "n_search_tokens": search.n_tokens, "names": names, "names_found_by_rule": found, "features": features}
 
 
+def significance_family(card: dict) -> dict[str, dict]:
+    """The card's significance claims as one family: {claim: {"p", "p_holm"}}, Holm-adjusted (stats.adjust), so
+    that all of them hold together at family-wise error FAMILY_LEVEL. Steering p-values are empirical, against
+    N_CONTROLS matched features and N_CONTROLS Gaussian directions (the larger of the two, unless a kind is
+    named); ablation p-values are Student t on the per-prompt changes (stats.p_value)."""
+    from mechscope import stats
+
+    f = card["features"]
+    p = {"capital_of steering: countries' share of generated tokens beyond every kind of control":
+         f["capital_of"]["steering"]["p_share"],
+         "capital_of ablation at 'of': log P(country next) falls": f["capital_of"]["ablation"]["p_effect"],
+         "country ablation at X: the answer's logit falls": f["country"]["ablation"]["p_effect"],
+         "person_name steering: log P(name) beyond Gaussian directions":
+         f["person_name"]["steering"]["p_log_mass_by_kind"]["random_direction"]}
+    adjusted = stats.adjust(torch.tensor(list(p.values()), dtype=torch.float64), "holm").tolist()
+    return {claim: {"p": p[claim], "p_holm": a} for claim, a in zip(p, adjusted)}
+
+
 def claims(card: dict) -> dict[str, bool]:
     """The claims SAE_CARD.md asserts, checked on a measure() result (the shipped SAE, or a retrain: the slow test
-    retrains with seeds 0 and 1). Steering p-values are against N_CONTROLS matched features and N_CONTROLS
-    Gaussian directions (the larger of the two, unless a kind is named); ablation p-values against the matched
-    features active at the ablated positions, as many as there are (p can be no smaller than 1 / (n + 1))."""
+    retrains with seeds 0 and 1): quality and effect sizes by threshold, significance through
+    significance_family (Holm-adjusted p < FAMILY_LEVEL, with the sign the claim states)."""
     q, f = card["evaluation"], card["features"]
     cap, person = f["capital_of"], f["person_name"]
-    least = lambda ab: 1 / (len(ab["controls"]) + 1)  # noqa: E731 - the smallest p these controls allow
     gain = lambda st: st["log_mass"][1] - st["log_mass"][0]  # noqa: E731
-    return {
+    out = {
         "quality: L0 8, explained variance > 0.88, CE loss recovered > 97%, dead < 10%":
             q["l0"] == 8 and q["explained_variance"] > 0.88 and q["ce_recovered"] > 0.97 and q["dead_fraction"] < 0.1,
         "capital_of steering: log P(country) up > 4 nats": gain(cap["steering"]) > 4,
-        "capital_of steering: countries > 20% of generated tokens, beyond every control (p = 1/33)":
-            cap["steering"]["share"][1] > 0.2 and cap["steering"]["p_share"] < 0.05,
-        "capital_of ablation at 'of': CI below 0, beyond every matched control (p = 1/(n+1))":
-            cap["ablation"]["effect"]["ci_high"] < 0 and cap["ablation"]["p_value"] <= least(cap["ablation"]) + 1e-6,
-        "country ablation at X: CI below 0": f["country"]["ablation"]["effect"]["ci_high"] < 0,
-        "person_name steering: log P(name) up > 3 nats, beyond every Gaussian direction (p = 1/33)":
-            gain(person["steering"]) > 3 and person["steering"]["p_log_mass_by_kind"]["random_direction"] < 0.05,
+        "capital_of steering: countries > 20% of generated tokens": cap["steering"]["share"][1] > 0.2,
+        "person_name steering: log P(name) up > 3 nats": gain(person["steering"]) > 3,
     }
+    signs = {"capital_of ablation at 'of': log P(country next) falls": cap["ablation"]["effect"]["mean"] < 0,
+             "country ablation at X: the answer's logit falls": f["country"]["ablation"]["effect"]["mean"] < 0}
+    for claim, p in significance_family(card).items():
+        out[f"{claim} (Holm-adjusted p < {FAMILY_LEVEL})"] = p["p_holm"] < FAMILY_LEVEL and signs.get(claim, True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         path = saes.shipped_saes()[saes.DEFAULT_SHIPPED_ID] / "features.json"
         path.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {path}", file=sys.stderr)
+    card["significance_family"] = significance_family(card)
     card["claims"] = claims(card)
     print(json.dumps(card, indent=1))
 
