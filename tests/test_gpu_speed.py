@@ -44,3 +44,30 @@ def test_dla_copies_no_layer_weight_to_the_host(toy_engine, host_copies):
     smallest_weight = min(toy_engine.W_O(0).numel(), toy_engine.W_out(0).numel())
     assert host_copies and max(host_copies) < smallest_weight, max(host_copies)
     assert torch.allclose(result.total(), result.metric, atol=1e-4)      # the parts still sum to the logit diff
+
+
+# --------------------------------------------------------------------------------- 2. one layer's weights
+def test_tl_weights_of_one_layer_read_that_layer_alone(toy_engine):
+    """W_O(l), b_O(l), W_out(l) on transformer-lens index block l (O(1) in the layers). Before: model.W_O[l], which
+    stacks every layer's W_O on each call (O(L) per call, O(L^2) over a DLA)."""
+    model = toy_engine.model
+    expected = [(model.W_O[layer], model.b_O[layer], model.W_out[layer]) for layer in range(model.cfg.n_layers)]
+    seen = []
+
+    class Blocks(torch.nn.ModuleList):
+        def __getitem__(self, i):
+            seen.append(i)
+            return super().__getitem__(i)
+
+        def __iter__(self):
+            pytest.fail("a weight of one layer iterated over every block")
+
+    blocks, model.blocks = model.blocks, Blocks(list(model.blocks))   # (monkeypatch would delete a submodule)
+    try:
+        for layer, (W_O, b_O, W_out) in enumerate(expected):
+            seen.clear()
+            got = toy_engine.W_O(layer), toy_engine.b_O(layer), toy_engine.W_out(layer)
+            assert seen == [layer] * 3
+            assert torch.equal(got[0], W_O) and torch.equal(got[1], b_O) and torch.equal(got[2], W_out)
+    finally:
+        model.blocks = blocks

@@ -144,19 +144,13 @@ class BridgeEngine(HookedEngine):
                               f"transformers release: generating without it (exact, slower)", stacklevel=3)
         return self._kv_cache_exact
 
-    # ---------------------------------------------------------------- weights (one layer, not all stacked)
-    def W_O(self, layer: int):
-        return self.model.blocks[layer].attn.W_O
-
+    # ---------------------------------------------------------------- weights (W_O, W_out: HookedEngine's)
     def b_O(self, layer: int):
         bias = self.model.blocks[layer].attn.b_O
         if bias is None:  # no attention output bias (Llama, Qwen2, ...)
             W_O = self.W_O(layer)
             bias = torch.zeros(self.cfg.d_model, dtype=W_O.dtype, device=W_O.device)
         return bias
-
-    def W_out(self, layer: int):
-        return self.model.blocks[layer].mlp.W_out
 
     @property
     def final_norm(self) -> FinalNorm:

@@ -140,15 +140,15 @@ class HookedEngine(Engine):
             return self.model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False,
                                        use_past_kv_cache=use_kv_cache, verbose=False)
 
-    # ---------------------------------------------------------------- weights
+    # ---------------------------------------------------------------- weights (one layer: model.W_O stacks them all)
     def W_O(self, layer: int):
-        return self.model.W_O[layer]
+        return self.model.blocks[layer].attn.W_O
 
     def b_O(self, layer: int):
-        return self.model.b_O[layer]
+        return self.model.blocks[layer].attn.b_O
 
     def W_out(self, layer: int):
-        return self.model.W_out[layer]
+        return self.model.blocks[layer].mlp.W_out
 
     @property
     def W_U(self):
