@@ -71,3 +71,58 @@ def test_tl_weights_of_one_layer_read_that_layer_alone(toy_engine):
             assert torch.equal(got[0], W_O) and torch.equal(got[1], b_O) and torch.equal(got[2], W_out)
     finally:
         model.blocks = blocks
+
+
+# ------------------------------------------------------------------------------ 3. max-activating search
+@pytest.fixture(scope="module")
+def shipped_sae():
+    from mechscope.techniques import sae as saes
+
+    return saes.load_sae("mechscope-toy")
+
+
+def test_max_activating_copies_only_the_kept_entries_to_the_host(toy_engine, shipped_sae, host_copies):
+    """The top-k and the sample run where the activations are; only [F, k] / [F, n_sample] come to the CPU. Before:
+    every batch's [batch, seq, F] activations were copied to the CPU (~4.3 GB a batch for a 131k-wide SAE)."""
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_features as sf
+
+    rows = saes.corpus_rows(toy_engine, 500, 16, seed=3)[:16]
+    k, n_sample, batch_size = 5, 8, 4
+    host_copies.clear()
+    result = sf.max_activating(toy_engine, shipped_sae, rows, None, k=k, n_sample=n_sample, batch_size=batch_size)
+    d_sae = shipped_sae.cfg.d_sae
+    assert result.top_values.shape == (d_sae, k)
+    activations = batch_size * rows.shape[1] * d_sae                     # one batch's [batch, seq, d_sae]
+    assert d_sae * max(k, n_sample) <= max(host_copies) < activations, max(host_copies)   # the results: yes
+
+
+def test_max_activating_gives_the_cpu_paths_results_in_any_batch_size(toy_engine, shipped_sae):
+    """One batch and batches of one row keep the same top activations, counts and sums; the sample is the one the
+    CPU path drew (the same keys from the same seeded generator, the n_sample largest of them)."""
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_features as sf
+
+    rows = saes.corpus_rows(toy_engine, 600, 16, seed=4)
+    features, k, n_sample = [3, 17, 40, 101, 200], 6, 12
+    whole = sf.max_activating(toy_engine, shipped_sae, rows, features, k=k, n_sample=n_sample, batch_size=len(rows))
+    tiny = sf.max_activating(toy_engine, shipped_sae, rows, features, k=k, n_sample=n_sample, batch_size=1)
+    assert torch.equal(whole.top_values, tiny.top_values) and torch.equal(whole.count, tiny.count)
+    assert torch.allclose(whole.total, tiny.total, rtol=1e-5) and whole.n_tokens == tiny.n_tokens
+    alive = whole.top_values > 0
+    assert alive.any() and torch.equal(whole.top_index[alive], tiny.top_index[alive])
+    # the CPU path's sample for batch_size=3: per batch, keys drawn in order from one seeded CPU generator
+    gen, keys, values = torch.Generator().manual_seed(0), [], []
+    for batch in rows.split(3):
+        v = saes.feature_acts(toy_engine, shipped_sae, batch)[..., features].reshape(-1, len(features)).T
+        keys.append(torch.where(v > 0, 1 - torch.rand(v.shape, generator=gen), torch.tensor(-1.0)))
+        values.append(v)
+    keys, values = torch.cat(keys, 1), torch.cat(values, 1)
+    result = sf.max_activating(toy_engine, shipped_sae, rows, features, k=k, n_sample=n_sample, batch_size=3)
+    for j in range(len(features)):
+        chosen = keys[j].topk(n_sample).indices
+        chosen = chosen[keys[j][chosen] > 0]
+        kept = result.sample_index[j][result.sample_values[j] > 0]
+        assert sorted(kept.tolist()) == sorted(chosen.tolist())
+        assert torch.equal(result.sample_values[j][result.sample_values[j] > 0].sort().values,
+                           values[j][chosen].sort().values)
