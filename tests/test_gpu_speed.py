@@ -5,6 +5,11 @@ precision; each against the values of the slow path."""
 import pytest
 import torch
 
+from conftest import BACKENDS
+
+IOI = ["When Mary and John went to the store, John gave a drink to",
+       "When Tom and Anna went to the park, Tom gave a ball to"]
+
 
 @pytest.fixture
 def host_copies(monkeypatch):
@@ -126,3 +131,103 @@ def test_max_activating_gives_the_cpu_paths_results_in_any_batch_size(toy_engine
         assert sorted(kept.tolist()) == sorted(chosen.tolist())
         assert torch.equal(result.sample_values[j][result.sample_values[j] > 0].sort().values,
                            values[j][chosen].sort().values)
+
+
+# ------------------------------------------------------------------------------ 4. no logits to discard
+def _logit_modules(engine):
+    """The final norm and the unembedding: nothing that wants activations alone should run them."""
+    if engine.name == "nnsight":
+        return [engine.hf.get_submodule(engine.arch.final_norm), engine.hf.get_submodule(engine.arch.unembed)]
+    return [engine.model.ln_final, engine.model.unembed]
+
+
+@pytest.fixture
+def logit_calls(request):
+    """A function engine -> list that counts forwards of the engine's final norm and unembedding from then on."""
+    calls, handles = [], []
+
+    def watch(engine):
+        for module in _logit_modules(engine):
+            handles.append(module.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__)))
+        return calls
+    yield watch
+    for handle in handles:
+        handle.remove()
+
+
+def _full_run(engine, monkeypatch):
+    """engine.activations as the full forward it replaced (run's reads: the logits computed, then dropped)."""
+    monkeypatch.setattr(engine, "activations", lambda tokens, read, edits=(): engine.run(tokens, read, edits)[1])
+
+
+def _equal(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("toy_on", BACKENDS, indirect=True)
+def test_activations_are_runs_reads_without_the_logits(toy_on, logit_calls):
+    """engine.activations stops the forward once its last site is read (a hook that raises on tl and the bridge,
+    nnsight's tracer.stop()): the same activations as run(), edits included, and the final norm and unembedding
+    never run."""
+    engine = toy_on
+    tokens = engine.to_tokens(IOI)
+    edit = [("blocks.0.hook_mlp_out", lambda x: 2 * x), ("blocks.2.hook_resid_post", lambda x: 0 * x)]
+    cases = [(["hook_embed"], []), (["blocks.0.hook_resid_pre", "blocks.1.attn.hook_pattern"], []),
+             (["blocks.1.hook_resid_mid", "blocks.1.attn.hook_z"], edit), (["blocks.2.hook_resid_post"], edit)]
+    expected = [engine.run(tokens, read, edits)[1] for read, edits in cases]
+    calls = logit_calls(engine)
+    got = [engine.activations(tokens, read, edits) for read, edits in cases]
+    assert calls == [] and engine.activations(tokens, []) == {}
+    for (read, _), want, have in zip(cases, expected, got):
+        assert set(have) == set(read)                                    # (run on the bridge adds alias names)
+        assert all(torch.equal(want[s], have[s]) for s in read)
+
+
+@pytest.mark.parametrize("toy_on", BACKENDS, indirect=True)
+def test_probing_heads_sae_and_ablation_never_compute_logits(toy_on, logit_calls, shipped_sae, monkeypatch):
+    """Residuals for probes, attention patterns, an SAE's input (every engine; tl already stopped early), the final
+    scale and the mean-ablation reference: before, each ran the whole forward and dropped the logits. The values
+    are those of the full forward."""
+    from mechscope.techniques import ablation, heads, probing
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_features as sf
+
+    engine = toy_on
+    rows = [engine.to_tokens(p)[0] for p in IOI]
+    tokens = engine.to_tokens(IOI)
+    queries, keys = torch.tensor([len(r) - 1 for r in rows]), {"io": torch.tensor([3, 3]), "s": torch.tensor([5, 5])}
+    sites = ["blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"]
+    jobs = {
+        "residuals_at": lambda: probing.residuals_at(engine, rows, [4, 4], ["blocks.1.hook_resid_post"]),
+        "head_scores": lambda: heads.head_scores(engine, n_sequences=4, seq_len=6, batch_size=2).per_sequence,
+        "attention_patterns": lambda: heads.attention_patterns(engine, tokens[:1], [(1, 0), (2, 3)]),
+        "attention_readout": lambda: heads.attention_readout(engine, tokens, queries, keys),
+        "feature_acts": lambda: saes.feature_acts(engine, shipped_sae, tokens),
+        "final_scale": lambda: sf.final_scale(engine, tokens),
+        "mean_reference": lambda: ablation.reference_values(engine, tokens, set(sites), "mean"),
+    }
+    calls = logit_calls(engine)
+    fast = {name: job() for name, job in jobs.items()}
+    assert calls == [], calls
+    _full_run(engine, monkeypatch)
+    slow = {name: job() for name, job in jobs.items()}
+    assert len(calls) > 0                                                # the spy sees a full forward
+    for name in jobs:
+        assert _equal(fast[name], slow[name]), name
+
+
+@pytest.mark.parametrize("toy_on", ["tl", "bridge"], indirect=True)
+def test_effective_embedding_never_computes_logits(toy_on, logit_calls, monkeypatch):
+    """circuits' effective embedding reads resid_pre of the layer for every token: before, with the logits of every
+    [BOS, token] pair computed and dropped."""
+    from mechscope.techniques import circuits
+
+    calls = logit_calls(toy_on)
+    fast = circuits.effective_embedding(toy_on, 1, batch_size=128)
+    assert calls == []
+    _full_run(toy_on, monkeypatch)
+    assert torch.equal(fast, circuits.effective_embedding(toy_on, 1, batch_size=128))

@@ -17,6 +17,10 @@ from mechscope.engines.base import INPUT_KINDS, Edit, Engine, FinalNorm, ModelCo
 # head: slower)
 
 
+class _Read(Exception):
+    """Raised by the hook of activations()' last read: the forward stops there."""
+
+
 def _hook(fn):
     """A transformer-lens hook from an edit function fn(activation) -> activation."""
     return lambda act, hook: fn(act)
@@ -114,6 +118,27 @@ class HookedEngine(Engine):
             rows = torch.arange(len(tokens), device=logits.device)
             logits = logits[rows, torch.as_tensor(positions, device=logits.device)]
         return logits, acts
+
+    def activations(self, tokens, read: Sequence[str], edits: Sequence[Edit] = ()) -> dict:
+        """The hook that reads the last site asked for ends the forward (an exception caught here): nothing after
+        it runs. (transformer-lens's stop_at_layer stops only between blocks, and the bridge's never before the
+        final norm and unembedding.)"""
+        self.require(list(read) + [site for site, _ in edits])
+        acts, wanted = {}, set(read)
+
+        def keep(site):
+            def hook(act, hook):
+                acts[site] = act.detach()
+                if len(acts) == len(wanted):
+                    raise _Read
+            return hook
+
+        if wanted:
+            try:
+                self._forward(tokens, (), self._hooks(edits) + [(site, keep(site)) for site in wanted])
+            except _Read:
+                pass
+        return acts
 
     def run_with_grads(self, tokens, metric: Metric, read: Sequence[str], edits: Sequence[Edit] = ()):
         self.require(list(read) + [site for site, _ in edits])

@@ -68,7 +68,7 @@ def effective_embedding(model, layer: int, batch_size: int = 512) -> torch.Tenso
     for start in range(0, len(tokens), batch_size):
         ids = tokens[start:start + batch_size]
         batch = torch.stack([torch.full_like(ids, engine.bos_token_id), ids], dim=1)
-        _, acts = engine.run(batch, read=[site])
+        acts = engine.activations(batch, [site])
         out[ids] = ln1(acts[site][:, 1:2])[:, 0].float()
     return out
 

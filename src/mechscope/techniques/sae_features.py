@@ -200,7 +200,7 @@ def final_scale(engine, rows: torch.Tensor, n_rows: int = 64) -> float:
         return 1.0
     last = f"blocks.{engine.cfg.n_layers - 1}.hook_resid_post"
     tokens = rows[:n_rows].to(engine.cfg.device)
-    resid = engine.run(tokens, read=[last])[1][last].float()
+    resid = engine.activations(tokens, [last])[last].float()
     keep = ~saes.special_mask(engine, tokens)
     return float(norm.scale(resid)[..., 0][keep].mean())
 
