@@ -231,3 +231,19 @@ def test_effective_embedding_never_computes_logits(toy_on, logit_calls, monkeypa
     assert calls == []
     _full_run(toy_on, monkeypatch)
     assert torch.equal(fast, circuits.effective_embedding(toy_on, 1, batch_size=128))
+
+
+# ---------------------------------------------------------------------------------- 5. circuits: no grad
+def test_circuit_tables_build_no_autograd_graph(toy_model):
+    """The OV / QK circuits, their full matrices and the tables built from them: no tensor requires grad (before:
+    ov_circuit and qk_circuit ran with grad mode on over the model's parameters, so every product recorded a graph
+    and full_matrix kept it)."""
+    from mechscope.techniques import circuits
+
+    assert toy_model.W_E.requires_grad and torch.is_grad_enabled()      # the situation the fix is for
+    for embedding in (None, circuits.effective_embedding(toy_model, 1)):
+        for circuit in (circuits.ov_circuit(toy_model, 1, 2, embedding), circuits.qk_circuit(toy_model, 1, 2, embedding),
+                        circuits.ov_circuit(toy_model, 1, None, embedding)):
+            assert not circuit.A.requires_grad and not circuit.B.requires_grad
+            assert circuit.A.grad_fn is None and circuit.B.grad_fn is None
+        assert not circuits.full_matrix(circuits.ov_circuit(toy_model, 0, 1, embedding), 1e9).requires_grad
