@@ -247,3 +247,55 @@ def test_circuit_tables_build_no_autograd_graph(toy_model):
             assert not circuit.A.requires_grad and not circuit.B.requires_grad
             assert circuit.A.grad_fn is None and circuit.B.grad_fn is None
         assert not circuits.full_matrix(circuits.ov_circuit(toy_model, 0, 1, embedding), 1e9).requires_grad
+
+
+# ------------------------------------------------------------------------- 6. bridge KV cache in bfloat16
+def _generate_logits(engine, cached):
+    tokens = torch.full((1, 3), engine.bos_token_id)
+    out = engine.model.generate(tokens, max_new_tokens=3, do_sample=False, stop_at_eos=False, use_past_kv_cache=cached,
+                                verbose=False, output_logits=True)
+    return out, torch.stack(out.logits).float()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bridge_takes_a_kv_cache_that_agrees_within_half_precision_rounding(dtype, monkeypatch):
+    """A working cache in half precision differs from uncached generation by rounding, at most by what the dtype's
+    own arithmetic does: here the cached run's stand-in is float32's (exact) logits rounded to the dtype, the
+    uncached one the model run in it (the same toy weights on transformer-lens). The bridge's check takes that cache
+    and refuses a wrong one. Before: a float32 tolerance (atol 1e-4), later allclose(atol 0.05, rtol 0.02), both below
+    bfloat16's rounding on the toy, so bfloat16 generation on the bridge always ran without its cache."""
+    from mechscope.engines.bridge import KV_CACHE_TOLERANCE
+    from mechscope.models import load_model
+
+    half = getattr(torch, dtype)
+    bridge = load_model("mechscope-toy", backend="bridge", device="cpu", dtype=dtype)
+    exact = load_model("mechscope-toy", backend="tl", device="cpu")
+    rounded = load_model("mechscope-toy", backend="tl", device="cpu", dtype=dtype)
+    assert bridge.cfg.dtype == rounded.cfg.dtype == half
+
+    def rounding_only(tokens, *, use_past_kv_cache, **kwargs):
+        if not use_past_kv_cache:
+            return rounded.model.generate(tokens, use_past_kv_cache=False, **kwargs)
+        out = exact.model.generate(tokens, use_past_kv_cache=True, **kwargs)
+        out.logits = tuple(x.to(half) for x in out.logits)
+        return out
+
+    (cached_out, cached), (uncached_out, uncached) = _generate_logits(exact, True), _generate_logits(rounded, False)
+    assert torch.equal(cached_out.sequences, uncached_out.sequences)     # the same greedy tokens
+    share = float((cached.to(half).float() - uncached).abs().max() / uncached.abs().max())
+    assert KV_CACHE_TOLERANCE[torch.float32] < share < KV_CACHE_TOLERANCE[half] / 2, share
+    if dtype == "bfloat16":                                              # (float16's rounding passed the old check)
+        assert not torch.allclose(cached.to(half).float(), uncached, atol=5e-2, rtol=2e-2)
+    monkeypatch.setattr(bridge.model, "generate", rounding_only)
+    bridge._kv_cache_exact = None
+    assert bridge.kv_cache_exact()
+
+    def wrong(tokens, *, use_past_kv_cache, **kwargs):                  # cached steps predict other tokens
+        out = rounding_only(tokens, use_past_kv_cache=use_past_kv_cache, **kwargs)
+        if use_past_kv_cache:
+            out.logits = out.logits[:1] + tuple(x.flip(-1) for x in out.logits[1:])
+        return out
+    monkeypatch.setattr(bridge.model, "generate", wrong)
+    bridge._kv_cache_exact = None
+    with pytest.warns(UserWarning, match="KV cache is wrong"):
+        assert not bridge.kv_cache_exact()
