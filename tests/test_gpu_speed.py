@@ -299,3 +299,48 @@ def test_bridge_takes_a_kv_cache_that_agrees_within_half_precision_rounding(dtyp
     bridge._kv_cache_exact = None
     with pytest.warns(UserWarning, match="KV cache is wrong"):
         assert not bridge.kv_cache_exact()
+
+
+# ------------------------------------------------------------------------ 7. one transfer per batch, not per row
+@pytest.fixture
+def reads(monkeypatch):
+    """How often a tensor is read into Python as a list or a float (on a GPU: each a wait for the device)."""
+    import collections
+
+    counts = collections.Counter()
+    for name in ("tolist", "__float__"):
+        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return counts
+
+
+def test_generations_come_to_python_once_per_batch(toy_engine, shipped_sae, reads):
+    """steering's and SAE steering's generated ids: one .tolist() per batch. Before: one per row (4 rows here; 16 in
+    the sweep: 4 jobs x 4 prompts). Their numbers are checked in test_steering.py and test_sae.py."""
+    from mechscope.techniques import sae_interventions as si
+    from mechscope.techniques import steering
+
+    rows = [toy_engine.to_tokens(p)[0] for p in ["i love this ! it", "i hate that ! it", "the food was bad and",
+                                                 "the film was good and"]]
+    assert len({len(r) for r in rows}) == 1                              # one length: one batch
+    si.steer_measure(toy_engine, "blocks.1.hook_resid_pre", rows, 4 * shipped_sae.W_dec[3].detach(),
+                     torch.tensor([5, 6]), max_new_tokens=4)
+    assert reads["tolist"] == 1, reads
+    reads.clear()
+    steering.steering_sweep(toy_engine, rows, 1, torch.randn(toy_engine.cfg.d_model), [0, 2], [5], [6],
+                            max_new_tokens=4, n_random=2)
+    assert reads["tolist"] == 1, reads
+
+
+def test_tuned_lens_training_reads_its_losses_once(toy_engine, reads):
+    """The loss of every step stays on the device and is read once, after the last step. Before: float(loss) at
+    every step. Deterministic training and the divergence checks: test_tuned_lens.py, test_hostile.py."""
+    from mechscope.techniques.tuned_lens import corpus_tokens, train_tuned_lens
+    from mechscope.toy.corpus import corpus_text
+
+    tokens = corpus_tokens(toy_engine, " ".join(corpus_text(40, seed=0)))
+    lens = train_tuned_lens(toy_engine, tokens, steps=12, batch_tokens=64)
+    assert len(lens.losses) == 12 and all(isinstance(x, float) for x in lens.losses)
+    assert reads["__float__"] == 0 and reads["tolist"] == 1, reads
