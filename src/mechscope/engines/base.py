@@ -7,6 +7,7 @@ nnsight on a Hugging Face module) and offers the same few things:
     engine.to_tokens(text)           [1, seq] ids, BOS prepended the way transformer-lens does it
     engine.has_site(name)            whether a site exists here, e.g. "blocks.1.attn.hook_z"
     engine.run(tokens, read=[...], edits=[...])     -> (logits [batch, seq, d_vocab], {site: activation})
+    engine.activations(tokens, read=[...], edits=[...])  -> {site: activation}: run's reads, no logits
     engine.run_with_grads(tokens, metric, read=[...]) -> (metric [batch], {site: act}, {site: d sum(metric)/d act})
     engine.generate(tokens, edits=[...], max_new_tokens=n)  greedy, edits applied at every step
     engine.W_O(layer), engine.W_U, engine.final_norm ...   weights in transformer-lens's shapes
@@ -185,6 +186,12 @@ class Engine:
         -> (logits, {site: activation} for `read`). logits: [batch, seq, d_vocab], or [batch, d_vocab] at
         `positions` ([batch] per-row indices) when given. Gradients flow where torch's grad mode is on."""
         raise NotImplementedError
+
+    def activations(self, tokens, read: Sequence[str], edits: Sequence[Edit] = ()) -> dict:
+        """{site: activation}: run(tokens, read, edits)'s reads, with the forward stopped once the last of them is
+        read (no later block, no final norm or unembedding): for techniques that would discard the logits. This
+        default runs the whole forward; every engine here stops early."""
+        return self.run(tokens, read, edits)[1]
 
     def run_from(self, layer: int, resid, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (),
                  positions=None):

@@ -17,6 +17,10 @@ from mechscope.engines.base import INPUT_KINDS, Edit, Engine, FinalNorm, ModelCo
 # head: slower)
 
 
+class _Read(Exception):
+    """Raised by the hook of activations()' last read: the forward stops there."""
+
+
 def _hook(fn):
     """A transformer-lens hook from an edit function fn(activation) -> activation."""
     return lambda act, hook: fn(act)
@@ -115,6 +119,27 @@ class HookedEngine(Engine):
             logits = logits[rows, torch.as_tensor(positions, device=logits.device)]
         return logits, acts
 
+    def activations(self, tokens, read: Sequence[str], edits: Sequence[Edit] = ()) -> dict:
+        """The hook that reads the last site asked for ends the forward (an exception caught here): nothing after
+        it runs. (transformer-lens's stop_at_layer stops only between blocks, and the bridge's never before the
+        final norm and unembedding.)"""
+        self.require(list(read) + [site for site, _ in edits])
+        acts, wanted = {}, set(read)
+
+        def keep(site):
+            def hook(act, hook):
+                acts[site] = act.detach()
+                if len(acts) == len(wanted):
+                    raise _Read
+            return hook
+
+        if wanted:
+            try:
+                self._forward(tokens, (), self._hooks(edits) + [(site, keep(site)) for site in wanted])
+            except _Read:
+                pass
+        return acts
+
     def run_with_grads(self, tokens, metric: Metric, read: Sequence[str], edits: Sequence[Edit] = ()):
         self.require(list(read) + [site for site, _ in edits])
         acts = {}
@@ -140,15 +165,15 @@ class HookedEngine(Engine):
             return self.model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False,
                                        use_past_kv_cache=use_kv_cache, verbose=False)
 
-    # ---------------------------------------------------------------- weights
+    # ---------------------------------------------------------------- weights (one layer: model.W_O stacks them all)
     def W_O(self, layer: int):
-        return self.model.W_O[layer]
+        return self.model.blocks[layer].attn.W_O
 
     def b_O(self, layer: int):
-        return self.model.b_O[layer]
+        return self.model.blocks[layer].attn.b_O
 
     def W_out(self, layer: int):
-        return self.model.W_out[layer]
+        return self.model.blocks[layer].mlp.W_out
 
     @property
     def W_U(self):

@@ -137,6 +137,17 @@ def _traced_run(model, tokens, steps, unembed, positions, remote, skip=None):
     return logits, acts
 
 
+def _traced_reads(model, tokens, steps, remote) -> dict:
+    """One trace stopped after its last step (nothing later runs: no unembedding) -> {site: activation}."""
+    import nnsight
+
+    with model.trace(tokens, **_remote_kwargs(remote)) as tracer:
+        acts = nnsight.save({})
+        _visit(model, steps, acts, len(tokens))
+        tracer.stop()
+    return acts
+
+
 def _traced_grads(model, tokens, steps, metric, read, remote, here):
     """One trace with a backward inside it -> (metric, acts list, grads list), all detached. The metric runs on
     `here` (its own tensors live there; the logits come from the last layer's device)."""
@@ -468,6 +479,15 @@ class NNsightEngine(Engine):
 
     def run(self, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (), positions=None):
         return self._run(tokens, self._plan(read, edits), positions)
+
+    def activations(self, tokens, read: Sequence[str], edits: Sequence[Edit] = ()) -> dict:
+        """The trace stops after the last step that reads (nnsight's tracer.stop())."""
+        steps = self._plan(read, edits)
+        reads = [i for i, step in enumerate(steps) if any(op.read for op in step.ops)]
+        if not reads:
+            return {}
+        acts = _traced_reads(self.model, self._tokens(tokens), steps[:reads[-1] + 1], self.remote)
+        return {site: self._here(act) for site, act in acts.items()}
 
     def run_from(self, layer: int, resid, tokens, read: Sequence[str] = (), edits: Sequence[Edit] = (),
                  positions=None):

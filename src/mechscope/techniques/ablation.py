@@ -171,7 +171,7 @@ def reference_values(model, reference, sites: set[str], method: str, donors: tor
     engine = as_engine(model)
     tokens, lengths = as_batch(engine, reference)
     with torch.no_grad():
-        _, acts = engine.run(tokens, read=sorted(sites))
+        acts = engine.activations(tokens, sorted(sites))
     mask = statistics_mask(lengths, tokens.shape[1], skip_bos).to(tokens.device)
     values = {}
     for site in sites:

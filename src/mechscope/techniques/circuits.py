@@ -68,11 +68,12 @@ def effective_embedding(model, layer: int, batch_size: int = 512) -> torch.Tenso
     for start in range(0, len(tokens), batch_size):
         ids = tokens[start:start + batch_size]
         batch = torch.stack([torch.full_like(ids, engine.bos_token_id), ids], dim=1)
-        _, acts = engine.run(batch, read=[site])
+        acts = engine.activations(batch, [site])
         out[ids] = ln1(acts[site][:, 1:2])[:, 0].float()
     return out
 
 
+@torch.no_grad()
 def ov_circuit(model, layer: int, head: int | None = None, embedding: torch.Tensor | None = None) -> FactoredMatrix:
     """Full OV circuit E W_V W_O W_U of one head [d_vocab, d_vocab], or of every head of `layer`
     [n_heads, d_vocab, d_vocab]; factored, float32. E = W_E unless `embedding` [d_vocab, d_model] is given."""
@@ -82,6 +83,7 @@ def ov_circuit(model, layer: int, head: int | None = None, embedding: torch.Tens
     return embed.float() @ _float(ov) @ model.W_U.float()
 
 
+@torch.no_grad()
 def qk_circuit(model, layer: int, head: int | None = None, embedding: torch.Tensor | None = None) -> FactoredMatrix:
     """Full QK circuit E W_Q W_K^T E^T (query token, key token) of one head [d_vocab, d_vocab], or of every
     head of `layer` [n_heads, d_vocab, d_vocab]; factored, float32. E = W_E unless `embedding` is given."""
@@ -146,6 +148,7 @@ def self_copy_fractions(circuit: FactoredMatrix, tokens: torch.Tensor, chunk: in
     return {"top1": float((ranks == 0).float().mean()), "top5": float((ranks < 5).float().mean())}
 
 
+@torch.no_grad()
 def full_matrix(circuit: FactoredMatrix, max_bytes: float) -> torch.Tensor:
     """The product A @ B of a factored circuit, refused (ValueError) when it would exceed `max_bytes` in float32."""
     size = 4 * torch.Size(circuit.shape).numel()

@@ -153,6 +153,12 @@ def _post_norm_gain(out: torch.Tensor, pre: torch.Tensor, dtype=torch.float32) -
     return torch.where(pre != 0, out / pre, torch.zeros_like(pre))
 
 
+def _project(x: torch.Tensor, weight: torch.Tensor, equation: str) -> torch.Tensor:
+    """einsum(equation, x, weight) on the weight's device, in float32: x (float32, on the CPU: one row per prompt)
+    goes there and the small result comes back; one layer's weight is upcast there, never copied to the host."""
+    return torch.einsum(equation, x.to(weight.device), weight.float()).cpu()
+
+
 def _rows_per_forward(engine, seq: int, neurons: bool) -> int:
     """Rows per forward so that the activations read stay near 512 MB."""
     c = engine.cfg
@@ -226,7 +232,7 @@ def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
     post_norm = False
     for layer in range(cfg.n_layers):
         out = at(f"blocks.{layer}.hook_attn_out")
-        per_head = torch.einsum("bhk,hkd->bhd", at(f"blocks.{layer}.attn.hook_z"), engine.W_O(layer).float().cpu())
+        per_head = _project(at(f"blocks.{layer}.attn.hook_z"), engine.W_O(layer), "bhk,hkd->bhd")
         b_O = engine.b_O(layer).float().cpu()
         gain = _post_norm_gain(out, per_head.sum(1) + b_O, dtype)
         post_norm |= gain is not None
@@ -244,10 +250,10 @@ def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
         if site not in acts:
             neuron_parts.append(torch.zeros(batch, 0))
             continue
-        post, W_out = at(site), engine.W_out(layer).float().cpu()             # [batch, d_mlp], [d_mlp, d_model]
+        post, W_out = at(site), engine.W_out(layer)                         # [batch, d_mlp], [d_mlp, d_model]
         # post-norm models (detected at the attention) have no MLP bias: the gain is out / (post @ W_out)
-        neuron_read = read if not post_norm else read * _post_norm_gain(out, post @ W_out, dtype)
-        neuron_parts.append(post * (neuron_read @ W_out.T))
+        neuron_read = read if not post_norm else read * _post_norm_gain(out, _project(post, W_out, "bn,nd->bd"), dtype)
+        neuron_parts.append(post * _project(neuron_read, W_out, "bd,nd->bn"))
     embed = dot(at("blocks.0.hook_resid_pre")) - pos_embed
     return DLA(metric=metric, readout=dot(resid) + unembed_bias, embed=embed, pos_embed=pos_embed,
                attn=torch.stack(attn, 1), heads=torch.stack(heads, 1), attn_bias=torch.stack(attn_bias, 1),

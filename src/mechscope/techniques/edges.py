@@ -227,7 +227,7 @@ def evaluate(engine, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metri
     attn_only, n = engine.cfg.attn_only, len(clean)
     senders, receivers = _sender_sites(graph, attn_only), _receiver_sites(graph, attn_only)
     if corrupted_outputs is None:
-        _, c_acts = engine.run(corrupted, read=senders)
+        c_acts = engine.activations(corrupted, senders)
         corrupted_outputs = {s: _outputs(engine, s, c_acts[s]) for s in senders}
     r_slices = _receiver_slices(graph)
     adjacency = graph.adjacency().to(keep.device)

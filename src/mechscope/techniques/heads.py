@@ -110,7 +110,7 @@ def head_scores(model, n_sequences: int = 32, seq_len: int = 20, seed: int = 0, 
     engine.require(names, "head scores")
     per_seq, pattern_sum = [], 0.0
     for start in range(0, n_sequences, batch_size):
-        _, acts = engine.run(tokens[start:start + batch_size], read=names)
+        acts = engine.activations(tokens[start:start + batch_size], names)
         patterns = torch.stack([acts[name].float().cpu() for name in names])   # [L, b, H, S, S]
         per_seq.append(per_sequence_scores(patterns, seq_len))
         pattern_sum = pattern_sum + patterns.sum(1)
@@ -125,7 +125,7 @@ def attention_patterns(model, tokens: torch.Tensor, heads: list[tuple[int, int]]
     """Attention of the given (layer, head)s on one prompt. tokens: [1, seq] -> [n_heads, seq (dest), seq (src)]."""
     engine = _engine(model)
     layers = sorted({layer for layer, _ in heads})
-    _, acts = engine.run(tokens, read=[f"blocks.{layer}.attn.hook_pattern" for layer in layers])
+    acts = engine.activations(tokens, [f"blocks.{layer}.attn.hook_pattern" for layer in layers])
     return torch.stack([acts[f"blocks.{layer}.attn.hook_pattern"][0, head] for layer, head in heads]).float().cpu()
 
 
@@ -143,7 +143,7 @@ def attention_readout(model, tokens: torch.Tensor, queries, keys: dict, batch_si
     out = []
     for start in range(0, len(tokens), batch_size):
         rows = slice(start, start + batch_size)
-        _, acts = engine.run(tokens[rows], read=names)
+        acts = engine.activations(tokens[rows], names)
         b = torch.arange(len(tokens[rows]))
         q, k = queries[rows], key_index[rows]
         per_layer = []

@@ -164,7 +164,7 @@ def path_patch(model, target_tokens: torch.Tensor, source_tokens: torch.Tensor, 
         if to_logits:
             logits, _ = engine.run(tokens, edits=edits)
         else:
-            _, inputs = engine.run(tokens, read=received, edits=edits)
+            inputs = engine.activations(tokens, received, edits)
 
             def patch_receivers(name):
                 mask = recv[:, "qkv".index(name[-1]), int(name.split(".")[1])].repeat_interleave(n, 0)

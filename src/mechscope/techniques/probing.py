@@ -85,7 +85,7 @@ def residuals_at(model, rows: list[torch.Tensor], positions: list[int], hook_nam
         batch = rows[start:start + batch_size]
         tokens = tasks.padded(engine, batch)[0].to(engine.cfg.device)
         pos = torch.tensor(positions[start:start + batch_size], device=tokens.device)
-        _, acts = engine.run(tokens, read=hook_names)
+        acts = engine.activations(tokens, hook_names)
         index = torch.arange(len(batch), device=tokens.device)
         out.append(torch.stack([acts[name][index, pos] for name in hook_names]).float().cpu())
     return torch.cat(out, dim=1)

@@ -196,7 +196,7 @@ def weight_processing(engine) -> dict[str, bool]:
     fold_ln = norm.kind is None or norm.weight is None
     tokens = torch.arange(min(engine.cfg.d_vocab, 16), device=engine.cfg.device)[None]
     if engine.has_site("hook_embed"):
-        embed = engine.run(tokens, read=["hook_embed"])[1]["hook_embed"].float()
+        embed = engine.activations(tokens, ["hook_embed"])["hook_embed"].float()
         centred = bool((embed.mean(-1).abs() <= 1e-5 * embed.pow(2).mean(-1).sqrt() + 1e-12).all())
     else:
         centred = False
@@ -405,19 +405,15 @@ def sae_input(sae, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def hook_activations(engine, sae, tokens: torch.Tensor) -> torch.Tensor:
-    """[batch, seq, d_in] (or per head, see sae_input) the activations the SAE reads. transformer-lens runs only the
-    blocks before the hook (resid_pre of block l: blocks 0..l-1)."""
-    hook = sae.cfg.metadata.hook_name
-    if engine.name == "tl":
-        from sae_lens.util import extract_layer_from_tlens_hook_name
+    """[batch, seq, d_in] (or per head, see sae_input) the activations the SAE reads. No engine runs past the hook's
+    block (engine.activations); transformer-lens runs only the blocks before it (resid_pre of block l: 0..l-1)."""
+    from mechscope.engines.base import layer_of
 
-        layer = extract_layer_from_tlens_hook_name(hook)
-        if hook == f"blocks.{layer}.hook_resid_pre":  # the residual the first `layer` blocks return
-            return engine.model(tokens, stop_at_layer=layer)
-        _, cache = engine.model.run_with_cache(tokens, names_filter=[hook],
-                                               stop_at_layer=None if layer is None else layer + 1)
-        return sae_input(sae, cache[hook])
-    return sae_input(sae, engine.run(tokens, read=[hook])[1][hook])
+    hook = sae.cfg.metadata.hook_name
+    layer = layer_of(hook)
+    if engine.name == "tl" and hook == f"blocks.{layer}.hook_resid_pre":  # what the first `layer` blocks return
+        return engine.model(tokens, stop_at_layer=layer)
+    return sae_input(sae, engine.activations(tokens, [hook])[hook])
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ active on and of prompts where it is among that prompt's top k, and the ranking'
 bootstrap resamples of the prompts (`stats.rank_stability`).
 
 Max-activating search (`max_activating`): token rows are run in batches; for each chosen feature the k
-largest activations are kept incrementally (one top-k over [kept + this batch] per batch), with the
+largest activations are kept incrementally (one top-k over [kept + this batch's own top k] per batch, on the
+activations' device: only the kept entries reach the CPU), with the
 count and sum of its activations (density, mean), and a uniform sample of its active positions (the
 active positions with the smallest random keys, kept the same way), from which `quantile_examples`
 draws examples in activation-quantile bands (0-25%, 25-50%, 50-75%, 75-100% of the feature's active
@@ -84,12 +85,16 @@ class SearchResult:
 
 def _keep_top(values: torch.Tensor, index: torch.Tensor, new_values: torch.Tensor, new_index: torch.Tensor,
               k: int, keys: torch.Tensor | None = None, new_keys: torch.Tensor | None = None):
-    """Merge [F, k] kept entries with [F, m] new ones, keeping the k largest by value (or by key)."""
-    all_values, all_index = torch.cat([values, new_values], 1), torch.cat([index, new_index], 1)
+    """Merge [F, k] kept entries with [F, m] new ones, keeping the k largest by value (or by key): the new ones'
+    own top k first, so that nothing [F, k + m] is built."""
+    by = new_values if keys is None else new_keys
+    best = by.topk(min(k, by.shape[1]), dim=1).indices
+    all_values = torch.cat([values, new_values.gather(1, best)], 1)
+    all_index = torch.cat([index, new_index.gather(1, best)], 1)
     if keys is None:
         best = all_values.topk(k, dim=1)
         return best.values, all_index.gather(1, best.indices)
-    all_keys = torch.cat([keys, new_keys], 1)
+    all_keys = torch.cat([keys, new_keys.gather(1, best)], 1)
     best = all_keys.topk(k, dim=1)
     return all_values.gather(1, best.indices), all_index.gather(1, best.indices), best.values
 
@@ -97,32 +102,36 @@ def _keep_top(values: torch.Tensor, index: torch.Tensor, new_values: torch.Tenso
 @torch.no_grad()
 def max_activating(engine, sae, rows: torch.Tensor, features: list[int] | None = None, k: int = 20,
                    n_sample: int = 256, batch_size: int = 64, seed: int = 0) -> SearchResult:
-    """The search over rows [n, seq] (see the module docstring); features=None searches all d_sae."""
+    """The search over rows [n, seq] (see the module docstring); features=None searches all d_sae. It runs where
+    the activations are (the sampling keys come from a generator there: the same sample for a seed on one
+    device); only the kept [F, k] and [F, n_sample] entries come to the CPU, at the end."""
     from mechscope.progress import progress
 
+    device = engine.cfg.device
     feats = torch.arange(sae.cfg.d_sae) if features is None else torch.tensor(features)
     n_f, seq = len(feats), rows.shape[1]
-    top_v, top_i = torch.zeros(n_f, k), torch.full((n_f, k), -1, dtype=torch.long)
-    smp_v, smp_i = torch.zeros(n_f, n_sample), torch.full((n_f, n_sample), -1, dtype=torch.long)
-    smp_k = torch.full((n_f, n_sample), -1.0)                     # sampling keys: active ones are in (0, 1]
-    count, total = torch.zeros(n_f), torch.zeros(n_f)
-    gen = torch.Generator().manual_seed(seed)
-    n_tokens = 0
+    top_v, top_i = torch.zeros(n_f, k, device=device), torch.full((n_f, k), -1, dtype=torch.long, device=device)
+    smp_v = torch.zeros(n_f, n_sample, device=device)
+    smp_i = torch.full((n_f, n_sample), -1, dtype=torch.long, device=device)
+    smp_k = torch.full((n_f, n_sample), -1.0, device=device)      # sampling keys: active ones are in (0, 1]
+    count, total = torch.zeros(n_f, device=device), torch.zeros(n_f, device=device)
+    gen = torch.Generator(device).manual_seed(seed)
+    n_tokens = torch.zeros((), dtype=torch.long, device=device)
     for start in progress(range(0, len(rows), batch_size), desc="max-activating"):
-        batch = rows[start:start + batch_size].to(engine.cfg.device)
-        f = saes.feature_acts(engine, sae, batch)[..., feats.to(batch.device)].float().cpu()   # [b, seq, F]
-        n_tokens += int((~saes.special_mask(engine, batch)).sum())
+        batch = rows[start:start + batch_size].to(device)
+        f = saes.feature_acts(engine, sae, batch)[..., feats.to(device)].float()   # [b, seq, F]
+        n_tokens += (~saes.special_mask(engine, batch)).sum()
         values = f.reshape(-1, n_f).T                             # [F, b * seq]
-        index = (torch.arange(values.shape[1]) + start * seq).expand(n_f, -1)
+        index = (torch.arange(values.shape[1], device=device) + start * seq).expand(n_f, -1)
         active = values > 0
         count += active.sum(1)
         total += values.sum(1)
         top_v, top_i = _keep_top(top_v, top_i, values, index, k)
-        keys = torch.where(active, 1 - torch.rand(values.shape, generator=gen), torch.tensor(-1.0))
+        keys = torch.where(active, 1 - torch.rand(values.shape, generator=gen, device=device), -1.0)
         smp_v, smp_i, smp_k = _keep_top(smp_v, smp_i, values, index, n_sample, smp_k, keys)
-    return SearchResult(features=feats.tolist(), top_values=top_v, top_index=top_i, count=count, total=total,
-                        sample_values=torch.where(smp_k > 0, smp_v, 0.0), sample_index=smp_i,
-                        n_tokens=n_tokens, seq_len=seq)
+    return SearchResult(features=feats.tolist(), top_values=top_v.cpu(), top_index=top_i.cpu(), count=count.cpu(),
+                        total=total.cpu(), sample_values=torch.where(smp_k > 0, smp_v, 0.0).cpu(),
+                        sample_index=smp_i.cpu(), n_tokens=int(n_tokens), seq_len=seq)
 
 
 def quantile_examples(result: SearchResult, j: int, per_band: int = 3, seed: int = 0) -> list[dict]:
@@ -191,7 +200,7 @@ def final_scale(engine, rows: torch.Tensor, n_rows: int = 64) -> float:
         return 1.0
     last = f"blocks.{engine.cfg.n_layers - 1}.hook_resid_post"
     tokens = rows[:n_rows].to(engine.cfg.device)
-    resid = engine.run(tokens, read=[last])[1][last].float()
+    resid = engine.activations(tokens, [last])[last].float()
     keep = ~saes.special_mask(engine, tokens)
     return float(norm.scale(resid)[..., 0][keep].mean())
 

@@ -145,8 +145,8 @@ def steer_measure(engine, hook: str, rows: list[torch.Tensor], vector: torch.Ten
         base = engine.run(out)[0]                                 # the unsteered model on the steered text
         loss = F.cross_entropy(base[:, length - 1:-1].transpose(1, 2).float(), generated, reduction="none")
         cost[idx] = ((loss * alive).sum(1) / alive.sum(1).clamp_min(1)).cpu()
-        for j, i in enumerate(idx):
-            new[i] = generated[j].tolist()
+        for i, ids in zip(idx, generated.tolist()):              # one transfer per batch, not one per row
+            new[i] = ids
     return share, mass, cost, new
 
 

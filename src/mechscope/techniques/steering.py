@@ -320,10 +320,11 @@ def steering_sweep(model, rows: list[torch.Tensor], layer: int, vector: torch.Te
             out = generate(engine, prompts[[i for _, i in chunk]], layer, job_vectors[[j for j, _ in chunk]],
                            max_new_tokens, from_position)[:, length:]
             c = word_counts(out, pos_ids, neg_ids, eos).float().cpu()
+            new = out.tolist()                                   # one transfer per batch, not one per row
             for k, (j, i) in enumerate(chunk):
                 counts[:, j, prompt_idx[i]] = c[:, k]
                 d, s = jobs[j]
-                ids = out[k].tolist()
+                ids = new[k]
                 ids = ids[:ids.index(eos)] if eos in ids else ids
                 for dd in (range(D) if strengths[s] == 0 else [d]):
                     generations[dd][s][prompt_idx[i]] = ids

@@ -104,6 +104,7 @@ def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 
     lens = TunedLens(labels=stack_labels(model)[:-1], weight=weight, bias=bias)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    losses = []                                              # on the device: read once, after the last step
     with torch.enable_grad():
         for _ in range(steps):
             idx = torch.randint(0, stream.shape[1], (batch_tokens,), generator=gen).to(stream.device)
@@ -117,10 +118,12 @@ def train_tuned_lens(model, tokens: torch.Tensor, steps: int = 300, lr: float = 
                 bias.grad += grads[1]
                 loss += part_loss.detach()
             optimizer.step()
-            lens.losses.append(float(loss))
-            if not math.isfinite(lens.losses[-1]):
-                raise BadInput(f"training diverged: the loss is {lens.losses[-1]} at step {len(lens.losses)}; "
-                               f"lower --lr (the default is 1e-2)")
+            losses.append(loss)
+    lens.losses = torch.stack(losses).tolist() if losses else []
+    diverged = [step for step, value in enumerate(lens.losses, 1) if not math.isfinite(value)]
+    if diverged:
+        raise BadInput(f"training diverged: the loss is {lens.losses[diverged[0] - 1]} at step {diverged[0]}; "
+                       f"lower --lr (the default is 1e-2)")
     last = lens.losses[-max(1, steps // 10):]  # the last tenth of the steps, against step 1 (the logit lens)
     if steps >= 10 and sum(last) / len(last) > lens.losses[0]:
         raise BadInput(f"training diverged: the loss rose from {lens.losses[0]:.4g} (step 1) to "
