@@ -708,6 +708,9 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
                        ) from None
     if device_map is None:
         hf = hf.to(device)
+    if next(iter((getattr(hf, "hf_device_map", None) or {"": None}).values())) == "disk":  # no device to run on
+        raise BadInput("--device-map put the embeddings on disk (--max-memory leaves them no room on a device): "
+                       "raise --max-memory")
     archs.arch_of(hf)  # BadInput before anything else for an architecture without a module map
     model = TransformersModel(hf.eval(), tokenizer=AutoTokenizer.from_pretrained(source, **cache_only))
     return NNsightEngine(model, model_name=name, quantization=quantization)
