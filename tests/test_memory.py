@@ -172,7 +172,7 @@ def test_no_float32_copy_of_the_whole_unembedding(toy_bf16, monkeypatch):
     whole = everything()   # the toy's vocabulary (306) is one chunk of VOCAB_CHUNK: the whole copy, as before
     FullCopySpy.shape_of_w_u, FullCopySpy.copies = tuple(engine.W_U.shape), []
     monkeypatch.setattr(HookedTransformer, "W_U", property(lambda m: m.unembed.W_U.detach().as_subclass(FullCopySpy)))
-    monkeypatch.setattr(base, "VOCAB_CHUNK", 64)
+    monkeypatch.setattr(base, "VOCAB_CHUNK", 64, raising=False)
     chunked = everything()
     assert FullCopySpy.copies == []
     assert chunked["processing"] == whole["processing"]
