@@ -415,7 +415,7 @@ def attribution_cost(model, clean, corrupted, repeats: int = 3):
     """Attribution patching (every default site) in forward-equivalents: its time over one plain forward's."""
     from mechscope.techniques import attribution_patching as atp
 
-    def metric(logits):
+    def metric(logits, prompts):
         return logits[:, -1, A] - logits[:, -1, B]
     t_forward, _ = timed_median(lambda: model(corrupted), repeats)
     t_atp, _ = timed_median(lambda: atp.attribution_patch(model, clean, corrupted, metric), repeats)

@@ -94,13 +94,13 @@ def reuse_engine(monkeypatch, engine) -> None:
     real = models.load_model
 
     def load_model(spec=models.BUNDLED, backend="auto", device="auto", dtype="auto", fold_ln=True,
-                   device_map=None, max_memory=None, quantization=None, remote=False):
+                   device_map=None, max_memory=None, quantization=None, remote=False, offload_folder=None):
         default = (spec in (models.BUNDLED, "toy") and backend in ("auto", "tl") and device in ("auto", "cpu")
                    and dtype in ("auto", "float32") and fold_ln and device_map is None and max_memory is None
-                   and quantization is None and not remote)
+                   and quantization is None and not remote and offload_folder is None)
         if default:
             return engine
         return real(spec, backend=backend, device=device, dtype=dtype, fold_ln=fold_ln, device_map=device_map,
-                    max_memory=max_memory, quantization=quantization, remote=remote)
+                    max_memory=max_memory, quantization=quantization, remote=remote, offload_folder=offload_folder)
 
     monkeypatch.setattr(models, "load_model", load_model)

@@ -63,7 +63,7 @@ def token_pair(seed: int = 0, batch: int = 2, seq: int = 6):
     return clean, corrupted
 
 
-def last_logit_diff(logits):
+def last_logit_diff(logits, prompts=None):
     return logits[:, -1, 3] - logits[:, -1, 7]
 
 
@@ -124,7 +124,7 @@ def ioi_agreement(toy_model):
     out = {"resid_pre": [], "attn_out": [], "mlp_out": [], "head_out": []}
     for _ in range(6):
         clean, corrupted, io, s = ioi_pair(toy_model, rng)
-        result = attribution_patch(toy_model, clean, corrupted, lambda logits: metrics.logit_diff(logits, io, s),
+        result = attribution_patch(toy_model, clean, corrupted, lambda logits, _: metrics.logit_diff(logits, io, s),
                                    sites=["resid", "attn_out", "mlp_out", "heads"])
         assert result.clean_metric > 0 > result.corrupted_metric  # the model does IOI on held-out prompts
         exact = exact_effects(toy_model, clean, corrupted, patching.logit_diff_metric(io, s), list(out))
@@ -209,7 +209,8 @@ def test_padded_prompt_set_equals_each_prompt_alone(toy_engine):
     assert len(set(batch.lengths.tolist())) > 1
     read = batch.lengths - 1
     together = attribution_patch(toy_engine, batch.clean, batch.corrupted,
-                                 lambda lg: metrics.logit_diff(lg, batch.answer, batch.wrong, pos=read),
+                                 lambda lg, rows: metrics.logit_diff(lg, batch.answer[rows], batch.wrong[rows],
+                                                                     pos=read[rows]),
                                  sites=["resid", "heads", "neurons"], lengths=batch.lengths)
     exact = exact_effects(toy_engine, batch.clean, batch.corrupted, patching.logit_diff_metric(batch.answer, batch.wrong),
                           ["resid_pre", "head_out"], lengths=batch.lengths, per_prompt=True)
@@ -217,7 +218,7 @@ def test_padded_prompt_set_equals_each_prompt_alone(toy_engine):
         n = int(batch.lengths[i])
         clean, corrupted = batch.clean[i:i + 1, :n], batch.corrupted[i:i + 1, :n]
         a, w = int(batch.answer[i]), int(batch.wrong[i])
-        alone = attribution_patch(toy_engine, clean, corrupted, lambda lg: metrics.logit_diff(lg, a, w),
+        alone = attribution_patch(toy_engine, clean, corrupted, lambda lg, _: metrics.logit_diff(lg, a, w),
                                   sites=["resid", "heads", "neurons"])
         for name, value in alone.per_prompt.items():
             got = together.per_prompt[name][i]

@@ -85,8 +85,8 @@ def test_attribution_patching_agrees(engines, task, other):
     ref, engine = engines["tl"], engines[other]
     clean, corrupted, lengths, answer, wrong = task
 
-    def metric(logits):
-        return metrics.logit_diff(logits, answer, wrong, pos=lengths - 1)
+    def metric(logits, rows):
+        return metrics.logit_diff(logits, answer[rows], wrong[rows], pos=(lengths - 1)[rows])
     a = atp.attribution_patch(ref, clean, corrupted, metric, sites=atp.SITES, lengths=lengths)
     b = atp.attribution_patch(engine, clean, corrupted, metric, sites=atp.SITES, lengths=lengths)
     assert set(a.per_prompt) == set(b.per_prompt) and a.per_prompt["head_out"].abs().max() > 0.05

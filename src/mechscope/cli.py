@@ -96,7 +96,7 @@ class Context:
             a = self.args
             self._engine = load_model(a.model, backend=a.backend, device=a.device, dtype=a.dtype,
                                       device_map=a.device_map, max_memory=parse_max_memory(a.max_memory),
-                                      quantization=a.quantization, remote=a.remote)
+                                      quantization=a.quantization, remote=a.remote, offload_folder=a.offload_folder)
         return self._engine
 
     @property
@@ -138,6 +138,9 @@ def add_engine_arguments(parser) -> None:
                         help="nnsight: run on NDIF (a hub model id; needs NDIF_API_KEY and the network)")
     parser.add_argument("--device-map", help="nnsight: Hugging Face device_map, e.g. auto (several GPUs, offload)")
     parser.add_argument("--max-memory", help="nnsight with --device-map: per-device limits, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    parser.add_argument("--offload-folder", metavar="DIR",
+                        help="nnsight with --device-map: where weights offloaded to disk are written when they cannot "
+                             "be read from the checkpoint's safetensors (.bin checkpoints, weights converted on load)")
     parser.add_argument("--quantization", choices=("8bit", "4bit"), help="nnsight: bitsandbytes 8- or 4-bit weights")
 
 

@@ -217,8 +217,10 @@ def _with_model_params(engine, spec: str):
 
 def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                fold_ln: bool = True, device_map: str | None = None, max_memory: dict | None = None,
-               quantization: str | None = None, remote: bool = False):
-    """An engine (mechscope.engines.Engine) for `spec` on `backend`; see the module docstring."""
+               quantization: str | None = None, remote: bool = False, offload_folder: str | None = None):
+    """An engine (mechscope.engines.Engine) for `spec` on `backend`; see the module docstring. offload_folder:
+    where accelerate writes the weights a device_map puts on "disk" when it cannot read them from the
+    checkpoint's safetensors (created if missing)."""
     import torch
 
     if backend not in ("auto",) + BACKENDS:
@@ -235,15 +237,18 @@ def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto",
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if backend == "auto":
         backend = auto_backend(spec, remote, device_map, quantization)
-    if backend != "nnsight" and (remote or device_map is not None or max_memory is not None or quantization):
-        raise BadInput(f"--remote, --device-map, --max-memory and --quantization need --backend nnsight "
-                       f"(not {backend})")
+    if backend != "nnsight" and (remote or device_map is not None or max_memory is not None or quantization
+                                 or offload_folder is not None):
+        raise BadInput(f"--remote, --device-map, --max-memory, --offload-folder and --quantization need --backend "
+                       f"nnsight (not {backend})")
     if device_map is not None and not re.fullmatch(r"auto|balanced|balanced_low_0|sequential|cpu|mps|cuda(:\d+)?",
                                                    device_map):
         raise BadInput(f"unknown --device-map {device_map!r}; use auto, balanced, balanced_low_0, sequential, "
                        f"cpu or cuda:N")
     if max_memory is not None and device_map is None:
         raise BadInput("--max-memory limits what --device-map places on each device: pass --device-map auto too")
+    if offload_folder is not None:
+        offload_folder = _offload_folder(offload_folder, device_map)
     grad, default_dtype = torch.is_grad_enabled(), torch.get_default_dtype()
     try:  # libraries toggle grad mode and default dtypes while loading: leave the caller's as they were
         if backend == "tl":
@@ -255,11 +260,31 @@ def load_model(spec: str = BUNDLED, backend: str = "auto", device: str = "auto",
         else:
             from mechscope.engines.nnsight import load_nnsight
             engine = load_nnsight(spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                  quantization=quantization, remote=remote)
+                                  quantization=quantization, remote=remote, offload_folder=offload_folder)
         return _with_model_params(engine, spec)
     finally:
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(default_dtype)
+
+
+def _offload_folder(folder: str, device_map) -> str:
+    """The --offload-folder as a writable directory (created if missing), or BadInput in one line."""
+    import os
+
+    if device_map is None:
+        raise BadInput("--offload-folder holds the weights --device-map puts on disk: pass --device-map auto too")
+    if not str(folder).strip():
+        raise BadInput("--offload-folder is empty: pass a directory")
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--offload-folder {folder} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot use --offload-folder {folder}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot use --offload-folder {folder}: not writable")
+    return str(path)
 
 
 def as_engine(model):

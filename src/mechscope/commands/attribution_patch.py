@@ -87,9 +87,11 @@ def run(ctx):
     prompt_set = prompt_pairs(args, engine)
     batch = patching.pair_batch(engine, prompt_set)
     read = batch.lengths - 1
-    result = atp.attribution_patch(engine, batch.clean, batch.corrupted,
-                                   lambda logits: metrics.logit_diff(logits, batch.answer, batch.wrong, pos=read),
-                                   sites=sites, atp_star=args.atp_star, lengths=batch.lengths)
+
+    def metric(logits, rows):  # rows: the prompts of a chunk
+        return metrics.logit_diff(logits, batch.answer[rows], batch.wrong[rows], pos=read[rows])
+    result = atp.attribution_patch(engine, batch.clean, batch.corrupted, metric, sites=sites,
+                                   atp_star=args.atp_star, lengths=batch.lengths)
     compare = args.compare_exact == "on" or (args.compare_exact == "auto"
                                              and engine.cfg.n_params <= EXACT_AUTO_MAX_PARAMS)
     exact_metric = patching.logit_diff_metric(batch.answer, batch.wrong)

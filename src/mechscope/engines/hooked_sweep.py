@@ -208,12 +208,16 @@ def _cheapest_groups(positions: list[int], rows_per_position: int, seq: int) -> 
     return min((_position_groups(positions, n) for n in range(1, MAX_GROUPS + 1)), key=cost)
 
 
-def default_batch_size(cfg, seq_len: int, dtype=None) -> int:
-    """Rows (patched prompt copies) per batched call that keep a block's activations near MEMORY_BUDGET.
-    cfg: any config with d_model, d_mlp, n_heads (transformer-lens or mechscope's ModelConfig)."""
+def row_bytes(cfg, seq_len: int, dtype=None) -> int:
+    """Bytes of one row's activations in one block (residual-width, MLP and attention-pattern tensors).
+    cfg: any config with d_model, d_mlp, n_heads, dtype (transformer-lens or mechscope's ModelConfig)."""
     per_row = seq_len * (4 * cfg.d_model + 2 * (cfg.d_mlp or 0) + 2 * cfg.n_heads * seq_len)
-    size = torch.tensor([], dtype=dtype or cfg.dtype).element_size()
-    return max(1, MEMORY_BUDGET // (per_row * size))
+    return per_row * torch.tensor([], dtype=dtype or cfg.dtype).element_size()
+
+
+def default_batch_size(cfg, seq_len: int, dtype=None) -> int:
+    """Rows (patched prompt copies) per batched call that keep a block's activations near MEMORY_BUDGET."""
+    return max(1, MEMORY_BUDGET // row_bytes(cfg, seq_len, dtype))
 
 
 # ---------------------------------------------------------------------------------------------- the packed path
@@ -286,16 +290,14 @@ class Cells:
         return pair // n_prompts, pair % n_prompts, pos
 
 
-def _block_weights(block):
-    """(w_qkv [(n_heads + 2 n_kv) d_head, d_model], b_qkv [...], w_o [d_model, n_heads d_head], b_o [d_model]) of
-    one block's attention, as F.linear weights (q, k, v heads stacked)."""
-    attn = block.attn
+def _qkv_weights(attn):
+    """(w_qkv [(n_heads + 2 n_kv) d_head, d_model], b_qkv [...]) of one block's attention, as F.linear weights (q, k,
+    v heads stacked): a copy, made when the block runs and freed after it (every block's copy held for a sweep:
+    3 x 4096^2 x 32 layers x 2 bytes = 3.2 GB on a 7B Llama in bfloat16)."""
     w_k, b_k = getattr(attn, "_W_K", attn.W_K), getattr(attn, "_b_K", attn.b_K)
     w_v, b_v = getattr(attn, "_W_V", attn.W_V), getattr(attn, "_b_V", attn.b_V)
     w_qkv = torch.cat([w.permute(0, 2, 1).reshape(-1, w.shape[1]) for w in (attn.W_Q, w_k, w_v)])
-    b_qkv = torch.cat([attn.b_Q.flatten(), b_k.flatten(), b_v.flatten()])
-    w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T.contiguous()
-    return w_qkv, b_qkv, w_o, attn.b_O
+    return w_qkv, torch.cat([attn.b_Q.flatten(), b_k.flatten(), b_v.flatten()])
 
 
 def _rotate(attn, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -374,10 +376,10 @@ def _mlp(block, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(mlp.b_out, act(torch.addmm(mlp.b_in, x, mlp.W_in)), mlp.W_out)
 
 
-def _attention_in(block, x: torch.Tensor, pos: torch.Tensor, weights):
+def _attention_in(block, x: torch.Tensor, pos: torch.Tensor):
     """Queries, keys, values [R, heads, d_head] of packed residual rows x [R, d_model] at positions pos [R]."""
     attn, cfg = block.attn, block.cfg
-    w_qkv, b_qkv, _, _ = weights
+    w_qkv, b_qkv = _qkv_weights(attn)
     qkv = torch.nn.functional.linear(_norm(block.ln1, x), w_qkv, b_qkv)
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     q, k, v = qkv.split([cfg.n_heads * cfg.d_head, n_kv * cfg.d_head, n_kv * cfg.d_head], -1)
@@ -387,12 +389,11 @@ def _attention_in(block, x: torch.Tensor, pos: torch.Tensor, weights):
     return q, k, v
 
 
-def _block_out(block, resid: torch.Tensor, z: torch.Tensor, weights) -> torch.Tensor:
+def _block_out(block, resid: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The block's output rows [R, d_model] from its input rows resid [R, d_model] and the heads' outputs
     z [R, n_heads, d_head] (attention output projection, the residual adds, the MLP)."""
-    cfg = block.cfg
-    _, _, w_o, b_o = weights
-    attn_out = torch.nn.functional.linear(z.flatten(1), w_o, b_o)
+    cfg, W_O = block.cfg, block.attn.W_O
+    attn_out = torch.addmm(block.attn.b_O, z.flatten(1), W_O.reshape(-1, W_O.shape[-1]))  # W_O as it is: no copy
     if cfg.use_normalization_before_and_after:
         attn_out = _norm(block.ln1_post, attn_out)
     if cfg.attn_only:
@@ -421,10 +422,10 @@ def _entry_rows(site: str, block: int, cells: Cells, rows, source: dict, target:
     return torch.where(patched[:, None], source[site.format(layer)][prompt, pos], resid), None
 
 
-def _run_packed(model, site: str, cells: Cells, source: dict, target: dict, read: torch.Tensor, weights: list,
+def _run_packed(model, site: str, cells: Cells, source: dict, target: dict, read: torch.Tensor,
                 score: Callable) -> torch.Tensor:
     """Run one chunk of cells (sorted by start) through the blocks as packed rows -> values [C, n_prompts].
-    source / target: the two runs' caches; read [n_prompts]: read positions; weights: _block_weights per block;
+    source / target: the two runs' caches; read [n_prompts]: read positions;
     score(final resid [C * n_prompts, d_model], prompt [C * n_prompts]) -> [C * n_prompts] values."""
     cfg = model.cfg
     n_layers, n_prompts, seq = cfg.n_layers, len(read), target["blocks.0.hook_resid_pre"].shape[1]
@@ -444,12 +445,12 @@ def _run_packed(model, site: str, cells: Cells, source: dict, target: dict, read
         if block == n_layers:
             break
         layer, attending = model.blocks[block], len(resid)
-        q, k, v = _attention_in(layer, resid, rows[2][:attending], weights[block])
+        q, k, v = _attention_in(layer, resid, rows[2][:attending])
         z = _attention(layer.attn, q, k, v, cells.pos[:sum(e <= attending for e in ends[1:])],
                        target[f"blocks.{block}.attn.{k_name}"], target[f"blocks.{block}.attn.hook_v"], n_prompts, seq)
         if new_z is not None:
             resid, z = torch.cat([resid, new_resid]), torch.cat([z, new_z])
-        resid = _block_out(layer, resid, z, weights[block])
+        resid = _block_out(layer, resid, z)
     first_row = torch.tensor(ends[:-1], device=read.device)[:, None]
     suffix = seq - cells.pos[:, None]
     read_row = first_row + torch.arange(n_prompts, device=read.device) * suffix \
@@ -593,7 +594,6 @@ def _sweep_packed(model, site, layers, n_heads, n_pos, first, by_position, sourc
     else:
         def score(resid, prompt):
             return metric(readout(resid).float(), prompt, clean_logits)
-    weights = [_block_weights(block) for block in model.blocks]
     cells, index = _packed_cells(site, layers, n_heads, n_pos, first, by_position, read.device)
     max_rows = packed_rows_budget(model.cfg, seq, target_cache["blocks.0.hook_resid_pre"].dtype)
     max_cells = max(1, batch_size // n_prompts) if batch_size else len(index)
@@ -602,6 +602,6 @@ def _sweep_packed(model, site, layers, n_heads, n_pos, first, by_position, sourc
                           desc=f"patching {site.format('*')}"):
         part = Cells(cells.start[chunk], cells.pos[chunk], None if cells.head is None else cells.head[chunk],
                      cells.only_pos)
-        values = _run_packed(model, site, part, source_cache, target_cache, read, weights, score)
+        values = _run_packed(model, site, part, source_cache, target_cache, read, score)
         after_read = part.pos[:, None] > read[None]   # the patch comes after the read position: the target's value
         flat[index[chunk]] = torch.where(after_read, flat[index[chunk]], values.to(out.dtype))

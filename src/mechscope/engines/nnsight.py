@@ -680,9 +680,10 @@ def _load_remote(spec: str) -> NNsightEngine:
 
 
 def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None, quantization=None,
-                 remote: bool = False) -> NNsightEngine:
+                 remote: bool = False, offload_folder: str | None = None) -> NNsightEngine:
     """An NNsightEngine for the bundled model (its Hugging Face export), a local directory or a hub id, loaded
-    with eager attention (so patterns exist). device_map / max_memory go to from_pretrained; quantization
+    with eager attention (so patterns exist). device_map / max_memory / offload_folder go to from_pretrained;
+    quantization
     "8bit" / "4bit" loads bitsandbytes weights; remote=True runs every trace on NDIF."""
     if remote:
         return _load_remote(spec)
@@ -713,12 +714,23 @@ def load_nnsight(spec: str, device: str, dtype, device_map=None, max_memory=None
         kwargs["device_map"] = device_map
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = offload_folder
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise _hub_error(spec, e, offline) from None
+    except ValueError as e:  # weights placed on disk that are not read from safetensors as they are
+        if "offload_folder" not in str(e) and "offload_dir" not in str(e):
+            raise
+        raise BadInput("this --device-map puts weights on disk that must be written out first (the checkpoint "
+                       "is not safetensors, or its weights are converted when loaded): pass --offload-folder DIR"
+                       ) from None
     if device_map is None:
         hf = hf.to(device)
+    if next(iter((getattr(hf, "hf_device_map", None) or {"": None}).values())) == "disk":  # no device to run on
+        raise BadInput("--device-map put the embeddings on disk (--max-memory leaves them no room on a device): "
+                       "raise --max-memory")
     archs.arch_of(hf)  # BadInput before anything else for an architecture without a module map
     model = TransformersModel(hf.eval(), tokenizer=AutoTokenizer.from_pretrained(source, **cache_only))
     return NNsightEngine(model, model_name=name, quantization=quantization)

@@ -18,7 +18,9 @@ recomputed exactly with the clean query (or key), and only the step from the pat
 
 Every engine: the two runs are engine.run (clean) and engine.run_with_grads (corrupted); per-prompt
 estimates are kept (`per_prompt`), so a prompt set gives intervals and per-prompt agreement with exact
-patching (`exact_effects(..., per_prompt=True)`).
+patching (`exact_effects(..., per_prompt=True)`). Prompts run in chunks whose forward + backward fit a memory
+budget (`prompts_per_chunk`); a prompt's estimates depend on its own row only (the metric's gradient is taken
+of its sum over prompts), so chunked and whole runs give the same numbers.
 
 Score names and shapes (the same as `transformer_lens.patching.get_act_patch_*`):
     resid_pre, attn_out, mlp_out      [n_layers, pos]
@@ -39,7 +41,8 @@ from mechscope.errors import BadInput
 SITES = ("resid", "attn_out", "mlp_out", "heads", "qkv", "neurons")
 DEFAULT_SITES = ("resid", "attn_out", "mlp_out", "heads", "neurons")
 BY_POSITION = ("resid_pre", "attn_out", "mlp_out", "head_out_by_pos", "head_q_by_pos", "head_k_by_pos", "head_v_by_pos")
-Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, d_vocab] -> [batch]
+# metric(logits [chunk, pos, d_vocab], prompts [chunk] the rows' indices in the prompt set, on the CPU) -> [chunk]
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -120,14 +123,23 @@ def _qk_star(engine, layer: int, clean: dict, corrupted: dict, grads: dict) -> d
             "head_k_by_pos": k_by_pos.transpose(1, 2), "head_k": k_all}
 
 
+def prompts_per_chunk(cfg, seq: int, dtype=None) -> int:
+    """Prompts per forward + backward that keep it near hooked_sweep.MEMORY_BUDGET: a prompt's activations in
+    every layer (hooked_sweep.row_bytes per layer) and their gradients; at least 1."""
+    from mechscope.engines.hooked_sweep import MEMORY_BUDGET, row_bytes
+
+    return max(1, MEMORY_BUDGET // (2 * cfg.n_layers * row_bytes(cfg, seq, dtype)))
+
+
 def attribution_patch(model, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, metric: Metric,
                       sites: Sequence[str] = DEFAULT_SITES, atp_star: bool = False,
-                      lengths: torch.Tensor | None = None) -> AttributionResult:
+                      lengths: torch.Tensor | None = None, chunk_prompts: int | None = None) -> AttributionResult:
     """AtP estimates of patching each clean activation into the corrupted run, for every cell of `sites`.
 
     model: an engine (or a HookedTransformer / TransformerBridge / nnsight model).
     clean_tokens, corrupted_tokens: [batch, pos] (same shape; right-padded rows give `lengths` [batch]);
-    metric: logits -> [batch]. One forward on clean, one forward + backward on corrupted
+    metric(logits, prompts) -> one value per row (see Metric). Per chunk of chunk_prompts prompts (default:
+    prompts_per_chunk, a memory budget): one forward on clean, one forward + backward on corrupted
     (engine.run_with_grads), reading only the needed sites.
     """
     from mechscope.models import as_engine
@@ -142,8 +154,30 @@ def attribution_patch(model, clean_tokens: torch.Tensor, corrupted_tokens: torch
     suffixes = _hook_suffixes(cfg, sites) + (["attn.hook_pattern"] if star else [])
     names = [f"blocks.{layer}.{s}" for layer in range(cfg.n_layers) for s in suffixes]
     engine.require(names, "attribution patching")
-    extra_clean, extra_corrupted = _star_extras(engine, clean_tokens, corrupted_tokens) if star else ({}, {})
+    chunk = chunk_prompts or prompts_per_chunk(cfg, seq)
+    parts = []
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(n, start + chunk))  # on the CPU: indexes tensors on any device
+        parts.append(_chunk_estimates(engine, clean_tokens[start:start + chunk], corrupted_tokens[start:start + chunk],
+                                      lambda logits, rows=rows: metric(logits, rows), sites, names, star))
+    per_prompt = {key: torch.cat([part[0][key] for part in parts]) for key in parts[0][0]}   # [n, layers, ...]
+    clean_values, corrupted_values = (torch.cat([part[i] for part in parts]) for i in (1, 2))
+    if lengths is not None:  # padding positions are no cells of that prompt
+        pad = torch.arange(seq)[None] >= lengths.cpu()[:, None]                              # [n, pos]
+        for key, value in per_prompt.items():
+            if key in BY_POSITION:
+                view = pad.view(n, 1, seq, *[1] * (value.ndim - 3))
+                per_prompt[key] = value.masked_fill(view, float("nan"))
+    scores = {key: value.nanmean(0) for key, value in per_prompt.items()}
+    return AttributionResult(scores=scores, per_prompt=per_prompt, clean=clean_values, corrupted=corrupted_values,
+                             atp_star=star, meta={"sites": list(sites), "n_prompts": n, "engine": engine.name})
 
+
+def _chunk_estimates(engine, clean_tokens, corrupted_tokens, metric, sites, names, star):
+    """AtP of one chunk of prompts [chunk, pos]; metric: logits -> [chunk].
+    -> ({name: [chunk, layers, ...]}, clean metric [chunk], corrupted metric [chunk]), float32 on the CPU."""
+    cfg = engine.cfg
+    extra_clean, extra_corrupted = _star_extras(engine, clean_tokens, corrupted_tokens) if star else ({}, {})
     with torch.no_grad():
         clean_logits, clean_acts = engine.run(clean_tokens, read=names)
         clean_values = metric(clean_logits).float()
@@ -177,17 +211,8 @@ def attribution_patch(model, clean_tokens: torch.Tensor, corrupted_tokens: torch
             found["neurons"] = ((clean_acts[name] - corrupted[name]) * grads[name]).float().sum(1)
         for key, value in found.items():
             per_layer.setdefault(key, []).append(value.detach())
-    per_prompt = {key: torch.stack(values, 1).cpu() for key, values in per_layer.items()}  # [n, layers, ...]
-    if lengths is not None:  # padding positions are no cells of that prompt
-        pad = torch.arange(seq)[None] >= lengths.cpu()[:, None]                              # [n, pos]
-        for key, value in per_prompt.items():
-            if key in BY_POSITION:
-                view = pad.view(n, 1, seq, *[1] * (value.ndim - 3))
-                per_prompt[key] = value.masked_fill(view, float("nan"))
-    scores = {key: value.nanmean(0) for key, value in per_prompt.items()}
-    return AttributionResult(scores=scores, per_prompt=per_prompt, clean=clean_values.cpu(),
-                             corrupted=corrupted_values.float().cpu(), atp_star=star,
-                             meta={"sites": list(sites), "n_prompts": n, "engine": engine.name})
+    per_prompt = {key: torch.stack(values, 1).cpu() for key, values in per_layer.items()}
+    return per_prompt, clean_values.cpu(), corrupted_values.float().cpu()
 
 
 # ------------------------------------------------------------------------------------------- exact patching

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import FactoredMatrix
 
+from mechscope.engines.base import unembed_float
+
 MODES = ("Q", "K", "V")
 
 
@@ -80,7 +82,8 @@ def ov_circuit(model, layer: int, head: int | None = None, embedding: torch.Tens
     model = weight_model(model)
     ov = model.OV[layer] if head is None else model.OV[layer, head]
     embed = model.W_E if embedding is None else embedding
-    return embed.float() @ _float(ov) @ model.W_U.float()
+    ov = embed.float() @ _float(ov)                                    # (E A) B, A' [.., d_vocab, d_head]
+    return FactoredMatrix(ov.A, unembed_float(ov.B, model.W_U))         # B W_U: no float32 copy of the whole W_U
 
 
 @torch.no_grad()

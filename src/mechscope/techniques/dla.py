@@ -38,6 +38,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from mechscope.engines.base import vocab_mean
+
 
 @dataclass
 class DLA:
@@ -213,7 +215,7 @@ def _dla(engine, tokens, answer, wrong, positions, edits, neurons) -> DLA:
         unembed_bias = unembed_bias - b_U[wrong]
         metric = metric - logits[rows.to(logits.device), wrong.to(logits.device)].cpu()
     else:  # the centred logit: the same on every engine
-        direction = direction - W_U.float().mean(1).cpu()
+        direction = direction - vocab_mean(W_U).cpu()  # no float32 copy of the whole W_U
         unembed_bias = unembed_bias - b_U.mean()
         metric = metric - logits.mean(-1).cpu()
 

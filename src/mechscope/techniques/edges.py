@@ -170,10 +170,21 @@ class EdgeScores:
         return (self.eap if method == "eap" else self.eap_ig).mean(0)
 
 
+def steps_per_chunk(cfg, n_prompts: int, seq: int, n_receivers: int) -> int:
+    """EAP-IG steps per forward + backward (n_prompts rows each) that keep it near hooked_sweep.MEMORY_BUDGET: a
+    row's activations and their gradients in every layer, and its receiver gradients [seq, n_receivers, d_model]
+    in float32; at least 1."""
+    from mechscope.engines.hooked_sweep import MEMORY_BUDGET, row_bytes
+
+    per_row = 2 * cfg.n_layers * row_bytes(cfg, seq) + seq * n_receivers * cfg.d_model * 4
+    return max(1, MEMORY_BUDGET // (n_prompts * per_row))
+
+
 def edge_scores(engine, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric, steps: int = 5,
-                graph: Graph | None = None) -> EdgeScores:
-    """EAP and EAP-IG scores of every edge from one corrupted forward and one batched forward + backward of
-    steps x n_prompts rows. clean, corrupted: [n, pos] token ids (same shape)."""
+                graph: Graph | None = None, chunk_steps: int | None = None) -> EdgeScores:
+    """EAP and EAP-IG scores of every edge from one corrupted forward and a batched forward + backward of
+    steps x n_prompts rows, chunk_steps steps at a time (default: steps_per_chunk, a memory budget; each row's
+    gradient is its own, so the chunks give the same scores). clean, corrupted: [n, pos] token ids (same shape)."""
     if steps < 1:
         raise BadInput("--steps must be at least 1")
     graph = graph or build_graph(engine.cfg)
@@ -186,29 +197,40 @@ def edge_scores(engine, clean: torch.Tensor, corrupted: torch.Tensor, metric: Me
     corrupted_outputs = {s: _outputs(engine, s, c_acts[s]).detach() for s in senders}
     alphas = torch.arange(1, steps + 1, device=clean.device, dtype=torch.float32) / steps   # [steps]
     base = c_acts["hook_embed"]
-
-    def interpolate(embed):  # rows k * n + j: step k of prompt j
-        a = alphas.repeat_interleave(n).to(embed.dtype)[:, None, None]
-        start = base.repeat(steps, 1, 1).to(embed.dtype)
-        return start + a * (embed - start)
-    value, acts, grads = engine.run_with_grads(clean.repeat(steps, 1), metric, read=senders + receivers,
-                                               edits=[("hook_embed", interpolate)])
-    clean_value = value.float().view(steps, n)[-1]
-    delta = clean.new_zeros(n, clean.shape[1], len(graph.senders), engine.cfg.d_model, dtype=torch.float32)
-    for site, where in _sender_slices(graph).items():
-        last = acts[site].view(steps, n, *acts[site].shape[1:])[-1]                           # the clean run
-        delta[:, :, where] = (corrupted_outputs[site] - _outputs(engine, site, last)).float()
-    grad = delta.new_zeros(steps * n, clean.shape[1], len(graph.receivers), engine.cfg.d_model)
-    for site, where in _receiver_slices(graph).items():
-        grad[:, :, where] = _as_heads(grads[site], site).float()
-    grad = grad.view(steps, n, *grad.shape[1:])                                              # [steps, n, pos, R, d]
-    s_idx = torch.tensor([s for s, _ in graph.edges], device=delta.device)
-    r_idx = torch.tensor([r for _, r in graph.edges], device=delta.device)
+    per_call = chunk_steps or steps_per_chunk(engine.cfg, n, clean.shape[1], len(graph.receivers))
+    s_idx = torch.tensor([s for s, _ in graph.edges], device=clean.device)
+    r_idx = torch.tensor([r for _, r in graph.edges], device=clean.device)
 
     def score(g):  # g [n, pos, R, d] -> [n, n_edges]
-        full = torch.einsum("npsd,nprd->nsr", delta.float(), g)
+        full = torch.einsum("npsd,nprd->nsr", delta, g)
         return full[:, s_idx, r_idx].cpu()
-    return EdgeScores(graph, eap=score(grad[-1]), eap_ig=score(grad.mean(0)), clean=clean_value.cpu(),
+
+    eap, eap_ig = None, 0
+    for end in range(steps, 0, -per_call):   # the last step (alpha = 1, the clean run) first: it gives delta
+        chunk = alphas[max(0, end - per_call):end]
+        k = len(chunk)
+
+        def interpolate(embed, chunk=chunk):  # rows i * n + j: step i of the chunk, prompt j
+            a = chunk.repeat_interleave(n).to(embed.dtype)[:, None, None]
+            start = base.repeat(len(chunk), 1, 1).to(embed.dtype)
+            return start + a * (embed - start)
+        value, acts, grads = engine.run_with_grads(clean.repeat(k, 1), metric,
+                                                   read=(senders if eap is None else []) + receivers,
+                                                   edits=[("hook_embed", interpolate)])
+        if eap is None:
+            clean_value = value.float().view(k, n)[-1]
+            delta = clean.new_zeros(n, clean.shape[1], len(graph.senders), engine.cfg.d_model, dtype=torch.float32)
+            for site, where in _sender_slices(graph).items():
+                last = acts[site].view(k, n, *acts[site].shape[1:])[-1]                           # the clean run
+                delta[:, :, where] = (corrupted_outputs[site] - _outputs(engine, site, last)).float()
+        grad = delta.new_zeros(k * n, clean.shape[1], len(graph.receivers), engine.cfg.d_model)
+        for site, where in _receiver_slices(graph).items():
+            grad[:, :, where] = _as_heads(grads[site], site).float()
+        grad = grad.view(k, n, *grad.shape[1:])                                               # [k, n, pos, R, d]
+        if eap is None:
+            eap = score(grad[-1])
+        eap_ig = eap_ig + score(grad.sum(0))
+    return EdgeScores(graph, eap=eap, eap_ig=eap_ig / steps, clean=clean_value.cpu(),
                       corrupted=corrupted_value.cpu(), steps=steps, corrupted_outputs=corrupted_outputs)
 
 

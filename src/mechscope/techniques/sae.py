@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mechscope.engines.base import vocab_mean
 from mechscope.errors import BadInput
 
 SHIPPED_RELEASE = "mechscope-toy"
@@ -200,8 +201,8 @@ def weight_processing(engine) -> dict[str, bool]:
         centred = bool((embed.mean(-1).abs() <= 1e-5 * embed.pow(2).mean(-1).sqrt() + 1e-12).all())
     else:
         centred = False
-    W_U = engine.W_U.float()
-    center_unembed = bool((W_U.mean(-1).abs() <= 1e-5 * W_U.pow(2).mean(-1).sqrt() + 1e-12).all())
+    W_U = engine.W_U  # its moments in float32 a vocabulary chunk at a time (no float32 copy of the whole W_U)
+    center_unembed = bool((vocab_mean(W_U).abs() <= 1e-5 * vocab_mean(W_U, squared=True).sqrt() + 1e-12).all())
     b_V = getattr(engine.model, "b_V", None)
     fold_value_biases = bool((b_V == 0).all()) if isinstance(b_V, torch.Tensor) else fold_ln
     return {"fold_ln": bool(fold_ln), "center_writing_weights": centred, "center_unembed": center_unembed,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mechscope.engines.base import unembed_float
 from mechscope.techniques import sae as saes
 
 BANDS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
@@ -215,7 +216,7 @@ def logit_effects(engine, sae, features: list[int], scale: float) -> torch.Tenso
     d = d / scale
     if norm.weight is not None:
         d = d * norm.weight.float()
-    return d @ engine.W_U.float()
+    return unembed_float(d, engine.W_U)  # no float32 copy of the whole W_U
 
 
 def top_tokens(engine, effects: torch.Tensor, n: int = 8) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
