@@ -249,6 +249,25 @@ def test_circuit_tables_build_no_autograd_graph(toy_model):
         assert not circuits.full_matrix(circuits.ov_circuit(toy_model, 0, 1, embedding), 1e9).requires_grad
 
 
+def test_circuits_read_one_layers_weights(toy_model, monkeypatch):
+    """transformer-lens' model.OV / model.QK stack every layer's W_V, W_O (W_Q, W_K) on each call: O(L^2) over
+    the copying scores of every layer. The circuits now read the one layer's attention; same values."""
+    from transformer_lens import HookedTransformer
+
+    from mechscope.techniques import circuits
+
+    expected = {(which, layer): getattr(toy_model, which)[layer].AB for which in ("OV", "QK")
+                for layer in range(toy_model.cfg.n_layers)}
+    for which in ("W_Q", "W_K", "W_V", "W_O"):
+        monkeypatch.setattr(HookedTransformer, which, property(lambda self, w=which: pytest.fail(f"stacked {w}")))
+    for layer in range(toy_model.cfg.n_layers):
+        ov, qk = circuits._layer_circuit(toy_model, layer, "OV"), circuits._layer_circuit(toy_model, layer, "QK")
+        torch.testing.assert_close(ov.AB, expected["OV", layer])
+        torch.testing.assert_close(qk.AB, expected["QK", layer])
+    circuits.ov_circuit(toy_model, 2, 1)
+    circuits.qk_circuit(toy_model, 2, None)
+
+
 # ------------------------------------------------------------------------- 6. bridge KV cache in bfloat16
 def _generate_logits(engine, cached):
     tokens = torch.full((1, 3), engine.bos_token_id)

@@ -59,6 +59,19 @@ def test_attribution_patching_gives_the_same_numbers_chunked_and_not(toy_engine,
                                equal_nan=True)
 
 
+def test_a_one_argument_metric_still_works_unchunked(toy_engine, ioi_batch):
+    """metric(logits), the signature before chunking, keeps working: it sees the whole prompt set in one
+    forward + backward and gives the numbers of the two-argument form."""
+    b = ioi_batch
+    two = _metric(b)
+    whole = atp.attribution_patch(toy_engine, b.clean, b.corrupted, two, sites=["resid", "heads"], lengths=b.lengths)
+    everyone = torch.arange(len(b.clean))
+    one = atp.attribution_patch(toy_engine, b.clean, b.corrupted, lambda logits: two(logits, everyone),
+                                sites=["resid", "heads"], lengths=b.lengths, chunk_prompts=3)
+    for name, value in whole.per_prompt.items():
+        torch.testing.assert_close(one.per_prompt[name], value, atol=1e-5, rtol=1e-5, equal_nan=True, msg=name)
+
+
 def test_attribution_patching_chunks_a_7b_prompt_set():
     """The budget chunks where it matters: a 7B Llama shape's 32 prompts of 20 tokens in float32 do not fit one
     backward (prompts of the toy do)."""

@@ -123,6 +123,20 @@ def _qk_star(engine, layer: int, clean: dict, corrupted: dict, grads: dict) -> d
             "head_k_by_pos": k_by_pos.transpose(1, 2), "head_k": k_all}
 
 
+def _positional_args(fn) -> int:
+    """How many positional arguments fn takes (2 for *args; 2 when it cannot be inspected)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return 2
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+
+
 def prompts_per_chunk(cfg, seq: int, dtype=None) -> int:
     """Prompts per forward + backward that keep it near hooked_sweep.MEMORY_BUDGET: a prompt's activations in
     every layer (hooked_sweep.row_bytes per layer) and their gradients; at least 1."""
@@ -138,7 +152,8 @@ def attribution_patch(model, clean_tokens: torch.Tensor, corrupted_tokens: torch
 
     model: an engine (or a HookedTransformer / TransformerBridge / nnsight model).
     clean_tokens, corrupted_tokens: [batch, pos] (same shape; right-padded rows give `lengths` [batch]);
-    metric(logits, prompts) -> one value per row (see Metric). Per chunk of chunk_prompts prompts (default:
+    metric(logits, prompts) -> one value per row (see Metric); a one-argument metric(logits) still works and
+    sees every prompt in one forward (no chunking). Per chunk of chunk_prompts prompts (default:
     prompts_per_chunk, a memory budget): one forward on clean, one forward + backward on corrupted
     (engine.run_with_grads), reading only the needed sites.
     """
@@ -155,6 +170,9 @@ def attribution_patch(model, clean_tokens: torch.Tensor, corrupted_tokens: torch
     names = [f"blocks.{layer}.{s}" for layer in range(cfg.n_layers) for s in suffixes]
     engine.require(names, "attribution patching")
     chunk = chunk_prompts or prompts_per_chunk(cfg, seq)
+    if _positional_args(metric) < 2:  # metric(logits) as before chunking: it sees the whole prompt set at once
+        chunk, whole = n, metric
+        metric = lambda logits, rows: whole(logits)  # noqa: E731
     parts = []
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(n, start + chunk))  # on the CPU: indexes tensors on any device

@@ -51,6 +51,15 @@ def weight_model(model):
     return engine.model
 
 
+def _layer_circuit(model, layer: int, which: str) -> FactoredMatrix:
+    """model.OV[layer] / model.QK[layer] ([n_heads, d_model, d_model], factored) from that layer's weights
+    alone: transformer-lens' model-level property stacks every layer's weights on each call."""
+    from transformer_lens.components import AbstractAttention
+
+    attn = model.blocks[layer].attn
+    return getattr(attn, which) if isinstance(attn, AbstractAttention) else getattr(model, which)[layer]
+
+
 def _float(fm: FactoredMatrix) -> FactoredMatrix:
     return FactoredMatrix(fm.A.float(), fm.B.float())
 
@@ -80,7 +89,8 @@ def ov_circuit(model, layer: int, head: int | None = None, embedding: torch.Tens
     """Full OV circuit E W_V W_O W_U of one head [d_vocab, d_vocab], or of every head of `layer`
     [n_heads, d_vocab, d_vocab]; factored, float32. E = W_E unless `embedding` [d_vocab, d_model] is given."""
     model = weight_model(model)
-    ov = model.OV[layer] if head is None else model.OV[layer, head]
+    ov = _layer_circuit(model, layer, "OV")
+    ov = ov if head is None else ov[head]
     embed = model.W_E if embedding is None else embedding
     ov = embed.float() @ _float(ov)                                    # (E A) B, A' [.., d_vocab, d_head]
     return FactoredMatrix(ov.A, unembed_float(ov.B, model.W_U))         # B W_U: no float32 copy of the whole W_U
@@ -91,7 +101,8 @@ def qk_circuit(model, layer: int, head: int | None = None, embedding: torch.Tens
     """Full QK circuit E W_Q W_K^T E^T (query token, key token) of one head [d_vocab, d_vocab], or of every
     head of `layer` [n_heads, d_vocab, d_vocab]; factored, float32. E = W_E unless `embedding` is given."""
     model = weight_model(model)
-    qk = model.QK[layer] if head is None else model.QK[layer, head]
+    qk = _layer_circuit(model, layer, "QK")
+    qk = qk if head is None else qk[head]
     embed = (model.W_E if embedding is None else embedding).float()
     return embed @ _float(qk) @ embed.T
 
