@@ -186,6 +186,7 @@ def test_cli_attribution_patch(tmp_path, capsys):
     (["--clean", "The capital of France is", "--corrupted", "The capital of the big France is",
       "--answer", "paris", "--wrong", "rome"], "same number of tokens"),
     (["--top-k", "0"], "--top-k"),
+    (["--stability-k", "0"], "--stability-k"),
     (["--answer", "zzzzqqq"], "single token"),
     (["--task", "facts", "--n", "0"], "--n must be at least 1"),
     (["--task", "ioi", "--pairs", "p.jsonl"], "pass one of --task"),
@@ -245,3 +246,32 @@ def test_cli_prompt_set_agreement(backend, tmp_path, capsys):
         assert top["ci"][0] <= top["atp"] <= top["ci"][1]
     assert summary["grids"]["resid_pre"]["top"][0]["col"] == "END"
     assert summary["grids"]["head_out"]["top"][0]["row"] == "L0" and summary["grids"]["head_out"]["top"][0]["col"] == "H2"
+
+
+def test_cli_intervals_resample_templates(toy_engine, tmp_path, capsys):
+    """Issue 17: IOI prompts share templates, so the command's intervals and rank stability resample templates
+    (cluster bootstrap), as patch does; before, they resampled prompts. The top head's interval is the cluster
+    interval of its per-prompt estimates, and rank stability is reported for k = 1..--stability-k."""
+    from mechscope import stats
+    from mechscope.tasks import load_task
+
+    assert main(["attribution-patch", "--task", "ioi", "--n", "16", "--sites", "heads", "--stability-k", "2",
+                 "--out", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert 1 < summary["n_groups"] < summary["n_pairs"] == 16
+    grid = summary["grids"]["head_out"]
+    assert grid["stability"]["k"] <= 2 and len(grid["stability"]["set_frequency_by_k"]) == grid["stability"]["k"]
+    prompt_set = load_task(toy_engine, "ioi", n=16, seed=0)
+    batch = patching.pair_batch(toy_engine, prompt_set)
+    read = batch.lengths - 1
+    result = attribution_patch(toy_engine, batch.clean, batch.corrupted,
+                               lambda lg, rows: metrics.logit_diff(lg, batch.answer[rows], batch.wrong[rows],
+                                                                   pos=read[rows]), sites=["heads"],
+                               lengths=batch.lengths)
+    top = grid["top"][0]
+    layer, head = int(top["row"][1:]), int(top["col"][1:])
+    values = result.per_prompt["head_out"][:, layer, head][:, None]
+    _, low, high = stats.interval(values, seed=0, groups=prompt_set.groups)
+    _, naive_low, naive_high = stats.interval(values, seed=0)
+    assert top["ci"] == pytest.approx([float(low), float(high)], abs=1e-4)
+    assert (float(naive_low), float(naive_high)) != pytest.approx((float(low), float(high)), abs=1e-4)

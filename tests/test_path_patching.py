@@ -277,7 +277,7 @@ def test_cli_path_patch_logits(tmp_path, capsys):
 def test_cli_path_patch_prompt_set(tmp_path, capsys):
     """--task ioi: every head's path to the logits over 12 prompts; layer-0 heads 0.2 and 0.0 move the name
     (their effects negative on every prompt), with intervals and rank stability."""
-    assert main(["path-patch", "--task", "ioi", "--n", "12", "--receivers", "logits",
+    assert main(["path-patch", "--task", "ioi", "--n", "12", "--receivers", "logits", "--stability-k", "2",
                  "--out", str(tmp_path), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     summary = printed["summary"]
@@ -285,13 +285,15 @@ def test_cli_path_patch_prompt_set(tmp_path, capsys):
     assert {t["path"] for t in summary["top"][:2]} == {"L0H2", "L0H0"}
     for t in summary["top"][:2]:
         assert t["effect"] < 0 and t["ci"][1] < 0 and t["sign_share"] == 1.0
-    assert set(summary["stability"]["top_k"][:2]) == {"L0H2", "L0H0"}
+    assert set(summary["stability"]["top_k"]) == {"L0H2", "L0H0"}           # --stability-k 2: k = 1, 2
+    assert len(summary["stability"]["set_frequency_by_k"]) == 2
     run_dir = tmp_path / printed["run_dir"].split("/")[-1]
     assert len((run_dir / "per_prompt.csv").read_text().splitlines()) == 1 + 12 * 12
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--receivers", "2.1:x"], "components must be letters of qkv"),
+    (["--receivers", "logits", "--stability-k", "0"], "--stability-k"),
     (["--receivers", "7.1:k"], "out of range"),
     (["--receivers", "1.1:k", "--senders", "2.0"], "no sender is before"),
     (["--receivers", "logits", "--sweep", "receivers"], "--sweep receivers needs receiver heads"),

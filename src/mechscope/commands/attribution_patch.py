@@ -8,8 +8,8 @@ So by default on small models (--compare-exact auto) every grid is also patched 
 and the agreement is reported (Pearson r, top-k overlap) with a scatter plot; the top-k neurons are
 checked exactly in one batched forward. --atp-star recomputes attention patterns exactly for q / k patches
 (AtP*, Kramár et al. 2024; --backend tl). Over a prompt set (--task ioi|facts, --pairs FILE) the summary
-gives each top cell's mean estimate with a 95% bootstrap interval and sign share, the rank stability of the
-cells, and the agreement with exact patching both for the mean grid and per prompt (mean Pearson r with its
+gives each top cell's mean estimate with a 95% bootstrap interval (resampling templates where prompts share
+one) and sign share, the rank stability of the top 1..--stability-k cells, and the agreement with exact patching both for the mean grid and per prompt (mean Pearson r with its
 interval); prompts of different lengths are compared at named positions (IO, S1, S2, END, ...).
 
     mechscope attribution-patch                               # IOI example
@@ -38,6 +38,9 @@ def add_arguments(parser):
                         help="also patch exactly and report the agreement; auto = on for models up to "
                              f"{EXACT_AUTO_MAX_PARAMS:.0e} parameters (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=10, help="cells / neurons listed and compared (default: %(default)s)")
+    parser.add_argument("--stability-k", type=int, default=5,
+                        help="rank stability of the top 1..K cells (among those whose interval excludes 0) "
+                             "(default: %(default)s)")
 
 
 def _sites(spec: str) -> list[str]:
@@ -80,6 +83,8 @@ def run(ctx):
     args = ctx.args
     if args.top_k < 1:
         raise BadInput("--top-k must be at least 1")
+    if args.stability_k < 1:
+        raise BadInput("--stability-k must be at least 1")
     sites = _sites(args.sites)
     if args.atp_star and "qkv" not in sites:
         raise BadInput("--atp-star corrects the q / k estimates: it needs qkv in --sites (e.g. --sites all)")
@@ -87,6 +92,7 @@ def run(ctx):
     prompt_set = prompt_pairs(args, engine)
     batch = patching.pair_batch(engine, prompt_set)
     read = batch.lengths - 1
+    groups = prompt_set.groups  # the unit intervals and rank stability resample (a template; None: each prompt)
 
     def metric(logits, rows):  # rows: the prompts of a chunk
         return metrics.logit_diff(logits, batch.answer[rows], batch.wrong[rows], pos=read[rows])
@@ -103,7 +109,8 @@ def run(ctx):
         estimates, exact = _named(estimates, batch.positions), _named(exact, batch.positions)
 
     summary = {"metric": "logit diff (answer - wrong) at the last token", "engine": engine.name,
-               "n_pairs": len(batch.clean), "prompts": prompt_set.name,
+               "n_pairs": len(batch.clean), "n_groups": len(set(groups)) if groups else len(batch.clean),
+               "prompts": prompt_set.name,
                "columns": "named positions" if aligned else "token positions",
                "clean_metric": rounded(result.clean.mean()), "corrupted_metric": rounded(result.corrupted.mean()),
                "atp_star": result.atp_star, "compared_exact": compare, "grids": {}}
@@ -111,7 +118,7 @@ def run(ctx):
     for name, per_prompt in estimates.items():
         if name == "neurons":
             continue
-        mean, low, high = stats.interval(per_prompt, seed=args.seed)
+        mean, low, high = stats.interval(per_prompt, seed=args.seed, groups=groups)
         share = stats.sign_share(per_prompt)
         grid, rows, cols = _grid(name, mean, tokens)
         flat = {key: _grid(name, value, tokens)[0].flatten() for key, value in (("low", low), ("high", high),
@@ -122,19 +129,20 @@ def run(ctx):
         runs.write_csv(ctx.run_dir / f"{name}.csv", [[r] + [f"{v:.6g}" for v in row] for r, row in zip(rows, grid.tolist())],
                        header=[""] + cols)
         top = torch.nan_to_num(grid.abs(), nan=-1.0).flatten().topk(min(args.top_k, grid.numel())).indices.tolist()
-        stability = stats.rank_stability(per_prompt.reshape(len(per_prompt), -1), k=min(5, grid.numel()),
-                                         seed=args.seed)
+        stability = stats.rank_stability(per_prompt.reshape(len(per_prompt), -1), k=args.stability_k,
+                                         seed=args.seed, groups=groups)
         entry = {"shape": list(mean.shape), "plot": png.name,
                  "top": [{"row": rows[i // grid.shape[1]], "col": cols[i % grid.shape[1]],
                           "atp": rounded(grid.flatten()[i]), "ci": [rounded(flat["low"][i]), rounded(flat["high"][i])],
                           "sign_share": rounded(flat["share"][i], 3)} for i in top],
-                 "stability": {"top_k_set_frequency": stability["top_k_set_frequency"],
-                               "median_rank_correlation": stability["median_rank_correlation"]}}
+                 "stability": {key: stability[key] for key in ("k", "set_frequency_by_k", "top_k_set_frequency",
+                                                              "median_rank_correlation", "n_ranked")}}
         line = f"{name}: top " + ", ".join(f"{t['row']}/{t['col']} {number(t['atp'])}" for t in entry["top"][:3])
         if name in exact:
             exact_mean = exact[name].nanmean(0)
             entry["agreement"] = atp.agreement(mean, exact_mean, args.top_k)
-            entry["agreement_per_prompt"] = atp.agreement_over_prompts(per_prompt, exact[name], args.top_k, args.seed)
+            entry["agreement_per_prompt"] = atp.agreement_over_prompts(per_prompt, exact[name], args.top_k, args.seed,
+                                                                       groups)
             exact_view = _grid(name, exact_mean, tokens)[0].flatten()
             for t, i in zip(entry["top"], top):
                 t["exact"] = rounded(exact_view[i])
@@ -155,7 +163,7 @@ def run(ctx):
         labels = [f"L{l}N{u}" for l, u in units]
         plotting.bars(neurons.flatten()[top], labels, ctx.run_dir / "neurons.png",
                       title="AtP: top MLP neurons (all positions patched)", xlabel="AtP estimate")
-        mean, low, high = stats.interval(per_prompt.flatten(1)[:, top], seed=args.seed)
+        mean, low, high = stats.interval(per_prompt.flatten(1)[:, top], seed=args.seed, groups=groups)
         entry = {"shape": list(neurons.shape), "plot": "neurons.png",
                  "top": [{"neuron": lab, "atp": rounded(m), "ci": [rounded(lo), rounded(hi)]}
                          for lab, m, lo, hi in zip(labels, mean, low, high)]}
@@ -166,7 +174,7 @@ def run(ctx):
                 t["exact"] = rounded(torch.tensor(value))
             if len(units) > 1:
                 entry["agreement_per_prompt"] = atp.agreement_over_prompts(per_prompt.flatten(1)[:, top],
-                                                                           checked.T, args.top_k, args.seed)
+                                                                           checked.T, args.top_k, args.seed, groups)
             scatter["neurons (top-k)"] = (checked.mean(1), neurons.flatten()[top])
         summary["grids"]["neurons"] = dict(entry, top=entry["top"][:5])
         runs.write_csv(ctx.run_dir / "neurons.csv", ([layer, unit, f"{v:.6g}"] for layer, row in

@@ -38,6 +38,9 @@ def add_arguments(parser):
                         help="freeze MLP outputs to the clean run too (default: they recompute, as in Wang et al.)")
     add_pair_arguments(parser, tasks=("ioi", "facts", "induction"))
     parser.add_argument("--seq-len", type=int, default=10, help="induction: length of r (default: %(default)s)")
+    parser.add_argument("--stability-k", type=int, default=5,
+                        help="rank stability of the top 1..K paths (among those whose interval excludes 0) "
+                             "(default: %(default)s)")
 
 
 def _receivers(model, spec: str):
@@ -101,6 +104,8 @@ def run(ctx):
     args = ctx.args
     engine = ctx.engine
     cfg = engine.cfg
+    if args.stability_k < 1:
+        raise BadInput("--stability-k must be at least 1")
     receivers = _receivers(engine, args.receivers)
     to_logits = receivers in LOGITS
     last = cfg.n_layers if to_logits else max(layer for layer, _, _ in receivers)
@@ -153,10 +158,11 @@ def run(ctx):
                "plot": "effects.png"}
     live = ~result.effects.isnan()
     if args.sweep != "none" and live.sum() > 1:
-        stability = stats.rank_stability(result.per_prompt[live].T, k=min(5, int(live.sum())), seed=args.seed,
+        stability = stats.rank_stability(result.per_prompt[live].T, k=args.stability_k, seed=args.seed,
                                          groups=groups)
         names = [lab for lab, ok in zip(labels, live.tolist()) if ok]
         summary["stability"] = {"top_k": [names[i] for i in stability["top_k"]],
+                                "set_frequency_by_k": stability["set_frequency_by_k"],
                                 "top_k_set_frequency": stability["top_k_set_frequency"],
                                 "median_rank_correlation": stability["median_rank_correlation"]}
     text = (f"path patching -> {label(receivers)} on {engine.name} ({metric_name}, {len(clean)} prompt(s)): "

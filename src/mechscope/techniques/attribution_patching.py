@@ -311,16 +311,18 @@ def agreement(estimate: torch.Tensor, exact: torch.Tensor, k: int = 10) -> dict:
             "max_abs_error": (a - b).abs().max().item() if a.numel() else float("nan")}
 
 
-def agreement_over_prompts(estimate: torch.Tensor, exact: torch.Tensor, k: int = 10, seed: int = 0) -> dict:
+def agreement_over_prompts(estimate: torch.Tensor, exact: torch.Tensor, k: int = 10, seed: int = 0,
+                           groups=None) -> dict:
     """Agreement of AtP with exact patching on each prompt: estimate, exact [n_prompts, *cells] ->
-    {pearson_r, top_k_overlap: {mean, ci_low, ci_high, median}, n_prompts} over prompts (95% bootstrap)."""
+    {pearson_r, top_k_overlap: {mean, ci_low, ci_high, median}, n_prompts} over prompts (95% interval,
+    resampling `groups` [n_prompts] when given)."""
     from mechscope import stats
 
     rows = [agreement(a, b, k) for a, b in zip(estimate, exact)]
     out = {}
     for key in ("pearson_r", "top_k_overlap"):
         values = torch.tensor([row[key] for row in rows], dtype=torch.float32)
-        mean, low, high = stats.interval(values[:, None], seed=seed)
+        mean, low, high = stats.interval(values[:, None], seed=seed, groups=groups)
         out[key] = {"mean": mean.item(), "ci_low": low.item(), "ci_high": high.item(),
                     "median": values.nanmedian().item()}
     return dict(out, top_k=rows[0]["top_k"] if rows else k, n_prompts=len(rows))
