@@ -189,3 +189,52 @@ def test_coverage_command_prints_the_table(capsys):
     assert stats.main(["--coverage", "--sets", "50"]) == 0
     out = capsys.readouterr().out
     assert "normal" in out and "ratio" in out and "clustered" in out
+
+
+def test_commands_on_a_task_resample_its_templates(tmp_path, capsys):
+    """Issue 17 §2: predict, sae-ablate and sae-features over --task ioi resample templates (the cluster
+    bootstrap), like patch: their intervals equal stats' grouped interval of the same per-prompt values, and
+    differ from the prompt-level one. Before, these three resampled prompts."""
+    import json
+
+    import torch
+
+    from mechscope.cli import main
+    from mechscope.models import load_model
+    from mechscope.tasks import load_task
+
+    engine = load_model("mechscope-toy", backend="tl", device="cpu")
+    prompt_set = load_task(engine, "ioi", n=16, seed=0)
+    groups = prompt_set.groups
+    assert 1 < len(set(groups)) < 16
+    assert main(["predict", "--task", "ioi", "--n", "16", "--out", str(tmp_path), "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)["summary"]["answers"]
+    rows, named = prompt_set.tokens(engine)
+    logits = torch.stack([engine.run(r[None])[0][0, -1] for r in rows])
+    ids = lambda words: torch.tensor([int(engine.to_tokens(w, prepend_bos=False)[0, 0]) for w in words])  # noqa: E731
+    diff = logits[torch.arange(16), ids([p.answer for p in prompt_set.prompts])] \
+        - logits[torch.arange(16), ids([p.wrong for p in prompt_set.prompts])]
+    grouped, plain = stats.summary(diff, groups=groups), stats.summary(diff)
+    assert answers["logit_diff"]["ci_low"] == pytest.approx(grouped["ci_low"], abs=1e-3)
+    assert answers["logit_diff"]["ci_high"] == pytest.approx(grouped["ci_high"], abs=1e-3)
+    assert (plain["ci_low"], plain["ci_high"]) != pytest.approx((grouped["ci_low"], grouped["ci_high"]), abs=1e-3)
+    assert main(["sae-ablate", "--task", "ioi", "--n", "16", "--features", "person_name", "--positions", "IO",
+                 "--controls", "4", "--out", str(tmp_path / "ablate"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    effect = printed["summary"]["effect"]
+    table = (tmp_path / "ablate" / printed["run_dir"].split("/")[-1] / "ablation.csv").read_text().splitlines()[1:]
+    values = torch.tensor([float(line.rsplit(",", 1)[1]) for line in table])
+    assert effect["n_groups"] == len(set(groups))
+    assert [effect["ci_low"], effect["ci_high"]] == pytest.approx(
+        [stats.summary(values, groups=groups)[k] for k in ("ci_low", "ci_high")], abs=1e-3)
+    assert main(["sae-features", "--task", "ioi", "--n", "16", "--top", "3", "--out", str(tmp_path / "features"),
+                 "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["summary"]["top_features"]["features"][0]
+    from mechscope.techniques import sae as saes
+    from mechscope.techniques import sae_features as sf
+
+    acts = sf.acts_at(engine, saes.load_sae("mechscope-toy"), rows, named["END"].tolist())[:, top["feature"]]
+    _, low, high = stats.interval(acts[:, None], groups=groups)
+    _, naive_low, naive_high = stats.interval(acts[:, None])
+    assert top["ci"] == pytest.approx([float(low), float(high)], abs=1e-3)
+    assert [float(naive_low), float(naive_high)] != pytest.approx(top["ci"], abs=1e-3)

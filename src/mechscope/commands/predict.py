@@ -71,7 +71,8 @@ def run(ctx):
         if wrongs is not None:
             per_prompt["logit_diff"] = logits[rows_index, answers] - logits[rows_index, wrongs]
         keep = ("mean", "ci_low", "ci_high")
-        summary["answers"] = {name: {k: stats.summary(v)[k] for k in keep} for name, v in per_prompt.items()}
+        summary["answers"] = {name: {k: stats.summary(v, groups=ps.groups)[k] for k in keep}   # groups: templates
+                              for name, v in per_prompt.items()}
         summary["answers"]["answer_rank"]["median"] = int(rank.median())
         for p, r, a, c in zip(predictions, rank.tolist(), answers.tolist(), per_prompt["correct"].tolist()):
             p.update(answer=to_str(a), answer_rank=r, correct=bool(c))

@@ -48,7 +48,7 @@ def add_arguments(parser):
 
 def _prompts(ctx):
     """(tokens [n, seq] right-padded, [n] last positions, answer ids [n], wrong ids [n] or None, prompts,
-    {position name: [n] index} for --task)."""
+    {position name: [n] index} for --task, [n] groups (templates) for --task or None: the unit intervals resample)."""
     import torch
 
     from mechscope import inputs, tasks
@@ -57,7 +57,7 @@ def _prompts(ctx):
     from mechscope.toy import corpus
 
     args, engine = ctx.args, ctx.engine
-    named = {}
+    named, groups = {}, None
     if args.answer and not args.prompt:
         raise BadInput("--answer goes with --prompt: the default prompts and --task carry their own answers")
     if args.task:
@@ -65,7 +65,7 @@ def _prompts(ctx):
             raise BadInput("pass --task or --prompt, not both")
         prompt_set = tasks.load_task(engine, args.task, n=args.n, seed=args.seed)
         rows, named = prompt_set.tokens(engine)
-        prompts = prompt_set.texts
+        prompts, groups = prompt_set.texts, prompt_set.groups
         answers, wrongs = [p.answer for p in prompt_set.prompts], args.wrong or [p.wrong for p in prompt_set.prompts]
     else:
         if args.prompt:
@@ -86,7 +86,7 @@ def _prompts(ctx):
     inputs.distinct_answers(answer_ids, wrong_ids)
     last = torch.tensor([len(r) - 1 for r in rows])
     tokens = tasks.padded(engine, rows)[0].to(engine.cfg.device)   # padding comes after each row's last token: it cannot matter
-    return tokens, last, answer_ids, wrong_ids, prompts, named
+    return tokens, last, answer_ids, wrong_ids, prompts, named, groups
 
 
 def make_metric(answer, wrong, last):
@@ -146,13 +146,13 @@ def run(ctx):
     if not 0 <= args.controls <= 100 or not 1 <= args.top <= 1000:
         raise BadInput("--controls must be in 0..100 and --top in 1..1000")
     sae = load_checked_sae(ctx)
-    tokens, last, answer, wrong, prompts, named = _prompts(ctx)
+    tokens, last, answer, wrong, prompts, named, groups = _prompts(ctx)
     metric = make_metric(answer, wrong, last)
     label = "logit diff (answer - wrong)" if wrong is not None else "log P(answer)"
     if args.features is not None:  # an empty --features is refused, not taken as the default
         features = saes.parse_features(args.features, sae, saes.named_features(args.sae))
         mask = position_mask(args.positions, last, named, tokens.shape[1])
-        return _ablation(ctx, sae, tokens, last, metric, label, features, mask, prompts)
+        return _ablation(ctx, sae, tokens, last, metric, label, features, mask, prompts, groups)
     if args.positions != "all":
         raise BadInput("--positions picks where --features are ablated; attribution (without --features) scores "
                        "every position: pass --features, or leave --positions out")
@@ -162,7 +162,7 @@ def run(ctx):
     return _attribution(ctx, sae, tokens, metric, label, prompts)
 
 
-def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompts):
+def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompts, groups=None):
     import torch
 
     from mechscope import plotting, stats
@@ -188,7 +188,7 @@ def _ablation(ctx, sae, tokens, last, metric, label, features, positions, prompt
     control_sets = si.matched_sets(frequency, magnitude, features, args.controls, seed=args.seed)
     control_means = [float((si.ablate(engine, sae, tokens, metric, s, positions)[1] - clean).mean()) for s in control_sets]
     effect = ablated - clean
-    effect_summary = stats.summary(effect, seed=args.seed)
+    effect_summary = stats.summary(effect, seed=args.seed, groups=groups)
     p_value = stats.empirical_p(effect_summary["mean"], control_means)
     matched = sorted({f for s in control_sets for f in s})
     hit = (acts[..., torch.tensor(features, device=acts.device)] > 0).any(-1)          # [n, seq]

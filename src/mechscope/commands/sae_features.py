@@ -101,7 +101,7 @@ def context_text(example: dict) -> str:
 
 
 def run(ctx):
-    from mechscope import plotting
+    from mechscope import plotting, tasks
     from mechscope.commands.sae_eval import load_checked_sae, rows_from_args
     from mechscope.errors import BadInput
     from mechscope.techniques import sae as saes
@@ -123,7 +123,8 @@ def run(ctx):
     result = {}
     rows, positions, prompts, position = prompt_positions(ctx, default=None if args.features else DEFAULT_PROMPT)
     if prompts:
-        ranked = sf.top_features(engine, sae, rows, positions, args.top, seed=args.seed)
+        groups = tasks.load_task(engine, args.task, n=args.n, seed=args.seed).groups if args.task else None
+        ranked = sf.top_features(engine, sae, rows, positions, args.top, seed=args.seed, groups=groups)
         top = ranked["features"]
         at = [engine.to_single_str_token(int(r[p])) for r, p in zip(rows, positions)]
         result["top_features"] = {"prompts": prompts, "position": position, "tokens_at_position": at, **ranked}

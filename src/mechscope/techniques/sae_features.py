@@ -49,18 +49,20 @@ def acts_at(engine, sae, rows: list[torch.Tensor], positions: list[int], batch_s
     return torch.cat(out)
 
 
-def top_features(engine, sae, rows: list[torch.Tensor], positions: list[int], k: int = 10, seed: int = 0) -> dict:
+def top_features(engine, sae, rows: list[torch.Tensor], positions: list[int], k: int = 10, seed: int = 0,
+                 groups=None) -> dict:
     """The k features with the largest mean activation at each prompt's position (see the module docstring).
-    rows: n x [seq_i] token ids; positions: n indices -> {features: [{feature, mean, ci, active_fraction,
+    rows: n x [seq_i] token ids; positions: n indices; groups: [n] the unit intervals resample (a template)
+    -> {features: [{feature, mean, ci, active_fraction,
     top_k_fraction, per_prompt}], rank_stability: stats.rank_stability of the ranking over prompts}."""
     from mechscope import stats
 
     f = acts_at(engine, sae, rows, positions)                     # [n, d_sae]
     k = min(k, f.shape[1])
-    mean, low, high = stats.interval(f, seed=seed)
+    mean, low, high = stats.interval(f, seed=seed, groups=groups)
     top = mean.topk(k).indices
     in_top = torch.zeros_like(f, dtype=torch.bool).scatter_(1, f.topk(k, dim=1).indices, True) & (f > 0)
-    stability = stats.rank_stability(f, k=k, by="value", seed=seed)
+    stability = stats.rank_stability(f, k=k, by="value", seed=seed, groups=groups)
     stability.pop("in_top_k_frequency")
     features = [{"feature": int(i), "mean": float(mean[i]), "ci": (float(low[i]), float(high[i])),
                  "active_fraction": float((f[:, i] > 0).float().mean()),
