@@ -20,7 +20,7 @@ Tolerances, on every number of the summaries (|value - reference| <= atol + rtol
     bfloat16: atol 0.35, rtol 0.1: one bfloat16 step at logits of 16-32 is 0.125; on the bundled model
     packed and generic patching differ per prompt by 0.16 and each is 0.28 from float32 (techniques/patching.py).
 Strings and booleans (top component names, flags) and numbers read off a ranking (top-k overlaps, rank stability,
-ranks: RANK_KEYS) are compared in float32 only (bfloat16 reorders near-ties);
+ranks, p-values: RANK_KEYS) are compared in float32 only (bfloat16 reorders near-ties);
 run directories, file lists and timings are not compared. A command both runs refuse (exit 2: e.g. circuits
 on nnsight) counts as n/a. Exit status 0 when no row fails. Which of these have run on a GPU: BENCHMARKS.md.
 """
@@ -60,10 +60,12 @@ COMMANDS = {
 TOLERANCES = {"float32": (1e-3, 1e-3), "bfloat16": (0.35, 0.1)}
 SKIP_KEYS = ("run_dir", "files", "seconds", "time", "elapsed", "path", "device", "dtype", "engine", "backend",
              "command")
-# numbers read off a ranking (top-k overlaps, rank stability, ranks): bfloat16 reorders near-ties (on the bundled
-# model most patching cells are 0 +- one bfloat16 step of the logits), so like strings they are compared in
-# float32 only
-RANK_KEYS = ("top_k_overlap", "set_frequency", "rank_correlation", "in_top", "top_k_fraction", "rank")
+# numbers read off a ranking (top-k overlaps, rank stability, ranks, p-values: an empirical p is the value's rank
+# among its controls, and both kinds jump at ties): bfloat16 reorders near-ties (on the bundled model most patching
+# cells are 0 +- one bfloat16 step of the logits; steer's net rate of generated words moves from 0.008 to 0, a tie
+# with its controls), so like strings they are compared in float32 only
+RANK_KEYS = ("top_k_overlap", "set_frequency", "rank_correlation", "in_top", "top_k_fraction", "rank", "p_value",
+             "p_adjusted", "beats")
 
 
 def configs(dry_run: bool, n_gpus: int, model_bytes: int) -> dict:

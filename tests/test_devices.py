@@ -231,6 +231,9 @@ def test_gpu_check_compares_summaries_with_the_stated_tolerances():
     ranked = {"agreement": {"top_k_overlap": 1.0, "pearson_r": 0.99}}
     assert check.compare(ranked, {"agreement": {"top_k_overlap": 0.4, "pearson_r": 0.95}}, "bfloat16")[0]
     assert not check.compare(ranked, {"agreement": {"top_k_overlap": 0.4, "pearson_r": 0.99}}, "float32")[0]
+    tied = {"net_rate": {"mean": 0.0083, "p_value": 0.0909}}   # steer: a tie with its controls in bfloat16
+    assert check.compare(tied, {"net_rate": {"mean": 0.0, "p_value": 0.5455}}, "bfloat16")[0]
+    assert not check.compare(tied, {"net_rate": {"mean": 0.0083, "p_value": 0.5455}}, "float32")[0]
 
 
 @pytest.mark.slow

@@ -164,6 +164,20 @@ def test_weight_processing_is_measured(toy_engine, toy_model_unfolded):
     assert saes.weight_processing(as_engine(_value_biases_folded(toy_engine.model)))["fold_value_biases"]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_weight_processing_is_measured_in_half_precision(toy_engine, dtype):
+    """Issue 19's dry run: loaded in bfloat16 the bundled model's centred embeddings read as uncentred (their
+    means are bfloat16 rounding, above the float32 tolerance), so every SAE command refused the shipped SAE.
+    The tolerance follows the weights' dtype; an unprocessed model still reads as unprocessed."""
+    from mechscope.models import load_model
+
+    half = load_model("mechscope-toy", backend="tl", device="cpu", dtype=dtype)
+    assert saes.weight_processing(half) == saes.weight_processing(toy_engine)
+    saes.check_fits(saes.load_sae("mechscope-toy"), half)
+    raw = load_model("mechscope-toy", backend="nnsight", device="cpu", dtype=dtype)
+    assert not saes.weight_processing(raw)["center_writing_weights"]
+
+
 @pytest.mark.parametrize("site", ["blocks.1.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.1.attn.hook_z",
                                   "blocks.1.mlp.hook_post"])
 def test_processing_table_says_which_sites_change(toy_engine, toy_model_unfolded, tokens, site):

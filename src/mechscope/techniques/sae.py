@@ -196,13 +196,16 @@ def weight_processing(engine) -> dict[str, bool]:
     norm = engine.final_norm
     fold_ln = norm.kind is None or norm.weight is None
     tokens = torch.arange(min(engine.cfg.d_vocab, 16), device=engine.cfg.device)[None]
+    W_U = engine.W_U  # its moments in float32 a vocabulary chunk at a time (no float32 copy of the whole W_U)
+    # "centred" up to the weights' own rounding: centring in float32, then storing in bfloat16, leaves means of
+    # ~eps / sqrt(d) of the RMS; an uncentred vector's mean is ~1 / sqrt(d) of it
+    tolerance = max(1e-5, torch.finfo(W_U.dtype).eps if W_U.dtype.is_floating_point else 1e-5)
     if engine.has_site("hook_embed"):
         embed = engine.activations(tokens, ["hook_embed"])["hook_embed"].float()
-        centred = bool((embed.mean(-1).abs() <= 1e-5 * embed.pow(2).mean(-1).sqrt() + 1e-12).all())
+        centred = bool((embed.mean(-1).abs() <= tolerance * embed.pow(2).mean(-1).sqrt() + 1e-12).all())
     else:
         centred = False
-    W_U = engine.W_U  # its moments in float32 a vocabulary chunk at a time (no float32 copy of the whole W_U)
-    center_unembed = bool((vocab_mean(W_U).abs() <= 1e-5 * vocab_mean(W_U, squared=True).sqrt() + 1e-12).all())
+    center_unembed = bool((vocab_mean(W_U).abs() <= tolerance * vocab_mean(W_U, squared=True).sqrt() + 1e-12).all())
     b_V = getattr(engine.model, "b_V", None)
     fold_value_biases = bool((b_V == 0).all()) if isinstance(b_V, torch.Tensor) else fold_ln
     return {"fold_ln": bool(fold_ln), "center_writing_weights": centred, "center_unembed": center_unembed,
