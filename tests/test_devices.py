@@ -228,9 +228,9 @@ def test_gpu_check_compares_summaries_with_the_stated_tolerances():
     assert not check.compare(ref, {"model_value": 3.2}, "bfloat16")[0]
     # a top-k overlap of near-ties: compared in float32, not in bfloat16 (issue 19's dry run: AtP's top-10 overlap
     # with exact patching read 0.4 vs 1.0 in bfloat16, where most cells are 0 +- one bfloat16 step)
-    ranked = {"agreement": {"top_k_overlap": 1.0, "pearson_r": 0.99}}
-    assert check.compare(ranked, {"agreement": {"top_k_overlap": 0.4, "pearson_r": 0.95}}, "bfloat16")[0]
-    assert not check.compare(ranked, {"agreement": {"top_k_overlap": 0.4, "pearson_r": 0.99}}, "float32")[0]
+    ranked = {"agreement": {"top_k_overlap": {"mean": 1.0}, "pearson_r": 0.99}}
+    assert check.compare(ranked, {"agreement": {"top_k_overlap": {"mean": 0.4}, "pearson_r": 0.95}}, "bfloat16")[0]
+    assert not check.compare(ranked, {"agreement": {"top_k_overlap": {"mean": 0.4}, "pearson_r": 0.99}}, "float32")[0]
     tied = {"net_rate": {"mean": 0.0083, "p_value": 0.0909}}   # steer: a tie with its controls in bfloat16
     assert check.compare(tied, {"net_rate": {"mean": 0.0, "p_value": 0.5455}}, "bfloat16")[0]
     assert not check.compare(tied, {"net_rate": {"mean": 0.0083, "p_value": 0.5455}}, "float32")[0]

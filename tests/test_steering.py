@@ -90,6 +90,17 @@ def test_rates_do_not_saturate_where_the_share_does():
     assert float(sweep.positive_rate) == pytest.approx(5 / 300) and float(sweep.net_rate) == pytest.approx(5 / 300)
 
 
+def test_a_generation_without_sentiment_words_has_no_share():
+    """Issue 19's dry run: in bfloat16 steer's generations held no sentiment word at all, and the pooled positive
+    share read 0.0 (all negative) where float32's one positive word read 1.0; with no words there is no share."""
+    counts = lambda x: torch.tensor(x, dtype=torch.float).view(1, 1, -1)  # noqa: E731
+    sweep = steering.SteeringSweep([4.0], 1.0, logit_diff=counts([0.0, 0.0]), positive_words=counts([0.0, 0.0]),
+                                   negative_words=counts([0.0, 0.0]), generated=counts([6.0, 6.0]),
+                                   lm_loss=counts([0.0, 0.0]))
+    assert torch.isnan(sweep.pooled_positive_share()).all() and torch.isnan(sweep.positive_share).all()
+    assert float(sweep.net_rate.nanmean()) == 0.0
+
+
 def test_strength_zero_reproduces_the_unsteered_generation(engine, sentiment_vector, negative_batch):
     plain = engine.generate(negative_batch, max_new_tokens=8)
     steered = steering.generate(engine, negative_batch, LAYER, 0 * sentiment_vector, max_new_tokens=8)

@@ -211,8 +211,10 @@ class SteeringSweep:
         return self.positive_words / both.where(both > 0, torch.tensor(float("nan")))
 
     def pooled_positive_share(self) -> torch.Tensor:
-        """positive / (positive + negative) words pooled over the prompts. [n_directions, n_strengths]"""
-        return self.positive_words.sum(-1) / (self.positive_words + self.negative_words).sum(-1).clamp_min(1)
+        """positive / (positive + negative) words pooled over the prompts (NaN without any: no words is not a
+        share of 0). [n_directions, n_strengths]"""
+        both = (self.positive_words + self.negative_words).sum(-1)
+        return self.positive_words.sum(-1) / both.where(both > 0, torch.tensor(float("nan")))
 
     def placement(self, name: str, kind: str | None = None) -> list[dict]:
         """Per strength: the steering vector's mean (over prompts) of metric `name` against the control
