@@ -234,6 +234,16 @@ def test_gpu_check_compares_summaries_with_the_stated_tolerances():
     tied = {"net_rate": {"mean": 0.0083, "p_value": 0.0909}}   # steer: a tie with its controls in bfloat16
     assert check.compare(tied, {"net_rate": {"mean": 0.0, "p_value": 0.5455}}, "bfloat16")[0]
     assert not check.compare(tied, {"net_rate": {"mean": 0.0083, "p_value": 0.5455}}, "float32")[0]
+    # a ranked list whose near-tied entries swap in bfloat16 (sae-ablate's top[4]: position 2 vs 1): entries are
+    # matched by identity there; in float32 the order must hold; sharing under half the entries fails
+    top = {"top": [{"position": 1, "feature": 7, "estimate": 0.30, "exact": -4.0},
+                   {"position": 2, "feature": 7, "estimate": 0.29, "exact": -1.0}]}
+    swapped = {"top": top["top"][::-1]}
+    assert check.compare(top, swapped, "bfloat16")[0] and not check.compare(top, swapped, "float32")[0]
+    other = {"top": [{"position": 3, "feature": 9, "estimate": 0.3, "exact": -4.0},
+                     {"position": 2, "feature": 7, "estimate": 0.29, "exact": -1.0}]}
+    assert check.compare(top, other, "bfloat16")[0]
+    assert not check.compare(top, {"top": other["top"][:1]}, "bfloat16")[0]
 
 
 @pytest.mark.slow
