@@ -234,6 +234,9 @@ def test_gpu_check_compares_summaries_with_the_stated_tolerances():
     tied = {"net_rate": {"mean": 0.0083, "p_value": 0.0909}}   # steer: a tie with its controls in bfloat16
     assert check.compare(tied, {"net_rate": {"mean": 0.0, "p_value": 0.5455}}, "bfloat16")[0]
     assert not check.compare(tied, {"net_rate": {"mean": 0.0083, "p_value": 0.5455}}, "float32")[0]
+    spread = {"gaussian": [{"z": 438.6, "mean": 3.7}]}    # steer: z over 2 controls a few bfloat16 steps apart
+    assert check.compare(spread, {"gaussian": [{"z": 282.2, "mean": 3.7}]}, "bfloat16")[0]
+    assert not check.compare(spread, {"gaussian": [{"z": 282.2, "mean": 3.7}]}, "float32")[0]
     # a ranked list whose near-tied entries swap in bfloat16 (sae-ablate's top[4]: position 2 vs 1): entries are
     # matched by identity there; in float32 the order must hold; sharing under half the entries fails
     top = {"top": [{"position": 1, "feature": 7, "estimate": 0.30, "exact": -4.0},
