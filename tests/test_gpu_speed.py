@@ -264,8 +264,9 @@ def test_circuits_read_one_layers_weights(toy_model, monkeypatch):
         ov, qk = circuits._layer_circuit(toy_model, layer, "OV"), circuits._layer_circuit(toy_model, layer, "QK")
         torch.testing.assert_close(ov.AB, expected["OV", layer])
         torch.testing.assert_close(qk.AB, expected["QK", layer])
-    circuits.ov_circuit(toy_model, 2, 1)
-    circuits.qk_circuit(toy_model, 2, None)
+    d_vocab, n_heads = toy_model.cfg.d_vocab, toy_model.cfg.n_heads   # the full circuits, without the stacked weights
+    assert circuits.ov_circuit(toy_model, 2, 1).shape == (d_vocab, d_vocab)
+    assert circuits.qk_circuit(toy_model, 2, None).shape == (n_heads, d_vocab, d_vocab)
 
 
 # ------------------------------------------------------------------------- 6. bridge KV cache in bfloat16

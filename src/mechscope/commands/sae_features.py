@@ -61,8 +61,9 @@ def _window(spec: str) -> tuple[int, int]:
 
 
 def prompt_positions(ctx, default: str | None):
-    """(rows: n x [seq_i] ids, [n] positions, prompt texts, position label) from --task / --prompt and --position;
-    ([], [], [], None) when neither is given and there is no default prompt."""
+    """(rows: n x [seq_i] ids, [n] positions, prompt texts, position label, [n] groups: the task's templates, the
+    unit intervals resample, or None) from --task / --prompt and --position; ([], [], [], None, None) when neither
+    is given and there is no default prompt."""
     from mechscope import inputs, tasks
     from mechscope.errors import BadInput
 
@@ -76,13 +77,15 @@ def prompt_positions(ctx, default: str | None):
         prompt_set = tasks.load_task(engine, args.task, n=args.n, seed=args.seed)
         rows, named = prompt_set.tokens(engine)
         spec = spec or tasks.END
+        groups = prompt_set.groups
         if spec in named:
-            return rows, named[spec].tolist(), prompt_set.texts, spec
+            return rows, named[spec].tolist(), prompt_set.texts, spec, groups
         prompts = prompt_set.texts
     else:
+        groups = None
         prompts = args.prompt or ([default] if default else [])
         if not prompts:
-            return [], [], [], None
+            return [], [], [], None, None
         rows = [inputs.tokens(engine, p)[0] for p in prompts]
         spec = spec if spec is not None else (str(DEFAULT_POSITION) if not args.prompt else "-1")
     try:
@@ -92,7 +95,7 @@ def prompt_positions(ctx, default: str | None):
         raise BadInput(f"--position {spec!r} is neither an index nor a position name{names}") from None
     if any(not -len(r) <= index < len(r) for r in rows):
         raise BadInput(f"--position {index} is outside a prompt (the shortest has {min(map(len, rows))} tokens)")
-    return rows, [index % len(r) for r in rows], prompts, index
+    return rows, [index % len(r) for r in rows], prompts, index, groups
 
 
 def context_text(example: dict) -> str:
@@ -101,7 +104,7 @@ def context_text(example: dict) -> str:
 
 
 def run(ctx):
-    from mechscope import plotting, tasks
+    from mechscope import plotting
     from mechscope.commands.sae_eval import load_checked_sae, rows_from_args
     from mechscope.errors import BadInput
     from mechscope.techniques import sae as saes
@@ -121,16 +124,15 @@ def run(ctx):
         saes.parse_features(args.features, sae, names) if args.features is not None else None)
 
     result = {}
-    rows, positions, prompts, position = prompt_positions(ctx, default=None if args.features else DEFAULT_PROMPT)
+    rows, positions, prompts, position, groups = prompt_positions(ctx, default=None if args.features else DEFAULT_PROMPT)
     if prompts:
-        groups = tasks.load_task(engine, args.task, n=args.n, seed=args.seed).groups if args.task else None
         ranked = sf.top_features(engine, sae, rows, positions, args.top, seed=args.seed, groups=groups)
         top = ranked["features"]
         at = [engine.to_single_str_token(int(r[p])) for r, p in zip(rows, positions)]
         result["top_features"] = {"prompts": prompts, "position": position, "tokens_at_position": at, **ranked}
-        plot = plotting.bars([t["mean"] for t in top], [f"{t['feature']} {label_of.get(t['feature'], '')}" for t in top],
-                             ctx.run_dir / "top_features.png", title=f"top features at position {position} "
-                             f"({len(prompts)} prompt{'s' * (len(prompts) > 1)})", xlabel="mean activation")
+        plotting.bars([t["mean"] for t in top], [f"{t['feature']} {label_of.get(t['feature'], '')}" for t in top],
+                      ctx.run_dir / "top_features.png", title=f"top features at position {position} "
+                      f"({len(prompts)} prompt{'s' * (len(prompts) > 1)})", xlabel="mean activation")
         chosen = chosen if chosen is not None or args.features else [t["feature"] for t in top if t["mean"] > 0]
 
     corpus = rows_from_args(ctx, sae, seed=args.seed + 1000)
